@@ -1,0 +1,42 @@
+"""jaxlight: Lightning's ergonomics on a purely functional, jit-compiled JAX core.
+
+The public surface, in the order data flows: data -> model -> state -> step -> loop.
+"""
+
+from jaxlight import data, loop, models, optim, recipes, tasks
+from jaxlight.data import ArrayDataset, load_mnist, load_task_data
+from jaxlight.loop import evaluate, fit, train_epoch
+from jaxlight.models import MODELS, build_model, count_params
+from jaxlight.optim import make_optimizer
+from jaxlight.recipes import Recipe, recipe_for
+from jaxlight.state import TrainState, create_train_state
+from jaxlight.step import BatchError, eval_step, train_chunk, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrayDataset",
+    "BatchError",
+    "MODELS",
+    "Recipe",
+    "TrainState",
+    "build_model",
+    "count_params",
+    "create_train_state",
+    "data",
+    "eval_step",
+    "evaluate",
+    "fit",
+    "load_mnist",
+    "load_task_data",
+    "loop",
+    "make_optimizer",
+    "models",
+    "optim",
+    "recipe_for",
+    "recipes",
+    "tasks",
+    "train_chunk",
+    "train_epoch",
+    "train_step",
+]

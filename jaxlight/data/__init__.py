@@ -1,0 +1,33 @@
+"""Data: MNIST from disk (or the mirrors), in-memory datasets, device batching, synthetic data."""
+
+from jaxlight.data.arrays import (
+    ArrayDataset,
+    batch_indices,
+    epoch_order,
+    gather_batch,
+    iterate_batches,
+    num_batches,
+    prepare_x,
+)
+from jaxlight.data.mnist import MNISTError, MNISTSplit, download_mnist, find_mnist, load_mnist, read_idx
+from jaxlight.data.synthetic import RegressionData, make_regression
+from jaxlight.data.datasets import load_task_data
+
+__all__ = [
+    "ArrayDataset",
+    "MNISTError",
+    "MNISTSplit",
+    "RegressionData",
+    "batch_indices",
+    "download_mnist",
+    "epoch_order",
+    "find_mnist",
+    "gather_batch",
+    "iterate_batches",
+    "load_mnist",
+    "load_task_data",
+    "make_regression",
+    "num_batches",
+    "prepare_x",
+    "read_idx",
+]

@@ -1,0 +1,51 @@
+"""Optimizers by name, as Optax transformations that mean what PyTorch's mean.
+
+Where the two libraries use the same name for different things, these factories follow PyTorch
+(the reference the tutorial used) and ``torch_ref.optim`` builds the torch side from the same
+arguments:
+
+- ``adam``: identical update rules (``eps`` added outside the square root in both).
+- ``adamw``: decoupled weight decay in both, but PyTorch's default ``weight_decay`` is 0.01 and
+  optax's is 1e-4. We default to 0.01. Both scale the decay by the learning rate.
+- ``sgd`` with ``momentum``: PyTorch keeps ``buf = momentum * buf + grad`` and steps by
+  ``lr * buf`` (no dampening); optax's ``sgd(momentum=...)`` is the same trace. ``weight_decay``
+  for ``sgd``/``adam`` is PyTorch's L2 penalty (added to the gradient before the update),
+  which is ``optax.add_decayed_weights`` *before* the optimizer, not AdamW's decoupled decay.
+"""
+
+from __future__ import annotations
+
+import optax
+
+__all__ = ["OPTIMIZERS", "make_optimizer", "adam", "adamw", "sgd"]
+
+
+def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
+    if not weight_decay:
+        return tx
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx)
+
+
+def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, **_):
+    """``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)``."""
+    return _with_l2(optax.adam(lr, b1=b1, b2=b2, eps=eps), weight_decay)
+
+
+def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, **_):
+    """``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)``; default decay 0.01, as torch."""
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0, **_):
+    """``torch.optim.SGD(lr, momentum, weight_decay)`` (no dampening, no Nesterov)."""
+    return _with_l2(optax.sgd(lr, momentum=momentum or None), weight_decay)
+
+
+OPTIMIZERS = {"adam": adam, "adamw": adamw, "sgd": sgd}
+
+
+def make_optimizer(name: str, lr, **kwargs) -> optax.GradientTransformation:
+    """The named optimizer; ``lr`` may be a float or an Optax schedule."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](lr, **kwargs)

@@ -1,0 +1,83 @@
+"""The tutorial's training loop, generalised to the six models and their tasks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from torch_ref.tasks import Task
+
+__all__ = ["EpochResult", "train_epoch", "evaluate", "fit"]
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    metrics: dict
+    seconds: float
+
+
+def _accumulate(total: dict, metrics: dict) -> None:
+    n = metrics["count"]
+    for k, v in metrics.items():
+        total[k] = total.get(k, 0.0) + (v if k == "count" else v * n)
+
+
+def _finish(total: dict) -> dict:
+    n = max(total.get("count", 0.0), 1.0)
+    out = {k: v / n for k, v in total.items() if k != "count"}
+    out["count"] = int(total.get("count", 0))
+    return out
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, task: Task,
+                on_step: Callable[[dict], None] | None = None) -> dict:
+    """One pass over ``loader``: ``zero_grad, loss.backward(), step()`` per batch, as the
+    tutorial does. Returns the example-weighted mean loss and metric."""
+    model.train()
+    total: dict = {}
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss, metrics = task.loss_and_metrics(model(x), y)
+        loss.backward()
+        optimizer.step()
+        _accumulate(total, metrics)
+        if on_step:
+            on_step(metrics)
+    return _finish(total)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, task: Task) -> dict:
+    model.eval()
+    total: dict = {}
+    for x, y in loader:
+        _accumulate(total, task.loss_and_metrics(model(x), y)[1])
+    return _finish(total)
+
+
+def fit(model, optimizer, loader, task: Task, epochs: int,
+        on_epoch: Callable[[EpochResult], None] | None = None,
+        progress: Callable | None = None) -> list[EpochResult]:
+    """Train for ``epochs`` epochs; the same callbacks as ``jaxlight.loop.fit``."""
+    results = []
+    for epoch in range(epochs):
+        bar = progress(len(loader), epoch) if progress else None
+
+        def on_step(metrics, bar=bar):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+
+        t0 = time.perf_counter()
+        metrics = train_epoch(model, optimizer, loader, task, on_step)
+        result = EpochResult(epoch, metrics, time.perf_counter() - t0)
+        if bar is not None:
+            bar.close()
+        results.append(result)
+        if on_epoch:
+            on_epoch(result)
+    return results
