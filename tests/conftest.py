@@ -1,0 +1,58 @@
+"""Shared test setup: 8 fake CPU devices, the offline MNIST copy, CLI runners.
+
+XLA_FLAGS must be set before jax is imported anywhere, which is why it is set here, at the top
+of the first file pytest imports.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("JAXLIGHT_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The offline MNIST copy (torchvision layout). Tests never download."""
+    path = _data_dir()
+    if not (path / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail(f"MNIST not found at {path}; set JAXLIGHT_DATA to a folder holding MNIST/raw/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir):
+    from jaxlight.data import load_mnist
+
+    return load_mnist(data_dir, download=False)
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 1200,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` against this checkout (not whatever is installed)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in (env or {}) else None
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+@pytest.fixture
+def cli():
+    """``cli("jaxlight", "train", "--model", "mlp", ...)`` or ``cli("torch-ref", ...)``."""
+    modules = {"jaxlight": "jaxlight.cli", "torch-ref": "torch_ref.cli"}
+
+    def run(program: str, *args: str, **kwargs):
+        return run_module(modules[program], *args, **kwargs)
+
+    return run
