@@ -58,6 +58,9 @@ def summarize(stacked: dict) -> dict:
 
 def check_dataset(state: TrainState, data: ArrayDataset, name: str = "dataset") -> None:
     """Check a whole dataset once (shapes, dtypes, every label), naming the culprit."""
+    if state.input_shape is not None and tuple(data.x.shape[1:]) != tuple(state.input_shape):
+        raise BatchError(f"{name}: x has shape {tuple(data.x.shape)}; the model takes "
+                         f"(N, {', '.join(map(str, state.input_shape))})")
     try:
         check_batch(state, {"x": data.x[:1], "y": data.y[:1]})
         labels = np.asarray(data.y)

@@ -6,7 +6,7 @@
 | logistic | binary (is it a zero) | MNIST | adam | 0.001 | 64 | 2 |
 | softmax | multiclass | MNIST | adam | 0.001 | 64 | 2 |
 | mlp | multiclass | MNIST | adam | 0.01 | 64 | 10 (the tutorial's) |
-| cnn | multiclass | MNIST | adam | 0.001 | 64 | 1 |
+| cnn | multiclass | MNIST | adam | 0.001 | 32 | 1 |
 | lstm | multiclass | MNIST | adam | 0.002 | 64 | 2 |
 
 Pure Python: ``torch_ref`` reads the same table.
@@ -45,7 +45,9 @@ RECIPES = {
     "logistic": Recipe("logistic", "binary", "mnist-zero", "adam", lr=1e-3, epochs=2),
     "softmax": Recipe("softmax", "multiclass", "mnist", "adam", lr=1e-3, epochs=2),
     "mlp": Recipe("mlp", "multiclass", "mnist", "adam", lr=1e-2, epochs=10),
-    "cnn": Recipe("cnn", "multiclass", "mnist", "adam", lr=1e-3, epochs=1),
+    # Batch 32: with PyTorch's (small) default init, batch 64 reaches only ~98.3-98.5% in one
+    # epoch at lr 1e-3 or 2e-3; batch 32 reaches ~98.7%.
+    "cnn": Recipe("cnn", "multiclass", "mnist", "adam", lr=1e-3, batch_size=32, epochs=1),
     "lstm": Recipe("lstm", "multiclass", "mnist", "adam", lr=2e-3, epochs=2),
 }
 

@@ -302,7 +302,7 @@ def download_mnist(
         else:
             raise MNISTError(
                 f"could not download {name}.gz from any mirror:\n  " + "\n  ".join(errors)
-                + "\n" + _where_to_put_it()
+                + "\n" + _where_to_put_it(root)
             )
         # Decompress to a temporary file first so an interrupted run never leaves a half file
         # under the final name.
@@ -314,8 +314,8 @@ def download_mnist(
     return folder
 
 
-def _where_to_put_it() -> str:
-    looked = ", ".join(str(r) for r in candidate_roots())
+def _where_to_put_it(data_dir: str | os.PathLike | None = None) -> str:
+    looked = ", ".join(str(r) for r in candidate_roots(data_dir))
     return (
         f"Looked for MNIST under: {looked} (each as <root>/MNIST/raw/ or <root>/). "
         f"Point jaxlight at a local copy with --data-dir DIR, data_dir=DIR or {ENV_VAR}=DIR, "
@@ -346,7 +346,7 @@ def load_mnist(
     folder = find_mnist(data_dir)
     if folder is None:
         if not download:
-            raise MNISTError("MNIST not found. " + _where_to_put_it())
+            raise MNISTError("MNIST not found. " + _where_to_put_it(data_dir))
         # Download into the first root the user named (as torchvision does with its root),
         # else into the cache.
         folder = download_mnist(candidate_roots(data_dir)[0])

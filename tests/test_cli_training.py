@@ -1,0 +1,94 @@
+"""Both command lines train every model on full MNIST (or the synthetic regression) and reach
+the documented accuracy floors; both write the same metrics.json."""
+
+import json
+
+import numpy as np
+import pytest
+
+# (program, model, extra flags, metric, floor). Epoch counts are the issue's: 2 epochs, the CNN 1.
+CASES = [
+    ("jaxlight", "mlp", ["--epochs", "2"], "test_accuracy", 0.955),  # the tutorial's recipe
+    ("jaxlight", "mlp", ["--epochs", "2", "--lr", "0.001"], "test_accuracy", 0.97),
+    ("torch-ref", "mlp", ["--epochs", "2", "--loader", "memory"], "test_accuracy", 0.955),
+    ("torch-ref", "mlp", ["--epochs", "2", "--lr", "0.001", "--loader", "memory"], "test_accuracy", 0.97),
+    ("jaxlight", "cnn", ["--epochs", "1"], "test_accuracy", 0.985),
+    ("jaxlight", "softmax", ["--epochs", "2"], "test_accuracy", 0.91),
+    ("torch-ref", "softmax", ["--epochs", "2", "--loader", "memory"], "test_accuracy", 0.91),
+    ("jaxlight", "logistic", ["--epochs", "2"], "test_accuracy", 0.98),
+    ("torch-ref", "logistic", ["--epochs", "2", "--loader", "memory"], "test_accuracy", 0.98),
+    ("jaxlight", "lstm", ["--epochs", "2"], "test_accuracy", 0.96),
+]
+
+REQUIRED_KEYS = {"framework", "model", "epochs", "seed", "epoch_seconds", "history", "versions"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program, model, flags, metric, floor", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'-'.join(c[2])}" for c in CASES])
+def test_full_mnist_accuracy_floor(cli, data_dir, tmp_path, program, model, flags, metric, floor):
+    result = cli(program, "train", "--model", model, "--data-dir", str(data_dir), "--out", str(tmp_path), *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert REQUIRED_KEYS <= set(summary)
+    assert summary[metric] >= floor, f"{program} {model}: {summary[metric]:.4f} < {floor}"
+    epochs = summary["epochs"]
+    assert len(summary["epoch_seconds"]) == len(summary["history"]) == epochs
+    assert "epoch 1/" in result.stdout and "test accuracy" in result.stdout
+
+
+@pytest.mark.parametrize("program, flags", [("jaxlight", []), ("torch-ref", ["--loader", "memory"]),
+                                            ("torch-ref", ["--loader", "dataloader"])])
+def test_linear_regression_recovers_the_true_parameters(cli, tmp_path, program, flags):
+    result = cli(program, "train", "--model", "linear", "--out", str(tmp_path), *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["weight_error"] < 0.05 and summary["bias_error"] < 0.05
+    assert summary["test_mse"] < 0.02  # the noise variance is 0.01
+    assert "test_accuracy" not in summary and summary["framework"] in ("jaxlight", "torch")
+
+
+def test_same_metrics_json_shape_from_both(cli, tmp_path):
+    outs = {}
+    for program in ("jaxlight", "torch-ref"):
+        out = tmp_path / program
+        result = cli(program, "train", "--model", "linear", "--epochs", "2", "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs[program] = json.loads((out / "metrics.json").read_text())
+    assert set(outs["jaxlight"]) - {"loader"} == set(outs["torch-ref"]) - {"loader"}
+    assert outs["jaxlight"]["history"][0].keys() == outs["torch-ref"]["history"][0].keys()
+
+
+@pytest.mark.parametrize("program", ["jaxlight", "torch-ref"])
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+])
+def test_bad_flags_are_named(cli, program, flags, message):
+    result = cli(program, "train", *flags)
+    assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("program", ["jaxlight", "torch-ref"])
+def test_missing_data_dir_is_a_clear_error(cli, tmp_path, program):
+    result = cli(program, "train", "--data-dir", str(tmp_path / "nowhere"), env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "nowhere does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tutorial_dataloader_feeds_the_same_floats_as_the_memory_loader(data_dir):
+    torch = pytest.importorskip("torch")
+    from torch_ref.data import MemoryLoader, make_loaders
+
+    _, test_loader, _ = make_loaders("mnist", "dataloader", 64, 0, data_dir)
+    x, y = next(iter(test_loader))  # test loader keeps the stored order
+    assert x.shape == (1000, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    _, memory_test, _ = make_loaders("mnist", "memory", 64, 0, data_dir)
+    xm, ym = next(iter(memory_test))
+    assert torch.equal(x[:, 0], xm) and torch.equal(y, ym)
+    # And the JAX side's prepare_x gives the same floats, bit for bit.
+    from jaxlight.data import load_mnist, prepare_x
+
+    _, test = load_mnist(data_dir)
+    np.testing.assert_array_equal(np.asarray(prepare_x(test.images[:1000])), xm.numpy())
