@@ -59,7 +59,7 @@ def load_numpy_state_dict(model: torch.nn.Module, arrays: Mapping[str, np.ndarra
         a = np.asarray(arrays[name])
         if tuple(a.shape) != tuple(ref.shape):
             raise ConversionError(f"{name}: shape {tuple(a.shape)}, but {type(model).__name__} expects {tuple(ref.shape)}")
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.array(a))  # a writable copy: torch must own it
         if t.dtype != ref.dtype:
             raise ConversionError(f"{name}: dtype {t.dtype}, but {type(model).__name__} expects {ref.dtype}")
         tensors[name] = t
