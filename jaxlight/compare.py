@@ -13,7 +13,8 @@ the test meaningful when K is small and the sample standard deviations happen to
 
 The torch side uses ``torch_ref.data.MemoryLoader`` (tensors in memory, the same floats as
 ``ToTensor``), so seconds per epoch compare the training loops, not PIL decoding. jaxlight's
-first epoch includes compilation; ``epoch_seconds`` lists every epoch.
+first epoch includes compilation, so "s/epoch" is the mean over later epochs (the first when
+there is only one) and "first epoch s" is shown beside it; ``epoch_seconds`` lists them all.
 
 Example:
     $ jaxlight compare --model mlp --seeds 3 --epochs 2 --lr 0.001 --out runs/compare-mlp
@@ -136,36 +137,53 @@ def agreement_tolerance(a, b, metric: str = "accuracy", z: float = Z_SCORE) -> f
 
 def _summary(runs: list[RunResult]) -> dict:
     finals = [r.final for r in runs]
-    seconds = [s for r in runs for s in r.epoch_seconds]
     return {
         "metric": runs[0].metric,
         "mean": float(np.mean(finals)),
         "std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
         "values": finals,
-        "seconds_per_epoch": float(np.mean(seconds)),
+        # jaxlight's first epoch compiles; later epochs are the steady state. With one epoch
+        # there is only the first.
+        "seconds_per_epoch": float(np.mean([s for r in runs for s in (r.epoch_seconds[1:] or r.epoch_seconds)])),
+        "first_epoch_seconds": float(np.mean([r.epoch_seconds[0] for r in runs])),
         "epoch_seconds": [r.epoch_seconds for r in runs],
         "test_history": [r.test_history for r in runs],
         "step_losses": [r.step_losses for r in runs],
     }
 
 
-def compare(recipe: Recipe, seeds: list[int], data_dir=None, log=print) -> dict:
+def compare(recipe: Recipe, seeds: list[int], data_dir=None, log=print, torch_threads: int | None = None) -> dict:
     """Train both frameworks for every seed; the ``compare.json`` payload.
 
     Runs alternate between frameworks seed by seed, so that machine load drifting during the
     comparison affects both alike.
+
+    Args:
+        torch_threads: ``torch.set_num_threads`` for the torch runs (restored afterwards);
+            None keeps torch's default. On a busy machine PyTorch's OpenMP threads spin against
+            other processes (measured on a shared 2-core box: 130-500 ms per MLP step with 2
+            threads, 22 ms with 1), so one thread is the fairer setting there.
     """
+    import torch
+
     from jaxlight import report
     from jaxlight.data import load_task_data
 
     runs: dict[str, list[RunResult]] = {f: [] for f in FRAMEWORKS}
-    for seed in seeds:
-        train, test, _ = load_task_data(recipe.dataset, data_dir, seed)
-        for framework in FRAMEWORKS:
-            result = RUNNERS[framework](recipe, seed, train, test)
-            runs[framework].append(result)
-            log(f"{framework:<8} seed {seed}: test {result.metric} {result.final:.4f}, "
-                f"{np.mean(result.epoch_seconds):.2f} s/epoch")
+    previous = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        for seed in seeds:
+            train, test, _ = load_task_data(recipe.dataset, data_dir, seed)
+            for framework in FRAMEWORKS:
+                result = RUNNERS[framework](recipe, seed, train, test)
+                runs[framework].append(result)
+                log(f"{framework:<8} seed {seed}: test {result.metric} {result.final:.4f}, "
+                    f"{np.mean(result.epoch_seconds):.2f} s/epoch")
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
     summaries = {f: _summary(runs[f]) for f in FRAMEWORKS}
     metric = summaries["jaxlight"]["metric"]
     tol = agreement_tolerance(summaries["jaxlight"]["values"], summaries["torch"]["values"], metric)
@@ -182,7 +200,15 @@ def compare(recipe: Recipe, seeds: list[int], data_dir=None, log=print) -> dict:
                           + (" * mean" if metric == "mse" else "") + ")",
         "agree": bool(abs(diff) <= tol),
         "versions": report.library_versions("jax", "jaxlib", "flax", "optax", "torch", "numpy"),
+        "torch_threads": threads,
+        "backend": _jax_backend(),
     }
+
+
+def _jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -193,16 +219,17 @@ def render_table(payload: dict) -> str:
     """The side-by-side table as aligned text (what the command prints)."""
     metric = payload["metric"]
     unit = "test accuracy %" if metric == "accuracy" else "test mse"
-    rows = [("framework", f"{unit} (mean ± std)", "s/epoch")]
+    rows = [("framework", f"{unit} (mean ± std)", "s/epoch", "first epoch s")]
     for f in FRAMEWORKS:
         s = payload["frameworks"][f]
-        rows.append((f, f"{_fmt(metric, s['mean'])} ± {_fmt(metric, s['std'])}", f"{s['seconds_per_epoch']:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        rows.append((f, f"{_fmt(metric, s['mean'])} ± {_fmt(metric, s['std'])}", f"{s['seconds_per_epoch']:.2f}",
+                     f"{s['first_epoch_seconds']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     r = payload["recipe"]
     lines.append(f"{payload['model']}: {r['optimizer']} lr {r['lr']}, batch {r['batch_size']}, {r['epochs']} epoch(s), "
-                 f"seeds {payload['seeds']}")
+                 f"seeds {payload['seeds']}, jax on {payload['backend']}, torch {payload['torch_threads']} thread(s)")
     lines.append(f"difference {_fmt(metric, payload['difference'])}, tolerance {_fmt(metric, payload['tolerance'])} "
                  f"({payload['tolerance_rule']}): {'AGREE' if payload['agree'] else 'DISAGREE'}")
     return "\n".join(lines)
@@ -215,11 +242,13 @@ def render_markdown(payload: dict) -> str:
     r = payload["recipe"]
     lines = [f"## {payload['model']}: jaxlight vs torch", "",
              f"{r['optimizer']} lr {r['lr']}, batch {r['batch_size']}, {r['epochs']} epoch(s), "
-             f"seeds {payload['seeds']}, each framework its own initialisation and shuffling.", "",
-             f"| framework | {unit}, mean ± std | s/epoch |", "| --- | --- | --- |"]
+             f"seeds {payload['seeds']}, each framework its own initialisation and shuffling; "
+             f"jax on {payload['backend']}, torch {payload['torch_threads']} thread(s).", "",
+             f"| framework | {unit}, mean ± std | s/epoch | first epoch s |", "| --- | --- | --- | --- |"]
     for f in FRAMEWORKS:
         s = payload["frameworks"][f]
-        lines.append(f"| {f} | {_fmt(metric, s['mean'])} ± {_fmt(metric, s['std'])} | {s['seconds_per_epoch']:.2f} |")
+        lines.append(f"| {f} | {_fmt(metric, s['mean'])} ± {_fmt(metric, s['std'])} | {s['seconds_per_epoch']:.2f} "
+                     f"| {s['first_epoch_seconds']:.2f} |")
     lines += ["", f"Difference {_fmt(metric, payload['difference'])}, tolerance {_fmt(metric, payload['tolerance'])} "
               f"= {payload['tolerance_rule']}: **{'agree' if payload['agree'] else 'disagree'}**.", ""]
     return "\n".join(lines)
@@ -281,6 +310,7 @@ def compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--data-dir", help="a folder holding MNIST/raw/ (default: $JAXLIGHT_DATA, then the cache)")
     p.add_argument("--out", help="output folder (default: runs/compare-<model>)")
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads for the torch runs (default: torch's)")
     return p
 
 
@@ -295,7 +325,10 @@ def run_compare(args: argparse.Namespace) -> dict:
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {recipe.model} on {recipe.dataset}, {recipe.optimizer} lr {recipe.lr}, batch "
           f"{recipe.batch_size}, {recipe.epochs} epoch(s), seeds {seeds}", flush=True)
-    payload = compare(recipe, seeds, args.data_dir, log=lambda line: print(line, flush=True))
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise SystemExit(f"error: --torch-threads must be >= 1, got {args.torch_threads}")
+    payload = compare(recipe, seeds, args.data_dir, log=lambda line: print(line, flush=True),
+                      torch_threads=args.torch_threads)
     print(render_table(payload))
     out = Path(args.out or f"runs/compare-{recipe.model}")
     print(f"wrote {report.write_json(out / 'compare.json', payload)}")

@@ -53,6 +53,8 @@ __all__ = [
     "params_to_torch",
     "opt_state_from_torch",
     "opt_state_to_torch",
+    "state_from_torch",
+    "state_to_torch",
     "SLOTS",
 ]
 
@@ -403,3 +405,47 @@ def opt_state_from_torch(state: Mapping, opt_state, params_template, model: str 
         count = optax.tree_utils.tree_get(opt_state, "count")
         updates["count"] = jnp.asarray(int(step), count.dtype)
     return optax.tree_utils.tree_set(opt_state, **updates)
+
+
+# ----------------------------------------------------------------------------------------- #
+# A whole training state, to switch frameworks mid-training
+
+
+def state_from_torch(state, model: str | Layout, weights: Mapping[str, np.ndarray],
+                     optimizer: Mapping | None = None, step: int | None = None):
+    """A jaxlight ``TrainState`` that continues a PyTorch run.
+
+    Args:
+        state: a ``TrainState`` built with the optimizer to continue with (``create_train_state``):
+            gives the structure; its data key is kept.
+        model: the model's name or a ``Layout``.
+        weights: the torch ``state_dict`` as numpy.
+        optimizer: the torch optimizer state as numpy (``torch_ref.interop.optimizer_to_numpy``);
+            None keeps a freshly initialised optimizer state.
+        step: optimizer steps already taken. Default: Adam's step count; SGD keeps none, so pass
+            it (the step decides which epoch's data order comes next in ``jaxlight.loop.fit``).
+
+    Returns:
+        The new ``TrainState`` (``state`` itself is not modified).
+    """
+    import jax.numpy as jnp
+
+    params = params_from_torch(weights, state.params, model)
+    opt_state = state.tx.init(params)
+    if optimizer is not None:
+        opt_state = opt_state_from_torch(optimizer, opt_state, params, model)
+        if step is None:
+            step = optimizer.get("step")
+    new_step = state.step if step is None else jnp.asarray(int(step), state.step.dtype)
+    return state.replace(params=params, opt_state=opt_state, step=new_step)
+
+
+def state_to_torch(state, model: str | Layout) -> tuple[dict[str, np.ndarray], dict]:
+    """``(weights, optimizer)`` of a jaxlight ``TrainState`` in PyTorch's terms, to continue the
+    run in torch (``torch_ref.interop.load_numpy_state_dict`` / ``load_numpy_optimizer``).
+    SGD keeps no step count (``step`` is None): ``state.step`` has it."""
+    import jax
+
+    weights = params_to_torch(jax.device_get(state.params), model)
+    optimizer = opt_state_to_torch(jax.device_get(state.opt_state), model)
+    return weights, optimizer

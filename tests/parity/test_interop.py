@@ -1,14 +1,11 @@
 """Conversion torch <-> jaxlight: exact round trips, the layouts, clear errors."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-import jaxlight
 import torch_ref
 from jaxlight import interop, optim
 from jaxlight.interop import ConversionError, Rule
@@ -18,14 +15,10 @@ from torch_ref.interop import (load_numpy_optimizer, load_numpy_state_dict, opti
 MODELS = ["linear", "logistic", "softmax", "mlp", "cnn", "lstm"]
 
 
-@functools.lru_cache(maxsize=None)
-def _template(name):
-    return nnx.state(jaxlight.build_model(name, seed=1), nnx.Param)
-
-
-def template(name):
-    """The jaxlight parameters of ``name`` (built once: eager init costs seconds on a busy CPU)."""
-    return jax.tree.map(lambda a: a, _template(name))
+@pytest.fixture
+def template(jax_model):
+    """``template(name)``: a fresh copy of the jaxlight parameters of ``name``."""
+    return lambda name: jax.tree.map(lambda a: a, nnx.state(jax_model(name), nnx.Param))
 
 
 def same_bits(a, b):
@@ -33,7 +26,7 @@ def same_bits(a, b):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_weights_round_trip_exactly_both_ways(name):
+def test_weights_round_trip_exactly_both_ways(name, template):
     arrays = state_dict_to_numpy(torch_ref.build_model(name, seed=0))
     params = interop.params_from_torch(arrays, template(name), name)
     back = interop.params_to_torch(params, name)
@@ -49,9 +42,9 @@ def test_weights_round_trip_exactly_both_ways(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_converted_models_compute_the_same_outputs(name):
+def test_converted_models_compute_the_same_outputs(name, jax_model):
     tmodel = torch_ref.build_model(name, seed=0)
-    graphdef, tmpl, rest = nnx.split(jaxlight.build_model(name, seed=1), nnx.Param, ...)
+    graphdef, tmpl, rest = nnx.split(jax_model(name), nnx.Param, ...)
     params = interop.params_from_torch(state_dict_to_numpy(tmodel), tmpl, name)
     x = np.random.default_rng(0).random((5, *tmodel.input_shape), dtype=np.float32)
     out_j = np.asarray(nnx.merge(graphdef, params, rest)(x))
@@ -100,7 +93,7 @@ def _arrays(name="mlp"):
     (lambda a: a.update({"fc1.bias": np.zeros((256, 1), np.float32)}), r"fc1.bias.*shape \(256, 1\)"),
     (lambda a: a.update({"fc2.bias": np.zeros((10,), np.float64)}), r"'fc2.bias': dtype float64"),
 ])
-def test_bad_weights_name_the_parameter(edit, message):
+def test_bad_weights_name_the_parameter(edit, message, template):
     arrays = _arrays()
     edit(arrays)
     with pytest.raises(ConversionError, match=message):
@@ -117,7 +110,7 @@ def test_bad_weights_into_torch_name_the_parameter():
         load_numpy_state_dict(torch_ref.build_model("mlp"), arrays)
 
 
-def test_cnn_flatten_shape_error_names_the_feature_map():
+def test_cnn_flatten_shape_error_names_the_feature_map(template):
     arrays = _arrays("cnn")
     arrays["fc1.weight"] = np.zeros((256, 3000), np.float32)
     with pytest.raises(ConversionError, match=r"fc1.weight.*\(C, H, W\) = \(64, 7, 7\)"):
@@ -152,7 +145,7 @@ def _trained_torch(name, opt, kw, steps=3):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
 @pytest.mark.parametrize("opt, kw", OPTIMIZERS)
-def test_optimizer_state_round_trips_exactly(name, opt, kw):
+def test_optimizer_state_round_trips_exactly(name, opt, kw, template):
     model, optimizer = _trained_torch(name, opt, kw)
     state = optimizer_to_numpy(optimizer, model)
     assert state["step"] == (3 if opt.startswith("adam") else None)
@@ -172,7 +165,7 @@ def test_optimizer_state_round_trips_exactly(name, opt, kw):
         assert all(same_bits(again["slots"][slot][k], arrays[k]) for k in arrays), slot
 
 
-def test_plain_sgd_has_no_state_and_fresh_torch_state_starts_from_zeros():
+def test_plain_sgd_has_no_state_and_fresh_torch_state_starts_from_zeros(template):
     model, optimizer = _trained_torch("mlp", "sgd", {})
     assert optimizer_to_numpy(optimizer, model) == {"step": None, "slots": {}}
     # Adam before its first step: torch has no state yet; jaxlight gets zeros and count 0.
@@ -186,7 +179,7 @@ def test_plain_sgd_has_no_state_and_fresh_torch_state_starts_from_zeros():
     assert all(not a.any() for a in back["slots"]["exp_avg"].values())
 
 
-def test_optimizer_state_errors_name_the_culprit():
+def test_optimizer_state_errors_name_the_culprit(template):
     model, optimizer = _trained_torch("mlp", "adam", {})
     state = optimizer_to_numpy(optimizer, model)
     tmpl = template("mlp")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import jaxlight
 import torch_ref
 from jaxlight.data import load_task_data
 from jaxlight.parity import DEFAULT_TOLERANCES, LEVELS, Tolerance, check_parity
@@ -35,11 +34,6 @@ def steps_for(model: str, opt: str) -> int:
 TOLERANCES = {("cnn", "adam"): {"trajectory": Tolerance(rtol=1e-2, atol=4e-2)}}
 
 
-@functools.lru_cache(maxsize=None)
-def jax_model(name):
-    return jaxlight.build_model(name, seed=1)  # structure only; check_parity replaces the weights
-
-
 @pytest.fixture(scope="module")
 def datasets(data_dir):
     cache = {}
@@ -52,7 +46,7 @@ def datasets(data_dir):
     return get
 
 
-def run(model, opt, datasets, steps=None, **kwargs):
+def run(model, opt, datasets, jax_model, steps=None, **kwargs):
     recipe = recipe_for(model)
     name, kw = OPTIMIZERS[opt]
     lr = recipe.lr if (name, kw) == (recipe.optimizer, {}) else OTHER_LR[name]
@@ -64,8 +58,8 @@ def run(model, opt, datasets, steps=None, **kwargs):
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("model", MODELS)
-def test_levels_1_to_4(model, opt, datasets):
-    report = run(model, opt, datasets)
+def test_levels_1_to_4(model, opt, datasets, jax_model):
+    report = run(model, opt, datasets, jax_model)
     print(report)
     assert report.ok, str(report)
     assert report.steps_checked == steps_for(model, opt)
@@ -93,7 +87,7 @@ class NudgeAt(torch.optim.Adam):
             self.target.view(-1)[3] += self.delta
 
 
-def test_finds_a_planted_divergence_at_its_step_and_parameter(datasets):
+def test_finds_a_planted_divergence_at_its_step_and_parameter(datasets, jax_model):
     tmodel = torch_ref.build_model("mlp", seed=0)
     opt = functools.partial(NudgeAt, named=list(tmodel.named_parameters()), step=37, name="fc1.bias", delta=5e-3)
     report = check_parity(tmodel, jax_model("mlp"), "mlp", task="multiclass", data=datasets("mnist"),
@@ -106,7 +100,7 @@ def test_finds_a_planted_divergence_at_its_step_and_parameter(datasets):
     assert "step 37, parameter fc1.bias" in str(report)
 
 
-def test_finds_a_planted_gradient_bug(datasets):
+def test_finds_a_planted_gradient_bug(datasets, jax_model):
     tmodel = torch_ref.build_model("cnn", seed=0)
     tmodel.conv2.weight.register_hook(lambda g: g * 1.01)  # a 1 % error in one layer's backward
     report = check_parity(tmodel, jax_model("cnn"), "cnn", task="multiclass", data=datasets("mnist"),
@@ -126,7 +120,7 @@ class WrongFlatten(torch_ref.models.CNN):
         return self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1).flatten(1))))
 
 
-def test_finds_a_planted_layout_bug_in_the_forward_pass(datasets):
+def test_finds_a_planted_layout_bug_in_the_forward_pass(datasets, jax_model):
     tmodel = WrongFlatten()
     tmodel.load_state_dict(torch_ref.build_model("cnn", seed=0).state_dict())
     report = check_parity(tmodel, jax_model("cnn"), "cnn", task="multiclass", data=datasets("mnist"),
@@ -135,9 +129,9 @@ def test_finds_a_planted_layout_bug_in_the_forward_pass(datasets):
     assert report.divergence.max_abs_diff > 1e-3
 
 
-def test_check_parity_rejects_bad_arguments(datasets):
+def test_check_parity_rejects_bad_arguments(datasets, jax_model):
     with pytest.raises(ValueError, match="unknown tolerance level"):
-        run("softmax", "sgd", datasets, tolerances={"forwards": Tolerance(0, 0)})
+        run("softmax", "sgd", datasets, jax_model, tolerances={"forwards": Tolerance(0, 0)})
     with pytest.raises(ValueError, match="unknown task 'ranking'"):
         check_parity(torch_ref.build_model("softmax"), jax_model("softmax"), "softmax", task="ranking",
                      data=datasets("mnist"))
@@ -146,3 +140,87 @@ def test_check_parity_rejects_bad_arguments(datasets):
 def test_default_tolerances_cover_every_level():
     assert set(DEFAULT_TOLERANCES) == set(LEVELS)
     assert np.all([t.rtol <= 1e-2 and t.atol <= 2e-3 for t in DEFAULT_TOLERANCES.values()])
+
+
+# ---- switching frameworks mid-training -----------------------------------------------------
+
+
+def _batches(data, step, batch_size=64):
+    """Step ``step``'s batch for both sides, by the ``epoch_order`` contract."""
+    from jaxlight.data import epoch_order, num_batches
+
+    x, y = np.asarray(data.x), np.asarray(data.y)
+    epoch, b = divmod(step, num_batches(len(y), batch_size))
+    idx, mask = (a[b] for a in epoch_order(0, epoch, len(y), batch_size))
+    keep = idx[mask > 0]
+    return ({"x": x[idx], "y": y[idx], "mask": mask},
+            torch.from_numpy(x[keep]).float().div(255), torch.from_numpy(y[keep]).long())
+
+
+def _torch_steps(tmodel, topt, data, start, stop):
+    task = torch_ref.tasks.multiclass()
+    for s in range(start, stop):
+        _, tx, ty = _batches(data, s)
+        topt.zero_grad()
+        task.loss_and_metrics(tmodel(tx), ty)[0].backward()
+        topt.step()
+
+
+def _jax_steps(state, data, start, stop):
+    from jaxlight.step import train_step
+
+    for s in range(start, stop):
+        state, _ = train_step(state, _batches(data, s)[0])
+    return state
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd+momentum", "adamw"])
+@pytest.mark.parametrize("direction", ["torch->jaxlight", "jaxlight->torch"])
+def test_switch_frameworks_mid_training(direction, opt, datasets, jax_model):
+    """20 steps in one framework, convert weights and optimizer state, 20 more in the other:
+    the same path as 40 steps in torch alone (crossing the epoch boundary at step 32)."""
+    from jaxlight import interop
+    from jaxlight.optim import make_optimizer
+    from jaxlight.state import create_train_state
+    from jaxlight.tasks import multiclass
+    from torch_ref.interop import (load_numpy_optimizer, load_numpy_state_dict, optimizer_to_numpy,
+                                   state_dict_to_numpy)
+
+    name, kw = OPTIMIZERS[opt]
+    lr = OTHER_LR[name]
+    data = datasets("mnist")
+    make_t = lambda m: torch_ref.optim.make_optimizer(name, m.parameters(), lr, **kw)  # noqa: E731
+    reference = torch_ref.build_model("mlp", seed=0)
+    _torch_steps(reference, make_t(reference), data, 0, 40)
+
+    fresh_state = lambda: create_train_state(jax_model("mlp"), make_optimizer(name, lr, **kw), multiclass(), 0)  # noqa: E731
+    if direction == "torch->jaxlight":
+        tmodel = torch_ref.build_model("mlp", seed=0)
+        topt = make_t(tmodel)
+        _torch_steps(tmodel, topt, data, 0, 20)
+        state = interop.state_from_torch(fresh_state(), "mlp", state_dict_to_numpy(tmodel),
+                                         optimizer_to_numpy(topt, tmodel), step=20)
+        assert int(state.step) == 20
+        state = _jax_steps(state, data, 20, 40)
+        final = interop.params_to_torch(state.params, "mlp")
+    else:
+        start = torch_ref.build_model("mlp", seed=0)
+        state = interop.state_from_torch(fresh_state(), "mlp", state_dict_to_numpy(start))
+        state = _jax_steps(state, data, 0, 20)
+        weights, optimizer = interop.state_to_torch(state, "mlp")
+        tmodel = torch_ref.build_model("mlp", seed=7)
+        load_numpy_state_dict(tmodel, weights)
+        topt = make_t(tmodel)
+        load_numpy_optimizer(topt, tmodel, optimizer)
+        _torch_steps(tmodel, topt, data, 20, 40)
+        final = state_dict_to_numpy(tmodel)
+    tol = DEFAULT_TOLERANCES["trajectory"]
+    for pname, ref in state_dict_to_numpy(reference).items():
+        np.testing.assert_allclose(final[pname], ref, rtol=tol.rtol, atol=tol.atol, err_msg=pname)
+    # Without the optimizer state the path is different: the test can tell.
+    if name != "sgd" or kw:
+        tmodel = torch_ref.build_model("mlp", seed=0)
+        _torch_steps(tmodel, make_t(tmodel), data, 0, 20)
+        state = interop.state_from_torch(fresh_state(), "mlp", state_dict_to_numpy(tmodel), step=20)
+        lost = interop.params_to_torch(_jax_steps(state, data, 20, 40).params, "mlp")
+        assert max(np.abs(lost[k] - v).max() for k, v in state_dict_to_numpy(reference).items()) > 10 * tol.atol
