@@ -1,4 +1,4 @@
-"""``jaxlight train``: thin on purpose; the work is in the library.
+"""``jaxlight train`` and ``jaxlight compare``: thin on purpose; the work is in the library.
 
 ``torch-ref train`` (``torch_ref/cli.py``) takes the same flags from :func:`train_parser` and
 prints and writes the same format (``jaxlight.report``).
@@ -108,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub, "JAX")
+    from jaxlight.compare import compare_parser, run_compare
+
+    compare_parser(sub)
     args = parser.parse_args(argv)
     from jaxlight.data import MNISTError
     from jaxlight.step import BatchError
 
     try:
-        run_train(args)
+        (run_compare if args.command == "compare" else run_train)(args)
     except (MNISTError, BatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

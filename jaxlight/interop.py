@@ -1,0 +1,451 @@
+"""PyTorch <-> jaxlight conversion of weights and optimizer state, on plain numpy arrays.
+
+``jaxlight`` never imports torch: the torch side (``state_dict`` <-> numpy, optimizer
+``state_dict`` <-> numpy) lives in ``torch_ref.interop``. The exchange format between the two is
+
+- **weights**: ``{torch_name: np.ndarray}``, a ``state_dict`` as numpy, in PyTorch's layout;
+- **optimizer state**: ``{"step": int | None, "slots": {slot: {torch_name: np.ndarray}}}``,
+  with PyTorch's slot names (``exp_avg`` / ``exp_avg_sq`` for Adam and AdamW,
+  ``momentum_buffer`` for SGD with momentum) and, again, PyTorch's layout. ``step`` is Adam's
+  step count (torch keeps one per parameter; optax one per optimizer; they are equal); SGD has
+  none (``None``): the step then comes from ``TrainState.step``.
+
+Every layout difference is one explicit :class:`Rule` per parameter. A :class:`Layout` (one per
+model, :data:`LAYOUTS`) lists them; a user porting a model writes their own list of rules.
+
+| rule kind | PyTorch | jaxlight | conversion |
+| --- | --- | --- | --- |
+| ``copy`` | bias ``(n,)`` | bias ``(n,)`` | none |
+| ``linear`` | ``Linear.weight (out, in)`` | ``kernel (in, out)`` | transpose |
+| ``conv`` | ``Conv2d.weight`` OIHW | ``kernel`` HWIO | ``transpose(2, 3, 1, 0)`` |
+| ``flatten_linear`` | ``weight (out, C*H*W)``, inputs flattened from NCHW | ``kernel (H*W*C, out)``, inputs flattened from NHWC | rows permuted (C, H, W) -> (H, W, C), then transpose |
+| ``lstm`` | ``weight_ih_l0 (4H, in)``, ``weight_hh_l0 (4H, H)`` | ``kernel_ih (in, 4H)``, ``kernel_hh (H, 4H)`` | transpose; gate order i, f, g, o kept; both biases kept (``bias_ih``, ``bias_hh``) |
+
+All conversions are permutations of elements, so they are exact in both directions (the round
+trip gives back the same bits), and they apply unchanged to every elementwise optimizer slot
+(Adam's first and second moments, SGD's momentum): ``m[i]`` moves with ``w[i]``.
+
+Example:
+    >>> from jaxlight import build_model
+    >>> from jaxlight.interop import params_from_torch, params_to_torch
+    >>> from flax import nnx
+    >>> template = nnx.state(build_model("mlp"), nnx.Param)
+    >>> torch_arrays = params_to_torch(template, "mlp")     # as if from a torch state_dict
+    >>> sorted(torch_arrays)
+    ['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight']
+    >>> params = params_from_torch(torch_arrays, template, "mlp")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+__all__ = [
+    "ConversionError",
+    "Rule",
+    "Layout",
+    "LAYOUTS",
+    "layout_for",
+    "params_from_torch",
+    "params_to_torch",
+    "opt_state_from_torch",
+    "opt_state_to_torch",
+    "state_from_torch",
+    "state_to_torch",
+    "SLOTS",
+]
+
+# PyTorch optimizer slot -> (optax state field, optimizer names that have it).
+SLOTS = {"exp_avg": "mu", "exp_avg_sq": "nu", "momentum_buffer": "trace"}
+
+
+class ConversionError(ValueError):
+    """Weights or optimizer state that do not fit the target; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one PyTorch tensor becomes one jaxlight parameter.
+
+    Attributes:
+        torch_name: the ``state_dict`` key, e.g. ``"fc1.weight"``.
+        jax_path: the path in the ``nnx.State`` of parameters, e.g. ``("fc1", "kernel")``.
+        kind: ``copy``, ``linear``, ``conv``, ``flatten_linear`` or ``lstm`` (see the module
+            docstring's table).
+        chw: for ``flatten_linear``: the ``(C, H, W)`` of the feature map PyTorch flattens.
+    """
+
+    torch_name: str
+    jax_path: tuple[str, ...]
+    kind: str = "copy"
+    chw: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        if self.kind not in _TO_JAX:
+            raise ValueError(f"rule for {self.torch_name!r}: unknown kind {self.kind!r}; choose one of {sorted(_TO_JAX)}")
+        if self.kind == "flatten_linear" and (self.chw is None or len(self.chw) != 3):
+            raise ValueError(f"rule for {self.torch_name!r}: flatten_linear needs chw=(C, H, W)")
+
+    @property
+    def jax_name(self) -> str:
+        return "/".join(self.jax_path)
+
+    def to_jax(self, a: np.ndarray) -> np.ndarray:
+        """PyTorch layout -> jaxlight layout (a contiguous copy)."""
+        _check_ndim(self, a, _TORCH_NDIM[self.kind], "PyTorch")
+        if self.kind == "flatten_linear" and a.shape[1] != int(np.prod(self.chw)):
+            raise ConversionError(f"{self.torch_name}: shape {a.shape} does not flatten a (C, H, W) = "
+                                  f"{self.chw} feature map ({int(np.prod(self.chw))} inputs)")
+        return np.ascontiguousarray(_TO_JAX[self.kind](a, self))
+
+    def to_torch(self, a: np.ndarray) -> np.ndarray:
+        """jaxlight layout -> PyTorch layout (a contiguous copy)."""
+        _check_ndim(self, a, _TORCH_NDIM[self.kind], "jaxlight")
+        if self.kind == "flatten_linear" and a.shape[0] != int(np.prod(self.chw)):
+            raise ConversionError(f"{self.jax_name}: shape {a.shape} does not take a flattened (H, W, C) = "
+                                  f"{self.chw[1:] + self.chw[:1]} feature map")
+        return np.ascontiguousarray(_TO_TORCH[self.kind](a, self))
+
+
+def _check_ndim(rule: Rule, a: np.ndarray, ndim: int, side: str) -> None:
+    if np.ndim(a) != ndim:
+        name = rule.torch_name if side == "PyTorch" else rule.jax_name
+        raise ConversionError(f"{name}: a {rule.kind} parameter has {ndim} dimensions, got shape {np.shape(a)}")
+
+
+def _flat_to_jax(w, rule):
+    c, h, w_ = rule.chw
+    out = w.shape[0]
+    # Row j of PyTorch's input is feature (c, h, w) = unravel(j, (C, H, W)); jaxlight's input
+    # orders the same features (h, w, c).
+    return w.reshape(out, c, h, w_).transpose(2, 3, 1, 0).reshape(h * w_ * c, out)
+
+
+def _flat_to_torch(k, rule):
+    c, h, w_ = rule.chw
+    out = k.shape[1]
+    return k.reshape(h, w_, c, out).transpose(3, 2, 0, 1).reshape(out, c * h * w_)
+
+
+_TO_JAX = {
+    "copy": lambda a, r: a,
+    "linear": lambda a, r: a.T,
+    "conv": lambda a, r: a.transpose(2, 3, 1, 0),  # OIHW -> HWIO
+    "flatten_linear": _flat_to_jax,
+    "lstm": lambda a, r: a.T,  # (4H, in) -> (in, 4H); gate blocks i, f, g, o stay in order
+}
+_TO_TORCH = {
+    "copy": lambda a, r: a,
+    "linear": lambda a, r: a.T,
+    "conv": lambda a, r: a.transpose(3, 2, 0, 1),  # HWIO -> OIHW
+    "flatten_linear": _flat_to_torch,
+    "lstm": lambda a, r: a.T,
+}
+_TORCH_NDIM = {"copy": 1, "linear": 2, "conv": 4, "flatten_linear": 2, "lstm": 2}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The rules for every parameter of one model, in PyTorch's ``state_dict`` order."""
+
+    name: str
+    rules: tuple[Rule, ...]
+
+    def __post_init__(self):
+        for attr in ("torch_name", "jax_path"):
+            seen = [getattr(r, attr) for r in self.rules]
+            dup = {s for s in seen if seen.count(s) > 1}
+            if dup:
+                raise ValueError(f"layout {self.name!r}: {attr} used twice: {sorted(map(str, dup))}")
+
+    @property
+    def torch_names(self) -> list[str]:
+        return [r.torch_name for r in self.rules]
+
+    def rule(self, torch_name: str) -> Rule:
+        for r in self.rules:
+            if r.torch_name == torch_name:
+                return r
+        raise KeyError(torch_name)
+
+
+def _dense(prefix: str, jax_prefix: tuple[str, ...] | None = None) -> tuple[Rule, ...]:
+    jp = jax_prefix or (prefix,)
+    return (Rule(f"{prefix}.weight", jp + ("kernel",), "linear"), Rule(f"{prefix}.bias", jp + ("bias",)))
+
+
+def _conv(prefix: str) -> tuple[Rule, ...]:
+    return (Rule(f"{prefix}.weight", (prefix, "kernel"), "conv"), Rule(f"{prefix}.bias", (prefix, "bias")))
+
+
+LAYOUTS: dict[str, Layout] = {
+    "linear": Layout("linear", _dense("linear")),
+    "logistic": Layout("logistic", _dense("linear")),
+    "softmax": Layout("softmax", _dense("linear")),
+    "mlp": Layout("mlp", _dense("fc1") + _dense("fc2")),
+    "cnn": Layout("cnn", _conv("conv1") + _conv("conv2") + (
+        Rule("fc1.weight", ("fc1", "kernel"), "flatten_linear", chw=(64, 7, 7)),
+        Rule("fc1.bias", ("fc1", "bias")),
+    ) + _dense("fc2")),
+    "lstm": Layout("lstm", (
+        Rule("lstm.weight_ih_l0", ("lstm", "kernel_ih"), "lstm"),
+        Rule("lstm.weight_hh_l0", ("lstm", "kernel_hh"), "lstm"),
+        Rule("lstm.bias_ih_l0", ("lstm", "bias_ih")),
+        Rule("lstm.bias_hh_l0", ("lstm", "bias_hh")),
+    ) + _dense("fc")),
+}
+
+
+def layout_for(model: str | Layout) -> Layout:
+    """A model's layout by its command-line name (or a user's own ``Layout``, unchanged)."""
+    if isinstance(model, Layout):
+        return model
+    if model not in LAYOUTS:
+        raise ValueError(f"no conversion layout for model {model!r}; known: {sorted(LAYOUTS)} "
+                         f"(or pass your own jaxlight.interop.Layout)")
+    return LAYOUTS[model]
+
+
+# ----------------------------------------------------------------------------------------- #
+# Weights
+
+
+def _flat_template(template) -> dict[tuple[str, ...], np.ndarray]:
+    """``nnx.State`` (or nested dict) -> ``{path: leaf}`` of the parameter arrays."""
+    from flax import nnx
+
+    pure = nnx.to_pure_dict(template) if isinstance(template, nnx.State) else template
+    out = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, path + (str(k),))
+        else:
+            out[path] = node
+
+    walk(pure, ())
+    return out
+
+
+def _check_keys(given, expected, what: str) -> None:
+    given, expected = list(given), list(expected)
+    unknown = [k for k in given if k not in expected]
+    missing = [k for k in expected if k not in given]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown key(s) {unknown}")
+        if missing:
+            parts.append(f"missing key(s) {missing}")
+        raise ConversionError(f"{what}: {'; '.join(parts)}")
+
+
+def _convert_to_jax(arrays: Mapping[str, np.ndarray], layout: Layout, template_flat: dict, what: str) -> dict:
+    """``{torch_name: array}`` -> ``{jax_path: array}``, every key and shape checked."""
+    _check_keys(arrays, layout.torch_names, f"{what} for {layout.name!r}")
+    _check_keys([r.jax_path for r in layout.rules], template_flat,
+                f"layout {layout.name!r} against the jaxlight parameters (paths)")
+    out = {}
+    for rule in layout.rules:
+        a = np.asarray(arrays[rule.torch_name])
+        converted = rule.to_jax(a)
+        want = tuple(np.shape(template_flat[rule.jax_path]))
+        if converted.shape != want:
+            raise ConversionError(f"{what} {rule.torch_name!r}: shape {a.shape} converts to {converted.shape}, "
+                                  f"but jaxlight's {rule.jax_name} is {want}")
+        want_dtype = np.dtype(getattr(template_flat[rule.jax_path], "dtype", a.dtype))
+        if converted.dtype != want_dtype:
+            raise ConversionError(f"{what} {rule.torch_name!r}: dtype {converted.dtype}, but jaxlight's "
+                                  f"{rule.jax_name} is {want_dtype} (convert explicitly; a cast would not round-trip)")
+        out[rule.jax_path] = converted
+    return out
+
+
+def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+def _to_state(flat: dict, template):
+    """A copy of ``template`` (an ``nnx.State``) holding ``flat``'s arrays as jax arrays."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    new = jax.tree.map(lambda a: a, template)  # a fresh container; the template is not mutated
+    nnx.replace_by_pure_dict(new, _nest({p: jnp.asarray(a) for p, a in flat.items()}))
+    return new
+
+
+def params_from_torch(arrays: Mapping[str, np.ndarray], template, model: str | Layout):
+    """A PyTorch ``state_dict`` (as numpy) -> jaxlight parameters.
+
+    Args:
+        arrays: ``{torch_name: np.ndarray}`` in PyTorch's layout
+            (``torch_ref.interop.state_dict_to_numpy(model)``).
+        template: the jaxlight model's parameters, ``nnx.State`` (e.g. ``state.params`` or
+            ``nnx.state(model, nnx.Param)``): gives the structure, shapes and dtypes.
+        model: the model's name (``"cnn"``) or a ``Layout``.
+
+    Returns:
+        A new ``nnx.State`` shaped like ``template`` holding the converted weights.
+
+    Raises:
+        ConversionError: unknown or missing keys, a shape or dtype that does not fit, naming
+            the parameter.
+    """
+    layout = layout_for(model)
+    flat = _convert_to_jax(arrays, layout, _flat_template(template), "weight")
+    return _to_state(flat, template)
+
+
+def params_to_torch(params, model: str | Layout) -> dict[str, np.ndarray]:
+    """jaxlight parameters (``nnx.State`` or its pure dict) -> ``{torch_name: np.ndarray}``,
+    in PyTorch's layout and ``state_dict`` order (load with
+    ``torch_ref.interop.load_numpy_state_dict``)."""
+    layout = layout_for(model)
+    flat = _flat_template(params)
+    _check_keys(flat, [r.jax_path for r in layout.rules], f"jaxlight parameters for {layout.name!r} (paths)")
+    return {r.torch_name: r.to_torch(np.asarray(flat[r.jax_path])) for r in layout.rules}
+
+
+# ----------------------------------------------------------------------------------------- #
+# Optimizer state
+#
+# optax keeps Adam's moments in ``ScaleByAdamState(count, mu, nu)`` and SGD's momentum in
+# ``TraceState(trace)``, wherever they sit in a chain (``jaxlight.optim`` wraps them with
+# ``add_decayed_weights`` for L2 and with AdamW's decoupled decay, which have no state). The
+# functions below find those fields by name, so they work for every optimizer of
+# ``jaxlight.optim`` and for user chains with one Adam or one momentum trace.
+
+
+def _slots_of(opt_state) -> dict[str, str]:
+    """``{torch_slot: optax_field}`` present in ``opt_state`` (each at most once)."""
+    import optax
+
+    found = {}
+    for slot, field in SLOTS.items():
+        hits = optax.tree_utils.tree_get_all_with_path(opt_state, field)
+        if len(hits) > 1:
+            raise ConversionError(f"optimizer state holds {len(hits)} {field!r} fields; conversion supports one "
+                                  f"Adam/momentum state per optimizer")
+        if hits:
+            found[slot] = field
+    return found
+
+
+def opt_state_to_torch(opt_state, model: str | Layout) -> dict:
+    """optax state (from ``jaxlight.optim``) -> ``{"step", "slots"}`` in PyTorch's terms.
+
+    Returns:
+        ``{"step": int | None, "slots": {slot: {torch_name: np.ndarray}}}``; ``step`` is Adam's
+        ``count`` (``None`` for SGD, which has no counter), slots as in ``SLOTS``. Plain SGD
+        gives empty ``slots``.
+    """
+    import optax
+
+    layout = layout_for(model)
+    slots = {}
+    for slot, field in _slots_of(opt_state).items():
+        slots[slot] = params_to_torch(optax.tree_utils.tree_get(opt_state, field), layout)
+    step = None
+    if optax.tree_utils.tree_get_all_with_path(opt_state, "count") and "exp_avg" in slots:
+        step = int(np.asarray(optax.tree_utils.tree_get(opt_state, "count")))
+    return {"step": step, "slots": slots}
+
+
+def opt_state_from_torch(state: Mapping, opt_state, params_template, model: str | Layout):
+    """``{"step", "slots"}`` in PyTorch's terms -> a new optax state shaped like ``opt_state``.
+
+    Args:
+        state: from ``torch_ref.interop.optimizer_to_numpy`` (or ``opt_state_to_torch``).
+            A slot that is absent (PyTorch creates its state lazily, on the first ``step()``)
+            starts from zeros, which is what both libraries start from.
+        opt_state: a template: ``tx.init(params)`` of the jaxlight optimizer to continue with.
+        params_template: the parameters ``nnx.State`` (structure, shapes, dtypes of the slots).
+        model: the model's name or a ``Layout``.
+
+    Raises:
+        ConversionError: a slot the optimizer does not have (Adam moments into SGD, say), an
+            unknown or missing parameter, or a shape mismatch, naming it.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    layout = layout_for(model)
+    if not isinstance(state, Mapping) or "slots" not in state:
+        raise ConversionError("optimizer state must be a dict {'step': int | None, 'slots': {slot: {name: array}}}")
+    have = _slots_of(opt_state)
+    unknown = sorted(set(state["slots"]) - set(have))
+    if unknown:
+        raise ConversionError(f"optimizer state slot(s) {unknown} do not exist in the target optimizer, "
+                              f"which has {sorted(have) or 'no slots'} (is it the same optimizer?)")
+    template_flat = _flat_template(params_template)
+    updates = {}
+    for slot, field in have.items():
+        if slot in state["slots"]:
+            flat = _convert_to_jax(state["slots"][slot], layout, template_flat, f"optimizer slot {slot!r}")
+            updates[field] = _to_state(flat, params_template)
+        else:
+            updates[field] = _to_state({p: np.zeros(np.shape(a), np.asarray(a).dtype) for p, a in template_flat.items()},
+                                       params_template)
+    if "exp_avg" in have:
+        step = state.get("step")
+        if step is None:
+            raise ConversionError("optimizer state: Adam/AdamW needs 'step' (the bias-correction count)")
+        count = optax.tree_utils.tree_get(opt_state, "count")
+        updates["count"] = jnp.asarray(int(step), count.dtype)
+    return optax.tree_utils.tree_set(opt_state, **updates)
+
+
+# ----------------------------------------------------------------------------------------- #
+# A whole training state, to switch frameworks mid-training
+
+
+def state_from_torch(state, model: str | Layout, weights: Mapping[str, np.ndarray],
+                     optimizer: Mapping | None = None, step: int | None = None):
+    """A jaxlight ``TrainState`` that continues a PyTorch run.
+
+    Args:
+        state: a ``TrainState`` built with the optimizer to continue with (``create_train_state``):
+            gives the structure; its data key is kept.
+        model: the model's name or a ``Layout``.
+        weights: the torch ``state_dict`` as numpy.
+        optimizer: the torch optimizer state as numpy (``torch_ref.interop.optimizer_to_numpy``);
+            None keeps a freshly initialised optimizer state.
+        step: optimizer steps already taken. Default: Adam's step count; SGD keeps none, so pass
+            it (the step decides which epoch's data order comes next in ``jaxlight.loop.fit``).
+
+    Returns:
+        The new ``TrainState`` (``state`` itself is not modified).
+    """
+    import jax.numpy as jnp
+
+    params = params_from_torch(weights, state.params, model)
+    opt_state = state.tx.init(params)
+    if optimizer is not None:
+        opt_state = opt_state_from_torch(optimizer, opt_state, params, model)
+        if step is None:
+            step = optimizer.get("step")
+    new_step = state.step if step is None else jnp.asarray(int(step), state.step.dtype)
+    return state.replace(params=params, opt_state=opt_state, step=new_step)
+
+
+def state_to_torch(state, model: str | Layout) -> tuple[dict[str, np.ndarray], dict]:
+    """``(weights, optimizer)`` of a jaxlight ``TrainState`` in PyTorch's terms, to continue the
+    run in torch (``torch_ref.interop.load_numpy_state_dict`` / ``load_numpy_optimizer``).
+    SGD keeps no step count (``step`` is None): ``state.step`` has it."""
+    import jax
+
+    weights = params_to_torch(jax.device_get(state.params), model)
+    optimizer = opt_state_to_torch(jax.device_get(state.opt_state), model)
+    return weights, optimizer
