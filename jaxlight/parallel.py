@@ -471,16 +471,26 @@ class Pmap(_Replicated):
         n = self.num_devices
         return jax.tree.map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]), batch)
 
-    @functools.lru_cache(maxsize=None)
-    def _train_chunk(self, steps: int):
-        fn = lambda state, x, y, idx, mask, start: _chunk(_pmap_train_step, state, x, y, idx, mask, start, steps)  # noqa: E731
-        return self._pmap(fn, (None, None, None, 0, 0, None), donate=(0,))
+    @functools.cached_property
+    def _chunk_programs(self) -> dict:
+        """One pmapped program per (train|eval, K): K is a Python constant of the scan."""
+        return {}
 
-    @functools.lru_cache(maxsize=None)
+    def _train_chunk(self, steps: int):
+        key = ("train", steps)
+        if key not in self._chunk_programs:
+            fn = lambda state, x, y, idx, mask, start: _chunk(  # noqa: E731
+                _pmap_train_step, state, x, y, idx, mask, start, steps)
+            self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None), donate=(0,))
+        return self._chunk_programs[key]
+
     def _eval_chunk(self, steps: int):
-        body = _eval_as_scan_body(_pmap_eval_step)
-        fn = lambda state, x, y, idx, mask, start: _chunk(body, state, x, y, idx, mask, start, steps)[1]  # noqa: E731
-        return self._pmap(fn, (None, None, None, 0, 0, None))
+        key = ("eval", steps)
+        if key not in self._chunk_programs:
+            body = _eval_as_scan_body(_pmap_eval_step)
+            fn = lambda state, x, y, idx, mask, start: _chunk(body, state, x, y, idx, mask, start, steps)[1]  # noqa: E731
+            self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None))
+        return self._chunk_programs[key]
 
     def prepare_indices(self, idx, mask):
         """``(num_batches, B)`` -> ``(n, num_batches, B/n)``: device d's columns of each batch."""
