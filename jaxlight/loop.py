@@ -170,7 +170,7 @@ def fit(
     strategy = get_strategy(strategy)
     strategy.check_batch_size(batch_size)
     if on_device is None:
-        on_device = train.fits_on_device()
+        on_device = train.fits_on_device(jax.local_devices()[0])  # (another process's can't be asked)
     if on_device:
         train = strategy.prepare_data(train)
     results = []

@@ -105,3 +105,24 @@ def test_launcher_rejects_bad_command_lines(args, message):
     result = launch(*args, timeout=60)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_multiprocess_launch_as_documented(tmp_path):
+    """The documented command line, on the linear-regression recipe (synthetic data, convex, so
+    one process and two agree closely even after 128 steps x 10 epochs... here 1 epoch)."""
+    import json
+
+    args = ["--model", "linear", "--epochs", "1", "--strategy", "sharded"]
+    multi = launch("--nproc", "2", "--local-devices", "2", "--", "-m", "jaxlight.cli", "train", *args,
+                   "--distributed", "--out", str(tmp_path / "multi"), timeout=300)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    assert "process 0 of 2" in multi.stdout and "process 1 of 2" in multi.stdout
+    single = run_module("jaxlight.cli", "train", *args, "--devices", "4", "--out", str(tmp_path / "one"),
+                        timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    got = json.loads((tmp_path / "multi" / "metrics.json").read_text())
+    want = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert (got["processes"], got["devices"]) == (2, 4)
+    assert got["test_mse"] == pytest.approx(want["test_mse"], rel=1e-4)
+    assert got["weight_error"] == pytest.approx(want["weight_error"], abs=1e-5)
