@@ -342,9 +342,14 @@ class SingleDevice(Strategy):
     name: str = "single"
 
     def prepare_state(self, state: TrainState) -> TrainState:
-        if layout_of(state) == "single" and state.step.sharding.device_set == {self.devices[0]}:
-            return state
-        return to_host_state(state, self.devices[0])
+        device = self.devices[0]
+        if layout_of(state) == "single" and state.step.sharding.device_set == {device}:
+            if state.step.committed:
+                return state
+            # create_train_state's arrays are uncommitted, the step's outputs committed: a
+            # different jit cache key, so without this the second epoch compiles again.
+            return jax.device_put(state, device)
+        return to_host_state(state, device)
 
     def prepare_data(self, data: ArrayDataset) -> ArrayDataset:
         if isinstance(data.x, jax.Array) and data.x.sharding.device_set == {self.devices[0]}:
