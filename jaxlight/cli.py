@@ -7,6 +7,7 @@ prints and writes the same format (``jaxlight.report``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,26 @@ def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.Ar
     p.add_argument("--data-dir", help="a folder holding MNIST/raw/ (default: $JAXLIGHT_DATA, then the cache)")
     p.add_argument("--out", help="output folder (default: runs/<framework>-<model>)")
     return p
+
+
+def parallel_flags(p: argparse.ArgumentParser) -> None:
+    """``--strategy``, ``--devices``, ``--distributed`` (``jaxlight.parallel``); JAX only."""
+    p.add_argument("--strategy", choices=["single", "pmap", "sharded"], default="single",
+                   help="data parallelism: one device, jax.pmap, or jit over a device mesh")
+    p.add_argument("--devices", type=int,
+                   help="devices to split each batch over (default: 1 for single, all otherwise); "
+                        "on the CPU this many fake devices are created")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run first (jax.distributed.initialize; see "
+                        "python -m jaxlight.launch and docs/parallel.md)")
+
+
+def _fake_cpu_devices(count: int | None) -> None:
+    # Must run before JAX starts its backends; only the CPU platform reads this flag, so it is
+    # harmless where the devices are GPUs or TPUs.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count and count > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -68,10 +89,11 @@ def summary_payload(framework: str, recipe: Recipe, results, test_metrics: dict,
 
 
 def run_train(args: argparse.Namespace) -> dict:
+    _fake_cpu_devices(getattr(args, "devices", None))
     import jax
     import numpy as np
 
-    from jaxlight import report
+    from jaxlight import parallel, report
     from jaxlight.data import load_task_data
     from jaxlight.loop import evaluate, fit
     from jaxlight.models import build_model
@@ -80,18 +102,27 @@ def run_train(args: argparse.Namespace) -> dict:
     from jaxlight.tasks import TASKS
 
     recipe = recipe_from_args(args)
+    if getattr(args, "distributed", False):
+        parallel.initialize()
+    strategy = parallel.make_strategy(getattr(args, "strategy", "single"), getattr(args, "devices", None))
+    lead = jax.process_index() == 0  # one process prints progress and writes metrics.json
     train, test, truth = load_task_data(recipe.dataset, args.data_dir, recipe.seed)
     tx = make_optimizer(recipe.optimizer, recipe.lr, **recipe.optimizer_kwargs())
     state = create_train_state(build_model(recipe.model, recipe.seed), tx, TASKS[recipe.task](), recipe.seed)
     print(f"jaxlight: {recipe.model} on {recipe.dataset}, {recipe.optimizer} lr {recipe.lr}, "
-          f"batch {recipe.batch_size}, {recipe.epochs} epochs, {jax.default_backend()}", flush=True)
+          f"batch {recipe.batch_size}, {recipe.epochs} epochs, {jax.default_backend()}, "
+          f"{strategy.name} on {strategy.num_devices} device(s)"
+          + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""),
+          flush=True)
     state, results = fit(
         state, train, recipe.epochs, recipe.batch_size,
         on_epoch=lambda r: print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True),
-        progress=report.progress_bar(recipe.epochs),
+        progress=report.progress_bar(recipe.epochs) if lead else None,
+        strategy=strategy,
     )
-    test_metrics = evaluate(state, test.to_device())
-    extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+    test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
+    extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+             "strategy": strategy.name, "devices": strategy.num_devices, "processes": jax.process_count()}
     if truth:
         layer = state.params["linear"]
         extra["weight_error"] = float(np.abs(np.asarray(layer["kernel"][...]) - truth["weight"]).max())
@@ -99,6 +130,8 @@ def run_train(args: argparse.Namespace) -> dict:
     summary = summary_payload("jaxlight", recipe, results, test_metrics,
                               report.library_versions("jax", "jaxlib", "flax", "optax", "numpy"), extra)
     print(report.final_line(summary))
+    if not lead:
+        return summary
     out = Path(args.out or f"runs/jaxlight-{recipe.model}")
     print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
     return summary
@@ -107,17 +140,18 @@ def run_train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train_parser(sub, "JAX")
+    parallel_flags(train_parser(sub, "JAX"))
     from jaxlight.compare import compare_parser, run_compare
 
     compare_parser(sub)
     args = parser.parse_args(argv)
     from jaxlight.data import MNISTError
+    from jaxlight.parallel import ParallelError
     from jaxlight.step import BatchError
 
     try:
         (run_compare if args.command == "compare" else run_train)(args)
-    except (MNISTError, BatchError) as exc:
+    except (MNISTError, BatchError, ParallelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -23,17 +23,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxlight.data.arrays import ArrayDataset, batch_indices, iterate_batches, num_batches
+from jaxlight.data.arrays import ArrayDataset, batch_indices, num_batches
+from jaxlight.parallel import Strategy, get_strategy
 from jaxlight.state import TrainState
-from jaxlight.step import (
-    BatchError,
-    check_batch,
-    default_steps_per_call,
-    eval_chunk,
-    eval_step,
-    train_chunk,
-    train_step,
-)
+from jaxlight.step import BatchError, check_batch, default_steps_per_call
 
 __all__ = ["EpochResult", "check_dataset", "summarize", "train_epoch", "evaluate", "fit"]
 
@@ -83,6 +76,7 @@ def train_epoch(
     epoch: int,
     steps_per_call: int | None = None,
     on_chunk: Callable[[int, dict], None] | None = None,
+    strategy: Strategy | str | None = None,
 ) -> tuple[TrainState, dict]:
     """One epoch in the order ``fold_in(state.rng, epoch)`` fixes.
 
@@ -94,26 +88,32 @@ def train_epoch(
         epoch: which epoch (picks the shuffle).
         steps_per_call: K steps per compiled call; None picks ``default_steps_per_call``.
         on_chunk: called after each compiled call with ``(steps_done, chunk_metrics)``.
+        strategy: ``jaxlight.parallel`` strategy or its name (default: one device). The state
+            comes back in the strategy's layout (``parallel.to_host_state`` undoes it).
 
     Returns:
         The new state and the epoch's stacked per-step metrics.
     """
+    strategy = get_strategy(strategy)
+    strategy.check_batch_size(batch_size)
+    state = strategy.prepare_state(state)
     key = jax.random.fold_in(state.rng, epoch)
     nb = num_batches(len(data), batch_size)
     if not _on_device(data):
         chunks = []
-        for i, batch in enumerate(iterate_batches(data, batch_size, key)):
-            state, metrics = train_step(state, batch)
+        for i, batch in enumerate(strategy.iterate_batches(data, batch_size, key)):
+            state, metrics = strategy.train_step(state, batch)
             chunks.append(metrics)
             if on_chunk:
                 on_chunk(i + 1, metrics)
         return state, jax.tree.map(lambda *m: jax.numpy.stack(m), *chunks)
+    data = strategy.prepare_data(data)
     k = steps_per_call or default_steps_per_call(state, nb)
-    idx, mask = batch_indices(key, len(data), batch_size, True)
+    idx, mask = strategy.prepare_indices(*batch_indices(key, len(data), batch_size, True))
     chunks = []
     for start in range(0, nb, k):
         steps = min(k, nb - start)
-        state, metrics = train_chunk(state, data.x, data.y, idx, mask, steps, start)
+        state, metrics = strategy.train_chunk(state, data.x, data.y, idx, mask, steps, start)
         chunks.append(metrics)
         if on_chunk:
             on_chunk(start + steps, metrics)
@@ -121,15 +121,24 @@ def train_epoch(
 
 
 def evaluate(state: TrainState, data: ArrayDataset, batch_size: int = 1000,
-             steps_per_call: int | None = None) -> dict:
-    """Example-weighted mean metrics over all of ``data`` (padding excluded)."""
+             steps_per_call: int | None = None, strategy: Strategy | str | None = None) -> dict:
+    """Example-weighted mean metrics over all of ``data`` (padding excluded).
+
+    Under a parallel ``strategy`` the batch size rounds up to a multiple of the device count
+    (the extra rows are masked padding: the metrics are the same).
+    """
+    strategy = get_strategy(strategy)
+    batch_size = strategy.eval_batch_size(batch_size)
+    state = strategy.prepare_state(state)
     nb = num_batches(len(data), batch_size)
     if not _on_device(data):
         return summarize(jax.tree.map(lambda *m: jax.numpy.stack(m),
-                                      *[eval_step(state, b) for b in iterate_batches(data, batch_size, None)]))
+                                      *[strategy.eval_step(state, b)
+                                        for b in strategy.iterate_batches(data, batch_size, None)]))
+    data = strategy.prepare_data(data)
     k = steps_per_call or default_steps_per_call(state, nb)
-    idx, mask = batch_indices(jax.random.key(0), len(data), batch_size, False)
-    chunks = [eval_chunk(state, data.x, data.y, idx, mask, min(k, nb - s), s) for s in range(0, nb, k)]
+    idx, mask = strategy.prepare_indices(*batch_indices(jax.random.key(0), len(data), batch_size, False))
+    chunks = [strategy.eval_chunk(state, data.x, data.y, idx, mask, min(k, nb - s), s) for s in range(0, nb, k)]
     return summarize(jax.tree.map(lambda *m: jax.numpy.concatenate(m), *chunks))
 
 
@@ -147,6 +156,7 @@ def fit(
     on_device: bool | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     progress: Callable | None = None,
+    strategy: Strategy | str | None = None,
 ) -> tuple[TrainState, list[EpochResult]]:
     """Train for ``epochs`` epochs; returns the final state and one ``EpochResult`` per epoch.
 
@@ -156,12 +166,16 @@ def fit(
         on_epoch: called after each epoch (printing, logging).
         progress: a factory ``progress(total_steps, epoch) -> bar`` with ``update(n)``,
             ``set_postfix(**kw)`` and ``close()`` (a tqdm bar fits).
+        strategy: ``jaxlight.parallel`` strategy or its name (default: one device, as before);
+            the state comes back in its layout.
     """
     check_dataset(state, train, "training set")
+    strategy = get_strategy(strategy)
+    strategy.check_batch_size(batch_size)
     if on_device is None:
-        on_device = train.fits_on_device()
-    if on_device and not _on_device(train):
-        train = train.to_device()
+        on_device = train.fits_on_device(jax.local_devices()[0])  # (another process's can't be asked)
+    if on_device:
+        train = strategy.prepare_data(train)
     results = []
     start_epoch = int(state.step) // num_batches(len(train), batch_size)
     for epoch in range(start_epoch, start_epoch + epochs):
@@ -175,7 +189,7 @@ def fit(
                 done[0] = steps_done
 
         t0 = time.perf_counter()
-        state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk)
+        state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk, strategy)
         metrics = summarize(stacked)  # device_get synchronises, so the time below is real
         result = EpochResult(epoch, metrics, time.perf_counter() - t0)
         if bar is not None:

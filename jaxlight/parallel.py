@@ -1,0 +1,599 @@
+"""Data parallelism behind one switch: ``single``, ``pmap`` or ``sharded``; multi-process setup.
+
+Every pmap / sharding / multi-host line of jaxlight lives in this module.
+
+All three strategies compute the same thing as one device on the whole global batch:
+
+- The global batch of ``B`` examples is cut into ``n`` contiguous slices of ``B / n`` rows,
+  slice ``d`` on device ``d`` (``B`` must divide by ``n``: :class:`ParallelError` otherwise).
+- The gradient is the mean over the *real* examples of the global batch. On the padded last
+  batch the devices hold different numbers of real examples (the padding sits at the end, so
+  the last devices may hold none), so a plain mean of per-device mean gradients would be wrong;
+  ``pmap`` weights each device's gradient by its example count (``psum(count_d * g_d) /
+  psum(count_d)``), ``sharded`` gets the same sum from XLA's partitioner.
+- Metrics are reduced the same way: example-weighted means over every device, ``count`` the
+  global number of real examples, exactly the dict a single-device step returns.
+- Parameters, optimizer state, step and data key stay replicated.
+
+One state layout for both parallel strategies: every leaf of the ``TrainState`` is a replicated
+``jax.Array`` (``NamedSharding(mesh, P())``, no leading device axis). ``jax.jit`` takes it as it
+is and ``jax.pmap`` takes it with ``in_axes=None`` and returns it with ``out_axes=None`` (both
+are free: no copy, measured on jax 0.10.2). So ``int(state.step)``, ``state.rng`` and
+checkpointing read the same under every strategy, and a state moves between strategies and
+device counts with :func:`shard_state` / :func:`to_host_state`.
+
+The dataset, when it lives on the devices (the fused path), is replicated too: each step
+gathers its batch from it by index, on every device, with no host transfer.
+
+Multi-process (several hosts, or several processes on one host): call :func:`initialize` first;
+the mesh then spans every process's devices and each process feeds only its own rows of each
+global batch (:meth:`Strategy.iterate_batches`), built into global arrays with
+``jax.make_array_from_process_local_data``. See ``docs/parallel.md`` and ``jaxlight.launch``.
+
+Example:
+    >>> from jaxlight import parallel, loop                                   # doctest: +SKIP
+    >>> strategy = parallel.make_strategy("sharded", devices=8)              # doctest: +SKIP
+    >>> state, history = loop.fit(state, train, 2, 64, strategy=strategy)    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlight import step as _step
+from jaxlight.data.arrays import ArrayDataset, batch_indices, gather_batch
+from jaxlight.state import TrainState
+
+__all__ = [
+    "AXIS",
+    "STRATEGIES",
+    "ParallelError",
+    "Strategy",
+    "SingleDevice",
+    "Pmap",
+    "Sharded",
+    "make_strategy",
+    "get_strategy",
+    "select_devices",
+    "to_host_state",
+    "shard_state",
+    "layout_of",
+    "initialize",
+    "is_multiprocess",
+]
+
+AXIS = "data"
+"""The mesh axis (and pmap axis name) the batch is split over."""
+
+STRATEGIES = ("single", "pmap", "sharded")
+
+# Environment the launcher (jaxlight.launch) sets for each process it starts.
+ENV_COORDINATOR = "JAXLIGHT_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXLIGHT_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXLIGHT_PROCESS_ID"
+
+
+class ParallelError(ValueError):
+    """A device count, batch size or strategy that cannot work; raised before XLA runs."""
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def select_devices(count: int | None = None) -> tuple:
+    """The first ``count`` devices (default: all of them, across every process).
+
+    Raises:
+        ParallelError: ``count`` is not positive, exceeds the devices that exist, or (in a
+            multi-process run) is not all of them: every process must own part of the mesh.
+    """
+    available = jax.devices()
+    if count is None:
+        return tuple(available)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ParallelError(f"devices must be a positive integer, got {count!r}")
+    if count > len(available):
+        hint = ""
+        if jax.default_backend() == "cpu":
+            hint = (f"; on the CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={count} "
+                    f"before jax is imported to get {count} fake devices")
+        raise ParallelError(f"asked for {count} devices but only {len(available)} "
+                            f"{jax.default_backend()} device(s) exist{hint}")
+    if is_multiprocess() and count != len(available):
+        raise ParallelError(f"asked for {count} of the {len(available)} devices of a "
+                            f"{jax.process_count()}-process run; a multi-process run uses all "
+                            f"of them (leave devices unset)")
+    return tuple(available[:count])
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, heartbeat_timeout_seconds: int = 10,
+               initialization_timeout: int = 120) -> None:
+    """Join a multi-process run (``jax.distributed.initialize``), before any other jax call.
+
+    Arguments left None are read from ``JAXLIGHT_COORDINATOR`` / ``JAXLIGHT_NUM_PROCESSES`` /
+    ``JAXLIGHT_PROCESS_ID`` (what ``jaxlight.launch`` sets); when those are unset too, JAX
+    detects the cluster itself (SLURM, Open MPI, Cloud TPU pods, GKE).
+
+    ``heartbeat_timeout_seconds`` bounds how long the survivors wait when a process dies: the
+    coordination service notices the missing heartbeats and terminates every other process
+    with "the JAX distributed service detected fatal errors ... another task died" instead of
+    leaving it blocked in a collective. JAX's default is 100 s; 10 s suits one machine (raise
+    it on clusters with long pauses, e.g. big checkpoints).
+
+    On the CPU the collectives go over gloo (jax 0.10.2's default
+    ``jax_cpu_collectives_implementation``; set here explicitly for older versions).
+    """
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
+    if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+        num_processes = int(os.environ[ENV_NUM_PROCESSES])
+    if process_id is None and os.environ.get(ENV_PROCESS_ID):
+        process_id = int(os.environ[ENV_PROCESS_ID])
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # pragma: no cover - a jax without the option (GPU/TPU-only builds)
+        pass
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+                               initialization_timeout=initialization_timeout)
+
+
+def _put_global(x, sharding: NamedSharding):
+    """``jax.device_put`` that also works when the mesh spans processes (every process passes
+    the same full value; each keeps the pieces its own devices hold)."""
+    if not is_multiprocess():
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        data = _put_global(jax.random.key_data(x), sharding)
+        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+# --------------------------------------------------------------------------------------------
+# State layout and conversion
+
+
+def layout_of(state: TrainState) -> str:
+    """``"single"`` when the state lives on one device, ``"replicated"`` when it is replicated
+    over several (the layout of both ``pmap`` and ``sharded``)."""
+    devices = state.step.sharding.device_set
+    return "single" if len(devices) == 1 else "replicated"
+
+
+def _local_copy(a, device):
+    if not isinstance(a, jax.Array):
+        return a
+    shard = a.addressable_shards[0].data  # the whole array: every device holds all of it
+    return jax.device_put(shard, device)
+
+
+def to_host_state(state: TrainState, device: jax.Device | None = None) -> TrainState:
+    """The plain single-device state that ``create_train_state`` gives, from any layout.
+
+    This is what a checkpoint stores and restores, so a checkpoint does not depend on the
+    strategy or device count that wrote it. In a multi-process run each process gets its own
+    (identical) copy on its first local device.
+
+    Args:
+        state: a state in any layout (single, or replicated by ``pmap`` / ``sharded``).
+        device: where to put it (default: this process's first device).
+    """
+    device = device or jax.local_devices()[0]
+    return jax.tree.map(lambda a: _local_copy(a, device), state)
+
+
+def shard_state(state: TrainState, strategy: "Strategy | str", devices=None) -> TrainState:
+    """Lay ``state`` out for ``strategy`` (a name, with ``devices`` a count, or a Strategy).
+
+    Works from any layout: 8 devices -> 1, 2, 4 and back, ``pmap`` <-> ``sharded``.
+    """
+    strategy = get_strategy(strategy, devices)
+    return strategy.prepare_state(to_host_state(state))
+
+
+# --------------------------------------------------------------------------------------------
+# The per-device steps for pmap: gradients and metrics are example-weighted across devices.
+
+
+def _weighted_mean(tree, count, total):
+    """``psum(count_d * x_d) / psum(count_d)`` for every leaf: the mean over all real examples."""
+    scale = count / jnp.maximum(total, 1.0)
+    return jax.tree.map(lambda v: jax.lax.psum(v * scale, AXIS), tree)
+
+
+def _reduce_metrics(metrics):
+    count = metrics["count"]
+    total = jax.lax.psum(count, AXIS)
+    out = _weighted_mean({k: v for k, v in metrics.items() if k != "count"}, count, total)
+    out["count"] = total
+    return out
+
+
+def _pmean_floats(tree):
+    # Non-parameter model variables (batch statistics) are averaged so they stay replicated;
+    # keys and integer counters are identical on every device already.
+    return jax.tree.map(lambda v: jax.lax.pmean(v, AXIS) if jnp.issubdtype(v.dtype, jnp.floating) else v,
+                        tree)
+
+
+def _pmap_train_step(state: TrainState, batch):
+    grads, (metrics, model_state) = jax.grad(_step._loss_fn, has_aux=True)(state.params, state, batch)
+    count = metrics["count"]
+    grads = _weighted_mean(grads, count, jax.lax.psum(count, AXIS))
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=_pmean_floats(model_state))
+    return new_state, _reduce_metrics(metrics)
+
+
+def _pmap_eval_step(state: TrainState, batch):
+    return _reduce_metrics(_step._eval_step(state, batch))
+
+
+def _chunk(step_fn, state, data_x, data_y, idx, mask, start, steps: int, constrain=None):
+    idx_k = jax.lax.dynamic_slice_in_dim(idx, start, steps)
+    mask_k = jax.lax.dynamic_slice_in_dim(mask, start, steps)
+
+    def body(state, im):
+        batch = gather_batch(data_x, data_y, im[0], im[1])
+        if constrain is not None:
+            batch = constrain(batch)
+        return step_fn(state, batch)
+
+    return _step._scan_steps(body, state, (idx_k, mask_k), steps)
+
+
+def _eval_as_scan_body(eval_fn):
+    return lambda state, batch: (state, eval_fn(state, batch))
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+
+
+@dataclass(frozen=True, eq=False)
+class Strategy:
+    """How a step runs on the devices. The loop and the Trainer call only these methods.
+
+    Attributes:
+        name: "single", "pmap" or "sharded".
+        devices: the devices the batch is split over (all processes' in a multi-process run).
+
+    The methods, in the order a training run calls them:
+
+    - ``check_batch_size(B)``: raise :class:`ParallelError` unless ``B`` divides evenly.
+    - ``prepare_state(state)``: the state in this strategy's layout (a no-op when it already is).
+    - ``prepare_data(dataset)``: the dataset on the devices, for the fused path.
+    - ``prepare_indices(idx, mask)``: an epoch's ``(num_batches, B)`` order, once per epoch.
+    - ``train_chunk`` / ``eval_chunk``: K fused steps, the signature of ``jaxlight.step``'s.
+    - ``iterate_batches`` + ``train_step`` / ``eval_step``: the host-streamed path; in a
+      multi-process run each process yields and feeds only its own rows.
+    - ``to_host_state(state)``: back to a plain single-device state (for checkpoints).
+    """
+
+    name: str
+    devices: tuple = field(default=())
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, devices={self.num_devices})"
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.num_devices:
+            raise ParallelError(
+                f"global batch size {batch_size} does not divide over {self.num_devices} devices "
+                f"({self.name}): pick a multiple of {self.num_devices}, e.g. "
+                f"{max(self.num_devices, batch_size // self.num_devices * self.num_devices)}")
+
+    def eval_batch_size(self, batch_size: int) -> int:
+        """Evaluation batches round up to a multiple of the device count: the extra rows are
+        masked padding, so the metrics do not change."""
+        return -(-batch_size // self.num_devices) * self.num_devices
+
+    def to_host_state(self, state: TrainState) -> TrainState:
+        return to_host_state(state)
+
+    # The host-streamed path is the same for every strategy: this process's rows of each
+    # global batch, placed by ``_place_batch``.
+    def process_rows(self, batch_size: int) -> slice:
+        """The rows of a global batch that this process feeds (all of them in one process)."""
+        return slice(0, batch_size)
+
+    def iterate_batches(self, data: ArrayDataset, batch_size: int, key: jax.Array | None) -> Iterator[dict]:
+        """This process's part of each global batch, gathered from host memory.
+
+        Same order as :func:`jaxlight.data.iterate_batches` (``key=None``: stored order). Only
+        the rows this process feeds are read from ``data``, so ``data.x`` can be a
+        ``numpy.memmap`` of a dataset bigger than memory.
+        """
+        n = len(data)
+        idx, mask = batch_indices(key if key is not None else jax.random.key(0), n, batch_size,
+                                  key is not None)
+        rows = self.process_rows(batch_size)
+        for bi, bm in zip(np.asarray(idx)[:, rows], np.asarray(mask)[:, rows]):
+            yield gather_batch(data.x, data.y, bi, bm)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SingleDevice(Strategy):
+    """Today's behaviour: the jitted steps of ``jaxlight.step`` on one device."""
+
+    name: str = "single"
+
+    def prepare_state(self, state: TrainState) -> TrainState:
+        device = self.devices[0]
+        if layout_of(state) == "single" and state.step.sharding.device_set == {device}:
+            if state.step.committed:
+                return state
+            # create_train_state's arrays are uncommitted, the step's outputs committed: a
+            # different jit cache key, so without this the second epoch compiles again.
+            return jax.device_put(state, device)
+        return to_host_state(state, device)
+
+    def prepare_data(self, data: ArrayDataset) -> ArrayDataset:
+        if isinstance(data.x, jax.Array) and data.x.sharding.device_set == {self.devices[0]}:
+            return data
+        return data.to_device(self.devices[0])
+
+    def prepare_indices(self, idx, mask):
+        return idx, mask
+
+    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+        return _step.train_chunk(state, data_x, data_y, idx, mask, steps, start)
+
+    def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+        return _step.eval_chunk(state, data_x, data_y, idx, mask, steps, start)
+
+    def train_step(self, state, batch):
+        return _step.train_step(state, batch)
+
+    def eval_step(self, state, batch):
+        return _step.eval_step(state, batch)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class _Replicated(Strategy):
+    """What ``pmap`` and ``sharded`` share: a 1-D mesh, replicated state and data."""
+
+    @functools.cached_property
+    def mesh(self) -> Mesh:
+        return Mesh(np.array(self.devices), (AXIS,))
+
+    @functools.cached_property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @functools.cached_property
+    def batch_sharding(self) -> NamedSharding:
+        """A batch's leading axis split over the devices."""
+        return NamedSharding(self.mesh, P(AXIS))
+
+    def _is_replicated(self, a) -> bool:
+        return isinstance(a, jax.Array) and a.sharding.is_equivalent_to(self.replicated, a.ndim)
+
+    def prepare_state(self, state: TrainState) -> TrainState:
+        if self._is_replicated(state.step):
+            return state
+        if layout_of(state) != "single":
+            state = to_host_state(state)
+        return jax.tree.map(lambda a: _put_global(a, self.replicated), state)
+
+    def prepare_data(self, data: ArrayDataset) -> ArrayDataset:
+        if self._is_replicated(data.x) and self._is_replicated(data.y):
+            return data
+        host = lambda a: a if not isinstance(a, jax.Array) else _local_copy(a, jax.local_devices()[0])  # noqa: E731
+        return ArrayDataset(_put_global(host(data.x), self.replicated),
+                            _put_global(host(data.y), self.replicated))
+
+    def process_rows(self, batch_size: int) -> slice:
+        if not is_multiprocess():
+            return slice(0, batch_size)
+        # Which rows of a (B,) array this process's devices hold under the batch sharding.
+        index_map = self.batch_sharding.addressable_devices_indices_map((batch_size,))
+        starts = sorted(ix[0].start or 0 for ix in index_map.values())
+        stops = sorted(ix[0].stop if ix[0].stop is not None else batch_size for ix in index_map.values())
+        if any(b != a for a, b in zip(stops[:-1], starts[1:])):
+            raise ParallelError("this process's devices do not hold one contiguous block of the "
+                                "batch; order the devices by process")
+        return slice(starts[0], stops[-1])
+
+    def _place_batch(self, batch: dict) -> dict:
+        """This process's rows -> global arrays split over the mesh."""
+        local = {"x": np.asarray(batch["x"]), "y": np.asarray(batch["y"]),
+                 "mask": np.asarray(batch["mask"], np.float32)}
+        if is_multiprocess():
+            return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                    for k, v in local.items()}
+        return jax.device_put(local, self.batch_sharding)
+
+    def train_step(self, state, batch):
+        self.check_batch_size(len(batch["x"]) * jax.process_count())
+        batch = _step.check_batch(state, batch)
+        return self._train_step(self.prepare_state(state), self._place_batch(batch))
+
+    def eval_step(self, state, batch):
+        self.check_batch_size(len(batch["x"]) * jax.process_count())
+        batch = _step.check_batch(state, batch)
+        return self._eval_step(self.prepare_state(state), self._place_batch(batch))
+
+    def prepare_indices(self, idx, mask):
+        """``(num_batches, B)`` -> each batch's columns split over the devices."""
+        self.check_batch_size(idx.shape[1])
+        sharding = NamedSharding(self.mesh, P(None, AXIS))
+        return _put_global(np.asarray(idx), sharding), _put_global(np.asarray(mask), sharding)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Pmap(_Replicated):
+    """``jax.pmap`` over the devices: a per-device program with explicit ``psum`` collectives.
+
+    The state goes in with ``in_axes=None`` and comes out with ``out_axes=None`` (it is
+    replicated; the collectives keep it so), the batch goes in split on its leading axis.
+    Since JAX 0.8 ``pmap`` is in maintenance mode and is itself built on ``jit`` +
+    ``shard_map``; it is here for code written against it and as a cross-check of ``sharded``.
+    """
+
+    name: str = "pmap"
+
+    def _pmap(self, fn, in_axes, donate=()):
+        return jax.pmap(fn, axis_name=AXIS, devices=self.devices, in_axes=in_axes,
+                        out_axes=None, donate_argnums=donate)
+
+    @functools.cached_property
+    def _train_step(self):
+        step = self._pmap(_pmap_train_step, (None, 0), donate=(0,))
+        return lambda state, batch: step(state, self._split(batch))
+
+    @functools.cached_property
+    def _eval_step(self):
+        step = self._pmap(_pmap_eval_step, (None, 0))
+        return lambda state, batch: step(state, self._split(batch))
+
+    def _split(self, batch):
+        # (B, ...) split over the mesh -> (n, B/n, ...), device d holding row block d: the
+        # same rows the sharded strategy gives it (the reshape of a sharded array is free).
+        n = self.num_devices
+        return jax.tree.map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]), batch)
+
+    @functools.cached_property
+    def _chunk_programs(self) -> dict:
+        """One pmapped program per (train|eval, K): K is a Python constant of the scan."""
+        return {}
+
+    def _train_chunk(self, steps: int):
+        key = ("train", steps)
+        if key not in self._chunk_programs:
+            fn = lambda state, x, y, idx, mask, start: _chunk(  # noqa: E731
+                _pmap_train_step, state, x, y, idx, mask, start, steps)
+            self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None), donate=(0,))
+        return self._chunk_programs[key]
+
+    def _eval_chunk(self, steps: int):
+        key = ("eval", steps)
+        if key not in self._chunk_programs:
+            body = _eval_as_scan_body(_pmap_eval_step)
+            fn = lambda state, x, y, idx, mask, start: _chunk(body, state, x, y, idx, mask, start, steps)[1]  # noqa: E731
+            self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None))
+        return self._chunk_programs[key]
+
+    def prepare_indices(self, idx, mask):
+        """``(num_batches, B)`` -> ``(n, num_batches, B/n)``: device d's columns of each batch."""
+        self.check_batch_size(idx.shape[1])
+        n = self.num_devices
+        nb, b = idx.shape
+        split = lambda a: np.ascontiguousarray(np.asarray(a).reshape(nb, n, b // n).transpose(1, 0, 2))  # noqa: E731
+        return (_put_global(split(idx), self.batch_sharding), _put_global(split(mask), self.batch_sharding))
+
+    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+        """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
+        return self._train_chunk(steps)(state, data_x, data_y, idx, mask, start)
+
+    def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+        return self._eval_chunk(steps)(state, data_x, data_y, idx, mask, start)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Sharded(_Replicated):
+    """``jax.jit`` over a 1-D ``Mesh``: the state replicated (``NamedSharding(mesh, P())``), the
+    batch split on its leading axis (``P("data")``); XLA's SPMD partitioner inserts the
+    all-reduces. The step is the single-device ``jaxlight.step`` code, unchanged: the loss is
+    the masked mean over the global batch, so the padded last batch needs no special case."""
+
+    name: str = "sharded"
+
+    def _constrain(self, batch):
+        # The gather from the replicated dataset would leave the batch's layout to XLA; pin it
+        # to the batch split so each device computes only its rows.
+        return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+
+    @functools.cached_property
+    def _train_step(self):
+        return jax.jit(_step._train_step, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    @functools.cached_property
+    def _eval_step(self):
+        return jax.jit(_step._eval_step, out_shardings=self.replicated)
+
+    @functools.cached_property
+    def _train_chunk_jit(self):
+        fn = lambda state, x, y, idx, mask, start, steps: _chunk(  # noqa: E731
+            _step._train_step, state, x, y, idx, mask, start, steps, self._constrain)
+        return jax.jit(fn, static_argnums=6, donate_argnums=0,
+                       out_shardings=(self.replicated, self.replicated))
+
+    @functools.cached_property
+    def _eval_chunk_jit(self):
+        body = _eval_as_scan_body(_step._eval_step)
+        fn = lambda state, x, y, idx, mask, start, steps: _chunk(  # noqa: E731
+            body, state, x, y, idx, mask, start, steps, self._constrain)[1]
+        return jax.jit(fn, static_argnums=6, out_shardings=self.replicated)
+
+    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+        """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
+        return self._train_chunk_jit(state, data_x, data_y, idx, mask, start, steps)
+
+    def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+        return self._eval_chunk_jit(state, data_x, data_y, idx, mask, start, steps)
+
+
+_CLASSES = {"single": SingleDevice, "pmap": Pmap, "sharded": Sharded}
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_strategy(name: str, devices: tuple) -> Strategy:
+    return _CLASSES[name](name=name, devices=devices)
+
+
+def make_strategy(name: str = "single", devices: int | None = None) -> Strategy:
+    """A strategy by name over the first ``devices`` devices.
+
+    Args:
+        name: "single", "pmap" or "sharded".
+        devices: how many devices; default 1 for "single" and all of them otherwise.
+
+    Raises:
+        ParallelError: an unknown name, ``single`` with more than one device, or more devices
+            than exist.
+
+    Strategies are cached per (name, devices), so their compiled steps are reused.
+    """
+    if name not in _CLASSES:
+        raise ParallelError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")
+    if name == "single":
+        if devices not in (None, 1):
+            raise ParallelError(f"the single strategy runs on 1 device, got devices={devices}; "
+                                f"use pmap or sharded for more")
+        if is_multiprocess():
+            raise ParallelError("the single strategy cannot run in a multi-process run; use sharded")
+        return _cached_strategy(name, select_devices(1))
+    return _cached_strategy(name, select_devices(devices))
+
+
+def get_strategy(strategy: Strategy | str | None = None, devices: int | None = None) -> Strategy:
+    """``None`` -> single device (today's behaviour); a name -> :func:`make_strategy`."""
+    if isinstance(strategy, Strategy):
+        if devices is not None and devices != strategy.num_devices:
+            raise ParallelError(f"{strategy!r} runs on {strategy.num_devices} devices, not {devices}")
+        return strategy
+    return make_strategy(strategy or "single", devices)
