@@ -45,8 +45,16 @@ class BatchError(ValueError):
 
 
 def _forward(params, state: TrainState, x):
+    x = prepare_x(x)
+    if state.compute_dtype is not None:
+        # Mixed precision: the cast sits inside the differentiated function, so gradients
+        # flow back to the float32 parameters through it and come out float32.
+        cast = lambda a: a.astype(state.compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        params, x = jax.tree.map(cast, params), cast(x)
     model = nnx.merge(state.graphdef, params, state.model_state)
-    outputs = model(prepare_x(x))
+    outputs = model(x)
+    if state.compute_dtype is not None:
+        outputs = outputs.astype(jnp.float32)
     return outputs, nnx.state(model, nnx.Not(nnx.Param))
 
 
