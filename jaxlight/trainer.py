@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -131,12 +132,20 @@ def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> o
     Order: ``apply_if_finite(MultiSteps(chain(clip_by_global_norm, tx)))``: clipping sees the
     accumulated gradient (as Lightning clips before ``optimizer.step``), and a non-finite
     micro-batch gradient is dropped before it reaches the accumulator.
+
+    The same ``tx`` and settings give the same (identical) object back: the optimizer is a
+    static field of the TrainState, so a new object would make every ``fit`` recompile.
     """
-    if config.gradient_clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx)
-    if config.accumulate_grad_batches > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulate_grad_batches).gradient_transformation()
-    if config.nan_policy == "skip":
+    return _wrap(tx, config.gradient_clip_norm, config.accumulate_grad_batches, config.nan_policy == "skip")
+
+
+@functools.lru_cache(maxsize=64)
+def _wrap(tx, clip_norm, accumulate, skip_nonfinite):
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    if accumulate > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
+    if skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
     return tx
 
