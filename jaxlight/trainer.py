@@ -378,11 +378,12 @@ class Trainer:
             step = first + j + 1
             if step % every == 0:
                 self.log_metrics({f"train_{k}_step": float(v[j]) for k, v in metrics.items() if k != "count"}, step)
-        for cb in self.active_callbacks:
-            cb.on_train_chunk_end(self, state, metrics)
+        # Validation first, so that a checkpoint saved at this step is scored on it.
         n = self.config.val_every_n_steps
         if n and self.global_step % n == 0 and self._val is not None:
             self._validate(state)
+        for cb in self.active_callbacks:
+            cb.on_train_chunk_end(self, state, metrics)
 
     def _epoch_metrics(self) -> dict:
         stacked = {k: np.concatenate([m[k] for m in self._epoch_steps]) for k in self._epoch_steps[0]}

@@ -13,6 +13,11 @@ from jaxlight.callbacks.base import Callback
 __all__ = ["LearningRateMonitor", "current_lr"]
 
 
+# optax.inject_hyperparams returns the "stateful" variant since optax 0.2.3.
+_INJECTED = tuple(c for c in (getattr(optax, "InjectHyperparamsState", None),
+                              getattr(optax, "InjectStatefulHyperparamsState", None)) if c is not None)
+
+
 def _find(tree, cls):
     return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
 
@@ -29,7 +34,7 @@ def current_lr(opt_state, schedule: Callable | float | None = None) -> float:
     Raises:
         ValueError: none of these is available.
     """
-    injected = _find(opt_state, optax.InjectHyperparamsState)
+    injected = _find(opt_state, _INJECTED)
     if injected and "learning_rate" in injected[0].hyperparams:
         return float(np.asarray(injected[0].hyperparams["learning_rate"]))
     if callable(schedule):

@@ -54,7 +54,9 @@ class TensorBoardLogger(Logger):
     def resume(self, step):
         from tensorboard.compat.proto import event_pb2
 
-        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+        # TensorBoard purges points at steps >= this event's step; ``step`` itself was logged
+        # before the checkpoint and stays.
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step) + 1,
                                               session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def flush(self):
