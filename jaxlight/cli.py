@@ -118,13 +118,8 @@ def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
-    """The Trainer ``jaxlight train`` runs: config, checkpointing, logger and the epoch lines."""
-    from jaxlight import report
-    from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
-    from jaxlight.loggers import LOGGERS
-    from jaxlight.trainer import Trainer, TrainerConfig
-
+def check_trainer_flags(args: argparse.Namespace) -> None:
+    """Reject bad Trainer flags before any data is loaded."""
     if args.resume and not args.ckpt_dir:
         raise SystemExit("error: --resume needs --ckpt-dir (the folder to resume from)")
     if not 0.0 <= args.val_split < 1.0:
@@ -132,6 +127,16 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
     for flag in ("ckpt_every", "steps_per_execution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+
+def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
+    """The Trainer ``jaxlight train`` runs: config, checkpointing, logger and the epoch lines."""
+    from jaxlight import report
+    from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
+    from jaxlight.loggers import LOGGERS
+    from jaxlight.trainer import Trainer, TrainerConfig
+
+    check_trainer_flags(args)
 
     class EpochLines(Callback):  # the report's epoch line, the format torch-ref prints too
         def on_fit_start(self, trainer, state):
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_trainer_flags(train_parser(sub, "JAX"))
     args = parser.parse_args(argv)
+    check_trainer_flags(args)
     from jaxlight.checkpoint import CheckpointError
     from jaxlight.data import MNISTError
     from jaxlight.step import BatchError
