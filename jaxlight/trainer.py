@@ -374,7 +374,7 @@ class Trainer:
         self.batch += len(metrics["loss"])
         self._epoch_steps.append(metrics)
         every = self.config.log_every_n_steps
-        for j in range(len(metrics["loss"])):
+        for j in range(len(metrics["loss"]) if self.active_loggers else 0):
             step = first + j + 1
             if step % every == 0:
                 self.log_metrics({f"train_{k}_step": float(v[j]) for k, v in metrics.items() if k != "count"}, step)
