@@ -373,11 +373,12 @@ class Trainer:
         self.global_step += len(metrics["loss"])
         self.batch += len(metrics["loss"])
         self._epoch_steps.append(metrics)
-        every = self.config.log_every_n_steps
-        for j in range(len(metrics["loss"]) if self.active_loggers else 0):
-            step = first + j + 1
-            if step % every == 0:
-                self.log_metrics({f"train_{k}_step": float(v[j]) for k, v in metrics.items() if k != "count"}, step)
+        if self.active_loggers:
+            every = self.config.log_every_n_steps
+            columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items() if k != "count"}
+            for j in range(len(metrics["loss"])):
+                if (first + j + 1) % every == 0:
+                    self.log_metrics({k: v[j] for k, v in columns.items()}, first + j + 1)
         # Validation first, so that a checkpoint saved at this step is scored on it.
         n = self.config.val_every_n_steps
         if n and self.global_step % n == 0 and self._val is not None:
