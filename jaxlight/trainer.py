@@ -47,7 +47,7 @@ from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, check_dataset, evaluate, summarize
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
-from jaxlight.step import _forward, default_steps_per_call, train_chunk, train_step
+from jaxlight.step import _forward, default_steps_per_call, needs_unroll, train_chunk, train_step
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
 
@@ -277,6 +277,7 @@ class Trainer:
         self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
         self._max_steps = cfg.fast_dev_run if self._fast_dev else cfg.max_steps
         self._k = cfg.steps_per_execution or default_steps_per_call(state, nb)
+        self._unroll = self._k > 1 and needs_unroll(state)
         self.global_step = int(state.step)
         self.epoch, self.batch = divmod(self.global_step, nb)
         if ckpt_path is not None:
@@ -347,7 +348,7 @@ class Trainer:
                                                         if steps >> b & 1]
             out, start = [], self.batch
             for n in pieces:
-                state, m = train_chunk(state, data.x, data.y, idx, mask, n, start)
+                state, m = train_chunk(state, data.x, data.y, idx, mask, n, start, unroll=self._unroll)
                 out.append(m)
                 start += n
             return state, jax.tree.map(lambda *m: jnp.concatenate(m), *out)

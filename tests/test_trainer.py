@@ -90,6 +90,17 @@ def test_fit_is_bitwise_the_hand_written_loop_for_every_k(small, model, k, extra
     assert _bytes(state.opt_state) == _bytes(expected.opt_state)
 
 
+@pytest.mark.slow
+def test_conv_chunks_are_bitwise_the_single_steps(small):
+    """XLA:CPU compiles a convolution's weight gradient differently inside a while loop (another
+    layout, another summation order: ~1e-6 relative differences per step); the Trainer unrolls
+    conv chunks on the CPU, which gives back the single-step program's bits."""
+    train = small[0].take(192)
+    one = Trainer(_config(max_epochs=1, steps_per_execution=1)).fit(_state("cnn"), train)
+    fused = Trainer(_config(max_epochs=1, steps_per_execution=3)).fit(_state("cnn"), train)
+    assert _bytes(fused.params) == _bytes(one.params)
+
+
 @pytest.mark.parametrize("kw, final_step, val_steps, epochs_done", [
     ({"max_epochs": 2}, 10, [5, 10], 2),
     ({"max_epochs": 3, "max_steps": 7}, 7, [5], 1),
