@@ -9,6 +9,7 @@ def _summary(out):
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(cli, tmp_path):
     common = ["train", "--model", "linear", "--val-split", "0.1"]
     full = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "full"))
