@@ -253,3 +253,34 @@ def test_sigkill_and_sigterm_at_several_points_then_resume_is_bitwise(tmp_path, 
     final = json.loads((tmp_path / "run4.npz.json").read_text())
     assert final["step"] == ref_info["step"] == 30
     assert final["history"] == ref_info["history"]  # epoch means, across three restarts
+
+
+WRITE_LIMIT_SCRIPT = """
+import os, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint import _state
+from jaxlight.checkpoint import CheckpointError, save_checkpoint
+root = sys.argv[1]
+save_checkpoint(root, _state(step=1))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    save_checkpoint(root, _state(step=2))
+except CheckpointError as exc:
+    print("CheckpointError:", exc)
+"""
+
+
+@pytest.mark.slow
+def test_real_failing_writes_leave_the_previous_checkpoint_intact(tmp_path):
+    """No monkeypatching: the kernel refuses every write past 4 KiB (RLIMIT_FSIZE) mid-save."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, "-c", WRITE_LIMIT_SCRIPT, str(tmp_path), str(ROOT / "tests")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CheckpointError: could not write checkpoint" in result.stdout
+    assert "File too large" in result.stdout and "step_000000001 is intact" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000001"]
+    restored, _, path = restore_latest(tmp_path, _state())
+    _assert_bitwise(restored, _state(step=1))
