@@ -90,6 +90,16 @@ def test_fit_is_bitwise_the_hand_written_loop_for_every_k(small, model, k, extra
     assert _bytes(state.opt_state) == _bytes(expected.opt_state)
 
 
+def test_data_too_big_for_the_device_streams_through_train_step(small, monkeypatch):
+    train, val = small
+    expected = hand_loop(_state(), train, 2)
+    monkeypatch.setattr(ArrayDataset, "fits_on_device", lambda self, *a, **k: False)
+    trainer = Trainer(_config(max_epochs=2, steps_per_execution=2))
+    state = trainer.fit(_state(), train, val)
+    assert not isinstance(trainer._train.x, jax.Array)  # really stayed on the host
+    assert _bytes(state.params) == _bytes(expected.params)
+
+
 @pytest.mark.slow
 def test_conv_chunks_are_bitwise_the_single_steps(small):
     """XLA:CPU compiles a convolution's weight gradient differently inside a while loop (another
