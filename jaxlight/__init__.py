@@ -3,7 +3,7 @@
 The public surface, in the order data flows: data -> model -> state -> step -> loop.
 """
 
-from jaxlight import data, loop, models, optim, recipes, tasks
+from jaxlight import callbacks, checkpoint, data, loggers, loop, models, optim, recipes, tasks, trainer
 from jaxlight.data import ArrayDataset, load_mnist, load_task_data
 from jaxlight.loop import evaluate, fit, train_epoch
 from jaxlight.models import MODELS, build_model, count_params
@@ -11,6 +11,7 @@ from jaxlight.optim import make_optimizer
 from jaxlight.recipes import Recipe, recipe_for
 from jaxlight.state import TrainState, create_train_state
 from jaxlight.step import BatchError, eval_step, train_chunk, train_step
+from jaxlight.trainer import Trainer, TrainerConfig
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,11 @@ __all__ = [
     "MODELS",
     "Recipe",
     "TrainState",
+    "Trainer",
+    "TrainerConfig",
     "build_model",
+    "callbacks",
+    "checkpoint",
     "count_params",
     "create_train_state",
     "data",
@@ -29,6 +34,7 @@ __all__ = [
     "fit",
     "load_mnist",
     "load_task_data",
+    "loggers",
     "loop",
     "make_optimizer",
     "models",
@@ -39,4 +45,5 @@ __all__ = [
     "train_chunk",
     "train_epoch",
     "train_step",
+    "trainer",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jaxlight.recipes import RECIPES, Recipe, recipe_for
 
-__all__ = ["main", "train_parser", "recipe_from_args", "summary_payload"]
+__all__ = ["main", "train_parser", "recipe_from_args", "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer"]
 
 
 def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.ArgumentParser:
@@ -95,7 +95,7 @@ def run_train(args: argparse.Namespace) -> dict:
 
     from jaxlight import parallel, report
     from jaxlight.data import load_task_data
-    from jaxlight.loop import evaluate, fit
+    from jaxlight.loop import evaluate
     from jaxlight.models import build_model
     from jaxlight.optim import make_optimizer
     from jaxlight.state import create_train_state
@@ -114,12 +114,23 @@ def run_train(args: argparse.Namespace) -> dict:
           f"{strategy.name} on {strategy.num_devices} device(s)"
           + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""),
           flush=True)
-    state, results = fit(
-        state, train, recipe.epochs, recipe.batch_size,
-        on_epoch=lambda r: print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True),
-        progress=report.progress_bar(recipe.epochs) if lead else None,
-        strategy=strategy,
-    )
+    if strategy.name == "single" and jax.process_count() == 1:
+        state, results = fit_with_trainer(args, recipe, state, train)
+        if results is None:  # stopped by SIGTERM after saving a checkpoint
+            return {}
+    else:
+        # Data-parallel runs go through the functional loop; the Trainer runs one device.
+        if args.ckpt_dir or args.val_split or args.logger != "none":
+            raise SystemExit("error: --ckpt-dir, --val-split and --logger run through the Trainer, "
+                             "which trains on one device: use them with --strategy single")
+        from jaxlight.loop import fit
+
+        state, results = fit(
+            state, train, recipe.epochs, recipe.batch_size,
+            on_epoch=lambda r: print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True),
+            progress=report.progress_bar(recipe.epochs) if lead else None,
+            strategy=strategy,
+        )
     test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
     extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
              "strategy": strategy.name, "devices": strategy.num_devices, "processes": jax.process_count()}
@@ -137,21 +148,103 @@ def run_train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``jaxlight train`` flags that ``torch-ref train`` does not share (the Trainer's)."""
+    g = p.add_argument_group("trainer (jaxlight only)")
+    g.add_argument("--val-split", type=float, default=0.0,
+                   help="hold out this fraction of the training set (seeded by --seed) and validate on it each epoch")
+    g.add_argument("--ckpt-dir", help="save a checkpoint at every epoch end (and every --ckpt-every steps) here")
+    g.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint in --ckpt-dir up to --epochs in total")
+    g.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none")
+    g.add_argument("--log-dir", help="where the logger writes (default: <out>/logs)")
+    g.add_argument("--steps-per-execution", type=int,
+                   help="steps per compiled call (default: the whole epoch, 1 for convolutions on the CPU)")
+    return p
+
+
+def check_trainer_flags(args: argparse.Namespace) -> None:
+    """Reject bad Trainer flags before any data is loaded."""
+    if args.resume and not args.ckpt_dir:
+        raise SystemExit("error: --resume needs --ckpt-dir (the folder to resume from)")
+    if not 0.0 <= args.val_split < 1.0:
+        raise SystemExit(f"error: --val-split must be in [0, 1), got {args.val_split}")
+    for flag in ("ckpt_every", "steps_per_execution"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+
+def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
+    """The Trainer ``jaxlight train`` runs: config, checkpointing, logger and the epoch lines."""
+    from jaxlight import report
+    from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
+    from jaxlight.loggers import LOGGERS
+    from jaxlight.trainer import Trainer, TrainerConfig
+
+    check_trainer_flags(args)
+
+    class EpochLines(Callback):  # the report's epoch line, the format torch-ref prints too
+        def on_fit_start(self, trainer, state):
+            if trainer.restored_from is not None:
+                print(f"resumed from {trainer.restored_from} (epoch {trainer.epoch + 1}, batch "
+                      f"{trainer.batch}, step {trainer.global_step})", flush=True)
+
+        def on_epoch_end(self, trainer, state, metrics):
+            r = trainer.history[-1]
+            print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True)
+
+    callbacks = [EpochLines(), ProgressBar(print_epochs=False)]
+    if args.ckpt_dir:
+        monitor = "val_loss" if args.val_split else None
+        callbacks.insert(0, ModelCheckpoint(args.ckpt_dir, monitor=monitor, every_n_steps=args.ckpt_every))
+    loggers = []
+    if args.logger != "none":
+        out = Path(args.out or f"runs/jaxlight-{recipe.model}")
+        loggers.append(LOGGERS[args.logger](args.log_dir or out / "logs"))
+    config = TrainerConfig(max_epochs=recipe.epochs, batch_size=recipe.batch_size,
+                           steps_per_execution=args.steps_per_execution)
+    return Trainer(config, callbacks=callbacks, loggers=loggers)
+
+
+def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, state, train):
+    """Run ``jaxlight train``'s training through the Trainer; ``(state, epoch results)``, or
+    ``(state, None)`` when SIGTERM stopped it (a checkpoint was saved if --ckpt-dir is set)."""
+    val = None
+    if args.val_split:
+        train, val = train.split(args.val_split, recipe.seed)
+    trainer = trainer_from_args(args, recipe)
+    resume = args.resume and any(Path(args.ckpt_dir).glob("step_*"))
+    if args.resume and not resume:
+        print(f"no checkpoint in {args.ckpt_dir} yet: starting from scratch", flush=True)
+    state = trainer.fit(state, train, val, ckpt_path="last" if resume else None)
+    if trainer.interrupted:
+        print(f"stopped by SIGTERM at step {trainer.global_step}"
+              + (f"; resume with --resume --ckpt-dir {args.ckpt_dir}" if args.ckpt_dir else ""), flush=True)
+        return state, None
+    return state, trainer.history
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    parallel_flags(train_parser(sub, "JAX"))
+    add_trainer_flags(train_parser(sub, "JAX"))
+    parallel_flags(sub.choices["train"])
     from jaxlight.compare import compare_parser, run_compare
 
     compare_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        check_trainer_flags(args)
+    from jaxlight.checkpoint import CheckpointError
     from jaxlight.data import MNISTError
     from jaxlight.parallel import ParallelError
     from jaxlight.step import BatchError
+    from jaxlight.trainer import NonFiniteLossError
 
     try:
         (run_compare if args.command == "compare" else run_train)(args)
-    except (MNISTError, BatchError, ParallelError) as exc:
+    except (MNISTError, BatchError, ParallelError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

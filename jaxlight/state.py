@@ -39,6 +39,10 @@ class TrainState:
         model_state: every other model variable (batch statistics, RNG state for dropout...).
             Splitting them out keeps a plain ``jax.jit`` over the state free of NNX's trace
             context rules.
+        compute_dtype: None computes in the parameters' dtype (float32); ``jnp.bfloat16``
+            casts the parameters and inputs to bfloat16 inside the step (mixed precision: the
+            stored parameters, gradients and optimizer state stay float32, the loss is taken in
+            float32). Set by ``jaxlight.trainer.TrainerConfig(precision="bf16")``.
     """
 
     step: jax.Array
@@ -50,6 +54,7 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     task: Task = struct.field(pytree_node=False)
     input_shape: tuple | None = struct.field(pytree_node=False, default=None)
+    compute_dtype: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def model(self) -> nnx.Module:

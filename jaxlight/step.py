@@ -37,6 +37,7 @@ __all__ = [
     "train_chunk",
     "eval_chunk",
     "default_steps_per_call",
+    "needs_unroll",
 ]
 
 
@@ -45,8 +46,16 @@ class BatchError(ValueError):
 
 
 def _forward(params, state: TrainState, x):
+    x = prepare_x(x)
+    if state.compute_dtype is not None:
+        # Mixed precision: the cast sits inside the differentiated function, so gradients
+        # flow back to the float32 parameters through it and come out float32.
+        cast = lambda a: a.astype(state.compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        params, x = jax.tree.map(cast, params), cast(x)
     model = nnx.merge(state.graphdef, params, state.model_state)
-    outputs = model(prepare_x(x))
+    outputs = model(x)
+    if state.compute_dtype is not None:
+        outputs = outputs.astype(jnp.float32)
     return outputs, nnx.state(model, nnx.Not(nnx.Param))
 
 
@@ -141,17 +150,17 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     return _eval_step_jit(state, check_batch(state, batch))
 
 
-def _scan_steps(body, carry, xs, steps: int):
+def _scan_steps(body, carry, xs, steps: int, unroll: bool = False):
     # A scan of length 1 would still be a while loop, which is what makes convolutions slow on
     # XLA:CPU; a single step runs at top level instead.
     if steps == 1:
         carry, out = body(carry, jax.tree.map(lambda a: a[0], xs))
         return carry, jax.tree.map(lambda a: a[None], out)
-    return jax.lax.scan(body, carry, xs)
+    return jax.lax.scan(body, carry, xs, unroll=unroll)
 
 
-@functools.partial(jax.jit, static_argnums=(5,), donate_argnums=(0,))
-def train_chunk(state: TrainState, data_x, data_y, idx, mask, steps: int, start=0):
+@functools.partial(jax.jit, static_argnums=(5,), static_argnames=("unroll",), donate_argnums=(0,))
+def train_chunk(state: TrainState, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
     """``steps`` training steps in one compiled program, on data that lives on the device.
 
     Args:
@@ -160,6 +169,12 @@ def train_chunk(state: TrainState, data_x, data_y, idx, mask, steps: int, start=
         idx, mask: ``(num_batches, B)`` from ``jaxlight.data.batch_indices``.
         steps: how many batches to run (static: one compilation per value).
         start: index of the first batch (traced: no recompilation as it moves).
+        unroll: unroll the scan into straight-line code (static). For convolutions on XLA:CPU
+            (see ``needs_unroll``): inside a while loop XLA:CPU keeps the weight-gradient
+            convolutions in a layout its fast kernels do not take, so they run 15-40x slower
+            and sum in another order (gradients differ from the single-step program in the
+            last bits, ~1e-6 relative). Unrolled, every step compiles as at top level: the
+            same bits as K single steps. Compile time grows with ``steps``.
 
     Returns:
         The new state and per-step metrics, each stacked to ``(steps,)``.
@@ -170,7 +185,7 @@ def train_chunk(state: TrainState, data_x, data_y, idx, mask, steps: int, start=
     def body(state, im):
         return _train_step(state, gather_batch(data_x, data_y, im[0], im[1]))
 
-    return _scan_steps(body, state, (idx_k, mask_k), steps)
+    return _scan_steps(body, state, (idx_k, mask_k), steps, unroll)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -183,6 +198,14 @@ def eval_chunk(state: TrainState, data_x, data_y, idx, mask, steps: int, start=0
         return carry, _eval_step(state, gather_batch(data_x, data_y, im[0], im[1]))
 
     return _scan_steps(body, None, (idx_k, mask_k), steps)[1]
+
+
+def needs_unroll(state_or_model, backend: str | None = None) -> bool:
+    """Whether ``train_chunk`` must unroll its scan to match single steps bit for bit:
+    convolutional models on the CPU (see ``train_chunk``'s ``unroll``)."""
+    backend = backend or jax.default_backend()
+    model = state_or_model.model if isinstance(state_or_model, TrainState) else state_or_model
+    return backend == "cpu" and has_conv(model)
 
 
 def default_steps_per_call(state_or_model, num_batches: int, backend: str | None = None) -> int:

@@ -1,0 +1,107 @@
+"""Save checkpoints during training; keep the best k by a monitored metric and the latest."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from jaxlight.callbacks.base import Callback
+from jaxlight.checkpoint import list_checkpoints, prune_checkpoints
+
+__all__ = ["ModelCheckpoint"]
+
+
+class ModelCheckpoint(Callback):
+    """Checkpoint every ``every_n_epochs`` epochs and/or every ``every_n_steps`` steps.
+
+    Kept on disk: the ``save_top_k`` best checkpoints by ``monitor`` (when given) and the
+    ``keep_last`` most recent ones (at least 2, so that a corrupt latest checkpoint always has a
+    good predecessor to fall back to; see ``jaxlight.checkpoint``). Everything else is deleted
+    after each successful save. The Trainer also saves through this callback on SIGTERM, and
+    ``Trainer.fit(..., ckpt_path="last")`` resumes from its folder.
+
+    Args:
+        dirpath: the folder of ``step_*`` checkpoints.
+        monitor: a metric in ``trainer.callback_metrics`` ("val_loss", "val_accuracy", "loss").
+        mode: "min" or "max" for ``monitor``.
+        save_top_k: how many best checkpoints to keep (needs ``monitor``).
+        keep_last: how many of the most recent checkpoints to keep (>= 2).
+        every_n_epochs: save at the end of every n-th epoch (None: never at epoch ends).
+        every_n_steps: save every n optimizer steps (the trainer ends its compiled chunks on
+            these steps).
+
+    Attributes:
+        best_model_path: the best checkpoint's folder (None until one with a score exists).
+        last_model_path: the latest checkpoint's folder.
+    """
+
+    def __init__(self, dirpath: str | Path, monitor: str | None = None, mode: str = "min",
+                 save_top_k: int = 1, keep_last: int = 2, every_n_epochs: int | None = 1,
+                 every_n_steps: int | None = None):
+        if mode not in ("min", "max"):
+            raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
+        if keep_last < 2:
+            raise ValueError(f"ModelCheckpoint: keep_last must be >= 2 (a corrupt latest checkpoint "
+                             f"needs a predecessor), got {keep_last}")
+        if save_top_k < 0:
+            raise ValueError(f"ModelCheckpoint: save_top_k must be >= 0, got {save_top_k}")
+        for name, n in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if n is not None and n < 1:
+                raise ValueError(f"ModelCheckpoint: {name} must be >= 1 or None, got {n}")
+        self.dirpath = Path(dirpath)
+        self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.saved: list[int] = []          # steps of the checkpoints on disk, oldest first
+        self.scores: dict[int, float] = {}  # step -> monitored value
+
+    def step_interval(self) -> int | None:
+        return self.every_n_steps
+
+    def on_train_chunk_end(self, trainer, state, metrics):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, state)
+
+    def on_epoch_end(self, trainer, state, metrics):
+        if self.every_n_epochs and trainer.epoch % self.every_n_epochs == 0:
+            self.save(trainer, state)
+
+    def _best(self) -> list[int]:
+        ranked = sorted(self.scores, key=lambda s: self.scores[s] if self.mode == "min" else -self.scores[s])
+        return ranked[: self.save_top_k]
+
+    def save(self, trainer, state) -> Path:
+        """Save now and prune; the bookkeeping is updated first so the checkpoint records itself."""
+        step = trainer.global_step
+        before = (list(self.saved), dict(self.scores))
+        if self.monitor is not None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None and math.isfinite(value):
+                self.scores[step] = float(value)
+        self.saved = [s for s in self.saved if s != step] + [step]
+        keep = set(self.saved[-self.keep_last:]) | set(self._best())
+        self.saved = [s for s in self.saved if s in keep]
+        self.scores = {s: v for s, v in self.scores.items() if s in keep}
+        try:
+            path = trainer.save_checkpoint(state, self.dirpath)
+        except Exception:
+            self.saved, self.scores = before
+            raise
+        prune_checkpoints(self.dirpath, keep)
+        return path
+
+    @property
+    def best_model_path(self) -> Path | None:
+        best = self._best()
+        return self.dirpath / f"step_{best[0]:09d}" if best else None
+
+    @property
+    def last_model_path(self) -> Path | None:
+        found = list_checkpoints(self.dirpath)
+        return found[-1] if found else None
+
+    def state_dict(self) -> dict:
+        return {"saved": self.saved, "scores": {str(k): v for k, v in self.scores.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = list(state["saved"])
+        self.scores = {int(k): v for k, v in state["scores"].items()}

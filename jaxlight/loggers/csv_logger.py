@@ -1,0 +1,69 @@
+"""Metrics as one CSV table: a row per logged step, a column per metric."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from jaxlight.loggers.base import Logger
+
+__all__ = ["CSVLogger"]
+
+
+class CSVLogger(Logger):
+    """Write ``<save_dir>/metrics.csv`` (columns ``step`` then metric names, blank where a row
+    lacks one, as Lightning's CSVLogger) and ``hparams.json``.
+
+    Rows are buffered and written at each ``flush`` (epoch ends, fit end): appended while the
+    columns stay the same, the file rewritten (atomically) when a new metric appears.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike):
+        self.save_dir = Path(save_dir)
+        self.path = self.save_dir / "metrics.csv"
+        self.columns: list[str] = ["step"]
+        self.rows: list[dict] = []      # every row, for rewrites
+        self._written = 0               # rows already in the file
+        self._file_columns: list[str] = []
+
+    def log_metrics(self, metrics, step):
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        for key in row:
+            if key not in self.columns:
+                self.columns.append(key)
+        self.rows.append(row)
+
+    def log_hyperparams(self, params):
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        (self.save_dir / "hparams.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
+
+    def resume(self, step):
+        """Keep the rows of an earlier run up to ``step``; later ones are about to be redone."""
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = [{k: float(v) if k != "step" else int(v) for k, v in r.items() if v != ""} for r in reader]
+            columns = list(reader.fieldnames or ["step"])
+        self.rows = [r for r in old if r["step"] <= step] + self.rows
+        self.columns = columns + [c for c in self.columns if c not in columns]
+        self._written, self._file_columns = 0, []
+
+    def flush(self):
+        if len(self.rows) == self._written and self._file_columns == self.columns:
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        if self._file_columns != self.columns or self._written == 0:
+            tmp = self.path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(tmp, self.path)
+            self._file_columns = list(self.columns)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerows(self.rows[self._written:])
+        self._written = len(self.rows)

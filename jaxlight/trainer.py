@@ -1,0 +1,553 @@
+"""The Trainer: a host-side loop around the compiled steps, with callbacks, loggers, checkpoints.
+
+The loop runs ``jaxlight.step.train_chunk`` (K steps fused in one compiled call, Keras's
+``steps_per_execution``) and does everything else between chunks: NaN checks, logging,
+callbacks, validation, checkpoints, SIGTERM. There is no second implementation of the step:
+``fit`` with any K computes bit-for-bit what ``train_chunk`` computes, and K only decides how
+often the host gets control (K = 1: every step; K = an epoch: once per epoch, the fastest for
+dense models; the default follows ``jaxlight.step.default_steps_per_call``). Chunks also end on
+the steps that validation or checkpointing asked for, so those happen exactly where requested.
+
+Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` -> ``_run_epoch`` ->
+``_end_chunk`` / ``_end_epoch``.
+
+Example:
+    >>> from jaxlight import build_model, create_train_state, optim, tasks
+    >>> from jaxlight.trainer import Trainer, TrainerConfig
+    >>> from jaxlight.callbacks import EarlyStopping, ModelCheckpoint
+    >>> from jaxlight.loggers import CSVLogger
+    >>> state = create_train_state(build_model("mlp"), optim.adam(1e-3), tasks.multiclass())
+    >>> trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64),
+    ...                   callbacks=[EarlyStopping("val_loss"), ModelCheckpoint("runs/ckpt", monitor="val_loss")],
+    ...                   loggers=[CSVLogger("runs/logs")])
+    >>> state = trainer.fit(state, train, val)                        # doctest: +SKIP
+    >>> state = trainer.fit(fresh_state, train, val, ckpt_path="last")  # resume  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlight import checkpoint as ckpt
+from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
+from jaxlight.data.arrays import ArrayDataset, batch_indices, gather_batch, num_batches
+from jaxlight.loggers import Logger
+from jaxlight.loop import EpochResult, check_dataset, evaluate, summarize
+from jaxlight.report import library_versions
+from jaxlight.state import TrainState
+from jaxlight.step import _forward, default_steps_per_call, needs_unroll, train_chunk, train_step
+
+__all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
+
+PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How to train (what to train is the TrainState; where to save is ModelCheckpoint).
+
+    Attributes:
+        max_epochs: epochs to run (an epoch visits every example once, last batch padded).
+        max_steps: stop after this many steps (micro-batches) in total; None: no limit.
+        batch_size: examples per step.
+        eval_batch_size: examples per validation/test step.
+        steps_per_execution: K steps per compiled call; None picks
+            ``jaxlight.step.default_steps_per_call`` (1 for convolutions on the CPU, else the
+            whole epoch). Results do not depend on it, only speed and hook frequency.
+        val_every_n_epochs: validate after every n-th epoch (None: not at epoch ends).
+        val_every_n_steps: also validate every n steps (None: not mid-epoch).
+        log_every_n_steps: send every n-th step's metrics to the loggers.
+        gradient_clip_norm: clip the (accumulated) gradient to this global norm
+            (``optax.clip_by_global_norm``); None: no clipping.
+        accumulate_grad_batches: average gradients over n steps before each update
+            (``optax.MultiSteps``); the step counter still counts every micro-batch.
+        precision: "float32", or "bf16" to compute the forward and backward pass in bfloat16
+            while parameters, gradients and optimizer state stay float32.
+        nan_policy: "raise" stops with :class:`NonFiniteLossError` naming the step; "skip"
+            drops updates whose gradients are not finite (``optax.apply_if_finite``) and
+            keeps going.
+        fast_dev_run: n > 0 runs n training and n validation batches, then stops; no
+            checkpoints, no loggers (a smoke test of the whole pipeline).
+        overfit_batches: n > 0 trains on the first n batches only, unshuffled, and validates
+            on them too (a model that cannot overfit them has a bug).
+        handle_sigterm: on SIGTERM, finish the running chunk, save through the first
+            ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True).
+        enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
+    """
+
+    max_epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    steps_per_execution: int | None = None
+    val_every_n_epochs: int | None = 1
+    val_every_n_steps: int | None = None
+    log_every_n_steps: int = 1
+    gradient_clip_norm: float | None = None
+    accumulate_grad_batches: int = 1
+    precision: str = "float32"
+    nan_policy: str = "raise"
+    fast_dev_run: int = 0
+    overfit_batches: int = 0
+    handle_sigterm: bool = True
+    enable_progress_bar: bool = True
+
+    def __post_init__(self):
+        positive = ["max_epochs", "batch_size", "eval_batch_size", "log_every_n_steps", "accumulate_grad_batches"]
+        optional = ["max_steps", "steps_per_execution", "val_every_n_epochs", "val_every_n_steps"]
+        for name in positive + optional:
+            value = getattr(self, name)
+            if (value is not None or name in positive) and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"TrainerConfig.{name} must be an int >= 1{' or None' if name in optional else ''}, got {value!r}")
+        for name in ("fast_dev_run", "overfit_batches"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainerConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
+            raise ValueError(f"TrainerConfig.gradient_clip_norm must be > 0 or None, got {self.gradient_clip_norm!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainerConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.nan_policy not in ("raise", "skip"):
+            raise ValueError(f"TrainerConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
+
+
+def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
+    """``tx`` with the config's clipping, accumulation and NaN skipping, all through Optax.
+
+    Order: ``apply_if_finite(MultiSteps(chain(clip_by_global_norm, tx)))``: clipping sees the
+    accumulated gradient (as Lightning clips before ``optimizer.step``), and a non-finite
+    micro-batch gradient is dropped before it reaches the accumulator.
+
+    The same ``tx`` and settings give the same (identical) object back: the optimizer is a
+    static field of the TrainState, so a new object would make every ``fit`` recompile.
+    """
+    return _wrap(tx, config.gradient_clip_norm, config.accumulate_grad_batches, config.nan_policy == "skip")
+
+
+@functools.lru_cache(maxsize=64)
+def _wrap(tx, clip_norm, accumulate, skip_nonfinite):
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    if accumulate > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
+    if skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    return tx
+
+
+@jax.jit
+def _predict(state: TrainState, x):
+    return _forward(state.params, state, x)[0]
+
+
+class Trainer:
+    """Fit, validate, test and predict with hooks, logging and exact-resume checkpoints.
+
+    Args:
+        config: a :class:`TrainerConfig`.
+        callbacks: :class:`~jaxlight.callbacks.Callback` instances, called in this order.
+        loggers: :class:`~jaxlight.loggers.Logger` instances.
+
+    Attributes (what callbacks read):
+        global_step: steps taken (== ``int(state.step)``).
+        epoch: the current epoch, 0-based; at ``on_epoch_end`` the number of finished epochs.
+        batch: the next batch of the current epoch (the data position saved in checkpoints).
+        num_batches, max_epochs: of this fit.
+        callback_metrics: the latest of every metric (``loss``, ``accuracy`` of the last
+            epoch, ``val_loss``...).
+        history: one :class:`~jaxlight.loop.EpochResult` per finished epoch (train and
+            validation metrics), restored on resume.
+        should_stop: set it to stop after the current chunk.
+        interrupted: True when fit returned early because of SIGTERM.
+    """
+
+    def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=()):
+        self.config = config or TrainerConfig()
+        self.callbacks: list[Callback] = list(callbacks)
+        if self.config.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+            self.callbacks.append(ProgressBar())
+        self.loggers: list[Logger] = list(loggers)
+        keys = [c.state_key for c in self.callbacks]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
+        self._wrapped: tuple | None = None
+        self._reset()
+
+    def _reset(self):
+        self.global_step = self.epoch = self.batch = self.num_batches = 0
+        self.max_epochs = self.config.max_epochs
+        self.callback_metrics: dict[str, float] = {}
+        self.history: list[EpochResult] = []
+        self.should_stop = self.interrupted = False
+        self.skipped_steps: list[int] = []
+        self._epoch_steps: list[dict] = []  # per-step host metrics of the running epoch
+        self._epoch_seconds = 0.0
+        self._sigterm = False
+        self.restored_from: Path | None = None
+
+    # -- what runs ----------------------------------------------------------------------------
+
+    @property
+    def _fast_dev(self) -> bool:
+        return self.config.fast_dev_run > 0
+
+    @property
+    def active_callbacks(self) -> list[Callback]:
+        """Callbacks that run in this mode (``fast_dev_run`` drops checkpointing)."""
+        return [c for c in self.callbacks if not (self._fast_dev and isinstance(c, ModelCheckpoint))]
+
+    @property
+    def active_loggers(self) -> list[Logger]:
+        return [] if self._fast_dev else self.loggers
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """Apply the config to a fresh state: wrap its optimizer (:func:`wrap_optimizer`) and set
+        the compute precision. ``fit`` calls it; call it yourself to build a template for
+        ``jaxlight.checkpoint.restore_checkpoint``."""
+        dtype = PRECISIONS[self.config.precision]
+        if self._wrapped is not None and state.tx is self._wrapped[1]:
+            return state.replace(compute_dtype=dtype)
+        tx = wrap_optimizer(state.tx, self.config)
+        if tx is not state.tx:
+            if int(state.step) != 0:
+                raise ValueError(
+                    "gradient_clip_norm / accumulate_grad_batches / nan_policy='skip' wrap the optimizer, "
+                    f"which resets its state, but this state has taken {int(state.step)} steps; pass a fresh "
+                    "state (and ckpt_path to resume), or build the optimizer with jaxlight.trainer.wrap_optimizer")
+            self._wrapped = (state.tx, tx)
+            state = state.replace(tx=tx, opt_state=tx.init(state.params))
+        return state.replace(compute_dtype=dtype)
+
+    def _select_data(self, train: ArrayDataset, val: ArrayDataset | None):
+        cfg = self.config
+        shuffle = True
+        if cfg.overfit_batches:
+            train = train.take(cfg.overfit_batches * cfg.batch_size)
+            val, shuffle = train, False
+        if self._fast_dev:
+            train = train.take(cfg.fast_dev_run * cfg.batch_size)
+            val = val.take(cfg.fast_dev_run * cfg.eval_batch_size) if val is not None else None
+        return train, val, shuffle
+
+    # -- fit ------------------------------------------------------------------------------------
+
+    def fit(self, state: TrainState, train_data: ArrayDataset, val_data: ArrayDataset | None = None,
+            ckpt_path: str | Path | None = None) -> TrainState:
+        """Train; returns the final state.
+
+        Args:
+            state: a fresh state from ``create_train_state`` (donated: do not reuse it).
+            train_data, val_data: ``ArrayDataset``; put on the device when they fit.
+            ckpt_path: resume from a checkpoint: ``"last"`` (the newest good checkpoint of the
+                first ModelCheckpoint), a folder of ``step_*`` checkpoints (the newest good
+                one), or one ``step_*`` folder. Params, optimizer state, step, data position,
+                callback state and history continue exactly where they were saved.
+
+        Raises:
+            NonFiniteLossError: the loss became NaN/Inf (``nan_policy="raise"``); nothing is
+                saved for that step.
+            CheckpointError: a checkpoint could not be written or no good one was found.
+        """
+        cfg = self.config
+        self._reset()
+        state = self.prepare(state)
+        check_dataset(state, train_data, "training set")
+        if val_data is not None:
+            check_dataset(state, val_data, "validation set")
+        train, val, self._shuffle = self._select_data(train_data, val_data)
+        self._train = train.to_device() if train.fits_on_device() else train
+        self._val = val.to_device() if val is not None and val.fits_on_device() else val
+        self._num_examples = len(train)
+        self.num_batches = nb = num_batches(len(train), cfg.batch_size)
+        self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
+        self._max_steps = cfg.fast_dev_run if self._fast_dev else cfg.max_steps
+        self._k = cfg.steps_per_execution or default_steps_per_call(state, nb)
+        self._unroll = self._k > 1 and needs_unroll(state)
+        self.global_step = int(state.step)
+        self.epoch, self.batch = divmod(self.global_step, nb)
+        if ckpt_path is not None:
+            state = self._restore(state, ckpt_path)
+        if self.global_step == 0:
+            hparams = {k: v for k, v in dataclasses.asdict(cfg).items()}
+            for logger in self.active_loggers:
+                logger.log_hyperparams(hparams)
+        previous = self._install_sigterm()
+        try:
+            for cb in self.active_callbacks:
+                cb.on_fit_start(self, state)
+            while not self._done():
+                state = self._run_epoch(state)
+            if self._fast_dev and self._val is not None and not any(
+                    k.startswith("val_") for k in self.callback_metrics):
+                self._validate(state)
+            for cb in self.active_callbacks:
+                cb.on_fit_end(self, state)
+        finally:
+            self._restore_sigterm(previous)
+            for logger in self.active_loggers:
+                logger.finalize()
+        return state
+
+    def _done(self) -> bool:
+        return (self.should_stop or self.epoch >= self.max_epochs
+                or (self._max_steps is not None and self.global_step >= self._max_steps))
+
+    def _run_epoch(self, state: TrainState) -> TrainState:
+        """The rest of epoch ``self.epoch`` from batch ``self.batch``, in chunks."""
+        key = jax.random.fold_in(state.rng, self.epoch)
+        idx, mask = batch_indices(key, self._num_examples, self.config.batch_size, self._shuffle)
+        while self.batch < self.num_batches:
+            steps = self._chunk_length()
+            t0 = time.perf_counter()
+            state, metrics = self._train_chunk(state, idx, mask, steps)
+            host = jax.device_get(metrics)  # synchronises: the time below is real
+            self._epoch_seconds += time.perf_counter() - t0
+            self._end_chunk(state, {k: np.asarray(v) for k, v in host.items()})
+            if self._sigterm or self._done():
+                break
+        if self.batch == self.num_batches:
+            self._end_epoch(state)
+        if self._sigterm:
+            self._save_on_sigterm(state)
+        return state
+
+    def _chunk_length(self) -> int:
+        """K, cut short at the epoch's end, at ``max_steps`` and on requested steps."""
+        steps = min(self._k, self.num_batches - self.batch)
+        if self._max_steps is not None:
+            steps = min(steps, self._max_steps - self.global_step)
+        intervals = [self.config.val_every_n_steps] + [c.step_interval() for c in self.active_callbacks]
+        for n in intervals:
+            if n:
+                steps = min(steps, n - self.global_step % n)
+        return steps
+
+    def _train_chunk(self, state, idx, mask, steps):
+        data = self._train
+        if isinstance(data.x, jax.Array):
+            # ``steps`` is static in train_chunk: every new length compiles a new program. A
+            # length other than K (cut short by an epoch end, a requested step, a resume) runs
+            # as power-of-two pieces, so a whole run compiles at most ~log2(K) + 2 programs.
+            # The results are the same either way (K-invariance, tested).
+            pieces = [steps] if steps == self._k else [1 << b for b in reversed(range(steps.bit_length()))
+                                                        if steps >> b & 1]
+            out, start = [], self.batch
+            for n in pieces:
+                state, m = train_chunk(state, data.x, data.y, idx, mask, n, start, unroll=self._unroll)
+                out.append(m)
+                start += n
+            return state, jax.tree.map(lambda *m: jnp.concatenate(m), *out)
+        # Host-resident data (too big for the device): the same step, one batch at a time.
+        idx, mask, out = np.asarray(idx), np.asarray(mask), []
+        x, y = np.asarray(data.x), np.asarray(data.y)
+        for b in range(self.batch, self.batch + steps):
+            state, m = train_step(state, gather_batch(x, y, idx[b], mask[b]))
+            out.append(m)
+        return state, jax.tree.map(lambda *m: jnp.stack(m), *out)
+
+    def _end_chunk(self, state, metrics: dict) -> None:
+        first = self.global_step  # steps first+1 .. first+K just ran
+        bad = ~np.isfinite(metrics["loss"])
+        if bad.any():
+            i = int(np.argmax(bad))
+            if self.config.nan_policy == "raise":
+                raise NonFiniteLossError(
+                    f"training loss is {metrics['loss'][i]} at step {first + i + 1} (epoch {self.epoch + 1}, "
+                    f"batch {self.batch + i + 1}); training stopped and no checkpoint was written for it. "
+                    f"Lower the learning rate, set gradient_clip_norm, or nan_policy='skip'")
+            self.skipped_steps.extend(int(first + j + 1) for j in np.flatnonzero(bad))
+        self.global_step += len(metrics["loss"])
+        self.batch += len(metrics["loss"])
+        self._epoch_steps.append(metrics)
+        if self.active_loggers:
+            every = self.config.log_every_n_steps
+            columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items() if k != "count"}
+            for j in range(len(metrics["loss"])):
+                if (first + j + 1) % every == 0:
+                    self.log_metrics({k: v[j] for k, v in columns.items()}, first + j + 1)
+        # Validation first, so that a checkpoint saved at this step is scored on it.
+        n = self.config.val_every_n_steps
+        if n and self.global_step % n == 0 and self._val is not None:
+            self._validate(state)
+        for cb in self.active_callbacks:
+            cb.on_train_chunk_end(self, state, metrics)
+
+    def _epoch_metrics(self) -> dict:
+        stacked = {k: np.concatenate([m[k] for m in self._epoch_steps]) for k in self._epoch_steps[0]}
+        if self.skipped_steps:  # skipped steps have non-finite losses: leave them out of the means
+            finite = np.isfinite(stacked["loss"])
+            stacked = {k: v[finite] for k, v in stacked.items()}
+        return summarize(stacked)
+
+    def _end_epoch(self, state) -> None:
+        train_metrics = self._epoch_metrics()
+        self.callback_metrics.update(train_metrics)
+        self.epoch, self.batch = self.epoch + 1, 0
+        val_every = self.config.val_every_n_epochs
+        if self._val is not None and val_every and self.epoch % val_every == 0:
+            self._validate(state)
+        metrics = {**{k: v for k, v in train_metrics.items() if k != "count"},
+                   **{k: v for k, v in self.callback_metrics.items() if k.startswith("val_")}}
+        self.history.append(EpochResult(self.epoch - 1, {**train_metrics, **metrics}, self._epoch_seconds))
+        self.log_metrics({"epoch": float(self.epoch),
+                          **{f"train_{k}_epoch": v for k, v in train_metrics.items() if k != "count"}})
+        self._epoch_steps, self._epoch_seconds = [], 0.0
+        for cb in self.active_callbacks:
+            cb.on_epoch_end(self, state, metrics)
+        for logger in self.active_loggers:
+            logger.flush()
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def _evaluate(self, state, data: ArrayDataset, prefix: str) -> dict:
+        if not isinstance(data.x, jax.Array) and data.fits_on_device():
+            data = data.to_device()
+        metrics = evaluate(state, data, self.config.eval_batch_size)
+        return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "count"}
+
+    def _validate(self, state) -> dict:
+        metrics = self._evaluate(state, self._val, "val")
+        self.callback_metrics.update(metrics)
+        self.log_metrics(metrics)
+        for cb in self.active_callbacks:
+            cb.on_validation_end(self, state, metrics)
+        return metrics
+
+    def validate(self, state: TrainState, data: ArrayDataset) -> dict:
+        """``{"val_loss", "val_accuracy"|"val_mse"}`` over all of ``data``; runs the callbacks'
+        ``on_validation_end`` and the loggers, as during ``fit``."""
+        check_dataset(state, data, "validation set")
+        self._val = data
+        return self._validate(state)
+
+    def test(self, state: TrainState, data: ArrayDataset) -> dict:
+        """``{"test_loss", "test_accuracy"|"test_mse"}`` over all of ``data``; logged, no hooks."""
+        check_dataset(state, data, "test set")
+        metrics = self._evaluate(state, data, "test")
+        self.log_metrics(metrics)
+        for logger in self.active_loggers:
+            logger.flush()
+        return metrics
+
+    def predict(self, state: TrainState, x, batch_size: int | None = None) -> np.ndarray:
+        """The model's outputs for ``x`` ``(N, *input_shape)`` uint8/float: ``(N, outputs)`` float32.
+
+        Runs in fixed-size batches (the last one padded) so one program serves any N.
+        """
+        batch_size = batch_size or self.config.eval_batch_size
+        x = np.asarray(x)
+        if state.input_shape is not None and tuple(x.shape[1:]) != tuple(state.input_shape):
+            raise ValueError(f"predict: x has shape {x.shape}; the model takes (N, {', '.join(map(str, state.input_shape))})")
+        out = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+            out.append(np.asarray(_predict(state, chunk))[: batch_size - pad])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Send ``{name: float}`` to every logger at ``step`` (default: the current step)."""
+        step = self.global_step if step is None else step
+        for logger in self.active_loggers:
+            logger.log_metrics(metrics, step)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_meta(self) -> dict:
+        """Everything besides the arrays that a resumed fit needs (JSON)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "num_examples": self._num_examples,
+            "epoch_steps": [{k: v.tolist() for k, v in m.items()} for m in self._epoch_steps],
+            "epoch_seconds": self._epoch_seconds,
+            "callback_metrics": self.callback_metrics,
+            "history": [dataclasses.asdict(r) for r in self.history],
+            "skipped_steps": self.skipped_steps,
+            "callbacks": {c.state_key: c.state_dict() for c in self.callbacks},
+            "config": dataclasses.asdict(self.config),
+            "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
+        }
+
+    def save_checkpoint(self, state: TrainState, directory: str | Path) -> Path:
+        """Save ``state`` and the trainer's position now (see ``jaxlight.checkpoint``)."""
+        return ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
+
+    def _checkpoint_callback(self) -> ModelCheckpoint | None:
+        return next((c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)), None)
+
+    def _restore(self, state: TrainState, ckpt_path) -> TrainState:
+        if str(ckpt_path) == "last":
+            cb = self._checkpoint_callback()
+            if cb is None:
+                raise ValueError("ckpt_path='last' needs a ModelCheckpoint callback (its folder is searched)")
+            ckpt_path = cb.dirpath
+        path = Path(ckpt_path)
+        if (path / "manifest.json").exists() or (path / "meta.json").exists():
+            state, meta = ckpt.restore_checkpoint(path, state)
+        else:
+            state, meta, path = ckpt.restore_latest(path, state)
+        saved_cfg = meta["config"]
+        if saved_cfg["batch_size"] != self.config.batch_size or meta["num_examples"] != self._num_examples:
+            raise ckpt.CheckpointError(
+                f"{path} was saved with batch_size {saved_cfg['batch_size']} on {meta['num_examples']} training "
+                f"examples; this fit has batch_size {self.config.batch_size} on {self._num_examples}: the saved "
+                f"data position would not mean the same batches")
+        self.global_step = int(state.step)
+        self.epoch, self.batch = meta["epoch"], meta["batch"]
+        self._epoch_steps = [{k: np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]]
+        self._epoch_seconds = meta["epoch_seconds"]
+        self.callback_metrics = dict(meta["callback_metrics"])
+        self.history = [EpochResult(**r) for r in meta["history"]]
+        self.skipped_steps = list(meta["skipped_steps"])
+        for cb in self.callbacks:
+            if cb.state_key in meta["callbacks"]:
+                cb.load_state_dict(meta["callbacks"][cb.state_key])
+        for logger in self.active_loggers:
+            logger.resume(self.global_step)
+        self.restored_from = path
+        return state
+
+    # -- SIGTERM --------------------------------------------------------------------------------
+
+    def _install_sigterm(self):
+        if not self.config.handle_sigterm or threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._sigterm = True  # acted on at the next chunk boundary, never inside a step
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _restore_sigterm(self, previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _save_on_sigterm(self, state) -> None:
+        cb = self._checkpoint_callback()
+        if cb is None:
+            warnings.warn(f"SIGTERM at step {self.global_step}: stopping without a checkpoint "
+                          f"(no ModelCheckpoint callback)", RuntimeWarning, stacklevel=2)
+        else:
+            cb.save(self, state)
+        self.should_stop = self.interrupted = True
+        self._sigterm = False

@@ -1,0 +1,121 @@
+"""Callbacks on their own (a stand-in trainer) and through a real fit: early stopping, best-k
+checkpointing and its resume, learning-rate readout, the progress bar with and without a TTY."""
+
+import io
+import types
+
+import optax
+import pytest
+
+from jaxlight import build_model, create_train_state, optim, tasks
+from jaxlight.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar, current_lr
+from jaxlight.checkpoint import list_checkpoints
+from jaxlight.data import ArrayDataset
+from jaxlight.trainer import Trainer, TrainerConfig
+
+ADAM = optim.adam(1e-2)
+
+
+def _fake_trainer(**kw):
+    return types.SimpleNamespace(global_step=0, should_stop=False, callback_metrics={}, **kw)
+
+
+@pytest.mark.parametrize("mode, patience, min_delta, values, stops_after", [
+    ("min", 2, 0.0, [1.0, 0.9, 0.95, 0.96], 4),   # two runs without a new minimum
+    ("min", 2, 0.0, [1.0, 0.9, 0.95, 0.8, 0.85], None),
+    ("min", 1, 0.2, [1.0, 0.9], 2),               # 0.1 better is not min_delta better
+    ("max", 1, 0.0, [0.5, 0.6, 0.6], 3),          # equal is not better
+    ("min", 3, 0.0, [1.0, float("nan")], 2),      # a NaN metric stops at once
+])
+def test_early_stopping_table(mode, patience, min_delta, values, stops_after):
+    cb, trainer = EarlyStopping("val_loss", mode, patience, min_delta), _fake_trainer()
+    for i, v in enumerate(values, 1):
+        trainer.global_step = i
+        cb.on_validation_end(trainer, None, {"val_loss": v})
+        if trainer.should_stop:
+            break
+    assert (cb.stopped_step if trainer.should_stop else None) == stops_after
+    restored = EarlyStopping("val_loss", mode, patience, min_delta)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.state_dict() == cb.state_dict()
+
+
+def test_early_stopping_names_a_missing_metric():
+    with pytest.raises(KeyError, match="'val_acc' is not among the validation metrics"):
+        EarlyStopping("val_acc").on_validation_end(_fake_trainer(), None, {"val_loss": 1.0})
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"mode": "up"}, "mode"), ({"keep_last": 1}, "keep_last"), ({"every_n_steps": 0}, "every_n_steps"),
+])
+def test_model_checkpoint_rejects_bad_settings(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ModelCheckpoint(tmp_path, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(mnist):
+    train, test = mnist
+    return ArrayDataset(train.images[:320], train.labels[:320]), ArrayDataset(test.images[:200], test.labels[:200])
+
+
+def _state():
+    return create_train_state(build_model("softmax", 0), ADAM, tasks.multiclass(), seed=0)
+
+
+def test_model_checkpoint_keeps_best_k_and_last_and_resumes_its_bookkeeping(data, tmp_path):
+    # Validation every 2 steps with "max" on the falling val_loss: the *first* checkpoints score
+    # best, so best-k and last-k are different sets.
+    cb = ModelCheckpoint(tmp_path, monitor="val_loss", mode="max", save_top_k=2, keep_last=2,
+                         every_n_steps=2, every_n_epochs=None)
+    trainer = Trainer(TrainerConfig(max_epochs=2, val_every_n_steps=2, enable_progress_bar=False), callbacks=[cb])
+    trainer.fit(_state(), *data)
+    kept = [p.name for p in list_checkpoints(tmp_path)]
+    assert kept == ["step_000000002", "step_000000004", "step_000000008", "step_000000010"]
+    assert cb.best_model_path.name == "step_000000002" and cb.last_model_path.name == "step_000000010"
+    # Resume from step 8 (not the latest), with a new callback: its bookkeeping comes back from
+    # the checkpoint and pruning after the next save keeps the same best two.
+    cb2 = ModelCheckpoint(tmp_path, monitor="val_loss", mode="max", save_top_k=2, keep_last=2,
+                          every_n_steps=2, every_n_epochs=None)
+    trainer2 = Trainer(TrainerConfig(max_epochs=3, val_every_n_steps=2, enable_progress_bar=False), callbacks=[cb2])
+    trainer2.fit(_state(), *data, ckpt_path=tmp_path / "step_000000008")
+    assert cb2.saved[:2] == [2, 4] and cb2.best_model_path.name == "step_000000002"
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "step_000000014"
+
+
+def test_current_lr_reads_injected_hyperparams_and_schedules():
+    params = {"w": optax.tree_utils.tree_zeros_like({"w": 0.0})["w"]}
+    injected = optax.inject_hyperparams(optax.adam)(learning_rate=0.125)
+    assert current_lr(injected.init(params)) == 0.125
+    schedule = optax.exponential_decay(1.0, 1, 0.5)
+    state = optax.adam(schedule).init(params)
+    assert current_lr(state, schedule) == 1.0
+    assert current_lr(optax.adam(0.3).init(params), 0.3) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="keeps no learning rate"):
+        current_lr(optax.adam(0.3).init(params))
+
+
+def test_lr_monitor_fails_before_training_without_a_source(data):
+    trainer = Trainer(TrainerConfig(max_epochs=1, enable_progress_bar=False), callbacks=[LearningRateMonitor()])
+    with pytest.raises(ValueError, match="LearningRateMonitor"):
+        trainer.fit(_state(), data[0])
+    assert trainer.global_step == 0
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream_cls, tty", [(io.StringIO, False), (_Tty, True)])
+def test_progress_bar_live_on_a_tty_plain_lines_otherwise(data, stream_cls, tty):
+    stream = stream_cls()
+    bar = ProgressBar(stream)
+    Trainer(TrainerConfig(max_epochs=2, steps_per_execution=2), callbacks=[bar]).fit(_state(), *data)
+    text = stream.getvalue()
+    if tty:
+        assert "loss=" in text and "ex_s=" in text and "\r" in text
+    else:
+        lines = text.strip().splitlines()
+        assert len(lines) == 2 and "\r" not in text
+        assert lines[0].startswith("epoch 1/2") and "val_loss" in lines[0] and "ex/s" in lines[0]

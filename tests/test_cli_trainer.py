@@ -1,0 +1,40 @@
+"""``jaxlight train`` through the Trainer: validation split, checkpoints, --resume, loggers."""
+
+import json
+
+import pytest
+
+
+def _summary(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_resume_continues_to_the_same_result(cli, tmp_path):
+    common = ["train", "--model", "linear", "--val-split", "0.1"]
+    full = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "full"))
+    first = cli("jaxlight", *common, "--epochs", "2", "--out", str(tmp_path / "first"),
+                "--ckpt-dir", str(tmp_path / "ckpt"), "--logger", "tensorboard")
+    resumed = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "resumed"),
+                  "--ckpt-dir", str(tmp_path / "ckpt"), "--resume", "--logger", "csv")
+    for result in (full, first, resumed):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_" in resumed.stdout
+    assert "epoch 3/4" in resumed.stdout and "epoch 1/4" not in resumed.stdout
+    a, b = _summary(tmp_path / "full"), _summary(tmp_path / "resumed")
+    assert a["history"] == b["history"]  # all four epochs, two of them from the checkpoint
+    assert (a["test_mse"], a["weight_error"], a["bias_error"]) == (b["test_mse"], b["weight_error"], b["bias_error"])
+    assert "val_loss" in a["history"][0] and len(b["epoch_seconds"]) == 4
+    assert list((tmp_path / "first" / "logs").glob("events.out.tfevents.*"))
+    assert (tmp_path / "resumed" / "logs" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume"], "--resume needs --ckpt-dir"),
+    (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
+    (["--steps-per-execution", "0"], "--steps-per-execution must be >= 1"),
+    (["--logger", "wandb"], "invalid choice: 'wandb'"),
+])
+def test_bad_trainer_flags_are_named(cli, tmp_path, flags, message):
+    result = cli("jaxlight", "train", "--model", "linear", "--out", str(tmp_path), *flags)
+    assert result.returncode != 0 and message in result.stderr

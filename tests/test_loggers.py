@@ -1,0 +1,101 @@
+"""Loggers: what a fit writes, read back the way users read it (csv module, TensorBoard's own
+EventAccumulator), at step and epoch granularity, and across a resume."""
+
+import csv
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from jaxlight import build_model, create_train_state, optim, tasks
+from jaxlight.callbacks import ModelCheckpoint
+from jaxlight.data import ArrayDataset
+from jaxlight.loggers import CSVLogger, TensorBoardLogger
+from jaxlight.trainer import Trainer, TrainerConfig
+
+ADAM = optim.adam(1e-2)
+STEP_TAGS = {"train_loss_step", "train_accuracy_step"}
+EPOCH_TAGS = {"epoch", "train_loss_epoch", "train_accuracy_epoch", "val_loss", "val_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def data(mnist):
+    train, test = mnist
+    return ArrayDataset(train.images[:320], train.labels[:320]), ArrayDataset(test.images[:200], test.labels[:200])
+
+
+def _state():
+    return create_train_state(build_model("softmax", 0), ADAM, tasks.multiclass(), seed=0)
+
+
+def _fit(data, tmp_path, epochs, ckpt_path=None, **kw):
+    loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
+    config = TrainerConfig(max_epochs=epochs, steps_per_execution=2, enable_progress_bar=False, **kw)
+    trainer = Trainer(config, callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_epochs=1)], loggers=loggers)
+    trainer.fit(_state(), *data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _csv(tmp_path):
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _tb(tmp_path):
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    return acc
+
+
+def test_every_step_and_every_epoch_is_logged_even_inside_fused_chunks(data, tmp_path):
+    trainer = _fit(data, tmp_path, epochs=2)
+    rows = _csv(tmp_path)
+    step_rows = [r for r in rows if r["train_loss_step"]]
+    assert [int(r["step"]) for r in step_rows] == list(range(1, 11))  # chunks of 2, every step
+    epoch_rows = [r for r in rows if r["epoch"]]
+    assert [(int(r["step"]), float(r["epoch"])) for r in epoch_rows] == [(5, 1.0), (10, 2.0)]
+    assert float(epoch_rows[-1]["train_loss_epoch"]) == pytest.approx(trainer.history[-1].metrics["loss"])
+    assert float([r for r in rows if r["val_loss"]][-1]["val_loss"]) == pytest.approx(
+        trainer.history[-1].metrics["val_loss"])
+
+    acc = _tb(tmp_path)
+    assert STEP_TAGS | EPOCH_TAGS <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train_loss_step")] == list(range(1, 11))
+    assert [e.step for e in acc.Scalars("val_loss")] == [5, 10]
+    tb_losses = [e.value for e in acc.Scalars("train_loss_step")]
+    csv_losses = [float(r["train_loss_step"]) for r in step_rows]
+    assert tb_losses == pytest.approx(csv_losses)
+    assert (tmp_path / "csv" / "hparams.json").is_file()
+
+
+def test_resume_drops_the_interrupted_runs_later_points(data, tmp_path):
+    _fit(data, tmp_path, epochs=3)          # logs steps 1..15 and checkpoints at 5, 10, 15
+    ckpt = tmp_path / "ckpt" / "step_000000010"
+    _fit(data, tmp_path, epochs=3, ckpt_path=ckpt)  # redo epoch 3 from step 10
+    steps = [int(r["step"]) for r in _csv(tmp_path) if r["train_loss_step"]]
+    assert steps == list(range(1, 16))      # no duplicates of steps 11..15
+    acc = _tb(tmp_path)
+    assert [e.step for e in acc.Scalars("train_loss_step")] == list(range(1, 16))
+    assert [e.step for e in acc.Scalars("val_loss")] == [5, 10, 15]
+
+
+def test_log_every_n_steps(data, tmp_path):
+    _fit(data, tmp_path, epochs=2, log_every_n_steps=3)
+    assert [int(r["step"]) for r in _csv(tmp_path) if r["train_loss_step"]] == [3, 6, 9]
+
+
+def test_csv_adds_a_column_when_a_new_metric_appears(tmp_path):
+    logger = CSVLogger(tmp_path)
+    logger.log_metrics({"a": 1.0}, 1)
+    logger.flush()
+    logger.log_metrics({"a": 2.0}, 2)
+    logger.flush()
+    logger.log_metrics({"b": 3.0}, 3)
+    logger.finalize()
+    rows = _csv_rows(tmp_path / "metrics.csv")
+    assert rows == [{"step": "1", "a": "1.0", "b": ""}, {"step": "2", "a": "2.0", "b": ""},
+                    {"step": "3", "a": "", "b": "3.0"}]
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,308 @@
+"""The Trainer: same numbers as the bare compiled loop for every K, limits, Optax wrappers,
+precision, NaN handling, smoke modes, SIGTERM."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlight import build_model, create_train_state, optim, tasks
+from jaxlight.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from jaxlight.checkpoint import list_checkpoints
+from jaxlight.data import ArrayDataset, batch_indices, num_batches
+from jaxlight.loggers import CSVLogger
+from jaxlight.step import train_chunk
+from jaxlight.trainer import NonFiniteLossError, Trainer, TrainerConfig, wrap_optimizer
+
+B = 64
+# One optimizer object per kind for the whole module: the optimizer is a static field of the
+# state, so every new object would compile the steps again.
+ADAM = optim.adam(1e-2)
+SGD = optim.sgd(1.0)
+SCHEDULE = optax.linear_schedule(1e-2, 0.0, transition_steps=10)
+ADAM_SCHEDULED = optim.adam(SCHEDULE)
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """320 training images (5 batches of 64) and 200 validation images."""
+    train, test = mnist
+    return ArrayDataset(train.images[:320], train.labels[:320]), ArrayDataset(test.images[:200], test.labels[:200])
+
+
+def _state(model="softmax", tx=None):
+    return create_train_state(build_model(model, 0), tx or ADAM, tasks.multiclass(), seed=0)
+
+
+def _config(**kw):
+    return TrainerConfig(**{"batch_size": B, "enable_progress_bar": False, **kw})
+
+
+def hand_loop(state, data, epochs):
+    """What a user writes by hand: one fused train_chunk per epoch over the device data."""
+    d = data.to_device()
+    nb = num_batches(len(data), B)
+    for epoch in range(epochs):
+        idx, mask = batch_indices(jax.random.fold_in(state.rng, epoch), len(data), B, True)
+        state, _ = train_chunk(state, d.x, d.y, idx, mask, nb, 0)
+    return state
+
+
+def _bytes(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_train_chunk_end(self, trainer, state, metrics):
+        self.events.append(("chunk", trainer.global_step, len(metrics["loss"])))
+
+    def on_validation_end(self, trainer, state, metrics):
+        self.events.append(("val", trainer.global_step, sorted(metrics)))
+
+    def on_epoch_end(self, trainer, state, metrics):
+        self.events.append(("epoch", trainer.epoch, trainer.global_step))
+
+    def of(self, kind):
+        return [e[1] for e in self.events if e[0] == kind]
+
+
+@pytest.mark.parametrize("model, k, extra", [
+    ("softmax", None, {}),                       # K = the epoch: one compiled call per epoch
+    ("softmax", 1, {}),                          # step by step, at top level (no scan)
+    ("softmax", 2, {}),                          # chunks of 2, the last one short
+    ("softmax", None, {"val_every_n_steps": 3}),  # chunks cut on the validation steps
+    ("mlp", 1, {}),
+    ("mlp", None, {}),
+])
+def test_fit_is_bitwise_the_hand_written_loop_for_every_k(small, model, k, extra):
+    train, val = small
+    expected = hand_loop(_state(model), train, 2)
+    state = Trainer(_config(max_epochs=2, steps_per_execution=k, **extra)).fit(_state(model), train, val)
+    assert int(state.step) == 10
+    assert _bytes(state.params) == _bytes(expected.params)
+    assert _bytes(state.opt_state) == _bytes(expected.opt_state)
+
+
+def test_data_too_big_for_the_device_streams_through_train_step(small, monkeypatch):
+    train, val = small
+    expected = hand_loop(_state(), train, 2)
+    monkeypatch.setattr(ArrayDataset, "fits_on_device", lambda self, *a, **k: False)
+    trainer = Trainer(_config(max_epochs=2, steps_per_execution=2))
+    state = trainer.fit(_state(), train, val)
+    assert not isinstance(trainer._train.x, jax.Array)  # really stayed on the host
+    assert _bytes(state.params) == _bytes(expected.params)
+
+
+@pytest.mark.slow
+def test_conv_chunks_are_bitwise_the_single_steps(small):
+    """XLA:CPU compiles a convolution's weight gradient differently inside a while loop (another
+    layout, another summation order: ~1e-6 relative differences per step); the Trainer unrolls
+    conv chunks on the CPU, which gives back the single-step program's bits."""
+    train = small[0].take(192)
+    one = Trainer(_config(max_epochs=1, steps_per_execution=1)).fit(_state("cnn"), train)
+    fused = Trainer(_config(max_epochs=1, steps_per_execution=3)).fit(_state("cnn"), train)
+    assert _bytes(fused.params) == _bytes(one.params)
+
+
+@pytest.mark.parametrize("kw, final_step, val_steps, epochs_done", [
+    ({"max_epochs": 2}, 10, [5, 10], 2),
+    ({"max_epochs": 3, "max_steps": 7}, 7, [5], 1),
+    ({"max_epochs": 2, "val_every_n_steps": 3}, 10, [3, 5, 6, 9, 10], 2),
+    ({"max_epochs": 4, "val_every_n_epochs": 2}, 20, [10, 20], 4),
+    ({"max_epochs": 2, "val_every_n_epochs": None}, 10, [], 2),
+])
+def test_limits_and_validation_schedule(small, kw, final_step, val_steps, epochs_done):
+    rec = Recorder()
+    trainer = Trainer(_config(**kw), callbacks=[rec])
+    state = trainer.fit(_state(), *small)
+    assert int(state.step) == trainer.global_step == final_step
+    assert rec.of("val") == val_steps
+    assert len(trainer.history) == epochs_done
+    assert all(n >= 1 for _, _, n in [e for e in rec.events if e[0] == "chunk"])
+
+
+@pytest.mark.parametrize("kw", [
+    {"gradient_clip_norm": 0.05},
+    {"accumulate_grad_batches": 2},
+    {"gradient_clip_norm": 0.05, "accumulate_grad_batches": 3},
+    {"nan_policy": "skip"},
+])
+def test_optax_wrappers_are_the_same_chain_as_by_hand(small, kw):
+    train, _ = small
+    config = _config(max_epochs=2, **kw)
+    tx = wrap_optimizer(ADAM, config)
+    expected = hand_loop(_state(tx=tx), train, 2)
+    state = Trainer(config).fit(_state(), train)
+    assert _bytes(state.params) == _bytes(expected.params)
+
+
+def test_clipping_bounds_the_update_and_accumulation_updates_every_n(small):
+    train, _ = small
+    start = _state(tx=SGD)
+    before = [np.asarray(x) for x in jax.tree.leaves(start.params)]
+    clipped = Trainer(_config(max_steps=1, gradient_clip_norm=1e-3)).fit(_state(tx=SGD), train)
+    delta = np.sqrt(sum(((np.asarray(a) - b) ** 2).sum() for a, b in zip(jax.tree.leaves(clipped.params), before)))
+    assert 0 < delta <= 1e-3 * (1 + 1e-4)
+    for steps, changed in [(1, False), (2, True), (3, True)]:
+        s = Trainer(_config(max_steps=steps, accumulate_grad_batches=2)).fit(_state(tx=SGD), train)
+        moved = any((np.asarray(a) != b).any() for a, b in zip(jax.tree.leaves(s.params), before))
+        assert moved == changed, steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lr_schedule_is_followed_and_logged(small, accumulate):
+    train, _ = small
+    schedule = SCHEDULE
+    monitor = LearningRateMonitor(schedule)
+    Trainer(_config(max_steps=5, steps_per_execution=1, accumulate_grad_batches=accumulate),
+            callbacks=[monitor]).fit(_state(tx=ADAM_SCHEDULED), train)
+    # After step s the optimizer has made s // accumulate updates; the next one uses that count.
+    assert monitor.history == [(s, pytest.approx(float(schedule(s // accumulate)))) for s in range(1, 6)]
+
+
+def test_bf16_computes_in_bf16_and_keeps_float32_params(small):
+    train, val = small
+    f32 = Trainer(_config(max_epochs=2)).fit(_state("mlp"), train, val)
+    t16 = Trainer(_config(max_epochs=2, precision="bf16"))
+    b16 = t16.fit(_state("mlp"), train, val)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.opt_state) if jnp.issubdtype(x.dtype, jnp.floating))
+    assert _bytes(b16.params) != _bytes(f32.params)  # bf16 really was used
+    t32 = Trainer(_config(max_epochs=2))
+    t32.fit(_state("mlp"), train, val)
+    for a, b in zip(t16.history, t32.history):  # ... and trains as well, to bf16 accuracy
+        assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], rel=0.03)
+        assert a.metrics["val_loss"] == pytest.approx(b.metrics["val_loss"], rel=0.03)
+
+
+def _with_nan(train, example):
+    x = np.asarray(train.x, np.float32) / 255.0
+    x[example, 3, 3] = np.nan
+    return ArrayDataset(x, train.y)
+
+
+def test_nan_loss_names_the_step_and_writes_no_checkpoint(small, tmp_path):
+    # overfit_batches keeps the stored order: example 130 lies in batch 3 (examples 128-191).
+    data = _with_nan(small[0], 130)
+    ckpt = ModelCheckpoint(tmp_path, every_n_steps=5, every_n_epochs=None)
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=5), callbacks=[ckpt])
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 3 \(epoch 1, batch 3\)"):
+        trainer.fit(_state(), data)
+    assert list_checkpoints(tmp_path) == []  # the chunk of steps 1-5 held the NaN: step 5 not saved
+
+
+def test_nan_loss_names_the_step_in_a_later_chunk(small, tmp_path):
+    data = _with_nan(small[0], 130)
+    ckpt = ModelCheckpoint(tmp_path, every_n_steps=1, every_n_epochs=None, keep_last=5)
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=1), callbacks=[ckpt])
+    with pytest.raises(NonFiniteLossError, match="at step 3 "):
+        trainer.fit(_state(), data)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000001", "step_000000002"]
+
+
+def test_nan_skip_policy_drops_those_updates_and_carries_on(small):
+    data = _with_nan(small[0], 130)
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, nan_policy="skip"))
+    state = trainer.fit(_state(), data)
+    assert trainer.skipped_steps == [3, 8]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert all(np.isfinite(r.metrics["loss"]) for r in trainer.history)
+
+
+def test_fast_dev_run_runs_n_batches_and_writes_nothing(small, tmp_path):
+    trainer = Trainer(_config(max_epochs=5, fast_dev_run=2),
+                      callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_steps=1)],
+                      loggers=[CSVLogger(tmp_path / "logs")])
+    state = trainer.fit(_state(), *small)
+    assert int(state.step) == 2
+    assert "val_loss" in trainer.callback_metrics
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+def test_overfit_batches_memorises_them(small):
+    trainer = Trainer(_config(max_epochs=40, overfit_batches=2, val_every_n_epochs=40))
+    trainer.fit(_state(), *small)
+    assert trainer.num_batches == 2
+    assert trainer.history[-1].metrics["val_accuracy"] == 1.0  # validated on the same 128 images
+
+
+def test_early_stopping_stops_fit(small):
+    # "max" on a falling loss: the second validation is no improvement, patience 1 stops there.
+    stopper = EarlyStopping("val_loss", mode="max", patience=1)
+    trainer = Trainer(_config(max_epochs=10), callbacks=[stopper])
+    trainer.fit(_state(), *small)
+    assert len(trainer.history) == 2 and stopper.stopped_step == 10
+
+
+def test_sigterm_saves_at_the_next_chunk_boundary_and_returns(small, tmp_path):
+    class SendSigterm(Callback):
+        def on_train_chunk_end(self, trainer, state, metrics):
+            if trainer.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    ckpt = ModelCheckpoint(tmp_path, every_n_epochs=None)
+    trainer = Trainer(_config(max_epochs=3, steps_per_execution=1), callbacks=[ckpt, SendSigterm()])
+    state = trainer.fit(_state(), *small)
+    assert trainer.interrupted and int(state.step) == 7
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000007"]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
+    resumed = Trainer(_config(max_epochs=3), callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=None)])
+    final = resumed.fit(_state(), *small, ckpt_path="last")
+    assert _bytes(final.params) == _bytes(hand_loop(_state(), small[0], 3).params)
+
+
+def test_one_compilation_for_a_whole_run(mnist):
+    train = ArrayDataset(mnist[0].images[:333], mnist[0].labels[:333])  # a size no other test uses
+    before = train_chunk._cache_size()
+    Trainer(_config(max_epochs=3)).fit(_state(), train)
+    assert train_chunk._cache_size() - before == 1
+
+
+def test_predict_and_test(small):
+    train, val = small
+    trainer = Trainer(_config(max_epochs=1, eval_batch_size=64))
+    state = trainer.fit(_state(), train)
+    out = trainer.predict(state, val.x[:150])  # not a multiple of the batch: padded inside
+    expected = state.model(jnp.asarray(val.x[:150], jnp.float32) / 255.0)
+    assert out.shape == (150, 10) and out.dtype == np.float32
+    np.testing.assert_allclose(out, np.asarray(expected), rtol=1e-5, atol=1e-5)
+    metrics = trainer.test(state, val)
+    assert set(metrics) == {"test_loss", "test_accuracy"}
+    assert metrics["test_accuracy"] == pytest.approx(float(np.mean(trainer.predict(state, val.x).argmax(-1) == val.y)))
+
+
+def test_wrapping_the_optimizer_of_a_trained_state_is_refused(small):
+    trained = Trainer(_config(max_steps=2)).fit(_state(), small[0])
+    with pytest.raises(ValueError, match="has taken 2 steps"):
+        Trainer(_config(max_steps=4, gradient_clip_norm=1.0)).fit(trained, small[0])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_epochs": 0}, "max_epochs"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"steps_per_execution": 0}, "steps_per_execution"),
+    ({"val_every_n_steps": 1.5}, "val_every_n_steps"),
+    ({"gradient_clip_norm": 0.0}, "gradient_clip_norm"),
+    ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+    ({"precision": "fp16"}, "precision"),
+    ({"nan_policy": "ignore"}, "nan_policy"),
+    ({"fast_dev_run": -1}, "fast_dev_run"),
+])
+def test_bad_config_names_the_field(kw, match):
+    with pytest.raises(ValueError, match=f"TrainerConfig.{match}"):
+        TrainerConfig(**kw)
+
+
+def test_resume_with_another_batch_size_is_refused(small, tmp_path):
+    Trainer(_config(max_steps=3), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3)]).fit(_state(), small[0])
+    with pytest.raises(Exception, match="batch_size 64 .* batch_size 32"):
+        Trainer(TrainerConfig(batch_size=32, enable_progress_bar=False)).fit(_state(), small[0], ckpt_path=tmp_path)
