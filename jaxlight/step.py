@@ -7,10 +7,13 @@ Three ways to run an epoch, one step function underneath:
   ``lax.scan`` over batches gathered on the device from a dataset that lives there. With K equal
   to the number of batches the whole epoch is one program (a *fused* epoch); with K = 1 it is
   one dispatch per step.
-- ``default_steps_per_call``: which K is faster. Fused is faster for dense models everywhere
-  (no per-step dispatch). But XLA:CPU runs convolutions inside ``lax.scan`` (a while loop) 15-40x
-  slower than at top level (measured on jax 0.10.2: a CNN step 22 ms from a host loop, 290 ms
-  inside a scan), so on the CPU a model with a convolution defaults to K = 1.
+- ``default_steps_per_call``: which K is faster. Fused is faster everywhere (no per-step
+  dispatch). XLA:CPU used to run a convolution's autodiff kernel gradient inside ``lax.scan`` (a
+  while loop) 15-40x slower than at top level (jax 0.10.2: at top level it rewrites the
+  convolution into the layout its fast runtime takes, inside a while loop it does not and emits
+  a naive loop nest). ``jaxlight.models.cnn.conv2d_nhwc`` spells that layout out in a custom
+  gradient, so the built-in CNN is fused too; a model with a plain ``nnx.Conv`` still defaults
+  to K = 1 on the CPU.
 
 Every compiled function donates the incoming state: do not use a state after passing it in.
 """
@@ -26,7 +29,7 @@ import optax
 from flax import nnx
 
 from jaxlight.data.arrays import gather_batch, prepare_x
-from jaxlight.models import has_conv
+from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -209,9 +212,10 @@ def needs_unroll(state_or_model, backend: str | None = None) -> bool:
 
 
 def default_steps_per_call(state_or_model, num_batches: int, backend: str | None = None) -> int:
-    """K for ``train_chunk``: 1 for convolutional models on the CPU, else the whole epoch."""
+    """K for ``train_chunk``: the whole epoch, except 1 on the CPU for a model whose convolutions
+    are slow inside ``lax.scan`` (see ``jaxlight.models.has_scan_slow_conv``)."""
     backend = backend or jax.default_backend()
     model = state_or_model.model if isinstance(state_or_model, TrainState) else state_or_model
-    if backend == "cpu" and has_conv(model):
+    if backend == "cpu" and has_scan_slow_conv(model):
         return 1
     return num_batches

@@ -21,6 +21,7 @@ __all__ = [
     "build_model",
     "count_params",
     "has_conv",
+    "has_scan_slow_conv",
 ]
 
 # Command-line name -> class. The same names key torch_ref.models.MODELS.
@@ -55,3 +56,13 @@ def has_conv(model: nnx.Module) -> bool:
     """Whether the model holds a convolution (these run 15-40x slower inside ``lax.scan`` on
     XLA:CPU, which decides the default training path; see ``jaxlight.step``)."""
     return any(isinstance(m, nnx.Conv) for _, m in nnx.iter_graph(model))
+
+
+def has_scan_slow_conv(model: nnx.Module) -> bool:
+    """Whether the model holds a convolution whose gradient is slow inside ``lax.scan`` on
+    XLA:CPU: any ``nnx.Conv`` that does not use ``jaxlight.models.cnn.conv2d_nhwc`` (autodiff's
+    kernel gradient falls back to a naive loop nest inside a while loop; see ``conv2d_nhwc``)."""
+    from jaxlight.models.cnn import conv2d_nhwc
+
+    return any(isinstance(m, nnx.Conv) and m.conv_general_dilated is not conv2d_nhwc
+               for _, m in nnx.iter_graph(model))

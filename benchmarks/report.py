@@ -1,0 +1,129 @@
+"""The markdown table and the PNG plots, from the JSON a run wrote (``python -m benchmarks.report
+results.json`` redraws them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["markdown", "plots", "write_all"]
+
+LABELS = {"jax_fused": "jaxlight fused", "jax_step": "jaxlight per-step", "jax_trainer": "jaxlight Trainer",
+          "torch_dataloader": "torch tutorial DataLoader", "torch_memory": "torch in-memory",
+          "torch_compile": "torch.compile", "lightning": "Lightning Trainer"}
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def _load(values) -> str:
+    return "-" if not values else ", ".join(f"{v:.1f}" for v in values)
+
+
+def markdown(res: dict) -> str:
+    hw, peak = res["hardware"], res["peak"]
+    lines = [f"# Benchmark: {hw['device']} ({hw['cpu']}, {hw['cores']} cores, backend {hw['backend']})", "",
+             f"Mode `{res['settings']['mode']}`; {res['settings']['repeats']} interleaved repeats, medians. "
+             f"Matmul peak measured in this run: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
+             f"(jax {peak['jax_flops'] / 1e9:.1f}, torch {peak['torch_flops'] / 1e9:.1f}; "
+             f"{peak['n']}x{peak['n']} float32). torch threads: {res.get('torch_threads')}. "
+             f"Load average (1, 5, 15 min) at start: {_load(hw.get('load_average_at_start'))}, "
+             f"at the end: {_load(res.get('load_average_at_end'))}.", "",
+             "| model | batch | variant | samples/s | s/epoch | x fused | % peak | compile+warm-up s | peak mem MB |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["results"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['batch_size']} | {LABELS[r['variant']]} | {r['status']}: "
+                         f"{r['reason'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['batch_size']} | {LABELS[r['variant']]} | {r['samples_per_s']:,.0f} | "
+                     f"{r['s_per_epoch']:.2f} | {_fmt(r.get('ratio_to_fused'), '.2f')} | "
+                     f"{_fmt(100 * r['fraction_of_peak'], '.1f')} | {r['warmup_s']:.1f} | "
+                     f"{_fmt(r.get('peak_mem_mb'), '.0f')} |")
+    if res.get("tta"):
+        lines += ["", "## Time to target test accuracy (compilation included, evaluation excluded)", "",
+                  "| model | batch | variant | target | seconds | epochs | final accuracy |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for t in res["tta"]:
+            if t.get("status", "ok") != "ok":
+                lines.append(f"| {t['model']} | {t['batch_size']} | {LABELS[t['variant']]} | {t['target']} | "
+                             f"{t['status']}: {t['reason'][:60]} | | |")
+                continue
+            acc = t["curve"][-1][2] if t["curve"] else None
+            seconds = f"{t['seconds']:.1f}" if t["reached"] else f"not reached ({t['curve'][-1][0]:.0f} s)"
+            lines.append(f"| {t['model']} | {t['batch_size']} | {LABELS[t['variant']]} | {t['target']} | "
+                         f"{seconds} | {t['epochs']:.2f} | {_fmt(acc, '.4f')} |")
+    if res.get("flops"):
+        lines += ["", "FLOPs per training step (XLA's count of the compiled jaxlight step; analytic matmul count):", ""]
+        for model, per_b in res["flops"].items():
+            lines.append(f"- {model}: " + ", ".join(f"B={b}: {v['xla'] / 1e9:.3f} GFLOP (matmuls {v['analytic'] / 1e9:.3f})"
+                                                   for b, v in per_b.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ok = [r for r in res["results"] if r["status"] == "ok"]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    if models:
+        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            rows = [r for r in ok if r["model"] == model]
+            sizes = sorted({r["batch_size"] for r in rows})
+            names = [v for v in LABELS if any(r["variant"] == v for r in rows)]
+            width = 0.8 / max(len(names), 1)
+            for i, name in enumerate(names):
+                ys = [next((r["samples_per_s"] for r in rows if r["variant"] == name and r["batch_size"] == b), 0)
+                      for b in sizes]
+                ax.bar([j + i * width for j in range(len(sizes))], ys, width, label=LABELS[name])
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [str(b) for b in sizes])
+            ax.set_yscale("log")
+            ax.set_title(model)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("training samples/s (log)")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Training throughput, {res['hardware']['device']} ({res['hardware']['cores']} cores)")
+        fig.tight_layout()
+        path = out / "throughput.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    tta = [t for t in res.get("tta", []) if t.get("status", "ok") == "ok"]
+    tmodels = list(dict.fromkeys(t["model"] for t in tta))
+    if tmodels:
+        fig, axes = plt.subplots(1, len(tmodels), figsize=(5 * len(tmodels), 4), squeeze=False)
+        for ax, model in zip(axes[0], tmodels):
+            for t in (t for t in tta if t["model"] == model):
+                xs, ys = [c[0] for c in t["curve"]], [c[2] for c in t["curve"]]
+                ax.plot(xs, ys, marker="o", label=LABELS[t["variant"]])
+                ax.axhline(t["target"], color="grey", linestyle=":")
+            ax.set_title(f"{model}: test accuracy vs training time")
+            ax.set_xlabel("seconds (compilation included)")
+            ax.set_ylabel("test accuracy")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "time_to_accuracy.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_all(res: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(res))
+    return [out / "results.json", out / "results.md", *plots(res, out)]
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1])
+    for p in write_all(json.loads(path.read_text()), path.parent):
+        print(p)

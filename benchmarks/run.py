@@ -1,0 +1,295 @@
+"""One command for the whole suite: ``python -m benchmarks.run [--quick|--tiny] [--out DIR]``.
+
+For each model and batch size, every variant (``benchmarks.variants``) is built and warmed up
+(compilation timed), then timed ``--repeats`` times in an interleaved order (A B C ... A B C
+...), so that drift in the machine's load hits every variant alike; each timing is a window of
+synchronised steps. Reported: medians, samples/s, seconds per epoch (the median step time x
+steps per epoch), the ratio to ``jaxlight`` fused, the fraction of the matmul peak measured in
+the same run, and the process's peak resident memory growth while the variant warmed up.
+Then time to a target test accuracy for the variants named in the mode's settings.
+
+Writes ``results.json`` (hardware, versions, settings, every timing), ``results.md`` and
+``throughput.png`` / ``time_to_accuracy.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Settings", "MODES", "main", "run"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run measures. ``window_samples`` sets each timed window to about that many
+    examples (at least ``min_window`` steps, at most one epoch), so large batches are not timed
+    for minutes. ``tta`` lists ``(model, target, max_epochs, variants)``."""
+
+    mode: str
+    models: tuple = ("mlp", "cnn", "lstm")
+    batch_sizes: tuple = (64, 256, 1024)
+    variants: tuple = ("jax_fused", "jax_step", "jax_trainer", "torch_dataloader", "torch_memory",
+                       "torch_compile", "lightning")
+    repeats: int = 3
+    warmup_steps: int = 3
+    window_samples: int = 3200
+    min_window: int = 3
+    train_subset: int | None = None   # train on the first N examples only (tiny mode)
+    peak_n: int = 2048
+    tta: tuple = ()
+    tta_batch_size: int = 64
+    tta_evals_per_epoch: int = 4
+    tta_max_seconds: float | None = None
+    seed: int = 0
+    torch_threads: int | None = None  # None: torch's default (one per core)
+    lr: dict = field(default_factory=lambda: {"mlp": 1e-3, "cnn": 1e-3, "lstm": 2e-3})
+
+
+ALL_TORCH_JAX = ("jax_fused", "jax_step", "torch_dataloader", "torch_memory")
+MODES = {
+    "full": Settings("full", tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
+    "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024,
+                      tta=(("mlp", 0.97, 1, ("jax_fused", "torch_memory")),)),
+    "tiny": Settings("tiny", models=("mlp",), batch_sizes=(64,), repeats=1, warmup_steps=1, window_samples=128,
+                     min_window=2, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
+                     tta=(("mlp", 0.5, 1, ("jax_fused", "torch_memory")),)),
+}
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread; ``peak - start`` approximates the memory
+    a variant allocated (CPU: JAX, XLA and torch all allocate in this process). Allocators keep
+    freed memory, so a later variant can reuse what an earlier one left: an approximation."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.start = self._rss()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = self.start = self._rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2 ** 20
+
+
+def _load_data(data_dir, subset):
+    import numpy as np
+
+    from jaxlight.data import load_mnist
+
+    train, test = load_mnist(data_dir, download=False)
+    tx, ty = train.images, train.labels.astype(np.int32)
+    if subset:
+        tx, ty = tx[:subset], ty[:subset]
+    return tx, ty, test.images, test.labels.astype(np.int32)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _measure_group(settings: Settings, model: str, batch_size: int, data, data_dir, flops: float,
+                   peak: float) -> list[dict]:
+    """All variants of one (model, batch size), interleaved."""
+    import torch
+
+    from benchmarks.variants import Context, Skip, make
+
+    ctx = Context(model, batch_size, settings.lr[model], *data, data_dir=data_dir, seed=settings.seed)
+    window = max(settings.min_window, min(ctx.num_batches, settings.window_samples // batch_size))
+    rows, live = [], {}
+    for name in settings.variants:
+        row = {"model": model, "batch_size": batch_size, "variant": name, "window_steps": window,
+               "status": "ok", "reason": ""}
+        rows.append(row)
+        try:
+            cuda = torch.cuda.is_available() and name.startswith(("torch", "lightning"))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                variant = make(name, ctx)
+                row["build_s"] = time.perf_counter() - t0
+                # Compilation and warm-up: the first steps (one window for the fused variant,
+                # which compiles the K it will be timed with).
+                row["warmup_s"] = variant.run(window if name in ("jax_fused", "jax_trainer") else settings.warmup_steps)
+                variant.run(window)  # settles caches, allocators, thread pools
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else mem.mb
+            row["peak_mem_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS growth during warm-up"
+            live[name] = variant
+        except Skip as exc:
+            row.update(status="skipped", reason=str(exc))
+        except Exception as exc:  # a broken variant is reported, not fatal to the suite
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        _log(f"{model} B={batch_size} {name}: {row['status']} {row.get('warmup_s', 0):.1f}s warm-up {row['reason'][:100]}")
+    times = {name: [] for name in live}
+    for rep in range(settings.repeats):
+        order = list(live) if rep % 2 == 0 else list(reversed(live))  # A B C, C B A: no position bias
+        for name in order:
+            try:
+                times[name].append(live[name].run(window))
+            except Exception as exc:
+                row = next(r for r in rows if r["variant"] == name)
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+    for row in rows:
+        name = row["variant"]
+        if row["status"] != "ok" or not times.get(name):
+            continue
+        step_s = statistics.median(times[name]) / window
+        row.update(window_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
+                   s_per_epoch=step_s * ctx.num_batches, fraction_of_peak=flops / step_s / peak)
+    fused = next((r for r in rows if r["variant"] == "jax_fused" and "samples_per_s" in r), None)
+    for row in rows:
+        if fused and "samples_per_s" in row:
+            row["ratio_to_fused"] = row["samples_per_s"] / fused["samples_per_s"]
+    live.clear()
+    gc.collect()
+    return rows
+
+
+def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
+    import jax
+
+    from benchmarks import flops as flops_mod
+    from benchmarks import hardware, report
+    from benchmarks.tta import time_to_accuracy
+    from benchmarks.variants import Context, Skip
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    hw = hardware.describe()
+    _log(f"hardware {hw}")
+    data = _load_data(data_dir, settings.train_subset)
+    peak = hardware.matmul_peak(settings.peak_n)
+    _log(f"matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s")
+    res = {"hardware": hw, "versions": hardware.versions(), "peak": peak,
+           "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()},
+           "command": " ".join(sys.argv), "torch_threads": __import__("torch").get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "flops": {}, "results": [], "tta": []}
+    for model in settings.models:
+        res["flops"][model] = {b: {"xla": flops_mod.step_flops(model, b), "analytic": flops_mod.analytic_flops(model, b)}
+                               for b in settings.batch_sizes}
+        for b in settings.batch_sizes:
+            res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["xla"],
+                                             peak["peak_flops"])
+            report.write_all(res, out)  # partial results survive an interrupted run
+    for model, target, max_epochs, names in settings.tta:
+        for name in names:
+            ctx = Context(model, settings.tta_batch_size, settings.lr[model], *data, data_dir=data_dir, seed=settings.seed)
+            try:
+                t = time_to_accuracy(name, ctx, target, max_epochs, settings.tta_evals_per_epoch, settings.tta_max_seconds)
+                t["status"] = "ok"
+            except Skip as exc:
+                t = {"variant": name, "model": model, "batch_size": ctx.batch_size, "target": target,
+                     "status": "skipped", "reason": str(exc)}
+            except Exception as exc:
+                t = {"variant": name, "model": model, "batch_size": ctx.batch_size, "target": target,
+                     "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+            res["tta"].append(t)
+            _log(f"time to {target} {model} {name}: {t.get('seconds')} ({t['status']})")
+            report.write_all(res, out)
+    res["load_average_at_end"] = list(os.getloadavg())
+    res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    report.write_all(res, out)
+    return res
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="batch 64 only, 2 repeats: a few minutes")
+    mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny", help="smoke test: mlp, a 2048-example subset")
+    parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<hardware>)")
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: jaxlight's search path)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of mlp,cnn,lstm")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 64,256,1024")
+    parser.add_argument("--variants", default=None, help="comma-separated subset of the variants")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--window-samples", type=int, default=None)
+    parser.add_argument("--no-tta", action="store_true", help="skip time to accuracy")
+    parser.add_argument("--tta", default=None, help="model:target:max_epochs:variant+variant;... overrides the mode's")
+    parser.add_argument("--tta-batch-size", type=int, default=None)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own); on a shared, oversubscribed CPU "
+                             "torch's OpenMP barriers stall, and 1 thread is faster")
+    args = parser.parse_args(argv)
+
+    from benchmarks.variants import VARIANTS
+
+    settings = MODES[args.mode or "full"]
+    overrides = {}
+    if args.models:
+        overrides["models"] = tuple(args.models.split(","))
+        bad = set(overrides["models"]) - {"mlp", "cnn", "lstm"}
+        if bad:
+            parser.error(f"--models: unknown {sorted(bad)}; choose from mlp, cnn, lstm")
+    if args.batch_sizes:
+        overrides["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.variants:
+        overrides["variants"] = tuple(args.variants.split(","))
+        bad = set(overrides["variants"]) - set(VARIANTS)
+        if bad:
+            parser.error(f"--variants: unknown {sorted(bad)}; choose from {', '.join(VARIANTS)}")
+    for key in ("repeats", "window_samples", "tta_batch_size", "torch_threads"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.tta:
+        specs = []
+        for spec in args.tta.split(";"):
+            try:
+                model, target, epochs, names = spec.split(":")
+                specs.append((model, float(target), float(epochs), tuple(names.split("+"))))
+            except ValueError:
+                parser.error(f"--tta: cannot read {spec!r}; expected model:target:max_epochs:variant+variant")
+        overrides["tta"] = tuple(specs)
+    if args.no_tta:
+        overrides["tta"] = ()
+    settings = dataclasses.replace(settings, **overrides)
+
+    from benchmarks import hardware
+
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / hardware.hardware_slug(hardware.describe())
+    res = run(settings, out, args.data_dir)
+    from benchmarks.report import markdown
+
+    print(markdown(res))
+    _log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Time to a target test accuracy, compilation included, evaluation excluded."""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.variants import Context, make
+
+__all__ = ["time_to_accuracy"]
+
+
+def time_to_accuracy(name: str, ctx: Context, target: float, max_epochs: float, evals_per_epoch: int = 4,
+                     max_seconds: float | None = None) -> dict:
+    """Train a fresh variant until its test accuracy reaches ``target``.
+
+    The clock runs from before the variant is built (so JIT / ``torch.compile`` compilation
+    counts) and pauses while the test set is evaluated, ``evals_per_epoch`` times per epoch.
+
+    Returns:
+        ``{"variant", "target", "reached", "seconds", "steps", "curve": [[seconds, steps,
+        accuracy], ...]}``; ``seconds`` is None when the target was not reached within
+        ``max_epochs`` epochs (or ``max_seconds`` of training).
+    """
+    t0 = time.perf_counter()
+    variant = make(name, ctx)
+    if hasattr(variant, "exact"):
+        variant.exact = True  # see every example of every epoch
+    elapsed = time.perf_counter() - t0
+    nb = ctx.num_batches
+    chunk = max(1, nb // evals_per_epoch)
+    steps, curve, reached = 0, [], None
+    while steps < max_epochs * nb:
+        # Chunks end on epoch boundaries so that each epoch is exactly nb steps.
+        k = min(chunk, nb - steps % nb)
+        elapsed += variant.run(k)
+        steps += k
+        acc = variant.accuracy()
+        curve.append([elapsed, steps, acc])
+        if acc >= target:
+            reached = elapsed
+            break
+        if max_seconds is not None and elapsed > max_seconds:
+            break
+    return {"variant": name, "model": ctx.model, "batch_size": ctx.batch_size, "target": target,
+            "reached": reached is not None, "seconds": reached, "steps": steps, "epochs": steps / nb,
+            "curve": curve}

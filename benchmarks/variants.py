@@ -1,0 +1,340 @@
+"""The ways to train one model, behind one timing interface.
+
+Every variant trains the same model (``jaxlight.models`` / ``torch_ref.models``, PyTorch's
+initialisation) with Adam at the recipe's learning rate on MNIST, batch ``B``:
+
+| name | what runs |
+| --- | --- |
+| ``jax_fused`` | ``jaxlight.step.train_chunk`` with K = the timed window: K steps in one ``lax.scan`` |
+| ``jax_step`` | one compiled step per batch from a host loop (``train_chunk`` with K = 1, data on device) |
+| ``jax_trainer`` | ``jaxlight.trainer.Trainer.fit`` (skipped with the reason when it is not installed) |
+| ``torch_dataloader`` | the tutorial: ``DataLoader(torchvision.datasets.MNIST(ToTensor()), shuffle=True)`` |
+| ``torch_memory`` | in-memory float tensors, batches by index (``torch_ref.data.MemoryLoader``'s way) |
+| ``torch_compile`` | ``torch_memory`` with ``torch.compile(model)`` |
+| ``lightning`` | PyTorch Lightning's ``Trainer.fit`` on the ``torch_ref`` model, in-memory ``DataLoader`` |
+
+Interface: ``v = make(name, ctx)``; ``v.run(steps)`` trains ``steps`` steps and returns the
+synchronised wall time; ``v.accuracy()`` is the test accuracy now. The first ``run`` includes
+compilation. A variant that cannot run here raises :class:`Skip` with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["VARIANTS", "Skip", "Context", "make"]
+
+VARIANTS = ("jax_fused", "jax_step", "jax_trainer", "torch_dataloader", "torch_memory",
+            "torch_compile", "lightning")
+
+
+class Skip(Exception):
+    """This variant cannot run here; the message says why (recorded in the results)."""
+
+
+@dataclass
+class Context:
+    """What every variant needs: the model, batch size, learning rate and the data.
+
+    ``train_x (N, 28, 28) uint8``, ``train_y (N,) int32``, the same for test; ``data_dir`` is
+    where torchvision finds ``MNIST/raw`` for the tutorial's loader; ``seed`` fixes weights and
+    order.
+    """
+
+    model: str
+    batch_size: int
+    lr: float
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    data_dir: str | None = None
+    seed: int = 0
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.train_y) // self.batch_size)
+
+
+# -- jaxlight -----------------------------------------------------------------------------------
+
+class _Jax:
+    def __init__(self, ctx: Context):
+        import jax
+        from jaxlight import ArrayDataset, build_model, create_train_state, make_optimizer, tasks
+
+        self.jax, self.ctx = jax, ctx
+        self.state = create_train_state(build_model(ctx.model, ctx.seed), make_optimizer("adam", ctx.lr),
+                                        tasks.multiclass(), ctx.seed)
+        self.train = ArrayDataset(ctx.train_x, ctx.train_y).to_device()
+        self.test = ArrayDataset(ctx.test_x, ctx.test_y).to_device()
+        self.epoch, self.pos, self.idx, self.mask = -1, ctx.num_batches, None, None
+
+    def _next_epoch(self):
+        from jaxlight.data import batch_indices
+
+        self.epoch += 1
+        key = self.jax.random.fold_in(self.state.rng, self.epoch)
+        self.idx, self.mask = batch_indices(key, len(self.ctx.train_y), self.ctx.batch_size, True)
+        self.pos = 0
+
+    def accuracy(self) -> float:
+        from jaxlight.loop import evaluate
+
+        return evaluate(self.state, self.test)["accuracy"]
+
+
+class JaxFused(_Jax):
+    """K steps per compiled program. A window that would cross the end of the epoch starts the
+    next epoch instead (timing windows keep one K, so one compilation); ``exact=True`` (time to
+    accuracy) runs the epoch's remaining batches first, so every example is seen."""
+
+    exact = False
+
+    def run(self, steps: int) -> float:
+        from jaxlight.step import train_chunk
+
+        t0 = time.perf_counter()
+        while steps > 0:
+            if self.pos >= self.ctx.num_batches or (not self.exact and self.pos + steps > self.ctx.num_batches):
+                self._next_epoch()
+            k = min(steps, self.ctx.num_batches - self.pos)
+            self.state, metrics = train_chunk(self.state, self.train.x, self.train.y, self.idx, self.mask, k, self.pos)
+            self.pos += k
+            steps -= k
+        self.jax.block_until_ready(metrics)
+        return time.perf_counter() - t0
+
+
+class JaxStep(_Jax):
+    """One dispatch per step: the library's K = 1 path (batch gathered on the device)."""
+
+    def run(self, steps: int) -> float:
+        from jaxlight.step import train_chunk
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if self.pos >= self.ctx.num_batches:
+                self._next_epoch()
+            self.state, metrics = train_chunk(self.state, self.train.x, self.train.y, self.idx, self.mask, 1, self.pos)
+            self.pos += 1
+        self.jax.block_until_ready(metrics)
+        return time.perf_counter() - t0
+
+
+class JaxTrainer(_Jax):
+    """``Trainer.fit`` for ``steps`` more steps, no validation, no progress bar: what a user of
+    the Trainer pays on top of the fused chunks (host callbacks between chunks)."""
+
+    def __init__(self, ctx: Context):
+        try:
+            from jaxlight.trainer import Trainer, TrainerConfig
+        except ImportError as exc:
+            raise Skip(f"jaxlight.trainer is not in this checkout ({exc})") from None
+        super().__init__(ctx)
+        self.Trainer, self.TrainerConfig = Trainer, TrainerConfig
+
+    def run(self, steps: int) -> float:
+        done = int(self.state.step)
+        config = self.TrainerConfig(max_epochs=10 ** 6, max_steps=done + steps, batch_size=self.ctx.batch_size,
+                                    steps_per_execution=min(steps, self.ctx.num_batches),
+                                    val_every_n_epochs=None, enable_progress_bar=False, handle_sigterm=False)
+        t0 = time.perf_counter()
+        self.state = self.Trainer(config).fit(self.state, self.train)
+        self.jax.block_until_ready(self.state.params)
+        elapsed = time.perf_counter() - t0
+        if int(self.state.step) != done + steps:
+            raise RuntimeError(f"Trainer.fit ran {int(self.state.step) - done} steps, asked for {steps}")
+        return elapsed
+
+
+# -- torch --------------------------------------------------------------------------------------
+
+class _Torch:
+    def __init__(self, ctx: Context):
+        import torch
+        import torch_ref.models
+
+        self.torch, self.ctx = torch, ctx
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = torch_ref.models.build_model(ctx.model, ctx.seed).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=ctx.lr)
+        self.net = self.model
+        self.gen = torch.Generator().manual_seed(ctx.seed)
+        self.test_x = torch.from_numpy(ctx.test_x).float().div(255).to(self.device)
+        self.test_y = torch.from_numpy(ctx.test_y.astype(np.int64)).to(self.device)
+
+    def _step(self, x, y):
+        self.opt.zero_grad()
+        loss = self.torch.nn.functional.cross_entropy(self.net(x), y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def _sync(self, loss):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        else:
+            loss.item()
+
+    def accuracy(self) -> float:
+        torch = self.torch
+        self.model.eval()
+        with torch.no_grad():
+            correct = sum(int((self.model(self.test_x[i:i + 1000]).argmax(-1) == self.test_y[i:i + 1000]).sum())
+                          for i in range(0, len(self.test_y), 1000))
+        self.model.train()
+        return correct / len(self.test_y)
+
+
+class TorchMemory(_Torch):
+    """Float tensors (``/ 255`` once) on the device, shuffled with ``randperm`` each epoch."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        torch = self.torch
+        self.x = torch.from_numpy(ctx.train_x).float().div(255).to(self.device)
+        self.y = torch.from_numpy(ctx.train_y.astype(np.int64)).to(self.device)
+        self.batches = iter(())
+
+    def _epoch(self):
+        perm = self.torch.randperm(len(self.y), generator=self.gen).to(self.device)
+        B = self.ctx.batch_size
+        return (perm[i:i + B] for i in range(0, len(perm), B))
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            keep = next(self.batches, None)
+            if keep is None:
+                self.batches = self._epoch()
+                keep = next(self.batches)
+            loss = self._step(self.x[keep], self.y[keep])
+        self._sync(loss)
+        return time.perf_counter() - t0
+
+
+class TorchCompile(TorchMemory):
+    """``torch.compile(model)`` (default mode, static shapes) on the in-memory batches."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.net = self.torch.compile(self.model)
+
+    def run(self, steps: int) -> float:
+        # The last partial batch would trigger a recompilation for a new shape: drop it here
+        # (timing only; this variant is not used for time to accuracy).
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            keep = next(self.batches, None)
+            if keep is None or len(keep) < self.ctx.batch_size:
+                self.batches = self._epoch()
+                keep = next(self.batches)
+            loss = self._step(self.x[keep], self.y[keep])
+        self._sync(loss)
+        return time.perf_counter() - t0
+
+
+class TorchDataLoader(_Torch):
+    """The tutorial, as written: one PIL image per example through ``ToTensor``, collated per step."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        from torch_ref.data import _tutorial_mnist, torchvision_root
+
+        dataset = _tutorial_mnist(torchvision_root(ctx.data_dir), True, False)
+        self.loader = self.torch.utils.data.DataLoader(dataset, batch_size=ctx.batch_size, shuffle=True,
+                                                       generator=self.gen)
+        self.batches = iter(())
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = next(self.batches, None)
+            if batch is None:
+                self.batches = iter(self.loader)
+                batch = next(self.batches)
+            x, y = batch
+            loss = self._step(x.to(self.device), y.to(self.device))
+        self._sync(loss)
+        return time.perf_counter() - t0
+
+
+class Lightning(_Torch):
+    """``lightning.Trainer(max_steps=steps + 1).fit`` per call; the time is measured inside the
+    fit, from the end of its first batch to the end of its last (a callback's timestamps), so
+    the Trainer's per-fit setup is not counted but every per-step hook is."""
+
+    def __init__(self, ctx: Context):
+        try:
+            import lightning as L
+        except ImportError as exc:
+            raise Skip(f"lightning is not installed ({exc})") from None
+        super().__init__(ctx)
+        torch = self.torch
+        self.L = L
+        x = torch.from_numpy(ctx.train_x).float().div(255)
+        y = torch.from_numpy(ctx.train_y.astype(np.int64))
+        self.loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=ctx.batch_size,
+                                                  shuffle=True, generator=self.gen)
+        model, lr, F = self.model, ctx.lr, torch.nn.functional
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = model
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return F.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.net.parameters(), lr=lr)
+
+        class Clock(L.Callback):
+            def __init__(self):
+                self.stamps = []
+
+            def on_train_batch_end(self, trainer, *args):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.stamps.append(time.perf_counter())
+
+        self.module, self.Clock = Module(), Clock
+        self.first = True
+
+    def run(self, steps: int) -> float:
+        import logging
+        import warnings
+
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        clock = self.Clock()
+        trainer = self.L.Trainer(max_steps=steps + 1, accelerator="gpu" if self.device == "cuda" else "cpu",
+                                 devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=[clock], num_sanity_val_steps=0)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(self.module, self.loader)
+        if len(clock.stamps) != steps + 1:
+            raise RuntimeError(f"lightning ran {len(clock.stamps)} steps, asked for {steps + 1}")
+        if self.first:  # the warm-up call: everything from Trainer() to the last step
+            self.first = False
+            return clock.stamps[-1] - t0
+        return clock.stamps[-1] - clock.stamps[0]
+
+
+_CLASSES = {"jax_fused": JaxFused, "jax_step": JaxStep, "jax_trainer": JaxTrainer,
+            "torch_dataloader": TorchDataLoader, "torch_memory": TorchMemory, "torch_compile": TorchCompile,
+            "lightning": Lightning}
+
+
+def make(name: str, ctx: Context):
+    """A fresh variant (fresh weights from ``ctx.seed``). Raises :class:`Skip` when unavailable."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+    return _CLASSES[name](ctx)
