@@ -8,13 +8,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from _support import ROOT, run_module  # noqa: E402,F401  (re-exported for fixtures)
 
 
 def _data_dir() -> Path:
@@ -36,15 +34,6 @@ def mnist(data_dir):
     from jaxlight.data import load_mnist
 
     return load_mnist(data_dir, download=False)
-
-
-def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 1200,
-               cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` against this checkout (not whatever is installed)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    full_env.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in (env or {}) else None
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
 
 
 @pytest.fixture

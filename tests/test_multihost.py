@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_module
+from _support import ROOT, run_module
 from jaxlight import build_model, create_train_state, loop, optim, parallel, tasks
 from jaxlight.data import ArrayDataset
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from _support import ROOT
 
 SCRIPT = """
 import sys

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_module
+from _support import run_module
 from jaxlight.data import ArrayDataset, epoch_order
 from torch_ref import loop, models, tasks
 from torch_ref.data import MemoryLoader
