@@ -12,7 +12,8 @@ __all__ = ["ModelCheckpoint"]
 
 
 class ModelCheckpoint(Callback):
-    """Checkpoint every ``every_n_epochs`` epochs and/or every ``every_n_steps`` steps.
+    """Checkpoint every ``every_n_epochs`` epochs and/or every ``every_n_steps`` steps, and at
+    the end of ``fit`` if the last step was not saved yet.
 
     Kept on disk: the ``save_top_k`` best checkpoints by ``monitor`` (when given) and the
     ``keep_last`` most recent ones (at least 2, so that a corrupt latest checkpoint always has a
@@ -63,6 +64,12 @@ class ModelCheckpoint(Callback):
 
     def on_epoch_end(self, trainer, state, metrics):
         if self.every_n_epochs and trainer.epoch % self.every_n_epochs == 0:
+            self.save(trainer, state)
+
+    def on_fit_end(self, trainer, state):
+        # A fit that ended between scheduled saves (max_steps, early stopping mid-epoch) still
+        # leaves its final state on disk, so that it can be continued or evaluated.
+        if not self.saved or self.saved[-1] != trainer.global_step:
             self.save(trainer, state)
 
     def _best(self) -> list[int]:
