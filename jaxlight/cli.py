@@ -105,6 +105,7 @@ def run_train(args: argparse.Namespace) -> dict:
     if getattr(args, "distributed", False):
         parallel.initialize()
     strategy = parallel.make_strategy(getattr(args, "strategy", "single"), getattr(args, "devices", None))
+    strategy.check_batch_size(recipe.batch_size)  # before minutes of data loading, not after
     lead = jax.process_index() == 0  # one process prints progress and writes metrics.json
     train, test, truth = load_task_data(recipe.dataset, args.data_dir, recipe.seed)
     tx = make_optimizer(recipe.optimizer, recipe.lr, **recipe.optimizer_kwargs())
@@ -132,8 +133,9 @@ def run_train(args: argparse.Namespace) -> dict:
             strategy=strategy,
         )
     test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
-    extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-             "strategy": strategy.name, "devices": strategy.num_devices, "processes": jax.process_count()}
+    extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+    if strategy.name != "single":  # (a single-device metrics.json keeps torch-ref's keys)
+        extra.update(strategy=strategy.name, devices=strategy.num_devices, processes=jax.process_count())
     if truth:
         layer = state.params["linear"]
         extra["weight_error"] = float(np.abs(np.asarray(layer["kernel"][...]) - truth["weight"]).max())

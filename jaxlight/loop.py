@@ -24,9 +24,17 @@ import jax
 import numpy as np
 
 from jaxlight.data.arrays import ArrayDataset, batch_indices, num_batches
-from jaxlight.parallel import Strategy, get_strategy
+from jaxlight.parallel import SingleDevice, Strategy, get_strategy
 from jaxlight.state import TrainState
-from jaxlight.step import BatchError, check_batch, default_steps_per_call
+from jaxlight.step import (
+    BatchError,
+    check_batch,
+    default_steps_per_call,
+    eval_chunk,
+    eval_step,
+    train_chunk,
+    train_step,
+)
 
 __all__ = ["EpochResult", "check_dataset", "summarize", "train_epoch", "evaluate", "fit"]
 
@@ -65,6 +73,14 @@ def check_dataset(state: TrainState, data: ArrayDataset, name: str = "dataset") 
         raise BatchError(f"{name}: {message}") from None
 
 
+def _steps(strategy: Strategy):
+    """``(train_step, eval_step, train_chunk, eval_chunk)``: on one device ``jaxlight.step``'s
+    own, looked up here at call time exactly as before strategies existed; else the strategy's."""
+    if isinstance(strategy, SingleDevice):
+        return train_step, eval_step, train_chunk, eval_chunk
+    return strategy.train_step, strategy.eval_step, strategy.train_chunk, strategy.eval_chunk
+
+
 def _on_device(data: ArrayDataset) -> bool:
     return isinstance(data.x, jax.Array)
 
@@ -97,12 +113,13 @@ def train_epoch(
     strategy = get_strategy(strategy)
     strategy.check_batch_size(batch_size)
     state = strategy.prepare_state(state)
+    run_step, _, run_chunk, _ = _steps(strategy)
     key = jax.random.fold_in(state.rng, epoch)
     nb = num_batches(len(data), batch_size)
     if not _on_device(data):
         chunks = []
         for i, batch in enumerate(strategy.iterate_batches(data, batch_size, key)):
-            state, metrics = strategy.train_step(state, batch)
+            state, metrics = run_step(state, batch)
             chunks.append(metrics)
             if on_chunk:
                 on_chunk(i + 1, metrics)
@@ -113,7 +130,7 @@ def train_epoch(
     chunks = []
     for start in range(0, nb, k):
         steps = min(k, nb - start)
-        state, metrics = strategy.train_chunk(state, data.x, data.y, idx, mask, steps, start)
+        state, metrics = run_chunk(state, data.x, data.y, idx, mask, steps, start)
         chunks.append(metrics)
         if on_chunk:
             on_chunk(start + steps, metrics)
@@ -130,15 +147,16 @@ def evaluate(state: TrainState, data: ArrayDataset, batch_size: int = 1000,
     strategy = get_strategy(strategy)
     batch_size = strategy.eval_batch_size(batch_size)
     state = strategy.prepare_state(state)
+    _, run_eval_step, _, run_eval_chunk = _steps(strategy)
     nb = num_batches(len(data), batch_size)
     if not _on_device(data):
         return summarize(jax.tree.map(lambda *m: jax.numpy.stack(m),
-                                      *[strategy.eval_step(state, b)
+                                      *[run_eval_step(state, b)
                                         for b in strategy.iterate_batches(data, batch_size, None)]))
     data = strategy.prepare_data(data)
     k = steps_per_call or default_steps_per_call(state, nb)
     idx, mask = strategy.prepare_indices(*batch_indices(jax.random.key(0), len(data), batch_size, False))
-    chunks = [strategy.eval_chunk(state, data.x, data.y, idx, mask, min(k, nb - s), s) for s in range(0, nb, k)]
+    chunks = [run_eval_chunk(state, data.x, data.y, idx, mask, min(k, nb - s), s) for s in range(0, nb, k)]
     return summarize(jax.tree.map(lambda *m: jax.numpy.concatenate(m), *chunks))
 
 

@@ -286,7 +286,8 @@ class Strategy:
     - ``train_chunk`` / ``eval_chunk``: K fused steps, the signature of ``jaxlight.step``'s.
     - ``iterate_batches`` + ``train_step`` / ``eval_step``: the host-streamed path; in a
       multi-process run each process yields and feeds only its own rows.
-    - ``to_host_state(state)``: back to a plain single-device state (for checkpoints).
+    - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
+      ``state_shardings(state)``: the target shardings to restore a checkpoint into.
     """
 
     name: str
@@ -314,6 +315,12 @@ class Strategy:
     def to_host_state(self, state: TrainState) -> TrainState:
         return to_host_state(state)
 
+    def state_shardings(self, state: TrainState):
+        """The sharding of every array leaf of ``state`` in this strategy's layout: what a
+        checkpoint restore (e.g. Orbax's ``ArrayRestoreArgs(sharding=...)``) asks for to read a
+        checkpoint straight into this layout, whatever layout wrote it."""
+        return jax.tree.map(lambda _: self._state_sharding, state)
+
     # The host-streamed path is the same for every strategy: this process's rows of each
     # global batch, placed by ``_place_batch``.
     def process_rows(self, batch_size: int) -> slice:
@@ -340,6 +347,10 @@ class SingleDevice(Strategy):
     """Today's behaviour: the jitted steps of ``jaxlight.step`` on one device."""
 
     name: str = "single"
+
+    @property
+    def _state_sharding(self):
+        return jax.sharding.SingleDeviceSharding(self.devices[0])
 
     def prepare_state(self, state: TrainState) -> TrainState:
         device = self.devices[0]
@@ -388,6 +399,10 @@ class _Replicated(Strategy):
     def batch_sharding(self) -> NamedSharding:
         """A batch's leading axis split over the devices."""
         return NamedSharding(self.mesh, P(AXIS))
+
+    @property
+    def _state_sharding(self):
+        return self.replicated
 
     def _is_replicated(self, a) -> bool:
         return isinstance(a, jax.Array) and a.sharding.is_equivalent_to(self.replicated, a.ndim)

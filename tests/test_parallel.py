@@ -195,6 +195,17 @@ def test_state_moves_between_strategies_and_device_counts(first, then, subsets):
     assert_params_close(state, ref)
 
 
+@pytest.mark.parametrize(("name", "devices"), [("single", None), ("pmap", 8), ("sharded", 4)])
+def test_state_shardings_describe_the_prepared_layout(name, devices):
+    """What a checkpoint restore asks for to land straight in this strategy's layout."""
+    strategy = parallel.make_strategy(name, devices)
+    state = strategy.prepare_state(new_state("mlp"))
+    shardings = strategy.state_shardings(state)
+    for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    assert len(jax.tree.leaves(state)[0].sharding.device_set) == strategy.num_devices
+
+
 def test_to_host_state_round_trips_through_numpy_arrays(subsets):
     """The replicated state's arrays, fetched to numpy and put back, are the same state."""
     train, _ = subsets["mlp"]
@@ -209,11 +220,16 @@ def test_to_host_state_round_trips_through_numpy_arrays(subsets):
 # --- Command line ----------------------------------------------------------------------------
 
 
-def test_cli_batch_not_divisible_by_devices_exits_with_a_clear_error(cli, data_dir, tmp_path):
-    result = cli("jaxlight", "train", "--model", "mlp", "--strategy", "pmap", "--devices", "7",
-                 "--data-dir", str(data_dir), "--out", str(tmp_path), timeout=300)
-    assert result.returncode == 2
-    assert "global batch size 64 does not divide over 7 devices" in result.stderr
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strategy", "pmap", "--devices", "7"], "global batch size 64 does not divide over 7 devices"),
+    (["--strategy", "sharded", "--devices", "16"], "asked for 16 devices but only 8 cpu device(s) exist"),
+    (["--strategy", "single", "--devices", "2"], "the single strategy runs on 1 device"),
+])
+def test_cli_impossible_parallel_flags_exit_with_a_clear_error(args, message, capsys, tmp_path):
+    from jaxlight.cli import main
+
+    assert main(["train", "--model", "mlp", *args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
