@@ -204,11 +204,12 @@ def eval_chunk(state: TrainState, data_x, data_y, idx, mask, steps: int, start=0
 
 
 def needs_unroll(state_or_model, backend: str | None = None) -> bool:
-    """Whether ``train_chunk`` must unroll its scan to match single steps bit for bit:
-    convolutional models on the CPU (see ``train_chunk``'s ``unroll``)."""
+    """Whether ``train_chunk`` must unroll its scan to match single steps bit for bit: models on
+    the CPU whose convolutions autodiff lowers differently inside a while loop (see
+    ``jaxlight.models.has_scan_slow_conv`` and ``train_chunk``'s ``unroll``)."""
     backend = backend or jax.default_backend()
     model = state_or_model.model if isinstance(state_or_model, TrainState) else state_or_model
-    return backend == "cpu" and has_conv(model)
+    return backend == "cpu" and has_scan_slow_conv(model)
 
 
 def default_steps_per_call(state_or_model, num_batches: int, backend: str | None = None) -> int:
