@@ -44,21 +44,22 @@ def markdown(res: dict) -> str:
                      f"{_fmt(r.get('peak_mem_mb'), '.0f')} |")
     if res.get("tta"):
         lines += ["", "## Time to target test accuracy (compilation included, evaluation excluded)", "",
-                  "| model | batch | variant | target | seconds | epochs | final accuracy |",
-                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+                  "| model | batch | variant | target | seconds | of which compile (est.) | epochs | final accuracy |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         for t in res["tta"]:
             if t.get("status", "ok") != "ok":
                 lines.append(f"| {t['model']} | {t['batch_size']} | {LABELS[t['variant']]} | {t['target']} | "
-                             f"{t['status']}: {t['reason'][:60]} | | |")
+                             f"{t['status']}: {t['reason'][:60]} | | | |")
                 continue
             acc = t["curve"][-1][2] if t["curve"] else None
             seconds = f"{t['seconds']:.1f}" if t["reached"] else f"not reached ({t['curve'][-1][0]:.0f} s)"
             lines.append(f"| {t['model']} | {t['batch_size']} | {LABELS[t['variant']]} | {t['target']} | "
-                         f"{seconds} | {t['epochs']:.2f} | {_fmt(acc, '.4f')} |")
+                         f"{seconds} | {_fmt(t.get('compile_s'), '.1f')} | {t['epochs']:.2f} | {_fmt(acc, '.4f')} |")
     if res.get("flops"):
-        lines += ["", "FLOPs per training step (XLA's count of the compiled jaxlight step; analytic matmul count):", ""]
+        lines += ["", "FLOPs per training step (matmuls and convolutions, analytic: what % peak uses; "
+                  "XLA's cost analysis of the compiled step, which counts a scan body once):", ""]
         for model, per_b in res["flops"].items():
-            lines.append(f"- {model}: " + ", ".join(f"B={b}: {v['xla'] / 1e9:.3f} GFLOP (matmuls {v['analytic'] / 1e9:.3f})"
+            lines.append(f"- {model}: " + ", ".join(f"B={b}: {v['analytic'] / 1e9:.3f} GFLOP (XLA {v['xla'] / 1e9:.3f})"
                                                    for b, v in per_b.items()))
     return "\n".join(lines) + "\n"
 

@@ -26,6 +26,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxlight.recipes import recipe_for
+
 __all__ = ["Settings", "MODES", "main", "run"]
 
 
@@ -52,7 +54,8 @@ class Settings:
     tta_max_seconds: float | None = None
     seed: int = 0
     torch_threads: int | None = None  # None: torch's default (one per core)
-    lr: dict = field(default_factory=lambda: {"mlp": 1e-3, "cnn": 1e-3, "lstm": 2e-3})
+    # The recipes' learning rates (jaxlight.recipes: mlp 1e-2, cnn 1e-3, lstm 2e-3), Adam.
+    lr: dict = field(default_factory=lambda: {m: recipe_for(m).lr for m in ("mlp", "cnn", "lstm")})
 
 
 ALL_TORCH_JAX = ("jax_fused", "jax_step", "torch_dataloader", "torch_memory")
@@ -60,7 +63,10 @@ MODES = {
     "full": Settings("full", tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
     "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024,
                       tta=(("mlp", 0.97, 1, ("jax_fused", "torch_memory")),)),
+    # The smoke test: every variant but torch.compile, whose 30-70 s compilation here would
+    # dominate it (quick mode covers it).
     "tiny": Settings("tiny", models=("mlp",), batch_sizes=(64,), repeats=1, warmup_steps=1, window_samples=128,
+                     variants=("jax_fused", "jax_step", "jax_trainer", "torch_dataloader", "torch_memory", "lightning"),
                      min_window=2, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
                      tta=(("mlp", 0.5, 1, ("jax_fused", "torch_memory")),)),
 }
@@ -203,7 +209,7 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
         res["flops"][model] = {b: {"xla": flops_mod.step_flops(model, b), "analytic": flops_mod.analytic_flops(model, b)}
                                for b in settings.batch_sizes}
         for b in settings.batch_sizes:
-            res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["xla"],
+            res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["analytic"],
                                              peak["peak_flops"])
             report.write_all(res, out)  # partial results survive an interrupted run
     for model, target, max_epochs, names in settings.tta:
@@ -223,6 +229,13 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
             _log(f"time to {target} {model} {name}: {t.get('seconds')} ({t['status']})")
             report.write_all(res, out)
     res["load_average_at_end"] = list(os.getloadavg())
+    end_peak = hardware.matmul_peak(settings.peak_n)
+    res["peak_at_end"] = end_peak
+    if end_peak["peak_flops"] > peak["peak_flops"]:  # the less loaded snapshot is the ceiling
+        res["peak"] = end_peak
+        for row in res["results"]:
+            if "fraction_of_peak" in row:
+                row["fraction_of_peak"] *= peak["peak_flops"] / end_peak["peak_flops"]
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     report.write_all(res, out)
     return res
@@ -243,6 +256,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-tta", action="store_true", help="skip time to accuracy")
     parser.add_argument("--tta", default=None, help="model:target:max_epochs:variant+variant;... overrides the mode's")
     parser.add_argument("--tta-batch-size", type=int, default=None)
+    parser.add_argument("--tta-evals-per-epoch", type=int, default=None)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own); on a shared, oversubscribed CPU "
                              "torch's OpenMP barriers stall, and 1 thread is faster")
@@ -264,7 +278,7 @@ def main(argv=None) -> int:
         bad = set(overrides["variants"]) - set(VARIANTS)
         if bad:
             parser.error(f"--variants: unknown {sorted(bad)}; choose from {', '.join(VARIANTS)}")
-    for key in ("repeats", "window_samples", "tta_batch_size", "torch_threads"):
+    for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.tta:
