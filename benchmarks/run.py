@@ -60,7 +60,10 @@ class Settings:
 
 ALL_TORCH_JAX = ("jax_fused", "jax_step", "torch_dataloader", "torch_memory")
 MODES = {
-    "full": Settings("full", tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
+    # Sized for a shared 2-core CPU (about 30 minutes): ~25-step windows at batch 64, and time to
+    # accuracy capped at 200 s of training per variant (a capped run reports "not reached").
+    "full": Settings("full", window_samples=1600, tta_max_seconds=200.0,
+                     tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
     "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024,
                       tta=(("mlp", 0.97, 1, ("jax_fused", "torch_memory")),)),
     # The smoke test: every variant but torch.compile, whose 30-70 s compilation here would
