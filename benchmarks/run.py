@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import os
 import statistics
 import sys
@@ -46,6 +47,7 @@ class Settings:
     warmup_steps: int = 3
     window_samples: int = 3200
     min_window: int = 3
+    min_window_s: float = 1.0
     train_subset: int | None = None   # train on the first N examples only (tiny mode)
     peak_n: int = 2048
     tta: tuple = ()
@@ -60,17 +62,17 @@ class Settings:
 
 ALL_TORCH_JAX = ("jax_fused", "jax_step", "torch_dataloader", "torch_memory")
 MODES = {
-    # Sized for a shared 2-core CPU (about 30 minutes): ~25-step windows at batch 64, and time to
-    # accuracy capped at 200 s of training per variant (a capped run reports "not reached").
-    "full": Settings("full", window_samples=1600, tta_max_seconds=200.0,
+    # Sized for a shared 2-core CPU (about 30 minutes): windows of ~1600 samples and at least 1 s,
+    # and time to accuracy capped at 150 s of training per variant (then "not reached").
+    "full": Settings("full", window_samples=1600, tta_max_seconds=150.0,
                      tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
-    "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024,
+    "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024, min_window_s=0.3,
                       tta=(("mlp", 0.97, 1, ("jax_fused", "torch_memory")),)),
     # The smoke test: every variant but torch.compile, whose 30-70 s compilation here would
     # dominate it (quick mode covers it).
     "tiny": Settings("tiny", models=("mlp",), batch_sizes=(64,), repeats=1, warmup_steps=1, window_samples=128,
                      variants=("jax_fused", "jax_step", "jax_trainer", "torch_dataloader", "torch_memory", "lightning"),
-                     min_window=2, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
+                     min_window=2, min_window_s=0.0, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
                      tta=(("mlp", 0.5, 1, ("jax_fused", "torch_memory")),)),
 }
 
@@ -151,7 +153,10 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
                 # Compilation and warm-up: the first steps (one window for the fused variant,
                 # which compiles the K it will be timed with).
                 row["warmup_s"] = variant.run(window if name in ("jax_fused", "jax_trainer") else settings.warmup_steps)
-                variant.run(window)  # settles caches, allocators, thread pools
+                settle_s = variant.run(window)  # settles caches, allocators, thread pools
+            # Windows shorter than min_window_s are mostly scheduler noise on a loaded machine:
+            # time a whole multiple of the compiled window instead.
+            row["timed_steps"] = window * max(1, math.ceil(settings.min_window_s / max(settle_s, 1e-9)))
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else mem.mb
             row["peak_mem_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS growth during warm-up"
             live[name] = variant
@@ -166,7 +171,8 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
         order = list(live) if rep % 2 == 0 else list(reversed(live))  # A B C, C B A: no position bias
         for name in order:
             try:
-                times[name].append(live[name].run(window))
+                row = next(r for r in rows if r["variant"] == name)
+                times[name].append(live[name].run(row["timed_steps"]) / row["timed_steps"])
             except Exception as exc:
                 row = next(r for r in rows if r["variant"] == name)
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
@@ -175,8 +181,8 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
         name = row["variant"]
         if row["status"] != "ok" or not times.get(name):
             continue
-        step_s = statistics.median(times[name]) / window
-        row.update(window_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
+        step_s = statistics.median(times[name])
+        row.update(step_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
                    s_per_epoch=step_s * ctx.num_batches, fraction_of_peak=flops / step_s / peak)
     fused = next((r for r in rows if r["variant"] == "jax_fused" and "samples_per_s" in r), None)
     for row in rows:

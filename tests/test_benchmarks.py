@@ -36,7 +36,7 @@ def test_tiny_run_measures_each_variant(tiny_run, variant):
     row = next(r for r in res["results"] if r["variant"] == variant)
     assert row["status"] == "ok", row["reason"]
     assert row["samples_per_s"] > 0 and row["s_per_epoch"] > 0 and row["warmup_s"] > 0
-    assert len(row["window_seconds"]) == res["settings"]["repeats"]
+    assert len(row["step_seconds"]) == res["settings"]["repeats"] and row["timed_steps"] >= row["window_steps"]
     assert row["ratio_to_fused"] > 0 and 0 < row["fraction_of_peak"]
 
 
