@@ -22,6 +22,28 @@ def _load(values) -> str:
     return "-" if not values else ", ".join(f"{v:.1f}" for v in values)
 
 
+# The issue's CPU targets at batch 64: (model, metric, other variant or None, goal).
+TARGETS = (("mlp", "x torch in-memory", "torch_memory", 3.0), ("mlp", "x tutorial DataLoader", "torch_dataloader", 10.0),
+           ("mlp", "fraction of matmul peak", None, 0.6), ("cnn", "x torch in-memory", "torch_memory", 1.5),
+           ("lstm", "x torch in-memory", "torch_memory", 1.0))
+
+
+def targets(res: dict, batch_size: int = 64) -> list[dict]:
+    """jaxlight fused against the targets, measured in this run."""
+    def row(model, variant):
+        return next((r for r in res["results"] if r["model"] == model and r["batch_size"] == batch_size
+                     and r["variant"] == variant and "samples_per_s" in r), None)
+
+    out = []
+    for model, metric, other, goal in TARGETS:
+        fused, ref = row(model, "jax_fused"), row(model, other) if other else None
+        if fused is None or (other and ref is None):
+            continue
+        value = fused["samples_per_s"] / ref["samples_per_s"] if other else fused["fraction_of_peak"]
+        out.append({"model": model, "metric": metric, "goal": goal, "value": value, "met": value >= goal})
+    return out
+
+
 def markdown(res: dict) -> str:
     hw, peak = res["hardware"], res["peak"]
     lines = [f"# Benchmark: {hw['device']} ({hw['cpu']}, {hw['cores']} cores, backend {hw['backend']})", "",
@@ -42,6 +64,12 @@ def markdown(res: dict) -> str:
                      f"{r['s_per_epoch']:.2f} | {_fmt(r.get('ratio_to_fused'), '.2f')} | "
                      f"{_fmt(100 * r['fraction_of_peak'], '.1f')} | {r['warmup_s']:.1f} | "
                      f"{_fmt(r.get('peak_mem_mb'), '.0f')} |")
+    met = targets(res)
+    if met:
+        lines += ["", "## Targets: jaxlight fused at batch 64, same run", "", "| model | measure | goal | measured | |",
+                  "| --- | --- | ---: | ---: | --- |"]
+        lines += [f"| {t['model']} | {t['metric']} | {t['goal']:g} | {t['value']:.2f} | {'met' if t['met'] else 'missed'} |"
+                  for t in met]
     if res.get("tta"):
         lines += ["", "## Time to target test accuracy (compilation included, evaluation excluded)", "",
                   "| model | batch | variant | target | seconds | of which compile (est.) | epochs | final accuracy |",
