@@ -124,6 +124,13 @@ def _load_data(data_dir, subset):
     return tx, ty, test.images, test.labels.astype(np.int32)
 
 
+def _jax_device_stats():
+    import jax
+
+    device = jax.devices()[0]
+    return device.memory_stats() if device.platform != "cpu" and hasattr(device, "memory_stats") else None
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -159,6 +166,10 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
             row["timed_steps"] = window * max(1, math.ceil(settings.min_window_s / max(settle_s, 1e-9)))
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else mem.mb
             row["peak_mem_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS growth during warm-up"
+            jax_stats = _jax_device_stats() if name.startswith("jax") else None
+            if jax_stats and "peak_bytes_in_use" in jax_stats:  # accelerators report it; CPU does not
+                row["peak_mem_mb"] = jax_stats["peak_bytes_in_use"] / 2 ** 20
+                row["peak_mem_kind"] = "jax peak_bytes_in_use (high-water of the whole process so far)"
             live[name] = variant
         except Skip as exc:
             row.update(status="skipped", reason=str(exc))
