@@ -50,7 +50,8 @@ def markdown(res: dict) -> str:
              f"Mode `{res['settings']['mode']}`; {res['settings']['repeats']} interleaved repeats, medians. "
              f"Matmul peak measured in this run: {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
              f"(jax {peak['jax_flops'] / 1e9:.1f}, torch {peak['torch_flops'] / 1e9:.1f}; "
-             f"{peak['n']}x{peak['n']} float32). torch threads: {res.get('torch_threads')}. "
+             f"{peak['n']}x{peak['n']} float32). torch threads: {res.get('torch_threads')}. Adam, learning rates "
+             f"{res['settings'].get('lr')}. "
              f"Load average (1, 5, 15 min) at start: {_load(hw.get('load_average_at_start'))}, "
              f"at the end: {_load(res.get('load_average_at_end'))}.", "",
              "| model | batch | variant | samples/s | s/epoch | x fused | % peak | compile+warm-up s | peak mem MB |",

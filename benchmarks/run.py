@@ -277,6 +277,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tta", default=None, help="model:target:max_epochs:variant+variant;... overrides the mode's")
     parser.add_argument("--tta-batch-size", type=int, default=None)
     parser.add_argument("--tta-evals-per-epoch", type=int, default=None)
+    parser.add_argument("--lr", default=None, help="learning rates instead of the recipes', e.g. mlp=0.001,cnn=0.002")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own); on a shared, oversubscribed CPU "
                              "torch's OpenMP barriers stall, and 1 thread is faster")
@@ -310,6 +311,12 @@ def main(argv=None) -> int:
             except ValueError:
                 parser.error(f"--tta: cannot read {spec!r}; expected model:target:max_epochs:variant+variant")
         overrides["tta"] = tuple(specs)
+    if args.lr:
+        try:
+            lr = {m: float(v) for m, v in (item.split("=") for item in args.lr.split(","))}
+        except ValueError:
+            parser.error(f"--lr: cannot read {args.lr!r}; expected model=value,model=value")
+        overrides["lr"] = {**settings.lr, **lr}
     if args.no_tta:
         overrides["tta"] = ()
     settings = dataclasses.replace(settings, **overrides)
