@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import os
 import statistics
 import sys
@@ -25,6 +26,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jaxlight.recipes import recipe_for
 
 __all__ = ["Settings", "MODES", "main", "run"]
 
@@ -44,6 +47,7 @@ class Settings:
     warmup_steps: int = 3
     window_samples: int = 3200
     min_window: int = 3
+    min_window_s: float = 1.0
     train_subset: int | None = None   # train on the first N examples only (tiny mode)
     peak_n: int = 2048
     tta: tuple = ()
@@ -52,16 +56,23 @@ class Settings:
     tta_max_seconds: float | None = None
     seed: int = 0
     torch_threads: int | None = None  # None: torch's default (one per core)
-    lr: dict = field(default_factory=lambda: {"mlp": 1e-3, "cnn": 1e-3, "lstm": 2e-3})
+    # The recipes' learning rates (jaxlight.recipes: mlp 1e-2, cnn 1e-3, lstm 2e-3), Adam.
+    lr: dict = field(default_factory=lambda: {m: recipe_for(m).lr for m in ("mlp", "cnn", "lstm")})
 
 
 ALL_TORCH_JAX = ("jax_fused", "jax_step", "torch_dataloader", "torch_memory")
 MODES = {
-    "full": Settings("full", tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
-    "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024,
+    # Sized for a shared 2-core CPU (about 30 minutes): windows of ~1600 samples and at least 1 s,
+    # and time to accuracy capped at 150 s of training per variant (then "not reached").
+    "full": Settings("full", window_samples=1600, tta_max_seconds=150.0,
+                     tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
+    "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024, min_window_s=0.3,
                       tta=(("mlp", 0.97, 1, ("jax_fused", "torch_memory")),)),
+    # The smoke test: every variant but torch.compile, whose 30-70 s compilation here would
+    # dominate it (quick mode covers it).
     "tiny": Settings("tiny", models=("mlp",), batch_sizes=(64,), repeats=1, warmup_steps=1, window_samples=128,
-                     min_window=2, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
+                     variants=("jax_fused", "jax_step", "jax_trainer", "torch_dataloader", "torch_memory", "lightning"),
+                     min_window=2, min_window_s=0.0, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
                      tta=(("mlp", 0.5, 1, ("jax_fused", "torch_memory")),)),
 }
 
@@ -113,6 +124,13 @@ def _load_data(data_dir, subset):
     return tx, ty, test.images, test.labels.astype(np.int32)
 
 
+def _jax_device_stats():
+    import jax
+
+    device = jax.devices()[0]
+    return device.memory_stats() if device.platform != "cpu" and hasattr(device, "memory_stats") else None
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -142,9 +160,16 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
                 # Compilation and warm-up: the first steps (one window for the fused variant,
                 # which compiles the K it will be timed with).
                 row["warmup_s"] = variant.run(window if name in ("jax_fused", "jax_trainer") else settings.warmup_steps)
-                variant.run(window)  # settles caches, allocators, thread pools
+                settle_s = variant.run(window)  # settles caches, allocators, thread pools
+            # Windows shorter than min_window_s are mostly scheduler noise on a loaded machine:
+            # time a whole multiple of the compiled window instead.
+            row["timed_steps"] = window * max(1, math.ceil(settings.min_window_s / max(settle_s, 1e-9)))
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else mem.mb
             row["peak_mem_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS growth during warm-up"
+            jax_stats = _jax_device_stats() if name.startswith("jax") else None
+            if jax_stats and "peak_bytes_in_use" in jax_stats:  # accelerators report it; CPU does not
+                row["peak_mem_mb"] = jax_stats["peak_bytes_in_use"] / 2 ** 20
+                row["peak_mem_kind"] = "jax peak_bytes_in_use (high-water of the whole process so far)"
             live[name] = variant
         except Skip as exc:
             row.update(status="skipped", reason=str(exc))
@@ -157,7 +182,8 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
         order = list(live) if rep % 2 == 0 else list(reversed(live))  # A B C, C B A: no position bias
         for name in order:
             try:
-                times[name].append(live[name].run(window))
+                row = next(r for r in rows if r["variant"] == name)
+                times[name].append(live[name].run(row["timed_steps"]) / row["timed_steps"])
             except Exception as exc:
                 row = next(r for r in rows if r["variant"] == name)
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
@@ -166,8 +192,8 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
         name = row["variant"]
         if row["status"] != "ok" or not times.get(name):
             continue
-        step_s = statistics.median(times[name]) / window
-        row.update(window_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
+        step_s = statistics.median(times[name])
+        row.update(step_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
                    s_per_epoch=step_s * ctx.num_batches, fraction_of_peak=flops / step_s / peak)
     fused = next((r for r in rows if r["variant"] == "jax_fused" and "samples_per_s" in r), None)
     for row in rows:
@@ -203,7 +229,7 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
         res["flops"][model] = {b: {"xla": flops_mod.step_flops(model, b), "analytic": flops_mod.analytic_flops(model, b)}
                                for b in settings.batch_sizes}
         for b in settings.batch_sizes:
-            res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["xla"],
+            res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["analytic"],
                                              peak["peak_flops"])
             report.write_all(res, out)  # partial results survive an interrupted run
     for model, target, max_epochs, names in settings.tta:
@@ -223,6 +249,13 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
             _log(f"time to {target} {model} {name}: {t.get('seconds')} ({t['status']})")
             report.write_all(res, out)
     res["load_average_at_end"] = list(os.getloadavg())
+    end_peak = hardware.matmul_peak(settings.peak_n)
+    res["peak_at_end"] = end_peak
+    if end_peak["peak_flops"] > peak["peak_flops"]:  # the less loaded snapshot is the ceiling
+        res["peak"] = end_peak
+        for row in res["results"]:
+            if "fraction_of_peak" in row:
+                row["fraction_of_peak"] *= peak["peak_flops"] / end_peak["peak_flops"]
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     report.write_all(res, out)
     return res
@@ -243,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-tta", action="store_true", help="skip time to accuracy")
     parser.add_argument("--tta", default=None, help="model:target:max_epochs:variant+variant;... overrides the mode's")
     parser.add_argument("--tta-batch-size", type=int, default=None)
+    parser.add_argument("--tta-evals-per-epoch", type=int, default=None)
+    parser.add_argument("--lr", default=None, help="learning rates instead of the recipes', e.g. mlp=0.001,cnn=0.002")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own); on a shared, oversubscribed CPU "
                              "torch's OpenMP barriers stall, and 1 thread is faster")
@@ -264,7 +299,7 @@ def main(argv=None) -> int:
         bad = set(overrides["variants"]) - set(VARIANTS)
         if bad:
             parser.error(f"--variants: unknown {sorted(bad)}; choose from {', '.join(VARIANTS)}")
-    for key in ("repeats", "window_samples", "tta_batch_size", "torch_threads"):
+    for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.tta:
@@ -276,6 +311,12 @@ def main(argv=None) -> int:
             except ValueError:
                 parser.error(f"--tta: cannot read {spec!r}; expected model:target:max_epochs:variant+variant")
         overrides["tta"] = tuple(specs)
+    if args.lr:
+        try:
+            lr = {m: float(v) for m, v in (item.split("=") for item in args.lr.split(","))}
+        except ValueError:
+            parser.error(f"--lr: cannot read {args.lr!r}; expected model=value,model=value")
+        overrides["lr"] = {**settings.lr, **lr}
     if args.no_tta:
         overrides["tta"] = ()
     settings = dataclasses.replace(settings, **overrides)

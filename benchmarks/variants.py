@@ -93,15 +93,18 @@ class JaxFused(_Jax):
     accuracy) runs the epoch's remaining batches first, so every example is seen."""
 
     exact = False
+    k = None  # the chunk length: set by the first call (the one that compiles), kept after
 
     def run(self, steps: int) -> float:
         from jaxlight.step import train_chunk
 
+        self.k = self.k or steps
         t0 = time.perf_counter()
         while steps > 0:
-            if self.pos >= self.ctx.num_batches or (not self.exact and self.pos + steps > self.ctx.num_batches):
+            k = min(self.k, steps)
+            if self.pos >= self.ctx.num_batches or (not self.exact and self.pos + k > self.ctx.num_batches):
                 self._next_epoch()
-            k = min(steps, self.ctx.num_batches - self.pos)
+            k = min(k, self.ctx.num_batches - self.pos)
             self.state, metrics = train_chunk(self.state, self.train.x, self.train.y, self.idx, self.mask, k, self.pos)
             self.pos += k
             steps -= k
@@ -137,10 +140,13 @@ class JaxTrainer(_Jax):
         super().__init__(ctx)
         self.Trainer, self.TrainerConfig = Trainer, TrainerConfig
 
+    k = None  # steps_per_execution: set by the first call (the one that compiles), kept after
+
     def run(self, steps: int) -> float:
+        self.k = self.k or min(steps, self.ctx.num_batches)
         done = int(self.state.step)
         config = self.TrainerConfig(max_epochs=10 ** 6, max_steps=done + steps, batch_size=self.ctx.batch_size,
-                                    steps_per_execution=min(steps, self.ctx.num_batches),
+                                    steps_per_execution=self.k,
                                     val_every_n_epochs=None, enable_progress_bar=False, handle_sigterm=False)
         t0 = time.perf_counter()
         self.state = self.Trainer(config).fit(self.state, self.train)

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxlight.models.init import torch_bias_init, torch_kernel_init
 from jaxlight.models.linear import dense
 
-__all__ = ["CNN", "conv2d_nhwc"]
+__all__ = ["CNN", "conv2d_nhwc", "max_pool_2x2"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -89,6 +89,21 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     return _conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
 
 
+def max_pool_2x2(x):
+    """2x2 max pooling, stride 2, of ``x (B, H, W, C)`` with even H and W -> ``(B, H/2, W/2, C)``.
+
+    The same maxima as ``nnx.max_pool(x, (2, 2), strides=(2, 2))``, written as a reshape and a
+    max: its gradient is then an elementwise mask, where ``reduce_window``'s gradient lowers on
+    XLA:CPU to a variadic reduce-window over (value, index) tuples, measured 3x slower for the
+    first pooling layer (64x28x28x32: 85 ms against 30 ms per forward+backward inside a scan,
+    on a loaded 2-core CPU). Gradients agree wherever the maximum of a window is unique; on ties
+    JAX splits the gradient among the tied entries where torch gives it to the first one. After
+    a ReLU the only practical ties are zeros, whose gradient the ReLU zeroes in both anyway.
+    """
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Conv:
     """3x3, stride 1, padding 1 ('SAME'), PyTorch's initialisation. Kernel ``HWIO``; PyTorch's
     ``Conv2d.weight`` is ``OIHW``. The padding is spelled out (it is 'SAME' for 3x3) because
@@ -122,7 +137,7 @@ class CNN(nnx.Module):
 
     def __call__(self, x):
         x = x[..., None]  # (B, 28, 28, 1)
-        x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-        x = nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+        x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
+        x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)  # (B, 7*7*64) in (H, W, C) order
         return self.fc2(jax.nn.relu(self.fc1(x)))

@@ -11,7 +11,73 @@ from flax import nnx
 from jaxlight.models.init import uniform_init
 from jaxlight.models.linear import dense
 
-__all__ = ["LSTM", "LSTMClassifier"]
+__all__ = ["LSTM", "LSTMClassifier", "lstm_recurrence"]
+
+
+def _cell(gates, c):
+    """One LSTM cell from its pre-activations ``gates (B, 4H)`` (torch's order i, f, g, o)."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    tanh_c = jnp.tanh(c)
+    return o * tanh_c, c, (i, f, g, o, tanh_c)
+
+
+def _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0):
+    def step(carry, gx):
+        h, c = carry
+        h_new, c_new, acts = _cell(gx + (h @ kernel_hh + bias_hh), c)
+        return (h_new, c_new), (h_new, c, acts)
+
+    (_, c), (hs, c_prev, acts) = jax.lax.scan(step, (h0, c0), gates_x)
+    return (hs, c), (kernel_hh, h0, hs, c_prev, acts)
+
+
+def _recurrence_bwd(residuals, cotangents):
+    kernel_hh, h0, hs, c_prev, acts = residuals
+    d_hs, d_c_last = cotangents
+
+    def step(carry, xs):
+        dh, dc = carry
+        dh_out, c_before, (i, f, g, o, tanh_c) = xs
+        dh = dh + dh_out
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate([dc * g * i * (1 - i), dc * c_before * f * (1 - f),
+                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        return (d_gates @ kernel_hh.T, dc * f), d_gates
+
+    (dh0, dc0), d_gates = jax.lax.scan(step, (jnp.zeros_like(h0), d_c_last), (d_hs, c_prev, acts), reverse=True)
+    # The weight gradient of all T steps as one (H, T*B) @ (T*B, 4H) matmul after the loop,
+    # instead of T small matmuls accumulated inside it (what autodiff of the scan emits).
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    d_kernel_hh = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
+    return d_gates, d_kernel_hh, d_gates.sum((0, 1)), dh0, dc0
+
+
+@jax.custom_vjp
+def lstm_recurrence(gates_x, kernel_hh, bias_hh, h0, c0):
+    """The recurrent half of an LSTM layer, with a hand-written backward pass.
+
+    Args:
+        gates_x: ``(T, B, 4H)`` float32, the input projection ``x_t @ kernel_ih + bias_ih`` of
+            every step (computed outside, as one matmul).
+        kernel_hh: ``(H, 4H)``; bias_hh: ``(4H,)``; h0, c0: ``(B, H)``.
+
+    Returns:
+        ``(hs (T, B, H), c_T (B, H))``; ``hs[-1]`` is ``h_T``.
+
+    Why by hand: on XLA:CPU, autodiff of ``lax.scan`` accumulates ``h_{t-1}^T @ d_gates_t``
+    into the kernel gradient inside the backward loop, T small matmuls (and in a fused epoch a
+    while loop nested in another). Here the backward loop only carries ``d_gates @ kernel_hh.T``;
+    the kernel and bias gradients are one matmul / one sum over all steps afterwards. Same sums
+    (up to float reassociation, ~1e-7 relative); the gradient w.r.t. ``gates_x`` flows on to
+    ``kernel_ih``, ``bias_ih`` and ``x`` through ordinary autodiff.
+    """
+    (hs, c), _ = _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0)
+    return hs, c
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class LSTM(nnx.Module):
@@ -23,7 +89,8 @@ class LSTM(nnx.Module):
     PyTorch's. The 4H columns are the gates in PyTorch's order: input, forget, cell (g), output.
 
     Speed: the input projection of all T steps is one ``(B*T, in) @ (in, 4H)`` matmul outside
-    the recurrence; only ``h @ kernel_hh`` stays inside the ``lax.scan``.
+    the recurrence; only ``h @ kernel_hh`` stays inside the ``lax.scan``, and the backward pass
+    (``lstm_recurrence``) keeps only ``d_gates @ kernel_hh.T`` inside its loop.
     """
 
     def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
@@ -39,18 +106,9 @@ class LSTM(nnx.Module):
         batch = x.shape[0]
         # PyTorch adds the two biases to the two products separately; same sum, same order.
         gates_x = x @ self.kernel_ih[...] + self.bias_ih[...]  # (B, T, 4H)
-        kernel_hh, bias_hh = self.kernel_hh[...], self.bias_hh[...]
-
-        def cell(carry, gx):
-            h, c = carry
-            gates = gx + (h @ kernel_hh + bias_hh)
-            i, f, g, o = jnp.split(gates, 4, axis=-1)
-            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-            h = jax.nn.sigmoid(o) * jnp.tanh(c)
-            return (h, c), h
-
         zeros = jnp.zeros((batch, self.hidden), x.dtype)
-        (h, c), hs = jax.lax.scan(cell, (zeros, zeros), jnp.swapaxes(gates_x, 0, 1))
+        hs, c = lstm_recurrence(jnp.swapaxes(gates_x, 0, 1), self.kernel_hh[...], self.bias_hh[...], zeros, zeros)
+        h = hs[-1]
         return jnp.swapaxes(hs, 0, 1), (h, c)
 
 

@@ -1,0 +1,122 @@
+"""The hand-written gradients that make fused epochs fast on XLA:CPU (``conv2d_nhwc`` for the
+CNN, ``lstm_recurrence`` for the LSTM) must compute what autodiff of the plain code computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlight.models import build_model, has_scan_slow_conv
+from jaxlight.models.cnn import conv2d_nhwc, max_pool_2x2
+from jaxlight.models.rnn import LSTM
+from jaxlight.step import default_steps_per_call
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _loss(conv, x, k, padding, strides=(1, 1)):
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, NHWC)
+    y = conv(x, k, strides, padding, dimension_numbers=dn)
+    return jnp.sum(jnp.sin(y))
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((4, 28, 28, 1), (3, 3, 1, 8), ((1, 1), (1, 1))),
+    ((3, 14, 14, 8), (3, 3, 8, 16), ((1, 1), (1, 1))),
+    ((2, 9, 7, 3), (5, 3, 3, 4), ((2, 2), (1, 1))),
+    ((2, 8, 8, 2), (2, 2, 2, 3), ((0, 1), (1, 0))),
+])
+def test_forward_and_gradients_match_autodiff(shape, kernel, padding, in_scan=True):
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, shape)
+    k = jax.random.normal(kk, kernel) * 0.3
+
+    def grads(conv):
+        fn = jax.value_and_grad(lambda x, k: _loss(conv, x, k, padding), argnums=(0, 1))
+        if in_scan:  # the situation the custom gradient exists for
+            return jax.lax.scan(lambda c, _: (c, fn(x, k)), None, None, length=2)[1]
+        return fn(x, k)
+
+    ours = jax.jit(lambda: grads(conv2d_nhwc))()
+    ref = jax.jit(lambda: grads(jax.lax.conv_general_dilated))()
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_unsupported_arguments_fall_back_to_lax():
+    x = jnp.ones((1, 8, 8, 2))
+    k = jnp.ones((3, 3, 2, 4))
+    ours = jax.grad(lambda k: _loss(conv2d_nhwc, x, k, "SAME", (2, 2)))(k)
+    ref = jax.grad(lambda k: _loss(jax.lax.conv_general_dilated, x, k, "SAME", (2, 2)))(k)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+
+
+class PlainConv(nnx.Module):
+    def __init__(self):
+        self.conv = nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("model,slow,backend,expected", [
+    (build_model("cnn"), False, "cpu", 938),  # scan-friendly convolutions: fused on the CPU too
+    (build_model("mlp"), False, "cpu", 938),
+    (PlainConv(), True, "cpu", 1),            # autodiff's kernel gradient: one step per call
+    (PlainConv(), True, "gpu", 938),
+])
+def test_default_steps_per_call(model, slow, backend, expected):
+    assert has_scan_slow_conv(model) == slow
+    assert default_steps_per_call(model, 938, backend) == expected
+
+
+def _reference_lstm(p, x):
+    """The LSTM as plain autodiff sees it: torch's equations, one ``lax.scan``."""
+    gates_x = x @ p["kernel_ih"] + p["bias_ih"]
+
+    def cell(carry, gx):
+        h, c = carry
+        i, f, g, o = jnp.split(gx + (h @ p["kernel_hh"] + p["bias_hh"]), 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((x.shape[0], p["kernel_hh"].shape[0]))
+    (h, c), hs = jax.lax.scan(cell, (zeros, zeros), jnp.swapaxes(gates_x, 0, 1))
+    return jnp.swapaxes(hs, 0, 1), (h, c)
+
+
+@pytest.mark.parametrize("batch,steps,features,hidden,uses", [
+    (4, 28, 28, 16, "h_T"),      # the classifier's use: only the last hidden state
+    (1, 1, 3, 4, "all"),         # every step's output, h_T and c_T together; one step
+])
+def test_lstm_gradients_match_autodiff(batch, steps, features, hidden, uses):
+    lstm = LSTM(features, hidden, rngs=nnx.Rngs(0))
+    params = {name: getattr(lstm, name)[...] for name in ("kernel_ih", "kernel_hh", "bias_ih", "bias_hh")}
+    x = jax.random.normal(jax.random.key(1), (batch, steps, features))
+    w = jax.random.normal(jax.random.key(2), (batch, steps, hidden))
+
+    def loss(forward, p, x):
+        hs, (h, c) = forward(p, x)
+        terms = {"h_T": jnp.sum(jnp.sin(h)), "outputs": jnp.sum(hs * w), "all": jnp.sum(hs * w) + jnp.sum(h * c)}
+        return terms[uses]
+
+    graphdef, state = nnx.split(lstm)
+
+    def ours(p, x):
+        replaced = jax.tree.map(lambda a: a, state)
+        replaced.replace_by_pure_dict(p)
+        return nnx.merge(graphdef, replaced)(x)
+
+    got = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(lambda p, x: loss(_reference_lstm, p, x), argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lstm(x)[0], _reference_lstm(params, x)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 3), (3, 14, 14, 5), (1, 2, 4, 1)])
+def test_max_pool_matches_flax_values_and_gradients(shape):
+    x = jax.random.normal(jax.random.key(3), shape)  # distinct values: a unique max per window
+    ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(max_pool_2x2(x), ref(x))
+    loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.arange(pool(x).size).reshape(pool(x).shape)))  # noqa: E731
+    np.testing.assert_array_equal(loss(max_pool_2x2)(x), loss(ref)(x))
