@@ -8,6 +8,7 @@
 # a git-ignored folder inside the repository and pass it as DATA_DIR (default: ./data).
 # lightning may be missing there; that variant is then recorded as skipped.
 #
+# TTA_LIMIT and THROUGHPUT_LIMIT (seconds) override the phase limits below.
 # Phases, each with its own time limit so that one slow phase cannot eat the others; every
 # phase writes results.json/results.md/plots into its own folder under $OUT as it goes:
 #   1. cnn_tta_cold: CNN to 99% test accuracy, fresh JAX persistent compilation cache.
@@ -36,7 +37,7 @@ if [ "$TINY" = 1 ]; then
     THROUGHPUT=(--tiny)
 else
     MODE=(--models cnn --batch-sizes 128 --variants jax_fused --repeats 1)
-    TTA="cnn:0.99:6:jax_fused+torch_memory"; LIMIT=120
+    TTA="cnn:0.99:6:jax_fused+torch_memory"; LIMIT=${TTA_LIMIT:-120}
     THROUGHPUT=(--variants jax_fused,jax_step,jax_trainer,torch_memory,torch_compile,lightning --repeats 3
                 --window-samples 12800)
 fi
@@ -47,7 +48,7 @@ for phase in cnn_tta_cold cnn_tta_warm; do
         --tta "$TTA" --tta-batch-size 128 --tta-evals-per-epoch 4 > "$OUT/$phase.log" 2>&1 || status=$?
     tail -n 25 "$OUT/$phase.log"
 done
-timeout "$([ "$TINY" = 1 ] && echo 300 || echo 270)" python -m benchmarks.run "${THROUGHPUT[@]}" \
+timeout "$([ "$TINY" = 1 ] && echo 300 || echo "${THROUGHPUT_LIMIT:-270}")" python -m benchmarks.run "${THROUGHPUT[@]}" \
     --data-dir "$DATA_DIR" --out "$OUT/throughput" --no-tta > "$OUT/throughput.log" 2>&1 || status=$?
 tail -n 40 "$OUT/throughput.log"
 exit $status

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU check in one prepared run, for a device lease of a few minutes:
+#   1. issue 5: mlp and cnn under the single, pmap and sharded strategies (benchmarks/gpu_strategies.py)
+#   2. issue 6: the benchmark suite (benchmarks/gpu.sh: CNN to 99% cold and warm, throughput)
+# Results land in a temporary folder and come back as one archive, $OUT/gpu_results.tgz
+# (the device tool returns at most 8 files).
+#
+#   OUT=/some/folder DATA_DIR=folder/holding/MNIST bash benchmarks/gpu_all.sh
+#
+# Phase limits (seconds): STRATEGY_LIMIT (default 100), TTA_LIMIT (each of two, 100),
+# THROUGHPUT_LIMIT (200): about 8.5 minutes at most in all.
+set -u
+: "${OUT:?set OUT to the folder that receives gpu_results.tgz}"
+DATA_DIR=${DATA_DIR:-.gpu_data}
+RES=$(mktemp -d)
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+mkdir -p "$OUT"
+pack() { tar czf "$OUT/gpu_results.tgz" -C "$RES" . ; }
+trap pack EXIT
+
+timeout "${STRATEGY_LIMIT:-100}" python benchmarks/gpu_strategies.py --data-dir "$DATA_DIR" \
+    --out "$RES/strategies" > "$RES/strategies.log" 2>&1
+echo "strategies: exit $?"
+tail -n 20 "$RES/strategies.log"
+pack
+OUT="$RES/suite" DATA_DIR="$DATA_DIR" TTA_LIMIT="${TTA_LIMIT:-100}" \
+    THROUGHPUT_LIMIT="${THROUGHPUT_LIMIT:-200}" bash benchmarks/gpu.sh
+echo "suite: exit $?"
