@@ -1,8 +1,8 @@
 """Step-level parity, levels 1-4, for all six models; the checker finds planted divergences.
 
 Every case starts both frameworks from the same (converted) weights and feeds them the same
-batches (``epoch_order``), on 2000 training examples: 62.5 batches of 32, so 100 steps cross an
-epoch boundary after a padded last batch.
+batches (``epoch_order``), on 2000 training examples: 31.25 batches of 64, so 100 steps cross
+three epoch boundaries and three padded last batches.
 """
 
 import functools
@@ -22,7 +22,7 @@ OPTIMIZERS = {"sgd": ("sgd", {}), "sgd+momentum": ("sgd", {"momentum": 0.9}),
 OTHER_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 
 
-BATCH = 32
+BATCH = 64
 
 
 def steps_for(model: str, opt: str) -> int:
