@@ -32,9 +32,13 @@ def test_compare_command_writes_table_json_markdown_and_plot(cli, tmp_path):
     (["--torch-threads", "0"], "--torch-threads must be >= 1"),
     (["--model", "resnet"], "invalid choice: 'resnet'"),
 ])
-def test_compare_rejects_bad_flags(cli, flags, message, tmp_path):
-    proc = cli("jaxlight", "compare", *flags, "--out", str(tmp_path))
-    assert proc.returncode != 0 and message in proc.stderr + proc.stdout
+def test_compare_rejects_bad_flags(flags, message, tmp_path, capsys):
+    from jaxlight.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # in-process: the flags are checked before any training
+        main(["compare", *flags, "--out", str(tmp_path)])
+    assert exc.value.code != 0 and message in f"{exc.value.code} {capsys.readouterr().err}"
+    assert not (tmp_path / "compare.json").exists()
 
 
 def _payload(metric, jax_values, torch_values, agree):
