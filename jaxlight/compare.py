@@ -36,7 +36,7 @@ __all__ = ["RunResult", "Z_SCORE", "FLOORS", "run_jaxlight", "run_torch", "agree
            "render_markdown", "render_table", "plot_curves", "compare_parser", "run_compare"]
 
 Z_SCORE = 3.0
-FLOORS = {"accuracy": 0.003, "mse": 0.05}  # accuracy: absolute; mse: relative to the mean
+FLOORS = {"accuracy": 0.003, "mse": 0.05}  # accuracy: absolute (0.3 points); mse: relative to the mean
 FRAMEWORKS = ("jaxlight", "torch")
 
 
@@ -196,8 +196,8 @@ def compare(recipe: Recipe, seeds: list[int], data_dir=None, log=print, torch_th
         "frameworks": summaries,
         "difference": diff,
         "tolerance": tol,
-        "tolerance_rule": f"max({Z_SCORE:g} * sqrt(std_jax^2/K + std_torch^2/K), floor {FLOORS[metric]:g}"
-                          + (" * mean" if metric == "mse" else "") + ")",
+        "tolerance_rule": f"max({Z_SCORE:g} * sqrt(std_jax^2/K + std_torch^2/K), "
+                          + (f"{100 * FLOORS[metric]:g} accuracy points)" if metric == "accuracy" else f"{FLOORS[metric]:g} * mean mse)"),
         "agree": bool(abs(diff) <= tol),
         "versions": report.library_versions("jax", "jaxlib", "flax", "optax", "torch", "numpy"),
         "torch_threads": threads,

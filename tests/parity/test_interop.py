@@ -204,3 +204,17 @@ def test_amsgrad_state_is_refused_not_dropped():
     optimizer.step()
     with pytest.raises(ConversionError, match="max_exp_avg_sq"):
         optimizer_to_numpy(optimizer, model)
+
+
+def test_jaxlight_never_imports_torch():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    code = ("import sys, jaxlight, jaxlight.interop, jaxlight.parity, jaxlight.compare, jaxlight.cli; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    assert out.stdout.strip() == "False"

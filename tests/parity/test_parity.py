@@ -22,6 +22,9 @@ OPTIMIZERS = {"sgd": ("sgd", {}), "sgd+momentum": ("sgd", {"momentum": 0.9}),
 OTHER_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 
 
+BATCH = 64
+
+
 def steps_for(model: str, opt: str) -> int:
     recipe_opt = recipe_for(model).optimizer
     return 100 if opt in (recipe_opt, "sgd+momentum") else 1
@@ -53,11 +56,18 @@ def run(model, opt, datasets, jax_model, steps=None, **kwargs):
     kwargs.setdefault("tolerances", TOLERANCES.get((model, opt)))
     return check_parity(kwargs.pop("torch_model", None) or torch_ref.build_model(model, seed=0), jax_model(model),
                         model, task=recipe.task, data=datasets(recipe.dataset), optimizer=name, lr=lr,
-                        optimizer_kwargs=kw, batch_size=64, steps=steps or steps_for(model, opt), seed=0, **kwargs)
+                        optimizer_kwargs=kw, batch_size=BATCH, steps=steps or steps_for(model, opt), seed=0, **kwargs)
 
 
-@pytest.mark.parametrize("opt", list(OPTIMIZERS))
-@pytest.mark.parametrize("model", MODELS)
+def _cases():
+    # The convolutional and recurrent trajectories take 20-60 s on 2 cores: marked slow.
+    for model in MODELS:
+        for opt in OPTIMIZERS:
+            slow = model in ("cnn", "lstm") and steps_for(model, opt) > 1
+            yield pytest.param(model, opt, marks=[pytest.mark.slow] if slow else [], id=f"{model}-{opt}")
+
+
+@pytest.mark.parametrize("model, opt", list(_cases()))
 def test_levels_1_to_4(model, opt, datasets, jax_model):
     report = run(model, opt, datasets, jax_model)
     print(report)
@@ -101,12 +111,12 @@ def test_finds_a_planted_divergence_at_its_step_and_parameter(datasets, jax_mode
 
 
 def test_finds_a_planted_gradient_bug(datasets, jax_model):
-    tmodel = torch_ref.build_model("cnn", seed=0)
-    tmodel.conv2.weight.register_hook(lambda g: g * 1.01)  # a 1 % error in one layer's backward
-    report = check_parity(tmodel, jax_model("cnn"), "cnn", task="multiclass", data=datasets("mnist"),
+    tmodel = torch_ref.build_model("mlp", seed=0)
+    tmodel.fc2.weight.register_hook(lambda g: g * 1.01)  # a 1 % error in one layer's backward
+    report = check_parity(tmodel, jax_model("mlp"), "mlp", task="multiclass", data=datasets("mnist"),
                           optimizer="sgd", lr=0.01, steps=1)
     d = report.divergence
-    assert (d.level, d.step, d.name) == ("grad", 0, "conv2.weight"), str(report)
+    assert (d.level, d.step, d.name) == ("grad", 0, "fc2.weight"), str(report)
     assert report.worst["forward"][0] < 1e-6  # forward was fine
 
 
@@ -223,4 +233,5 @@ def test_switch_frameworks_mid_training(direction, opt, datasets, jax_model):
         _torch_steps(tmodel, make_t(tmodel), data, 0, 20)
         state = interop.state_from_torch(fresh_state(), "mlp", state_dict_to_numpy(tmodel), step=20)
         lost = interop.params_to_torch(_jax_steps(state, data, 20, 40).params, "mlp")
-        assert max(np.abs(lost[k] - v).max() for k, v in state_dict_to_numpy(reference).items()) > 10 * tol.atol
+        assert not all(np.allclose(lost[k], v, rtol=tol.rtol, atol=tol.atol)
+                       for k, v in state_dict_to_numpy(reference).items())
