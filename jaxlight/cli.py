@@ -40,7 +40,7 @@ def parallel_flags(p: argparse.ArgumentParser) -> None:
                         "on the CPU this many fake devices are created")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process run first (jax.distributed.initialize; see "
-                        "python -m jaxlight.launch and docs/parallel.md)")
+                        "python -m jaxlight.launch and the README)")
 
 
 def _fake_cpu_devices(count: int | None) -> None:

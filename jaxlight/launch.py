@@ -9,7 +9,7 @@ command line of ``python`` itself (``-m module args`` or ``script.py args``).
 
 This is the one-machine counterpart of ``torchrun --nproc_per_node``. On a cluster the
 scheduler starts the processes instead (``srun``, a TPU pod's ``gcloud ... --worker=all``) and
-``jax.distributed.initialize()`` finds its peers itself; see ``docs/parallel.md``.
+``jax.distributed.initialize()`` finds its peers itself; see ``the README``.
 
 Failure handling: when a process exits with an error, the others are given ``--grace``
 seconds to stop on their own (JAX's coordination service notices the missing heartbeats and

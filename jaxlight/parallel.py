@@ -28,7 +28,7 @@ gathers its batch from it by index, on every device, with no host transfer.
 Multi-process (several hosts, or several processes on one host): call :func:`initialize` first;
 the mesh then spans every process's devices and each process feeds only its own rows of each
 global batch (:meth:`Strategy.iterate_batches`), built into global arrays with
-``jax.make_array_from_process_local_data``. See ``docs/parallel.md`` and ``jaxlight.launch``.
+``jax.make_array_from_process_local_data``. See ``the README`` and ``jaxlight.launch``.
 
 Example:
     >>> from jaxlight import parallel, loop                                   # doctest: +SKIP

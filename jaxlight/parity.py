@@ -17,7 +17,7 @@ the JAX steps, so what is checked is what trains.
 
 An element ``a`` (jaxlight) against ``b`` (torch) is within tolerance when
 ``|a - b| <= atol + rtol * |b|`` (``numpy.allclose``'s rule). The defaults
-(:data:`DEFAULT_TOLERANCES`) hold for the six models in float32 on CPU; see ``docs/parity.md``
+(:data:`DEFAULT_TOLERANCES`) hold for the six models in float32 on CPU; see ``the README``
 for the measured worst cases. Why ``step``/``trajectory`` need more room than ``grad``: Adam
 divides by ``sqrt(v) + eps``, so a gradient that is ~0 by cancellation (its float32 rounding
 differs between libraries) can move by up to ``lr`` in either direction on the first step.

@@ -237,7 +237,7 @@ def test_cli_impossible_parallel_flags_exit_with_a_clear_error(args, message, ca
 def test_cli_trains_on_8_fake_devices_to_single_device_accuracy(name, cli, data_dir, tmp_path):
     """``jaxlight train --strategy NAME --devices 8`` on full MNIST, one epoch of the mlp recipe.
     One device reaches 0.9535 with this recipe; float32 chaos over 938 steps moves a run by a
-    few tenths of a percent (docs/parallel.md), so the bar is 0.945."""
+    few tenths of a percent (the README), so the bar is 0.945."""
     result = cli("jaxlight", "train", "--model", "mlp", "--epochs", "1", "--strategy", name,
                  "--devices", "8", "--data-dir", str(data_dir), "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

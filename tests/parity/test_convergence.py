@@ -5,7 +5,7 @@ Each framework draws its own initial weights and shuffles with its own generator
 (``jaxlight.compare``). The mean test accuracies must agree within
 ``max(3 * sqrt(std_jax^2/K + std_torch^2/K), 0.3 points)`` (``compare.agreement_tolerance``),
 and both must meet the accuracy floor for the settings used. Settings are cut to fit the test
-budget on 2 CPU cores; ``docs/parity.md`` has the longer runs.
+budget on 2 CPU cores; ``the README`` has the longer runs.
 """
 
 import numpy as np
