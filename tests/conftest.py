@@ -45,3 +45,13 @@ def cli():
         return run_module(modules[program], *args, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def small_mnist(mnist):
+    """``(train, test)`` ArrayDatasets of 320 and 200 real MNIST examples: fast Trainer tests."""
+    from jaxlight.data import ArrayDataset
+
+    train, test = mnist
+    return ArrayDataset(train.images[:320], train.labels[:320]), ArrayDataset(test.images[:200], test.labels[:200])
+

@@ -10,7 +10,6 @@ import pytest
 from jaxlight import build_model, create_train_state, optim, tasks
 from jaxlight.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar, current_lr
 from jaxlight.checkpoint import list_checkpoints
-from jaxlight.data import ArrayDataset
 from jaxlight.trainer import Trainer, TrainerConfig
 
 ADAM = optim.adam(1e-2)
@@ -53,10 +52,9 @@ def test_model_checkpoint_rejects_bad_settings(tmp_path, kw, match):
         ModelCheckpoint(tmp_path, **kw)
 
 
-@pytest.fixture(scope="module")
-def data(mnist):
-    train, test = mnist
-    return ArrayDataset(train.images[:320], train.labels[:320]), ArrayDataset(test.images[:200], test.labels[:200])
+@pytest.fixture
+def data(small_mnist):
+    return small_mnist
 
 
 def _state():

@@ -8,7 +8,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from jaxlight import build_model, create_train_state, optim, tasks
 from jaxlight.callbacks import ModelCheckpoint
-from jaxlight.data import ArrayDataset
 from jaxlight.loggers import CSVLogger, TensorBoardLogger
 from jaxlight.trainer import Trainer, TrainerConfig
 
@@ -17,10 +16,9 @@ STEP_TAGS = {"train_loss_step", "train_accuracy_step"}
 EPOCH_TAGS = {"epoch", "train_loss_epoch", "train_accuracy_epoch", "val_loss", "val_accuracy"}
 
 
-@pytest.fixture(scope="module")
-def data(mnist):
-    train, test = mnist
-    return ArrayDataset(train.images[:320], train.labels[:320]), ArrayDataset(test.images[:200], test.labels[:200])
+@pytest.fixture
+def data(small_mnist):
+    return small_mnist
 
 
 def _state():
