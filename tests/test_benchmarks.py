@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
+from _support import ROOT, run_module
 
 
 @pytest.fixture(scope="module")
