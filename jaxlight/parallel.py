@@ -405,7 +405,11 @@ class _Replicated(Strategy):
         return self.replicated
 
     def _is_replicated(self, a) -> bool:
-        return isinstance(a, jax.Array) and a.sharding.is_equivalent_to(self.replicated, a.ndim)
+        # ``committed`` too: on a 1-device mesh a fresh state's uncommitted arrays are
+        # "equivalent" to the replicated layout, but jit keys its cache on commitment, so the
+        # second epoch (fed the committed outputs of the first) would compile everything again.
+        return (isinstance(a, jax.Array) and a.committed
+                and a.sharding.is_equivalent_to(self.replicated, a.ndim))
 
     def prepare_state(self, state: TrainState) -> TrainState:
         if self._is_replicated(state.step):
