@@ -8,8 +8,11 @@ On a CPU, tiny (a 1024-example subset, a few seconds per run plus compilation):
 
     python benchmarks/gpu_strategies.py --tiny --out /tmp/strategies
 
-Each run trains ``--epochs`` epochs (default 2) on MNIST; epoch 1 includes compilation, the
-last epoch is the steady-state time (``steady_epoch_s``, and ``examples_per_s`` from it). Every
+Each run trains ``--epochs`` epochs (default 3) on MNIST; epoch 1 includes compilation, the
+last epoch is the steady-state time (``steady_epoch_s``, and ``examples_per_s`` from it).
+``compiles_after_first_epoch`` counts XLA compilations after epoch 1: anything but 0 means the
+steady epoch timed a compiler, not training (how the first H200 run's pmap/sharded epochs came
+out 15-40x slower than single: a 1-device mesh recompiled in epoch 2, fixed since). Every
 strategy runs on 1 device and, where more exist, on all of them. ``max_abs_param_diff`` is the
 largest difference of the final parameters from the ``single`` run of the same model: the
 strategies compute the same thing, so it should stay around 1e-5 or below.
@@ -45,9 +48,20 @@ def run_one(model: str, strategy_name: str, devices: int, train, test, epochs: i
     strategy = parallel.make_strategy(strategy_name, devices if strategy_name != "single" else None)
     state = create_train_state(build_model(model, 0), optim.make_optimizer(recipe.optimizer, recipe.lr),
                                tasks.multiclass(), 0)
-    t0 = time.perf_counter()
-    state, history = loop.fit(state, train, epochs, batch_size, strategy=strategy)
-    total = time.perf_counter() - t0
+    compiles, epoch_ends = [], []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        t0 = time.perf_counter()
+        state, history = loop.fit(state, train, epochs, batch_size, strategy=strategy,
+                                  on_epoch=lambda r: epoch_ends.append(len(compiles)))
+        total = time.perf_counter() - t0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
     metrics = loop.evaluate(state, strategy.prepare_data(test), strategy=strategy)
     params = [np.asarray(p) for p in jax.tree.leaves(parallel.to_host_state(state).params)]
     steady = history[-1].seconds
@@ -62,6 +76,7 @@ def run_one(model: str, strategy_name: str, devices: int, train, test, epochs: i
         "steady_epoch_s": steady,
         "examples_per_s": len(train) / steady,
         "total_train_s": total,
+        "compiles_after_first_epoch": epoch_ends[-1] - epoch_ends[0],
         "train_loss": history[-1].metrics["loss"],
         "train_accuracy": history[-1].metrics["accuracy"],
         "test_accuracy": metrics["accuracy"],
@@ -75,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a 1024/500-example subset (CPU smoke run)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--strategies", nargs="+", default=["single", "pmap", "sharded"])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data-dir", default=os.environ.get("JAXLIGHT_DATA"))
     args = parser.parse_args(argv)
@@ -118,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:4s} {name:8s} x{n}  first epoch {result['first_epoch_s']:7.2f} s  "
                       f"steady {result['steady_epoch_s']:7.3f} s  {result['examples_per_s']:10.0f} ex/s  "
                       f"test acc {result['test_accuracy']:.4f}  "
-                      f"max|dp| {result.get('max_abs_param_diff', float('nan')):.2e}", flush=True)
+                      f"max|dp| {result.get('max_abs_param_diff', float('nan')):.2e}  "
+                      f"recompiles {result['compiles_after_first_epoch']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "strategies.json").write_text(json.dumps({"environment": env, "runs": runs}, indent=2))

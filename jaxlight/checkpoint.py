@@ -47,6 +47,7 @@ __all__ = [
     "list_checkpoints",
     "prune_checkpoints",
     "restore_checkpoint",
+    "step_dir",
     "restore_latest",
     "save_checkpoint",
     "verify_checkpoint",
@@ -68,8 +69,9 @@ class CheckpointWarning(UserWarning):
     """A corrupt or incomplete checkpoint was skipped in favour of an older one."""
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:09d}"
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    """The folder the checkpoint of ``step`` has under ``root``: ``<root>/step_000000123``."""
+    return Path(root) / f"step_{step:09d}"
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -157,6 +159,19 @@ def _leaves(state: TrainState):
     return [(jax.tree_util.keystr(p), jax.random.key_data(v) if _is_key(v) else v) for p, v in flat]
 
 
+def _checkpointer():
+    """Orbax for this process alone. The arrays reach it as numpy (replicated state, gathered
+    first), so no process needs another: in a multi-process run process 0 writes alone (see
+    ``Trainer.save_checkpoint``) and every process restores on its own. Orbax's default would
+    wait in a barrier for processes that never call it."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                            multiprocessing_options=options)
+
+
 def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | None = None) -> Path:
     """Write ``state`` and ``meta`` to ``<root>/step_<state.step>/`` atomically.
 
@@ -183,16 +198,14 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
                 raise CheckpointError(f"refusing to save a checkpoint to {root}: state{name} holds "
                                       f"NaN or Inf")
     step = int(np.asarray(state.step))
-    final = _step_dir(root, step)
+    final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):
             _remove(stale)
         tmp.mkdir()
-        import orbax.checkpoint as ocp
-
-        ocp.PyTreeCheckpointer().save((tmp / "arrays").absolute(),
+        _checkpointer().save((tmp / "arrays").absolute(),
                                       {f"{i:06d}": np.asarray(a) for i, a in enumerate(host)})
         record = {
             "format": FORMAT_VERSION,
@@ -260,9 +273,7 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[T
     if len(saved) != len(flat):
         raise CheckpointError(f"{path} holds {len(saved)} arrays but the state has {len(flat)}: "
                               f"was it saved with another model or optimizer chain?")
-    import orbax.checkpoint as ocp
-
-    arrays = ocp.PyTreeCheckpointer().restore((path / "arrays").absolute())
+    arrays = _checkpointer().restore((path / "arrays").absolute())
     leaves = []
     for i, ((key_path, ref), spec) in enumerate(zip(flat, saved)):
         arr = np.asarray(arrays[f"{i:06d}"])

@@ -115,23 +115,9 @@ def run_train(args: argparse.Namespace) -> dict:
           f"{strategy.name} on {strategy.num_devices} device(s)"
           + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""),
           flush=True)
-    if strategy.name == "single" and jax.process_count() == 1:
-        state, results = fit_with_trainer(args, recipe, state, train)
-        if results is None:  # stopped by SIGTERM after saving a checkpoint
-            return {}
-    else:
-        # Data-parallel runs go through the functional loop; the Trainer runs one device.
-        if args.ckpt_dir or args.val_split or args.logger != "none":
-            raise SystemExit("error: --ckpt-dir, --val-split and --logger run through the Trainer, "
-                             "which trains on one device: use them with --strategy single")
-        from jaxlight.loop import fit
-
-        state, results = fit(
-            state, train, recipe.epochs, recipe.batch_size,
-            on_epoch=lambda r: print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True),
-            progress=report.progress_bar(recipe.epochs) if lead else None,
-            strategy=strategy,
-        )
+    state, results = fit_with_trainer(args, recipe, state, train)
+    if results is None:  # stopped by SIGTERM after saving a checkpoint
+        return {}
     test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
     extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
     if strategy.name != "single":  # (a single-device metrics.json keeps torch-ref's keys)
@@ -193,6 +179,8 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
                       f"{trainer.batch}, step {trainer.global_step})", flush=True)
 
         def on_epoch_end(self, trainer, state, metrics):
+            if not trainer.is_global_zero:  # (one process of a multi-process run speaks)
+                return
             r = trainer.history[-1]
             print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True)
 
@@ -205,7 +193,8 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
         out = Path(args.out or f"runs/jaxlight-{recipe.model}")
         loggers.append(LOGGERS[args.logger](args.log_dir or out / "logs"))
     config = TrainerConfig(max_epochs=recipe.epochs, batch_size=recipe.batch_size,
-                           steps_per_execution=args.steps_per_execution)
+                           steps_per_execution=args.steps_per_execution,
+                           strategy=getattr(args, "strategy", "single"), devices=getattr(args, "devices", None))
     return Trainer(config, callbacks=callbacks, loggers=loggers)
 
 

@@ -70,6 +70,7 @@ __all__ = [
     "layout_of",
     "initialize",
     "is_multiprocess",
+    "barrier",
 ]
 
 AXIS = "data"
@@ -151,6 +152,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds,
                                initialization_timeout=initialization_timeout)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of a multi-process run gets here (a no-op in one process).
+
+    ``name`` must be the same in every process and differ between barriers. A process that died
+    is noticed by the coordination service (see :func:`initialize`'s heartbeat timeout).
+    """
+    if is_multiprocess():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _put_global(x, sharding: NamedSharding):
@@ -248,7 +261,7 @@ def _pmap_eval_step(state: TrainState, batch):
     return _reduce_metrics(_step._eval_step(state, batch))
 
 
-def _chunk(step_fn, state, data_x, data_y, idx, mask, start, steps: int, constrain=None):
+def _chunk(step_fn, state, data_x, data_y, idx, mask, start, steps: int, constrain=None, unroll=False):
     idx_k = jax.lax.dynamic_slice_in_dim(idx, start, steps)
     mask_k = jax.lax.dynamic_slice_in_dim(mask, start, steps)
 
@@ -258,7 +271,7 @@ def _chunk(step_fn, state, data_x, data_y, idx, mask, start, steps: int, constra
             batch = constrain(batch)
         return step_fn(state, batch)
 
-    return _step._scan_steps(body, state, (idx_k, mask_k), steps)
+    return _step._scan_steps(body, state, (idx_k, mask_k), steps, unroll)
 
 
 def _eval_as_scan_body(eval_fn):
@@ -283,7 +296,8 @@ class Strategy:
     - ``prepare_state(state)``: the state in this strategy's layout (a no-op when it already is).
     - ``prepare_data(dataset)``: the dataset on the devices, for the fused path.
     - ``prepare_indices(idx, mask)``: an epoch's ``(num_batches, B)`` order, once per epoch.
-    - ``train_chunk`` / ``eval_chunk``: K fused steps, the signature of ``jaxlight.step``'s.
+    - ``train_chunk`` / ``eval_chunk``: K fused steps, the signature of ``jaxlight.step``'s
+      (``unroll`` too: see ``jaxlight.step.needs_unroll``).
     - ``iterate_batches`` + ``train_step`` / ``eval_step``: the host-streamed path; in a
       multi-process run each process yields and feeds only its own rows.
     - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
@@ -370,8 +384,8 @@ class SingleDevice(Strategy):
     def prepare_indices(self, idx, mask):
         return idx, mask
 
-    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
-        return _step.train_chunk(state, data_x, data_y, idx, mask, steps, start)
+    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
+        return _step.train_chunk(state, data_x, data_y, idx, mask, steps, start, unroll=unroll)
 
     def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
         return _step.eval_chunk(state, data_x, data_y, idx, mask, steps, start)
@@ -500,11 +514,11 @@ class Pmap(_Replicated):
         """One pmapped program per (train|eval, K): K is a Python constant of the scan."""
         return {}
 
-    def _train_chunk(self, steps: int):
-        key = ("train", steps)
+    def _train_chunk(self, steps: int, unroll: bool = False):
+        key = ("train", steps, unroll)
         if key not in self._chunk_programs:
             fn = lambda state, x, y, idx, mask, start: _chunk(  # noqa: E731
-                _pmap_train_step, state, x, y, idx, mask, start, steps)
+                _pmap_train_step, state, x, y, idx, mask, start, steps, unroll=unroll)
             self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None), donate=(0,))
         return self._chunk_programs[key]
 
@@ -524,9 +538,9 @@ class Pmap(_Replicated):
         split = lambda a: np.ascontiguousarray(np.asarray(a).reshape(nb, n, b // n).transpose(1, 0, 2))  # noqa: E731
         return (_put_global(split(idx), self.batch_sharding), _put_global(split(mask), self.batch_sharding))
 
-    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
-        return self._train_chunk(steps)(state, data_x, data_y, idx, mask, start)
+        return self._train_chunk(steps, unroll)(state, data_x, data_y, idx, mask, start)
 
     def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
         return self._eval_chunk(steps)(state, data_x, data_y, idx, mask, start)
@@ -556,9 +570,9 @@ class Sharded(_Replicated):
 
     @functools.cached_property
     def _train_chunk_jit(self):
-        fn = lambda state, x, y, idx, mask, start, steps: _chunk(  # noqa: E731
-            _step._train_step, state, x, y, idx, mask, start, steps, self._constrain)
-        return jax.jit(fn, static_argnums=6, donate_argnums=0,
+        fn = lambda state, x, y, idx, mask, start, steps, unroll: _chunk(  # noqa: E731
+            _step._train_step, state, x, y, idx, mask, start, steps, self._constrain, unroll)
+        return jax.jit(fn, static_argnums=(6, 7), donate_argnums=0,
                        out_shardings=(self.replicated, self.replicated))
 
     @functools.cached_property
@@ -568,9 +582,9 @@ class Sharded(_Replicated):
             body, state, x, y, idx, mask, start, steps, self._constrain)[1]
         return jax.jit(fn, static_argnums=6, out_shardings=self.replicated)
 
-    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
+    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
-        return self._train_chunk_jit(state, data_x, data_y, idx, mask, start, steps)
+        return self._train_chunk_jit(state, data_x, data_y, idx, mask, start, steps, unroll)
 
     def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
         return self._eval_chunk_jit(state, data_x, data_y, idx, mask, start, steps)

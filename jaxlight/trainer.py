@@ -8,6 +8,11 @@ often the host gets control (K = 1: every step; K = an epoch: once per epoch, th
 dense models; the default follows ``jaxlight.step.default_steps_per_call``). Chunks also end on
 the steps that validation or checkpointing asked for, so those happen exactly where requested.
 
+Data parallelism is one config field (``strategy="pmap"|"sharded"``, ``devices=n``): the chunk
+is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
+same numbers to float32 rounding; nothing else in the loop changes. Checkpoints hold a plain
+single-device state, so a run resumes under any strategy and device count.
+
 Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` -> ``_run_epoch`` ->
 ``_end_chunk`` / ``_end_epoch``.
 
@@ -41,13 +46,14 @@ import numpy as np
 import optax
 
 from jaxlight import checkpoint as ckpt
+from jaxlight import parallel
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.data.arrays import ArrayDataset, batch_indices, gather_batch, num_batches
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, check_dataset, evaluate, summarize
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
-from jaxlight.step import _forward, default_steps_per_call, needs_unroll, train_chunk, train_step
+from jaxlight.step import _forward, default_steps_per_call, needs_unroll
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
 
@@ -89,6 +95,13 @@ class TrainerConfig:
         handle_sigterm: on SIGTERM, finish the running chunk, save through the first
             ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True).
         enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
+        strategy: "single", "pmap" or "sharded" (``jaxlight.parallel``): the global batch of
+            ``batch_size`` examples is split over ``devices`` devices, gradients and metrics are
+            reduced over all of them, parameters stay replicated. Results match one device
+            within float32 rounding (``tests/test_trainer_parallel.py``); checkpoints hold a
+            plain single-device state, so they restore under any strategy and device count.
+        devices: how many devices (default: 1 for "single", every device otherwise; a
+            multi-process run always uses every process's devices).
     """
 
     max_epochs: int = 1
@@ -107,6 +120,8 @@ class TrainerConfig:
     overfit_batches: int = 0
     handle_sigterm: bool = True
     enable_progress_bar: bool = True
+    strategy: str = "single"
+    devices: int | None = None
 
     def __post_init__(self):
         positive = ["max_epochs", "batch_size", "eval_batch_size", "log_every_n_steps", "accumulate_grad_batches"]
@@ -124,6 +139,11 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.nan_policy not in ("raise", "skip"):
             raise ValueError(f"TrainerConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
+        if self.strategy not in parallel.STRATEGIES:
+            raise ValueError(f"TrainerConfig.strategy must be one of {list(parallel.STRATEGIES)}, got {self.strategy!r}")
+        if self.devices is not None and not (isinstance(self.devices, int) and not isinstance(self.devices, bool)
+                                             and self.devices >= 1):
+            raise ValueError(f"TrainerConfig.devices must be an int >= 1 or None, got {self.devices!r}")
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
@@ -186,6 +206,9 @@ class Trainer:
         if len(set(keys)) != len(keys):
             raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
         self._wrapped: tuple | None = None
+        # Resolved now, so that a device count that does not exist fails before any data loads.
+        self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
+        self.strategy.check_batch_size(self.config.batch_size)
         self._reset()
 
     def _reset(self):
@@ -207,13 +230,23 @@ class Trainer:
         return self.config.fast_dev_run > 0
 
     @property
+    def is_global_zero(self) -> bool:
+        """True in the process that writes (checkpoints, logs, progress): process 0 of a
+        multi-process run, always in a single-process one."""
+        return jax.process_index() == 0
+
+    @property
     def active_callbacks(self) -> list[Callback]:
-        """Callbacks that run in this mode (``fast_dev_run`` drops checkpointing)."""
-        return [c for c in self.callbacks if not (self._fast_dev and isinstance(c, ModelCheckpoint))]
+        """Callbacks that run in this mode (``fast_dev_run`` drops checkpointing; processes other
+        than 0 show no progress bar). Every process runs ModelCheckpoint, to keep the same
+        bookkeeping; only process 0 writes (:meth:`save_checkpoint`)."""
+        return [c for c in self.callbacks
+                if not (self._fast_dev and isinstance(c, ModelCheckpoint))
+                and not (isinstance(c, ProgressBar) and not self.is_global_zero)]
 
     @property
     def active_loggers(self) -> list[Logger]:
-        return [] if self._fast_dev else self.loggers
+        return [] if self._fast_dev or not self.is_global_zero else self.loggers
 
     def prepare(self, state: TrainState) -> TrainState:
         """Apply the config to a fresh state: wrap its optimizer (:func:`wrap_optimizer`) and set
@@ -270,8 +303,8 @@ class Trainer:
         if val_data is not None:
             check_dataset(state, val_data, "validation set")
         train, val, self._shuffle = self._select_data(train_data, val_data)
-        self._train = train.to_device() if train.fits_on_device() else train
-        self._val = val.to_device() if val is not None and val.fits_on_device() else val
+        self._train = self._to_device(train)
+        self._val = self._to_device(val)
         self._num_examples = len(train)
         self.num_batches = nb = num_batches(len(train), cfg.batch_size)
         self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
@@ -282,6 +315,7 @@ class Trainer:
         self.epoch, self.batch = divmod(self.global_step, nb)
         if ckpt_path is not None:
             state = self._restore(state, ckpt_path)
+        state = self.strategy.prepare_state(state)
         if self.global_step == 0:
             hparams = {k: v for k, v in dataclasses.asdict(cfg).items()}
             for logger in self.active_loggers:
@@ -307,10 +341,18 @@ class Trainer:
         return (self.should_stop or self.epoch >= self.max_epochs
                 or (self._max_steps is not None and self.global_step >= self._max_steps))
 
+    def _to_device(self, data: ArrayDataset | None) -> ArrayDataset | None:
+        """``data`` on the strategy's devices when it fits there; else left in host memory."""
+        if data is None or not data.fits_on_device(jax.local_devices()[0]):
+            return data
+        return self.strategy.prepare_data(data)
+
     def _run_epoch(self, state: TrainState) -> TrainState:
         """The rest of epoch ``self.epoch`` from batch ``self.batch``, in chunks."""
         key = jax.random.fold_in(state.rng, self.epoch)
         idx, mask = batch_indices(key, self._num_examples, self.config.batch_size, self._shuffle)
+        if isinstance(self._train.x, jax.Array):
+            idx, mask = self.strategy.prepare_indices(idx, mask)  # each device's columns
         while self.batch < self.num_batches:
             steps = self._chunk_length()
             t0 = time.perf_counter()
@@ -338,7 +380,7 @@ class Trainer:
         return steps
 
     def _train_chunk(self, state, idx, mask, steps):
-        data = self._train
+        data, strategy = self._train, self.strategy
         if isinstance(data.x, jax.Array):
             # ``steps`` is static in train_chunk: every new length compiles a new program. A
             # length other than K (cut short by an epoch end, a requested step, a resume) runs
@@ -348,15 +390,16 @@ class Trainer:
                                                         if steps >> b & 1]
             out, start = [], self.batch
             for n in pieces:
-                state, m = train_chunk(state, data.x, data.y, idx, mask, n, start, unroll=self._unroll)
+                state, m = strategy.train_chunk(state, data.x, data.y, idx, mask, n, start, unroll=self._unroll)
                 out.append(m)
                 start += n
             return state, jax.tree.map(lambda *m: jnp.concatenate(m), *out)
-        # Host-resident data (too big for the device): the same step, one batch at a time.
-        idx, mask, out = np.asarray(idx), np.asarray(mask), []
-        x, y = np.asarray(data.x), np.asarray(data.y)
+        # Host-resident data (too big for the device): the same step, one batch at a time; each
+        # process reads only the rows of the global batch that its devices hold.
+        rows = strategy.process_rows(self.config.batch_size)
+        idx, mask, out = np.asarray(idx)[:, rows], np.asarray(mask)[:, rows], []
         for b in range(self.batch, self.batch + steps):
-            state, m = train_step(state, gather_batch(x, y, idx[b], mask[b]))
+            state, m = strategy.train_step(state, gather_batch(data.x, data.y, idx[b], mask[b]))
             out.append(m)
         return state, jax.tree.map(lambda *m: jnp.stack(m), *out)
 
@@ -415,9 +458,9 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
 
     def _evaluate(self, state, data: ArrayDataset, prefix: str) -> dict:
-        if not isinstance(data.x, jax.Array) and data.fits_on_device():
-            data = data.to_device()
-        metrics = evaluate(state, data, self.config.eval_batch_size)
+        if not isinstance(data.x, jax.Array):
+            data = self._to_device(data)
+        metrics = evaluate(state, data, self.config.eval_batch_size, strategy=self.strategy)
         return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "count"}
 
     def _validate(self, state) -> dict:
@@ -450,6 +493,7 @@ class Trainer:
         Runs in fixed-size batches (the last one padded) so one program serves any N.
         """
         batch_size = batch_size or self.config.eval_batch_size
+        state = self.strategy.to_host_state(state)  # one device computes it: no collectives needed
         x = np.asarray(x)
         if state.input_shape is not None and tuple(x.shape[1:]) != tuple(state.input_shape):
             raise ValueError(f"predict: x has shape {x.shape}; the model takes (N, {', '.join(map(str, state.input_shape))})")
@@ -489,8 +533,20 @@ class Trainer:
         }
 
     def save_checkpoint(self, state: TrainState, directory: str | Path) -> Path:
-        """Save ``state`` and the trainer's position now (see ``jaxlight.checkpoint``)."""
-        return ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
+        """Save ``state`` and the trainer's position now (see ``jaxlight.checkpoint``).
+
+        The arrays are saved as one plain single-device state whatever the strategy (they are
+        replicated), so the checkpoint restores under any strategy and device count. In a
+        multi-process run every process must call this; process 0 writes (the folder must be
+        on a file system all processes see to resume) and the others wait until it has.
+        """
+        if jax.process_count() == 1:
+            return ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
+        path = ckpt.step_dir(directory, self.global_step)
+        if self.is_global_zero:
+            path = ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
+        parallel.barrier(f"jaxlight-checkpoint-{self.global_step}")
+        return path
 
     def _checkpoint_callback(self) -> ModelCheckpoint | None:
         return next((c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)), None)

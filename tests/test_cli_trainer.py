@@ -38,3 +38,29 @@ def test_resume_continues_to_the_same_result(cli, tmp_path):
 def test_bad_trainer_flags_are_named(cli, tmp_path, flags, message):
     result = cli("jaxlight", "train", "--model", "linear", "--out", str(tmp_path), *flags)
     assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_trainer_flags_work_under_every_strategy_and_resume_across_them(cli, tmp_path):
+    """Checkpoint under ``sharded`` on 4 devices, resume under ``pmap`` on 2: the same run as
+    one device all along, to float32 rounding (the batch is summed in another order)."""
+    common = ["train", "--model", "linear", "--val-split", "0.1"]
+    full = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "full"))
+    first = cli("jaxlight", *common, "--epochs", "2", "--out", str(tmp_path / "first"), "--strategy", "sharded",
+                "--devices", "4", "--ckpt-dir", str(tmp_path / "ckpt"), "--logger", "csv")
+    resumed = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "resumed"), "--strategy", "pmap",
+                  "--devices", "2", "--ckpt-dir", str(tmp_path / "ckpt"), "--resume")
+    for result in (full, first, resumed):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded on 4 device(s)" in first.stdout and "pmap on 2 device(s)" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "epoch 3/4" in resumed.stdout
+    assert (tmp_path / "first" / "logs" / "metrics.csv").is_file()
+    a, b = _summary(tmp_path / "full"), _summary(tmp_path / "resumed")
+    assert (b["strategy"], b["devices"]) == ("pmap", 2)
+    assert len(a["history"]) == len(b["history"]) == 4
+    for ea, eb in zip(a["history"], b["history"]):
+        assert set(ea) == set(eb)
+        for key in ea:
+            assert eb[key] == pytest.approx(ea[key], rel=1e-4, abs=1e-6), key
+    for key in ("test_mse", "weight_error", "bias_error"):
+        assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key

@@ -93,7 +93,8 @@ class ModelCheckpoint(Callback):
         except Exception:
             self.saved, self.scores = before
             raise
-        prune_checkpoints(self.dirpath, keep)
+        if trainer.is_global_zero:  # (in a multi-process run only process 0 touches the folder)
+            prune_checkpoints(self.dirpath, keep)
         return path
 
     @property
