@@ -71,6 +71,7 @@ __all__ = [
     "initialize",
     "is_multiprocess",
     "barrier",
+    "any_process",
 ]
 
 AXIS = "data"
@@ -164,6 +165,16 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True in every process when ``flag`` is True in any (a no-op in one process): for
+    decisions that must be the same everywhere, such as stopping on a signal one process got."""
+    if not is_multiprocess():
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
 def _put_global(x, sharding: NamedSharding):

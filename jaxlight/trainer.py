@@ -93,7 +93,8 @@ class TrainerConfig:
         overfit_batches: n > 0 trains on the first n batches only, unshuffled, and validates
             on them too (a model that cannot overfit them has a bug).
         handle_sigterm: on SIGTERM, finish the running chunk, save through the first
-            ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True).
+            ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True). In a
+            multi-process run a SIGTERM to any process stops all of them at the same step.
         enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
         strategy: "single", "pmap" or "sharded" (``jaxlight.parallel``): the global batch of
             ``batch_size`` examples is split over ``devices`` devices, gradients and metrics are
@@ -360,7 +361,7 @@ class Trainer:
             host = jax.device_get(metrics)  # synchronises: the time below is real
             self._epoch_seconds += time.perf_counter() - t0
             self._end_chunk(state, {k: np.asarray(v) for k, v in host.items()})
-            if self._sigterm or self._done():
+            if self._sigterm_agreed() or self._done():
                 break
         if self.batch == self.num_batches:
             self._end_epoch(state)
@@ -593,6 +594,15 @@ class Trainer:
             self._sigterm = True  # acted on at the next chunk boundary, never inside a step
 
         return signal.signal(signal.SIGTERM, handler)
+
+    def _sigterm_agreed(self) -> bool:
+        """Whether any process got SIGTERM. A scheduler signals processes at slightly different
+        moments; if each acted on its own flag, one would enter the checkpoint barrier while
+        another entered the next step's collective, and both would hang. So in a multi-process
+        run the processes agree at every chunk end (one tiny all-gather) and stop together."""
+        if self.config.handle_sigterm and jax.process_count() > 1:
+            self._sigterm = parallel.any_process(self._sigterm)
+        return self._sigterm
 
     def _restore_sigterm(self, previous) -> None:
         if previous is not None:

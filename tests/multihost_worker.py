@@ -6,7 +6,8 @@ strategy over every process's devices. Process 0 writes the final parameters to
 ``<out>/process-<i>.json`` with the rows of each global batch it fed (its own shard).
 ``--die-process P --die-at-step K`` makes process P exit abruptly (code 3) after K steps.
 ``--trainer`` trains through ``jaxlight.Trainer`` instead of ``loop.train_epoch``, saving
-checkpoints in ``<out>/ckpt`` and resuming from the newest one there (``--max-steps`` stops early).
+checkpoints in ``<out>/ckpt`` and resuming from the newest one there (``--max-steps`` stops early;
+``--sigterm-process P --sigterm-at-step K`` sends SIGTERM to process P alone after step K).
 """
 
 import argparse
@@ -30,6 +31,8 @@ parser.add_argument("--die-at-step", type=int, default=-1)
 parser.add_argument("--heartbeat", type=int, default=5)
 parser.add_argument("--trainer", action="store_true")
 parser.add_argument("--max-steps", type=int)
+parser.add_argument("--sigterm-process", type=int, default=-1)
+parser.add_argument("--sigterm-at-step", type=int, default=-1)
 args = parser.parse_args()
 
 parallel.initialize(heartbeat_timeout_seconds=args.heartbeat)
@@ -66,18 +69,28 @@ if args.path == "fused":
     data = strategy.prepare_data(data)  # the whole subset replicated on every device
 history = []
 if args.trainer:
-    from jaxlight.callbacks import ModelCheckpoint
+    import signal
+
+    from jaxlight.callbacks import Callback, ModelCheckpoint
     from jaxlight.trainer import Trainer, TrainerConfig
 
     if args.path == "host":
         ArrayDataset.fits_on_device = lambda self, *a, **k: False
+    class SigtermOneProcess(Callback):
+        def on_train_chunk_end(self, trainer, state, metrics):
+            if pid == args.sigterm_process and trainer.global_step == args.sigterm_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
     ckpt = ModelCheckpoint(out / "ckpt", every_n_epochs=None)
     trainer = Trainer(TrainerConfig(max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                                    strategy=args.strategy, enable_progress_bar=False), callbacks=[ckpt])
+                                    strategy=args.strategy, enable_progress_bar=False,
+                                    steps_per_execution=1 if args.sigterm_process >= 0 else None),
+                      callbacks=[ckpt, SigtermOneProcess()])
     resume = "last" if list((out / "ckpt").glob("step_*")) else None
     state = trainer.fit(state, data, ckpt_path=resume)
     history = [r.metrics for r in trainer.history]
-    print(f"worker {pid}: trainer resumed from {trainer.restored_from}, saved {ckpt.saved}", flush=True)
+    print(f"worker {pid}: trainer resumed from {trainer.restored_from}, saved {ckpt.saved}, "
+          f"interrupted {trainer.interrupted}", flush=True)
 for epoch in range(args.epochs if not args.trainer else 0):
     state, stacked = loop.train_epoch(state, data, args.batch_size, epoch,
                                       1 if args.die_at_step >= 0 else None, on_chunk, strategy)

@@ -61,9 +61,13 @@ def test_two_processes_match_one_process(strategy, path, tmp_path, data_dir, sin
     assert got["history"][0]["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize(("strategy", "path"), [("sharded", "fused"), ("pmap", "host")])
-def test_trainer_two_processes_checkpoint_resume_matches_one_process(strategy, path, tmp_path, data_dir,
-                                                                     single_process):
+@pytest.mark.parametrize(("strategy", "path", "stop", "interrupted"), [
+    ("sharded", "fused", ["--max-steps", "4"], False),
+    # SIGTERM to process 1 alone: the processes agree at the chunk end and both save and stop.
+    ("pmap", "host", ["--sigterm-process", "1", "--sigterm-at-step", "4"], True),
+])
+def test_trainer_two_processes_checkpoint_resume_matches_one_process(strategy, path, stop, interrupted, tmp_path,
+                                                                     data_dir, single_process):
     """The Trainer across 2 processes x 2 devices: stopped after 4 steps (process 0 writes the
     checkpoint, the other waits for it), then relaunched to resume from it: the parameters
     match one process's uninterrupted run."""
@@ -72,13 +76,14 @@ def test_trainer_two_processes_checkpoint_resume_matches_one_process(strategy, p
     common = ["--nproc", "2", "--local-devices", "2", "--", WORKER, "--out", str(tmp_path),
               "--data-dir", str(data_dir), "--strategy", strategy, "--path", path,
               "--n", str(N), "--batch-size", str(BATCH), "--trainer"]
-    first = launch(*common, "--max-steps", "4")
+    first = launch(*common, *stop)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000000004"]
-    assert first.stdout.count("trainer resumed from None, saved [4]") == 2
+    assert first.stdout.count(f"trainer resumed from None, saved [4], interrupted {interrupted}") == 2
     second = launch(*common)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert second.stdout.count(f"trainer resumed from {tmp_path / 'ckpt' / 'step_000000004'}, saved [4, 7]") == 2
+    assert second.stdout.count(f"trainer resumed from {tmp_path / 'ckpt' / 'step_000000004'}, saved [4, 7], "
+                               f"interrupted False") == 2
     params = np.load(tmp_path / "params.npz")
     expected, metrics = single_process
     for i, e in enumerate(expected):
