@@ -37,6 +37,21 @@ def single_process(mnist):
     return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)], history[0].metrics
 
 
+def assert_matches_single_process(out: Path, single_process) -> None:
+    """Process 0's final parameters and epoch metrics (written by the worker) are the
+    single-process run's."""
+    import json
+
+    params = np.load(out / "params.npz")
+    expected, metrics = single_process
+    for i, e in enumerate(expected):
+        np.testing.assert_allclose(params[str(i)], e, rtol=RTOL, atol=ATOL)
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["step"] == 7
+    assert got["history"][0]["count"] == metrics["count"] == N
+    assert got["history"][0]["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
+
+
 @pytest.mark.parametrize(("strategy", "path"), [
     ("sharded", "host"),  # each process gathers only its rows from host memory
     # (pmap with the fused epoch runs multi-process in test_cli_multiprocess_launch_as_documented)
@@ -51,14 +66,7 @@ def test_two_processes_match_one_process(strategy, path, tmp_path, data_dir, sin
     procs = [json.loads((tmp_path / f"process-{i}.json").read_text()) for i in range(2)]
     assert [(p["processes"], p["local_devices"], p["devices"]) for p in procs] == [(2, 2, 4)] * 2
     assert [p["rows"] for p in procs] == [[0, 16], [16, 32]]  # its own half of each batch
-    params = np.load(tmp_path / "params.npz")
-    expected, metrics = single_process
-    for i, e in enumerate(expected):
-        np.testing.assert_allclose(params[str(i)], e, rtol=RTOL, atol=ATOL)
-    got = json.loads((tmp_path / "metrics.json").read_text())
-    assert got["step"] == 7
-    assert got["history"][0]["count"] == metrics["count"] == N
-    assert got["history"][0]["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
+    assert_matches_single_process(tmp_path, single_process)
 
 
 @pytest.mark.parametrize(("strategy", "path", "stop", "interrupted"), [
@@ -71,8 +79,6 @@ def test_trainer_two_processes_checkpoint_resume_matches_one_process(strategy, p
     """The Trainer across 2 processes x 2 devices: stopped after 4 steps (process 0 writes the
     checkpoint, the other waits for it), then relaunched to resume from it: the parameters
     match one process's uninterrupted run."""
-    import json
-
     common = ["--nproc", "2", "--local-devices", "2", "--", WORKER, "--out", str(tmp_path),
               "--data-dir", str(data_dir), "--strategy", strategy, "--path", path,
               "--n", str(N), "--batch-size", str(BATCH), "--trainer"]
@@ -84,14 +90,7 @@ def test_trainer_two_processes_checkpoint_resume_matches_one_process(strategy, p
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count(f"trainer resumed from {tmp_path / 'ckpt' / 'step_000000004'}, saved [4, 7], "
                                f"interrupted False") == 2
-    params = np.load(tmp_path / "params.npz")
-    expected, metrics = single_process
-    for i, e in enumerate(expected):
-        np.testing.assert_allclose(params[str(i)], e, rtol=RTOL, atol=ATOL)
-    got = json.loads((tmp_path / "metrics.json").read_text())
-    assert got["step"] == 7
-    assert got["history"][0]["count"] == N
-    assert got["history"][0]["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
+    assert_matches_single_process(tmp_path, single_process)
 
 
 def test_a_dead_process_stops_the_others_with_a_clear_error(tmp_path, data_dir):
