@@ -113,6 +113,29 @@ def test_lstm_gradients_match_autodiff(batch, steps, features, hidden, uses):
     np.testing.assert_allclose(lstm(x)[0], _reference_lstm(params, x)[0], rtol=1e-6, atol=1e-6)
 
 
+def _first_max_pool_grad(x, dy):
+    """What torch's max_pool2d backward does, in loops: each window's gradient to its first
+    maximum in row-major order."""
+    out = np.zeros_like(x)
+    b, h, w, c = x.shape
+    for n, i, j, k in np.ndindex(b, h // 2, w // 2, c):
+        window = x[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k].reshape(-1)
+        di, dj = divmod(int(np.argmax(window)), 2)  # argmax: the first maximum
+        out[n, 2 * i + di, 2 * j + dj, k] = dy[n, i, j, k]
+    return out
+
+
+@pytest.mark.parametrize("levels", [2, 3, 1000])
+def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_torch(levels):
+    """Inputs from a few levels: most windows hold ties (levels=1000: almost none)."""
+    rng = np.random.default_rng(levels)
+    x = rng.integers(0, levels, (3, 8, 6, 4)).astype(np.float32)
+    dy = rng.normal(size=(3, 4, 3, 4)).astype(np.float32)
+    grad = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * dy))(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, _first_max_pool_grad(x, dy))
+    np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+
+
 @pytest.mark.parametrize("shape", [(2, 28, 28, 3), (3, 14, 14, 5), (1, 2, 4, 1)])
 def test_max_pool_matches_flax_values_and_gradients(shape):
     x = jax.random.normal(jax.random.key(3), shape)  # distinct values: a unique max per window

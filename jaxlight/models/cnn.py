@@ -89,23 +89,51 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     return _conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
 
 
+def _windows(x):
+    """``(B, H, W, C)`` -> ``(B, H/2, 2, W/2, 2, C)``: each 2x2 window on axes 2 and 4."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x):
     """2x2 max pooling, stride 2, of ``x (B, H, W, C)`` with even H and W -> ``(B, H/2, W/2, C)``.
 
-    The same maxima as ``nnx.max_pool(x, (2, 2), strides=(2, 2))``, written as a reshape and a
-    max: its gradient is then an elementwise mask, where ``reduce_window``'s gradient lowers on
-    XLA:CPU to a variadic reduce-window over (value, index) tuples, measured 3x slower for the
-    first pooling layer (64x28x28x32: 85 ms against 30 ms per forward+backward inside a scan,
-    on a loaded 2-core CPU). Gradients agree wherever the maximum of a window is unique; on ties
-    JAX splits the gradient among the tied entries where torch gives it to the first one.
+    The same values as ``nnx.max_pool(x, (2, 2), strides=(2, 2))`` and the same gradient as
+    PyTorch's ``max_pool2d``, ties included: all of a window's gradient goes to its *first*
+    maximum in row-major order (torch scans the window row by row and keeps the first). MNIST's
+    saturated regions make exact non-zero ties after a convolution, so this matters for parity:
+    autodiff of a reshape + max would split the gradient among tied entries, and that pushed
+    the CNN's 100-step SGD-momentum trajectory off torch's (2.1e-3 at step 95).
 
-    Not used by ``CNN``: MNIST has uniform saturated regions, so a conv layer produces exact
-    non-zero ties, and the split gradient pushed the CNN's 100-step SGD-momentum trajectory off
-    torch's (2.1e-3 at step 95, over the parity tolerance). ``nnx.max_pool``'s gradient goes to
-    one entry, as torch's does, and keeps the CNN within tolerance.
+    Why not ``nnx.max_pool``: ``reduce_window``'s gradient lowers on XLA:CPU to a variadic
+    reduce-window over (value, index) tuples. Here the forward is a reshape and a max and the
+    backward four elementwise masks: the whole CNN step inside ``lax.scan`` measured 81 -> 58 ms
+    on the 2-core CPU (batch 64).
     """
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, dy):
+    win = _windows(x)
+    top = win.max(axis=(2, 4))
+    # Row-major order within a window: (0, 0), (0, 1), (1, 0), (1, 1); each entry gets dy only
+    # when it is a maximum and no earlier entry is.
+    grads, taken = [], jnp.zeros(top.shape, bool)
+    for i in (0, 1):
+        for j in (0, 1):
+            is_max = win[:, :, i, :, j, :] == top
+            grads.append(jnp.where(is_max & ~taken, dy, jnp.zeros_like(dy)))
+            taken = taken | is_max
+    rows = [jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)]  # (B, H/2, W/2, 2, C)
+    return (jnp.stack(rows, axis=2).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Conv:
@@ -141,7 +169,7 @@ class CNN(nnx.Module):
 
     def __call__(self, x):
         x = x[..., None]  # (B, 28, 28, 1)
-        x = nnx.max_pool(jax.nn.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-        x = nnx.max_pool(jax.nn.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+        x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
+        x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)  # (B, 7*7*64) in (H, W, C) order
         return self.fc2(jax.nn.relu(self.fc1(x)))
