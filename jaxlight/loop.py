@@ -1,7 +1,7 @@
 """The plain functional training loop: epochs of compiled steps, evaluation, history.
 
-This is what ``jaxlight train`` runs and what a user writes by hand; the Trainer adds hooks,
-logging and checkpoints around the same compiled functions.
+This is what a user writes by hand; the Trainer (what ``jaxlight train`` runs) adds hooks,
+logging and checkpoints around the same compiled functions, under the same strategies.
 
 Example:
     >>> from jaxlight import build_model, create_train_state, optim, tasks, loop
