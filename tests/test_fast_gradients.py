@@ -103,7 +103,7 @@ def test_lstm_gradients_match_autodiff(batch, steps, features, hidden, uses):
 
     def ours(p, x):
         replaced = jax.tree.map(lambda a: a, state)
-        replaced.replace_by_pure_dict(p)
+        nnx.replace_by_pure_dict(replaced, p)
         return nnx.merge(graphdef, replaced)(x)
 
     got = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(params, x)
