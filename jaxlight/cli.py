@@ -104,9 +104,9 @@ def run_train(args: argparse.Namespace) -> dict:
     recipe = recipe_from_args(args)
     if getattr(args, "distributed", False):
         parallel.initialize()
-    strategy = parallel.make_strategy(getattr(args, "strategy", "single"), getattr(args, "devices", None))
-    strategy.check_batch_size(recipe.batch_size)  # before minutes of data loading, not after
-    lead = jax.process_index() == 0  # one process prints progress and writes metrics.json
+    # Built before minutes of data loading: it refuses impossible devices and batch sizes.
+    trainer = trainer_from_args(args, recipe)
+    strategy = trainer.strategy
     train, test, truth = load_task_data(recipe.dataset, args.data_dir, recipe.seed)
     tx = make_optimizer(recipe.optimizer, recipe.lr, **recipe.optimizer_kwargs())
     state = create_train_state(build_model(recipe.model, recipe.seed), tx, TASKS[recipe.task](), recipe.seed)
@@ -115,7 +115,7 @@ def run_train(args: argparse.Namespace) -> dict:
           f"{strategy.name} on {strategy.num_devices} device(s)"
           + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""),
           flush=True)
-    state, results = fit_with_trainer(args, recipe, state, train)
+    state, results = fit_with_trainer(args, recipe, trainer, state, train)
     if results is None:  # stopped by SIGTERM after saving a checkpoint
         return {}
     test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
@@ -129,7 +129,7 @@ def run_train(args: argparse.Namespace) -> dict:
     summary = summary_payload("jaxlight", recipe, results, test_metrics,
                               report.library_versions("jax", "jaxlib", "flax", "optax", "numpy"), extra)
     print(report.final_line(summary))
-    if not lead:
+    if not trainer.is_global_zero:  # one process writes metrics.json
         return summary
     out = Path(args.out or f"runs/jaxlight-{recipe.model}")
     print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
@@ -198,13 +198,13 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
     return Trainer(config, callbacks=callbacks, loggers=loggers)
 
 
-def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, state, train):
-    """Run ``jaxlight train``'s training through the Trainer; ``(state, epoch results)``, or
-    ``(state, None)`` when SIGTERM stopped it (a checkpoint was saved if --ckpt-dir is set)."""
+def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, trainer, state, train):
+    """Run ``jaxlight train``'s training through ``trainer`` (from :func:`trainer_from_args`);
+    ``(state, epoch results)``, or ``(state, None)`` when SIGTERM stopped it (a checkpoint was
+    saved if --ckpt-dir is set)."""
     val = None
     if args.val_split:
         train, val = train.split(args.val_split, recipe.seed)
-    trainer = trainer_from_args(args, recipe)
     resume = args.resume and any(Path(args.ckpt_dir).glob("step_*"))
     if args.resume and not resume:
         print(f"no checkpoint in {args.ckpt_dir} yet: starting from scratch", flush=True)

@@ -541,12 +541,10 @@ class Trainer:
         multi-process run every process must call this; process 0 writes (the folder must be
         on a file system all processes see to resume) and the others wait until it has.
         """
-        if jax.process_count() == 1:
-            return ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
         path = ckpt.step_dir(directory, self.global_step)
         if self.is_global_zero:
             path = ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
-        parallel.barrier(f"jaxlight-checkpoint-{self.global_step}")
+        parallel.barrier(f"jaxlight-checkpoint-{self.global_step}")  # (a no-op in one process)
         return path
 
     def _checkpoint_callback(self) -> ModelCheckpoint | None:
@@ -600,8 +598,8 @@ class Trainer:
         moments; if each acted on its own flag, one would enter the checkpoint barrier while
         another entered the next step's collective, and both would hang. So in a multi-process
         run the processes agree at every chunk end (one tiny all-gather) and stop together."""
-        if self.config.handle_sigterm and jax.process_count() > 1:
-            self._sigterm = parallel.any_process(self._sigterm)
+        if self.config.handle_sigterm:
+            self._sigterm = parallel.any_process(self._sigterm)  # (a no-op in one process)
         return self._sigterm
 
     def _restore_sigterm(self, previous) -> None:

@@ -8,6 +8,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Parameters trained under a parallel strategy agree with one device's to ``ATOL + RTOL * |p|``:
+# splitting a batch only reorders the float32 sums (see tests/test_parallel.py's docstring).
+PARALLEL_ATOL = PARALLEL_RTOL = 1e-5
+
+
+def host_params(state) -> list:
+    """The parameter leaves of a state in any layout, as numpy arrays."""
+    import jax
+    import numpy as np
+
+    from jaxlight import parallel
+
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(parallel.to_host_state(state).params)]
+
+
+def assert_params_close(actual, expected) -> None:
+    """Every parameter of ``actual`` within the parallel tolerance of ``expected``'s."""
+    import numpy as np
+
+    for a, e in zip(host_params(actual), host_params(expected), strict=True):
+        np.testing.assert_allclose(a, e, rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL)
+
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 1200,
                cwd: Path | None = None) -> subprocess.CompletedProcess:

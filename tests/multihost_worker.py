@@ -76,6 +76,7 @@ if args.trainer:
 
     if args.path == "host":
         ArrayDataset.fits_on_device = lambda self, *a, **k: False
+
     class SigtermOneProcess(Callback):
         def on_train_chunk_end(self, trainer, state, metrics):
             if pid == args.sigterm_process and trainer.global_step == args.sigterm_at_step:
@@ -91,10 +92,11 @@ if args.trainer:
     history = [r.metrics for r in trainer.history]
     print(f"worker {pid}: trainer resumed from {trainer.restored_from}, saved {ckpt.saved}, "
           f"interrupted {trainer.interrupted}", flush=True)
-for epoch in range(args.epochs if not args.trainer else 0):
-    state, stacked = loop.train_epoch(state, data, args.batch_size, epoch,
-                                      1 if args.die_at_step >= 0 else None, on_chunk, strategy)
-    history.append(loop.summarize(stacked))
+else:
+    for epoch in range(args.epochs):
+        state, stacked = loop.train_epoch(state, data, args.batch_size, epoch,
+                                          1 if args.die_at_step >= 0 else None, on_chunk, strategy)
+        history.append(loop.summarize(stacked))
 host = parallel.to_host_state(state)
 if pid == 0:
     leaves = {str(i): np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(host.params))}

@@ -15,13 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from _support import ROOT, run_module
+from _support import PARALLEL_ATOL, PARALLEL_RTOL, ROOT, run_module
 from jaxlight import build_model, create_train_state, loop, optim, parallel, tasks
 from jaxlight.data import ArrayDataset
 
 WORKER = str(Path(__file__).with_name("multihost_worker.py"))
 N, BATCH = 200, 32  # 7 global batches, the last 8 real rows: process 1's half is all padding
-ATOL = RTOL = 1e-5
 
 
 def launch(*args, timeout=240, **env):
@@ -45,7 +44,7 @@ def assert_matches_single_process(out: Path, single_process) -> None:
     params = np.load(out / "params.npz")
     expected, metrics = single_process
     for i, e in enumerate(expected):
-        np.testing.assert_allclose(params[str(i)], e, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(params[str(i)], e, rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL)
     got = json.loads((out / "metrics.json").read_text())
     assert got["step"] == 7
     assert got["history"][0]["count"] == metrics["count"] == N

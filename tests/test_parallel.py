@@ -1,9 +1,10 @@
 """jaxlight.parallel: pmap and sharded on 1, 2, 4, 8 fake CPU devices compute what one device does.
 
 The float32 tolerance: parameters after training agree with the single-device run to
-``ATOL + RTOL * |p|`` (1e-5 each). Splitting the batch changes only the order in which the
-per-example gradients are summed (per device, then across devices), so each step differs by a
-few ulps; Adam's normalisation amplifies that for near-zero gradients. Measured on this CPU:
+``PARALLEL_ATOL + PARALLEL_RTOL * |p|`` (1e-5 each, in ``_support``). Splitting the batch
+changes only the order in which the per-example gradients are summed (per device, then across
+devices), so each step differs by a few ulps; Adam's normalisation amplifies that for
+near-zero gradients. Measured on this CPU:
 max |difference| 3e-7 (mlp, 7 steps) and 4e-6 (cnn, 3 steps).
 """
 
@@ -13,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
+from _support import assert_params_close
 from jaxlight import build_model, create_train_state, loop, optim, parallel, tasks
 from jaxlight.data import ArrayDataset
 from jaxlight.parallel import ParallelError
 
-ATOL = RTOL = 1e-5
 # mlp: 200 examples in batches of 32 -> 7 steps; the last holds 8 real rows, so with 8 devices
 # six of them hold only padding (count 0): the weighting of gradients and metrics must be right.
 # cnn: 80 examples -> 3 steps, the last half padding (a CNN step compiles slowly on the CPU).
@@ -32,15 +33,6 @@ TASK = tasks.multiclass()
 
 def new_state(model: str):
     return create_train_state(build_model(model, 0), TX, TASK, seed=0)
-
-
-def host_params(state) -> list[np.ndarray]:
-    return [np.asarray(leaf) for leaf in jax.tree.leaves(parallel.to_host_state(state).params)]
-
-
-def assert_params_close(actual, expected):
-    for a, e in zip(host_params(actual), host_params(expected), strict=True):
-        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from _support import assert_params_close
 from jaxlight import build_model, create_train_state, optim, parallel, tasks
 from jaxlight.callbacks import ModelCheckpoint
 from jaxlight.checkpoint import list_checkpoints
@@ -18,7 +19,6 @@ from jaxlight.data import ArrayDataset
 from jaxlight.parallel import ParallelError
 from jaxlight.trainer import NonFiniteLossError, Trainer, TrainerConfig
 
-ATOL = RTOL = 1e-5
 # 200 examples in batches of 32: 7 steps an epoch, the last with 8 real rows, so with 8 devices
 # six of them hold only padding. Validation: 99 examples in batches of 50 (rounded up per device).
 N_TRAIN, BATCH = 200, 32
@@ -33,15 +33,6 @@ def new_state(model="mlp", tx=TX):
 def config(**kw):
     return TrainerConfig(**{"batch_size": BATCH, "eval_batch_size": 50, "max_epochs": 2,
                             "enable_progress_bar": False, **kw})
-
-
-def host_params(state) -> list[np.ndarray]:
-    return [np.asarray(leaf) for leaf in jax.tree.leaves(parallel.to_host_state(state).params)]
-
-
-def assert_params_close(actual, expected):
-    for a, e in zip(host_params(actual), host_params(expected), strict=True):
-        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL)
 
 
 def assert_history_close(actual, expected):

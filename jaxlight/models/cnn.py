@@ -115,12 +115,13 @@ def max_pool_2x2(x):
 
 
 def _max_pool_fwd(x):
-    return max_pool_2x2(x), x
+    top = max_pool_2x2(x)
+    return top, (x, top)
 
 
-def _max_pool_bwd(x, dy):
+def _max_pool_bwd(residuals, dy):
+    x, top = residuals
     win = _windows(x)
-    top = win.max(axis=(2, 4))
     # Row-major order within a window: (0, 0), (0, 1), (1, 0), (1, 1); each entry gets dy only
     # when it is a maximum and no earlier entry is.
     grads, taken = [], jnp.zeros(top.shape, bool)
