@@ -4,13 +4,21 @@ The public surface, in the order data flows: data -> model -> state -> step -> l
 """
 
 from jaxlight import callbacks, checkpoint, data, loggers, loop, models, optim, recipes, tasks, trainer
-from jaxlight.data import ArrayDataset, load_mnist, load_task_data
-from jaxlight.loop import evaluate, fit, train_epoch
+from jaxlight.data import ArrayDataset, Batches, load_mnist, load_task_data
+from jaxlight.loop import EpochRunner, evaluate, fit, train_epoch
 from jaxlight.models import MODELS, build_model, count_params
 from jaxlight.optim import make_optimizer
 from jaxlight.recipes import Recipe, recipe_for
 from jaxlight.state import TrainState, create_train_state
-from jaxlight.step import BatchError, eval_step, train_chunk, train_step
+from jaxlight.step import (
+    BatchError,
+    DonatedStateError,
+    apply_eval_step,
+    apply_train_step,
+    eval_step,
+    train_chunk,
+    train_step,
+)
 from jaxlight.trainer import Trainer, TrainerConfig
 
 __version__ = "0.1.0"
@@ -18,11 +26,16 @@ __version__ = "0.1.0"
 __all__ = [
     "ArrayDataset",
     "BatchError",
+    "Batches",
+    "DonatedStateError",
+    "EpochRunner",
     "MODELS",
     "Recipe",
     "TrainState",
     "Trainer",
     "TrainerConfig",
+    "apply_eval_step",
+    "apply_train_step",
     "build_model",
     "callbacks",
     "checkpoint",

@@ -6,14 +6,22 @@ All three strategies compute the same thing as one device on the whole global ba
 
 - The global batch of ``B`` examples is cut into ``n`` contiguous slices of ``B / n`` rows,
   slice ``d`` on device ``d`` (``B`` must divide by ``n``: :class:`ParallelError` otherwise).
+- Both run the one pure step, ``jaxlight.step.apply_train_step``. ``sharded`` (the core path,
+  in the style of current JAX) jits it over a ``Mesh`` with the batch split by a
+  ``NamedSharding``: the program is the single-device program on global arrays, and XLA's
+  partitioner inserts the all-reduces. ``pmap`` maps it with ``axis_name``: each device runs
+  its rows and every reduction (the masked means, the gradient, BatchNorm's statistics) is
+  ``psum``-ed over the devices. Both give one device's result on the global batch.
 - The gradient is the mean over the *real* examples of the global batch. On the padded last
   batch the devices hold different numbers of real examples (the padding sits at the end, so
-  the last devices may hold none), so a plain mean of per-device mean gradients would be wrong;
-  ``pmap`` weights each device's gradient by its example count (``psum(count_d * g_d) /
-  psum(count_d)``), ``sharded`` gets the same sum from XLA's partitioner.
-- Metrics are reduced the same way: example-weighted means over every device, ``count`` the
-  global number of real examples, exactly the dict a single-device step returns.
-- Parameters, optimizer state, step and data key stay replicated.
+  the last devices may hold none); sums weighted by each device's real rows keep that exact.
+- BatchNorm sees global-batch statistics over the real rows under both, equal to one device's.
+- Dropout: ``sharded`` draws the same masks as one device (the keys depend on the step only
+  and random bits do not depend on the sharding); ``pmap`` folds the device index into each
+  device's keys, so its masks are reproducible but differ from one device's.
+- Metrics are example-weighted means over every device, ``count`` the global number of real
+  examples, exactly the dict a single-device step returns.
+- Parameters, optimizer state, step and keys stay replicated.
 
 One state layout for both parallel strategies: every leaf of the ``TrainState`` is a replicated
 ``jax.Array`` (``NamedSharding(mesh, P())``, no leading device axis). ``jax.jit`` takes it as it
@@ -46,12 +54,11 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlight import step as _step
-from jaxlight.data.arrays import ArrayDataset, batch_indices, gather_batch
+from jaxlight.data.arrays import ArrayDataset, batch_indices
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -233,69 +240,12 @@ def shard_state(state: TrainState, strategy: "Strategy | str", devices=None) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# The per-device steps for pmap: gradients and metrics are example-weighted across devices.
-
-
-def _weighted_mean(tree, count, total):
-    """``psum(count_d * x_d) / psum(count_d)`` for every leaf: the mean over all real examples."""
-    scale = count / jnp.maximum(total, 1.0)
-    return jax.tree.map(lambda v: jax.lax.psum(v * scale, AXIS), tree)
-
-
-def _reduce_metrics(metrics):
-    count = metrics["count"]
-    total = jax.lax.psum(count, AXIS)
-    out = _weighted_mean({k: v for k, v in metrics.items() if k != "count"}, count, total)
-    out["count"] = total
-    return out
-
-
-def _pmean_floats(tree):
-    # Non-parameter model variables (batch statistics) are averaged so they stay replicated;
-    # keys and integer counters are identical on every device already.
-    return jax.tree.map(lambda v: jax.lax.pmean(v, AXIS) if jnp.issubdtype(v.dtype, jnp.floating) else v,
-                        tree)
-
-
-def _pmap_train_step(state: TrainState, batch):
-    grads, (metrics, model_state) = jax.grad(_step._loss_fn, has_aux=True)(state.params, state, batch)
-    count = metrics["count"]
-    grads = _weighted_mean(grads, count, jax.lax.psum(count, AXIS))
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=_pmean_floats(model_state))
-    return new_state, _reduce_metrics(metrics)
-
-
-def _pmap_eval_step(state: TrainState, batch):
-    return _reduce_metrics(_step._eval_step(state, batch))
-
-
-def _chunk(step_fn, state, data_x, data_y, idx, mask, start, steps: int, constrain=None, unroll=False):
-    idx_k = jax.lax.dynamic_slice_in_dim(idx, start, steps)
-    mask_k = jax.lax.dynamic_slice_in_dim(mask, start, steps)
-
-    def body(state, im):
-        batch = gather_batch(data_x, data_y, im[0], im[1])
-        if constrain is not None:
-            batch = constrain(batch)
-        return step_fn(state, batch)
-
-    return _step._scan_steps(body, state, (idx_k, mask_k), steps, unroll)
-
-
-def _eval_as_scan_body(eval_fn):
-    return lambda state, batch: (state, eval_fn(state, batch))
-
-
-# --------------------------------------------------------------------------------------------
 # Strategies
 
 
 @dataclass(frozen=True, eq=False)
 class Strategy:
-    """How a step runs on the devices. The loop and the Trainer call only these methods.
+    """How a step runs on the devices. The epoch runner and the Trainer call only these methods.
 
     Attributes:
         name: "single", "pmap" or "sharded".
@@ -305,12 +255,12 @@ class Strategy:
 
     - ``check_batch_size(B)``: raise :class:`ParallelError` unless ``B`` divides evenly.
     - ``prepare_state(state)``: the state in this strategy's layout (a no-op when it already is).
-    - ``prepare_data(dataset)``: the dataset on the devices, for the fused path.
+    - ``prepare_data(dataset)``: an ``ArrayDataset`` on the devices, for the fused path.
     - ``prepare_indices(idx, mask)``: an epoch's ``(num_batches, B)`` order, once per epoch.
     - ``train_chunk`` / ``eval_chunk``: K fused steps, the signature of ``jaxlight.step``'s
       (``unroll`` too: see ``jaxlight.step.needs_unroll``).
-    - ``iterate_batches`` + ``train_step`` / ``eval_step``: the host-streamed path; in a
-      multi-process run each process yields and feeds only its own rows.
+    - ``train_step(state, batch, mask)`` / ``eval_step``: the host-streamed path; in a
+      multi-process run each process passes only its own rows.
     - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
       ``state_shardings(state)``: the target shardings to restore a checkpoint into.
     """
@@ -346,17 +296,15 @@ class Strategy:
         checkpoint straight into this layout, whatever layout wrote it."""
         return jax.tree.map(lambda _: self._state_sharding, state)
 
-    # The host-streamed path is the same for every strategy: this process's rows of each
-    # global batch, placed by ``_place_batch``.
     def process_rows(self, batch_size: int) -> slice:
         """The rows of a global batch that this process feeds (all of them in one process)."""
         return slice(0, batch_size)
 
-    def iterate_batches(self, data: ArrayDataset, batch_size: int, key: jax.Array | None) -> Iterator[dict]:
-        """This process's part of each global batch, gathered from host memory.
+    def iterate_batches(self, data: ArrayDataset, batch_size: int, key: jax.Array | None) -> Iterator[tuple]:
+        """This process's part of each global batch, gathered from host memory: ``(batch, mask)``.
 
         Same order as :func:`jaxlight.data.iterate_batches` (``key=None``: stored order). Only
-        the rows this process feeds are read from ``data``, so ``data.x`` can be a
+        the rows this process feeds are read from ``data``, so a leaf can be a
         ``numpy.memmap`` of a dataset bigger than memory.
         """
         n = len(data)
@@ -364,12 +312,18 @@ class Strategy:
                                   key is not None)
         rows = self.process_rows(batch_size)
         for bi, bm in zip(np.asarray(idx)[:, rows], np.asarray(mask)[:, rows]):
-            yield gather_batch(data.x, data.y, bi, bm)
+            yield jax.tree.map(lambda a: a[bi], data.data), bm
+
+    def _checked(self, state, batch, mask):
+        _step.check_not_donated(state)
+        batch, mask = _step.check_batch(state, batch, mask)
+        self.check_batch_size(len(mask) * jax.process_count())
+        return self.prepare_state(state), batch, mask
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class SingleDevice(Strategy):
-    """Today's behaviour: the jitted steps of ``jaxlight.step`` on one device."""
+    """The jitted steps of ``jaxlight.step`` on one device."""
 
     name: str = "single"
 
@@ -388,24 +342,25 @@ class SingleDevice(Strategy):
         return to_host_state(state, device)
 
     def prepare_data(self, data: ArrayDataset) -> ArrayDataset:
-        if isinstance(data.x, jax.Array) and data.x.sharding.device_set == {self.devices[0]}:
+        leaves = jax.tree.leaves(data.data)
+        if all(isinstance(a, jax.Array) and a.sharding.device_set == {self.devices[0]} for a in leaves):
             return data
         return data.to_device(self.devices[0])
 
     def prepare_indices(self, idx, mask):
         return idx, mask
 
-    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
-        return _step.train_chunk(state, data_x, data_y, idx, mask, steps, start, unroll=unroll)
+    def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
+        return _step.train_chunk(state, data, idx, mask, steps, start, unroll=unroll)
 
-    def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
-        return _step.eval_chunk(state, data_x, data_y, idx, mask, steps, start)
+    def eval_chunk(self, state, data, idx, mask, steps: int, start=0):
+        return _step.eval_chunk(state, data, idx, mask, steps, start)
 
-    def train_step(self, state, batch):
-        return _step.train_step(state, batch)
+    def train_step(self, state, batch, mask=None):
+        return _step.train_step(state, batch, mask)
 
-    def eval_step(self, state, batch):
-        return _step.eval_step(state, batch)
+    def eval_step(self, state, batch, mask=None):
+        return _step.eval_step(state, batch, mask)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -444,11 +399,10 @@ class _Replicated(Strategy):
         return jax.tree.map(lambda a: _put_global(a, self.replicated), state)
 
     def prepare_data(self, data: ArrayDataset) -> ArrayDataset:
-        if self._is_replicated(data.x) and self._is_replicated(data.y):
+        if all(self._is_replicated(a) for a in jax.tree.leaves(data.data)):
             return data
         host = lambda a: a if not isinstance(a, jax.Array) else _local_copy(a, jax.local_devices()[0])  # noqa: E731
-        return ArrayDataset(_put_global(host(data.x), self.replicated),
-                            _put_global(host(data.y), self.replicated))
+        return ArrayDataset(jax.tree.map(lambda a: _put_global(host(a), self.replicated), data.data))
 
     def process_rows(self, batch_size: int) -> slice:
         if not is_multiprocess():
@@ -462,24 +416,20 @@ class _Replicated(Strategy):
                                 "batch; order the devices by process")
         return slice(starts[0], stops[-1])
 
-    def _place_batch(self, batch: dict) -> dict:
+    def _place_batch(self, batch, mask):
         """This process's rows -> global arrays split over the mesh."""
-        local = {"x": np.asarray(batch["x"]), "y": np.asarray(batch["y"]),
-                 "mask": np.asarray(batch["mask"], np.float32)}
+        local = (jax.tree.map(np.asarray, batch), np.asarray(mask, np.float32))
         if is_multiprocess():
-            return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-                    for k, v in local.items()}
+            return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v), local)
         return jax.device_put(local, self.batch_sharding)
 
-    def train_step(self, state, batch):
-        self.check_batch_size(len(batch["x"]) * jax.process_count())
-        batch = _step.check_batch(state, batch)
-        return self._train_step(self.prepare_state(state), self._place_batch(batch))
+    def train_step(self, state, batch, mask=None):
+        state, batch, mask = self._checked(state, batch, mask)
+        return self._train_step(state, *self._place_batch(batch, mask))
 
-    def eval_step(self, state, batch):
-        self.check_batch_size(len(batch["x"]) * jax.process_count())
-        batch = _step.check_batch(state, batch)
-        return self._eval_step(self.prepare_state(state), self._place_batch(batch))
+    def eval_step(self, state, batch, mask=None):
+        state, batch, mask = self._checked(state, batch, mask)
+        return self._eval_step(state, *self._place_batch(batch, mask))
 
     def prepare_indices(self, idx, mask):
         """``(num_batches, B)`` -> each batch's columns split over the devices."""
@@ -490,12 +440,12 @@ class _Replicated(Strategy):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Pmap(_Replicated):
-    """``jax.pmap`` over the devices: a per-device program with explicit ``psum`` collectives.
+    """``jax.pmap`` of the one pure step over the devices, with ``axis_name``.
 
     The state goes in with ``in_axes=None`` and comes out with ``out_axes=None`` (it is
-    replicated; the collectives keep it so), the batch goes in split on its leading axis.
-    Since JAX 0.8 ``pmap`` is in maintenance mode and is itself built on ``jit`` +
-    ``shard_map``; it is here for code written against it and as a cross-check of ``sharded``.
+    replicated; the step's ``psum``-ed reductions keep it so), the batch goes in split on its
+    leading axis. Since JAX 0.8 ``pmap`` is in maintenance mode and is itself built on ``jit``
+    + ``shard_map``; it is here for code written against it and as a cross-check of ``sharded``.
     """
 
     name: str = "pmap"
@@ -506,39 +456,38 @@ class Pmap(_Replicated):
 
     @functools.cached_property
     def _train_step(self):
-        step = self._pmap(_pmap_train_step, (None, 0), donate=(0,))
-        return lambda state, batch: step(state, self._split(batch))
+        step = self._pmap(functools.partial(_step.apply_train_step, axis_name=AXIS), (None, 0, 0), donate=(0,))
+        return lambda state, batch, mask: step(state, *self._split((batch, mask)))
 
     @functools.cached_property
     def _eval_step(self):
-        step = self._pmap(_pmap_eval_step, (None, 0))
-        return lambda state, batch: step(state, self._split(batch))
+        step = self._pmap(functools.partial(_step.apply_eval_step, axis_name=AXIS), (None, 0, 0))
+        return lambda state, batch, mask: step(state, *self._split((batch, mask)))
 
-    def _split(self, batch):
+    def _split(self, tree):
         # (B, ...) split over the mesh -> (n, B/n, ...), device d holding row block d: the
         # same rows the sharded strategy gives it (the reshape of a sharded array is free).
         n = self.num_devices
-        return jax.tree.map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]), batch)
+        return jax.tree.map(lambda a: a.reshape((n, a.shape[0] // n) + a.shape[1:]), tree)
 
     @functools.cached_property
     def _chunk_programs(self) -> dict:
         """One pmapped program per (train|eval, K): K is a Python constant of the scan."""
         return {}
 
-    def _train_chunk(self, steps: int, unroll: bool = False):
-        key = ("train", steps, unroll)
+    def _program(self, kind: str, steps: int, unroll: bool = False):
+        key = (kind, steps, unroll)
         if key not in self._chunk_programs:
-            fn = lambda state, x, y, idx, mask, start: _chunk(  # noqa: E731
-                _pmap_train_step, state, x, y, idx, mask, start, steps, unroll=unroll)
-            self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None), donate=(0,))
-        return self._chunk_programs[key]
-
-    def _eval_chunk(self, steps: int):
-        key = ("eval", steps)
-        if key not in self._chunk_programs:
-            body = _eval_as_scan_body(_pmap_eval_step)
-            fn = lambda state, x, y, idx, mask, start: _chunk(body, state, x, y, idx, mask, start, steps)[1]  # noqa: E731
-            self._chunk_programs[key] = self._pmap(fn, (None, None, None, 0, 0, None))
+            if kind == "train":
+                body = functools.partial(_step.apply_train_step, axis_name=AXIS)
+                fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
+                    body, state, data, idx, mask, start, steps, unroll)
+                self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None), donate=(0,))
+            else:
+                body = _step._eval_body(functools.partial(_step.apply_eval_step, axis_name=AXIS))
+                fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
+                    body, state, data, idx, mask, start, steps)[1]
+                self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None))
         return self._chunk_programs[key]
 
     def prepare_indices(self, idx, mask):
@@ -549,56 +498,56 @@ class Pmap(_Replicated):
         split = lambda a: np.ascontiguousarray(np.asarray(a).reshape(nb, n, b // n).transpose(1, 0, 2))  # noqa: E731
         return (_put_global(split(idx), self.batch_sharding), _put_global(split(mask), self.batch_sharding))
 
-    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
+    def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
-        return self._train_chunk(steps, unroll)(state, data_x, data_y, idx, mask, start)
+        return self._program("train", steps, unroll)(state, data, idx, mask, start)
 
-    def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
-        return self._eval_chunk(steps)(state, data_x, data_y, idx, mask, start)
+    def eval_chunk(self, state, data, idx, mask, steps: int, start=0):
+        return self._program("eval", steps)(state, data, idx, mask, start)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Sharded(_Replicated):
-    """``jax.jit`` over a 1-D ``Mesh``: the state replicated (``NamedSharding(mesh, P())``), the
-    batch split on its leading axis (``P("data")``); XLA's SPMD partitioner inserts the
-    all-reduces. The step is the single-device ``jaxlight.step`` code, unchanged: the loss is
-    the masked mean over the global batch, so the padded last batch needs no special case."""
+    """``jax.jit`` of the one pure step over a 1-D ``Mesh``: the state replicated
+    (``NamedSharding(mesh, P())``), the batch split on its leading axis (``P("data")``); XLA's
+    SPMD partitioner inserts the all-reduces. The program is the single-device program on global
+    arrays, so the padded last batch, BatchNorm and dropout need no special case."""
 
     name: str = "sharded"
 
-    def _constrain(self, batch):
+    def _constrain(self, tree):
         # The gather from the replicated dataset would leave the batch's layout to XLA; pin it
         # to the batch split so each device computes only its rows.
-        return jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+        return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
 
     @functools.cached_property
     def _train_step(self):
-        return jax.jit(_step._train_step, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        return jax.jit(_step.apply_train_step, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
     @functools.cached_property
     def _eval_step(self):
-        return jax.jit(_step._eval_step, out_shardings=self.replicated)
+        return jax.jit(_step.apply_eval_step, out_shardings=self.replicated)
 
     @functools.cached_property
     def _train_chunk_jit(self):
-        fn = lambda state, x, y, idx, mask, start, steps, unroll: _chunk(  # noqa: E731
-            _step._train_step, state, x, y, idx, mask, start, steps, self._constrain, unroll)
-        return jax.jit(fn, static_argnums=(6, 7), donate_argnums=0,
+        fn = lambda state, data, idx, mask, start, steps, unroll: _step.chunk(  # noqa: E731
+            _step.apply_train_step, state, data, idx, mask, start, steps, unroll, self._constrain)
+        return jax.jit(fn, static_argnums=(5, 6), donate_argnums=0,
                        out_shardings=(self.replicated, self.replicated))
 
     @functools.cached_property
     def _eval_chunk_jit(self):
-        body = _eval_as_scan_body(_step._eval_step)
-        fn = lambda state, x, y, idx, mask, start, steps: _chunk(  # noqa: E731
-            body, state, x, y, idx, mask, start, steps, self._constrain)[1]
-        return jax.jit(fn, static_argnums=6, out_shardings=self.replicated)
+        body = _step._eval_body(_step.apply_eval_step)
+        fn = lambda state, data, idx, mask, start, steps: _step.chunk(  # noqa: E731
+            body, state, data, idx, mask, start, steps, False, self._constrain)[1]
+        return jax.jit(fn, static_argnums=5, out_shardings=self.replicated)
 
-    def train_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0, unroll: bool = False):
+    def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
-        return self._train_chunk_jit(state, data_x, data_y, idx, mask, start, steps, unroll)
+        return self._train_chunk_jit(state, data, idx, mask, start, steps, unroll)
 
-    def eval_chunk(self, state, data_x, data_y, idx, mask, steps: int, start=0):
-        return self._eval_chunk_jit(state, data_x, data_y, idx, mask, start, steps)
+    def eval_chunk(self, state, data, idx, mask, steps: int, start=0):
+        return self._eval_chunk_jit(state, data, idx, mask, start, steps)
 
 
 _CLASSES = {"single": SingleDevice, "pmap": Pmap, "sharded": Sharded}

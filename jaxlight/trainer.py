@@ -48,12 +48,13 @@ import optax
 from jaxlight import checkpoint as ckpt
 from jaxlight import parallel
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
-from jaxlight.data.arrays import ArrayDataset, batch_indices, gather_batch, num_batches
+from jaxlight.data.arrays import ArrayDataset, num_batches
+from jaxlight.data.stream import Batches, pad_batch, to_numpy
 from jaxlight.loggers import Logger
-from jaxlight.loop import EpochResult, check_dataset, evaluate, summarize
+from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, summarize
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
-from jaxlight.step import _forward, default_steps_per_call, needs_unroll
+from jaxlight.step import BatchError, apply_predict, check_not_donated, default_steps_per_call, needs_unroll
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
 
@@ -103,6 +104,9 @@ class TrainerConfig:
             plain single-device state, so they restore under any strategy and device count.
         devices: how many devices (default: 1 for "single", every device otherwise; a
             multi-process run always uses every process's devices).
+        check_finite: before training, scan the floating leaves of an ``ArrayDataset`` once
+            for NaN and infinity and refuse them naming the leaf and row (one pass over the
+            data; False skips it, e.g. for NaN-policy experiments).
     """
 
     max_epochs: int = 1
@@ -123,6 +127,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     strategy: str = "single"
     devices: int | None = None
+    check_finite: bool = True
 
     def __post_init__(self):
         positive = ["max_epochs", "batch_size", "eval_batch_size", "log_every_n_steps", "accumulate_grad_batches"]
@@ -145,6 +150,17 @@ class TrainerConfig:
         if self.devices is not None and not (isinstance(self.devices, int) and not isinstance(self.devices, bool)
                                              and self.devices >= 1):
             raise ValueError(f"TrainerConfig.devices must be an int >= 1 or None, got {self.devices!r}")
+
+
+def _first_batches(data, batches: int, batch_size: int):
+    """The first ``batches`` batches of a source (``overfit_batches``, ``fast_dev_run``)."""
+    if isinstance(data, ArrayDataset):
+        return data.take(batches * batch_size)
+    import itertools
+
+    source = data.source
+    return Batches(lambda: itertools.islice(iter(source() if callable(source) and not hasattr(source, "__iter__")
+                                                 else source), batches), data.name)
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
@@ -171,9 +187,7 @@ def _wrap(tx, clip_norm, accumulate, skip_nonfinite):
     return tx
 
 
-@jax.jit
-def _predict(state: TrainState, x):
-    return _forward(state.params, state, x)[0]
+_predict = jax.jit(apply_predict, static_argnums=2)
 
 
 class Trainer:
@@ -267,26 +281,29 @@ class Trainer:
             state = state.replace(tx=tx, opt_state=tx.init(state.params))
         return state.replace(compute_dtype=dtype)
 
-    def _select_data(self, train: ArrayDataset, val: ArrayDataset | None):
+    def _select_data(self, train, val):
         cfg = self.config
         shuffle = True
         if cfg.overfit_batches:
-            train = train.take(cfg.overfit_batches * cfg.batch_size)
+            train = _first_batches(train, cfg.overfit_batches, cfg.batch_size)
             val, shuffle = train, False
         if self._fast_dev:
-            train = train.take(cfg.fast_dev_run * cfg.batch_size)
-            val = val.take(cfg.fast_dev_run * cfg.eval_batch_size) if val is not None else None
+            train = _first_batches(train, cfg.fast_dev_run, cfg.batch_size)
+            val = _first_batches(val, cfg.fast_dev_run, cfg.eval_batch_size) if val is not None else None
         return train, val, shuffle
 
     # -- fit ------------------------------------------------------------------------------------
 
-    def fit(self, state: TrainState, train_data: ArrayDataset, val_data: ArrayDataset | None = None,
+    def fit(self, state: TrainState, train_data, val_data=None,
             ckpt_path: str | Path | None = None) -> TrainState:
         """Train; returns the final state.
 
         Args:
             state: a fresh state from ``create_train_state`` (donated: do not reuse it).
-            train_data, val_data: ``ArrayDataset``; put on the device when they fit.
+            train_data, val_data: an ``ArrayDataset`` (put on the device when it fits: fused
+                chunks) or any re-iterable of batches (a generator factory, a ``DataLoader``, a
+                ``grain`` loader: streamed from the host, one step per batch). Checked once
+                before training (``jaxlight.loop.check_data``).
             ckpt_path: resume from a checkpoint: ``"last"`` (the newest good checkpoint of the
                 first ModelCheckpoint), a folder of ``step_*`` checkpoints (the newest good
                 one), or one ``step_*`` folder. Params, optimizer state, step, data position,
@@ -299,21 +316,26 @@ class Trainer:
         """
         cfg = self.config
         self._reset()
+        check_not_donated(state)
         state = self.prepare(state)
-        check_dataset(state, train_data, "training set")
+        train_data = as_source(train_data, "training set")
+        val_data = as_source(val_data, "validation set") if val_data is not None else None
+        check_data(state, train_data, "training set", cfg.batch_size, cfg.check_finite)
         if val_data is not None:
-            check_dataset(state, val_data, "validation set")
+            check_data(state, val_data, "validation set", cfg.eval_batch_size, cfg.check_finite)
         train, val, self._shuffle = self._select_data(train_data, val_data)
         self._train = self._to_device(train)
         self._val = self._to_device(val)
-        self._num_examples = len(train)
-        self.num_batches = nb = num_batches(len(train), cfg.batch_size)
+        arrays = isinstance(train, ArrayDataset)
+        self._num_examples = len(train) if arrays else None
+        self.num_batches = nb = num_batches(len(train), cfg.batch_size) if arrays else train.num_batches
         self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
         self._max_steps = cfg.fast_dev_run if self._fast_dev else cfg.max_steps
-        self._k = cfg.steps_per_execution or default_steps_per_call(state, nb)
+        fused = arrays and self._train.on_device
+        self._k = cfg.steps_per_execution or (default_steps_per_call(state, nb) if fused else 1)
         self._unroll = self._k > 1 and needs_unroll(state)
         self.global_step = int(state.step)
-        self.epoch, self.batch = divmod(self.global_step, nb)
+        self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
             state = self._restore(state, ckpt_path)
         state = self.strategy.prepare_state(state)
@@ -342,28 +364,33 @@ class Trainer:
         return (self.should_stop or self.epoch >= self.max_epochs
                 or (self._max_steps is not None and self.global_step >= self._max_steps))
 
-    def _to_device(self, data: ArrayDataset | None) -> ArrayDataset | None:
-        """``data`` on the strategy's devices when it fits there; else left in host memory."""
-        if data is None or not data.fits_on_device(jax.local_devices()[0]):
+    def _to_device(self, data):
+        """An ``ArrayDataset`` on the strategy's devices when it fits there; else left in host
+        memory (as numpy). Other sources stream from the host."""
+        if not isinstance(data, ArrayDataset):
             return data
+        if not data.fits_on_device(jax.local_devices()[0]):
+            return data.map(np.asarray)
         return self.strategy.prepare_data(data)
 
     def _run_epoch(self, state: TrainState) -> TrainState:
-        """The rest of epoch ``self.epoch`` from batch ``self.batch``, in chunks."""
-        key = jax.random.fold_in(state.rng, self.epoch)
-        idx, mask = batch_indices(key, self._num_examples, self.config.batch_size, self._shuffle)
-        if isinstance(self._train.x, jax.Array):
-            idx, mask = self.strategy.prepare_indices(idx, mask)  # each device's columns
-        while self.batch < self.num_batches:
-            steps = self._chunk_length()
-            t0 = time.perf_counter()
-            state, metrics = self._train_chunk(state, idx, mask, steps)
+        """The rest of epoch ``self.epoch`` from batch ``self.batch``, in chunks of the one
+        epoch runner (``jaxlight.loop.EpochRunner``)."""
+        runner = EpochRunner(state, self._train, self.epoch, self.config.batch_size, self.strategy, self._k,
+                             start=self.batch, shuffle=self._shuffle, unroll=self._unroll)
+        runner.next_length = self._chunk_length()
+        t0 = time.perf_counter()
+        for state, metrics, _ in runner:
             host = jax.device_get(metrics)  # synchronises: the time below is real
             self._epoch_seconds += time.perf_counter() - t0
             self._end_chunk(state, {k: np.asarray(v) for k, v in host.items()})
             if self._sigterm_agreed() or self._done():
                 break
-        if self.batch == self.num_batches:
+            runner.next_length = self._chunk_length()
+            t0 = time.perf_counter()
+        if runner.finished or (self.num_batches is not None and self.batch >= self.num_batches):
+            if self.num_batches is None:
+                self.num_batches = self.batch  # learnt from the first pass over an unsized source
             self._end_epoch(state)
         if self._sigterm:
             self._save_on_sigterm(state)
@@ -371,38 +398,16 @@ class Trainer:
 
     def _chunk_length(self) -> int:
         """K, cut short at the epoch's end, at ``max_steps`` and on requested steps."""
-        steps = min(self._k, self.num_batches - self.batch)
+        steps = self._k
+        if self.num_batches is not None:
+            steps = min(steps, self.num_batches - self.batch)
         if self._max_steps is not None:
             steps = min(steps, self._max_steps - self.global_step)
         intervals = [self.config.val_every_n_steps] + [c.step_interval() for c in self.active_callbacks]
         for n in intervals:
             if n:
                 steps = min(steps, n - self.global_step % n)
-        return steps
-
-    def _train_chunk(self, state, idx, mask, steps):
-        data, strategy = self._train, self.strategy
-        if isinstance(data.x, jax.Array):
-            # ``steps`` is static in train_chunk: every new length compiles a new program. A
-            # length other than K (cut short by an epoch end, a requested step, a resume) runs
-            # as power-of-two pieces, so a whole run compiles at most ~log2(K) + 2 programs.
-            # The results are the same either way (K-invariance, tested).
-            pieces = [steps] if steps == self._k else [1 << b for b in reversed(range(steps.bit_length()))
-                                                        if steps >> b & 1]
-            out, start = [], self.batch
-            for n in pieces:
-                state, m = strategy.train_chunk(state, data.x, data.y, idx, mask, n, start, unroll=self._unroll)
-                out.append(m)
-                start += n
-            return state, jax.tree.map(lambda *m: jnp.concatenate(m), *out)
-        # Host-resident data (too big for the device): the same step, one batch at a time; each
-        # process reads only the rows of the global batch that its devices hold.
-        rows = strategy.process_rows(self.config.batch_size)
-        idx, mask, out = np.asarray(idx)[:, rows], np.asarray(mask)[:, rows], []
-        for b in range(self.batch, self.batch + steps):
-            state, m = strategy.train_step(state, gather_batch(data.x, data.y, idx[b], mask[b]))
-            out.append(m)
-        return state, jax.tree.map(lambda *m: jnp.stack(m), *out)
+        return max(steps, 1)
 
     def _end_chunk(self, state, metrics: dict) -> None:
         first = self.global_step  # steps first+1 .. first+K just ran
@@ -458,9 +463,8 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def _evaluate(self, state, data: ArrayDataset, prefix: str) -> dict:
-        if not isinstance(data.x, jax.Array):
-            data = self._to_device(data)
+    def _evaluate(self, state, data, prefix: str) -> dict:
+        data = self._to_device(data)
         metrics = evaluate(state, data, self.config.eval_batch_size, strategy=self.strategy)
         return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "count"}
 
@@ -472,40 +476,71 @@ class Trainer:
             cb.on_validation_end(self, state, metrics)
         return metrics
 
-    def validate(self, state: TrainState, data: ArrayDataset) -> dict:
-        """``{"val_loss", "val_accuracy"|"val_mse"}`` over all of ``data``; runs the callbacks'
-        ``on_validation_end`` and the loggers, as during ``fit``."""
-        check_dataset(state, data, "validation set")
+    def validate(self, state: TrainState, data) -> dict:
+        """``{"val_loss", "val_<metric>"...}`` of the eval-mode model over all of ``data`` (an
+        ``ArrayDataset`` or a re-iterable of batches); runs the callbacks' ``on_validation_end``
+        and the loggers, as during ``fit``."""
+        data = as_source(data, "validation set")
+        check_data(self.prepare(state), data, "validation set", self.config.eval_batch_size)
         self._val = data
-        return self._validate(state)
+        return self._validate(self.prepare(state))
 
-    def test(self, state: TrainState, data: ArrayDataset) -> dict:
-        """``{"test_loss", "test_accuracy"|"test_mse"}`` over all of ``data``; logged, no hooks."""
-        check_dataset(state, data, "test set")
+    def test(self, state: TrainState, data) -> dict:
+        """``{"test_loss", "test_<metric>"...}`` of the eval-mode model over all of ``data``;
+        logged, no hooks."""
+        data = as_source(data, "test set")
+        state = self.prepare(state)
+        check_data(state, data, "test set", self.config.eval_batch_size)
         metrics = self._evaluate(state, data, "test")
         self.log_metrics(metrics)
         for logger in self.active_loggers:
             logger.flush()
         return metrics
 
-    def predict(self, state: TrainState, x, batch_size: int | None = None) -> np.ndarray:
-        """The model's outputs for ``x`` ``(N, *input_shape)`` uint8/float: ``(N, outputs)`` float32.
+    def predict(self, state: TrainState, data, batch_size: int | None = None, predict_fn=None):
+        """The eval-mode model's outputs for every example of ``data``, padding removed.
 
-        Runs in fixed-size batches (the last one padded) so one program serves any N.
+        Args:
+            data: an ``ArrayDataset``, a pytree of equally long arrays (``{"image": ...}``),
+                a re-iterable of batches, or (built-in tasks) a bare input array ``x``.
+            batch_size: rows per compiled call (default ``eval_batch_size``); the last batch is
+                padded, so one program serves any N, and the result does not depend on it
+                (eval mode: every row is computed on its own).
+            predict_fn: ``predict_fn(model, batch) -> outputs``; default: the built-in task's
+                model outputs, or for a user's loss the value of the first ``model(...)`` call
+                inside ``loss_fn`` (which then must run on the batch).
+
+        Returns:
+            The outputs, any pytree of ``(N, ...)`` numpy arrays.
         """
+        check_not_donated(state)
         batch_size = batch_size or self.config.eval_batch_size
-        state = self.strategy.to_host_state(state)  # one device computes it: no collectives needed
-        x = np.asarray(x)
-        if state.input_shape is not None and tuple(x.shape[1:]) != tuple(state.input_shape):
-            raise ValueError(f"predict: x has shape {x.shape}; the model takes (N, {', '.join(map(str, state.input_shape))})")
+        state = self.prepare(self.strategy.to_host_state(state))  # one device: no collectives needed
+        if isinstance(data, (np.ndarray, jax.Array)):
+            data = ArrayDataset({"x": data}) if hasattr(state.loss_fn, "predict") else ArrayDataset(data)
+        elif not isinstance(data, ArrayDataset) and not hasattr(data, "__iter__") and not callable(data):
+            data = ArrayDataset(data)
+        elif isinstance(data, (dict, tuple)):
+            data = ArrayDataset(data)
+        if isinstance(data, ArrayDataset):
+            if state.input_shape is not None and isinstance(data.data, dict) and "x" in data.data:
+                x = data.data["x"]
+                if tuple(x.shape[1:]) != tuple(state.input_shape):
+                    raise BatchError(f"predict: x has shape {tuple(x.shape)}; the model takes "
+                                     f"(N, {', '.join(map(str, state.input_shape))})")
+            host = data.map(np.asarray)
+            pairs = (pad_batch(jax.tree.map(lambda a: a[i:i + batch_size], host.data), batch_size)
+                     for i in range(0, len(host), batch_size))
+        else:
+            pairs = as_source(data, "prediction data").epoch()
         out = []
-        for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size]
-            pad = batch_size - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-            out.append(np.asarray(_predict(state, chunk))[: batch_size - pad])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        for batch, mask in pairs:
+            outputs = _predict(state, to_numpy(batch), predict_fn)
+            real = int(mask.sum())
+            out.append(jax.tree.map(lambda a: np.asarray(a)[:real], outputs))
+        if not out:
+            return np.zeros((0,), np.float32)
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
     # -- logging --------------------------------------------------------------------------------
 

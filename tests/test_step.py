@@ -133,21 +133,21 @@ def test_cnn_epoch_on_cpu_does_not_take_the_slow_path(small, model, expected_chu
     state = create_train_state(model(), optim.adam(1e-3), tasks.multiclass())
     sub = train.take(130).to_device()  # 3 batches of 64
     seen = []
-    import jaxlight.loop as loop
+    import jaxlight.step as step
 
-    real = loop.train_chunk
+    real = step.train_chunk
 
-    def spy(state, x, y, idx, mask, steps, start=0):
+    def spy(state, data, idx, mask, steps, start=0, unroll=False):
         seen.append(steps)
-        return real(state, x, y, idx, mask, steps, start)
+        return real(state, data, idx, mask, steps, start, unroll=unroll)
 
-    loop.train_chunk = spy
+    step.train_chunk = spy  # what the single-device strategy calls
     try:
         if jax.default_backend() == "cpu":
             train_epoch(state, sub, 64, epoch=0)
             assert seen == expected_chunks
     finally:
-        loop.train_chunk = real
+        step.train_chunk = real
 
 
 def test_eval_chunk_does_not_update_anything(small):
@@ -158,7 +158,7 @@ def test_eval_chunk_does_not_update_anything(small):
     from jaxlight.data import batch_indices
 
     idx, mask = batch_indices(jax.random.key(0), 500, 100, False)
-    eval_chunk(state, data.x, data.y, idx, mask, 5)
+    eval_chunk(state, data.data, idx, mask, 5)
     for p, q in zip(before, params_of(state)):
         np.testing.assert_array_equal(p, q)
 

@@ -6,15 +6,18 @@ from jaxlight.data.arrays import (
     epoch_order,
     gather_batch,
     iterate_batches,
+    iterate_masked,
     num_batches,
     prepare_x,
 )
+from jaxlight.data.stream import Batches
 from jaxlight.data.mnist import MNISTError, MNISTSplit, download_mnist, find_mnist, load_mnist, read_idx
 from jaxlight.data.synthetic import RegressionData, make_regression
 from jaxlight.data.datasets import load_task_data
 
 __all__ = [
     "ArrayDataset",
+    "Batches",
     "MNISTError",
     "MNISTSplit",
     "RegressionData",
@@ -24,6 +27,7 @@ __all__ = [
     "find_mnist",
     "gather_batch",
     "iterate_batches",
+    "iterate_masked",
     "load_mnist",
     "load_task_data",
     "make_regression",

@@ -12,12 +12,13 @@ and an epoch sees every example exactly once, as PyTorch's ``DataLoader(drop_las
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlight.tasks import prepare_x  # noqa: F401  (re-exported: where it used to live)
 
 __all__ = [
     "ArrayDataset",
@@ -27,19 +28,8 @@ __all__ = [
     "num_batches",
     "gather_batch",
     "iterate_batches",
+    "iterate_masked",
 ]
-
-
-def prepare_x(x):
-    """Images to the models' input: uint8 ``(B, 28, 28)`` -> float32 in [0, 1].
-
-    Divides by 255 exactly as torchvision's ``ToTensor`` does (``x / 255``, not ``x * (1/255)``,
-    which differs in the last bit), so both frameworks feed their models the same floats.
-    Float inputs pass through as float32.
-    """
-    if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 255.0
-    return x.astype(jnp.float32)
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -89,38 +79,91 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndar
 
 
 def gather_batch(x, y, idx, mask) -> dict:
-    """The batch dict the steps take: ``{"x", "y", "mask"}`` (works on numpy and jax arrays)."""
+    """``{"x", "y", "mask"}`` rows of ``x``/``y`` (for the built-in tasks' batch dicts)."""
     return {"x": x[idx], "y": y[idx], "mask": mask}
 
 
-@dataclass(frozen=True)
+def _leaf_names(data) -> list[str]:
+    return ["data" + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(data)[0]]
+
+
 class ArrayDataset:
-    """Examples held in memory, on the host (numpy) or the device (jax).
+    """Examples held in memory, on the host (numpy) or the device (jax): any pytree of arrays.
+
+    ``ArrayDataset(pytree)`` holds a dict, tuple or nested structure of equally long arrays
+    (``{"tokens": (N, T) int32, "mask": (N, T) bool, "label": (N,) int32}``); each batch is the
+    same structure with ``B`` rows. ``ArrayDataset(x, y)`` is the shorthand for
+    ``ArrayDataset({"x": x, "y": y})``, the built-in tasks' batch.
 
     Attributes:
-        x: ``(N, ...)`` inputs: uint8 ``(N, 28, 28)`` images, or float32 ``(N, D)`` features.
-        y: ``(N,)`` int32 class labels, or float32 ``(N, D_out)`` regression targets.
+        data: the pytree.
+        x, y: ``data["x"]`` and ``data["y"]`` when ``data`` is such a dict.
     """
 
-    x: np.ndarray | jax.Array
-    y: np.ndarray | jax.Array
+    def __init__(self, data, y=None):
+        if y is not None:
+            data = {"x": data, "y": y}
+        flat = jax.tree_util.tree_flatten_with_path(data)[0]
+        if not flat:
+            raise ValueError(f"ArrayDataset: {type(data).__name__} holds no arrays")
+        lengths = {}
+        for path, leaf in flat:
+            name = "data" + jax.tree_util.keystr(path)
+            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                raise ValueError(f"ArrayDataset: {name} is a {type(leaf).__name__}, not an array "
+                                 f"(use numpy or jax arrays)")
+            if leaf.ndim < 1:
+                raise ValueError(f"ArrayDataset: {name} is a scalar; every leaf needs a leading example axis")
+            lengths[name] = leaf.shape[0]
+        if len(set(lengths.values())) > 1:
+            if y is not None:
+                raise ValueError(f"ArrayDataset: x has {len(data['x'])} examples but y has {len(data['y'])}")
+            detail = ", ".join(f"{k} has {v}" for k, v in lengths.items())
+            raise ValueError(f"ArrayDataset: every leaf must hold the same number of examples: {detail}")
+        self.data = data
+        self._len = next(iter(lengths.values()))
 
-    def __post_init__(self):
-        if len(self.x) != len(self.y):
-            raise ValueError(
-                f"ArrayDataset: x has {len(self.x)} examples but y has {len(self.y)}"
-            )
+    def __repr__(self) -> str:
+        leaves = jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", self.data)
+        return f"ArrayDataset({len(self)} examples: {leaves})"
 
     def __len__(self) -> int:
-        return len(self.y)
+        return self._len
+
+    @property
+    def x(self):
+        return self._key("x")
+
+    @property
+    def y(self):
+        return self._key("y")
+
+    def _key(self, name):
+        if not isinstance(self.data, dict) or name not in self.data:
+            raise AttributeError(f"this ArrayDataset holds {type(self.data).__name__}"
+                                 + (f" with keys {sorted(self.data)}" if isinstance(self.data, dict) else "")
+                                 + f", not a dict with {name!r}; use .data")
+        return self.data[name]
+
+    def map(self, fn) -> "ArrayDataset":
+        """A dataset of ``fn(leaf)`` for every leaf."""
+        return ArrayDataset(jax.tree.map(fn, self.data))
 
     @property
     def nbytes(self) -> int:
-        return int(self.x.nbytes + self.y.nbytes)
+        return int(sum(a.nbytes for a in jax.tree.leaves(self.data)))
+
+    @property
+    def on_device(self) -> bool:
+        return all(isinstance(a, jax.Array) for a in jax.tree.leaves(self.data))
 
     def take(self, n: int) -> "ArrayDataset":
         """The first ``n`` examples (a quick subset)."""
-        return ArrayDataset(self.x[:n], self.y[:n])
+        return self.map(lambda a: a[:n])
+
+    def rows(self, idx) -> "ArrayDataset":
+        """The examples at ``idx`` (host numpy)."""
+        return self.map(lambda a: np.asarray(a)[idx])
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple["ArrayDataset", "ArrayDataset"]:
         """Seeded train/validation split.
@@ -135,12 +178,11 @@ class ArrayDataset:
         n_val = int(round(val_fraction * len(self)))
         perm = np.random.default_rng(seed).permutation(len(self))
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        x, y = np.asarray(self.x), np.asarray(self.y)
-        return ArrayDataset(x[train_idx], y[train_idx]), ArrayDataset(x[val_idx], y[val_idx])
+        return self.rows(train_idx), self.rows(val_idx)
 
     def to_device(self, device: jax.Device | None = None) -> "ArrayDataset":
         """A copy whose arrays live on ``device`` (default: the first device)."""
-        return ArrayDataset(jax.device_put(self.x, device), jax.device_put(self.y, device))
+        return ArrayDataset(jax.device_put(self.data, device))
 
     def fits_on_device(self, device: jax.Device | None = None, fraction: float = 0.25) -> bool:
         """Whether the arrays take at most ``fraction`` of the device's memory.
@@ -155,11 +197,25 @@ class ArrayDataset:
             return self.nbytes <= 4 << 30
         return self.nbytes <= fraction * limit
 
+    def check_finite(self, name: str = "dataset") -> None:
+        """Raise ``ValueError`` naming the first leaf and row that holds a NaN or an infinity.
 
-def iterate_batches(
+        One pass over the floating leaves (integer leaves cannot hold either).
+        """
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.data)[0]:
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                continue
+            finite = np.isfinite(np.asarray(leaf)).reshape(len(self), -1).all(axis=1)
+            if not finite.all():
+                row = int(np.argmin(finite))
+                what = "a NaN" if np.isnan(np.asarray(leaf[row])).any() else "an infinity"
+                raise ValueError(f"{name}: data{jax.tree_util.keystr(path)}[{row}] holds {what}")
+
+
+def iterate_masked(
     data: ArrayDataset, batch_size: int, key: jax.Array | None
-) -> Iterator[dict]:
-    """Host-side batches for data that does not fit on the device.
+) -> Iterator[tuple]:
+    """Host-side ``(batch, mask)`` pairs for data that does not fit on the device.
 
     Same order and padding as the device path (``key=None`` keeps the stored order). Each batch
     is gathered from host memory and then transferred, one batch at a time.
@@ -169,6 +225,18 @@ def iterate_batches(
         idx, mask = batch_indices(jax.random.key(0), n, batch_size, False)
     else:
         idx, mask = batch_indices(key, n, batch_size, True)
-    x, y = np.asarray(data.x), np.asarray(data.y)
     for bi, bm in zip(np.asarray(idx), np.asarray(mask)):
-        yield gather_batch(x, y, bi, bm)
+        yield jax.tree.map(lambda a: a[bi], data.data), bm
+
+
+def iterate_batches(
+    data: ArrayDataset, batch_size: int, key: jax.Array | None
+) -> Iterator[dict]:
+    """:func:`iterate_masked` as batch dicts with the padding mask under ``"mask"`` (the built-in
+    tasks' ``{"x", "y", "mask"}``); for datasets that are not dicts, or that have a ``"mask"`` of
+    their own, use :func:`iterate_masked`."""
+    if not isinstance(data.data, dict) or "mask" in data.data:
+        raise ValueError("iterate_batches puts the padding mask under 'mask' in a batch dict; this dataset "
+                         "is not a dict or has a 'mask' of its own: use iterate_masked, which yields (batch, mask)")
+    for batch, mask in iterate_masked(data, batch_size, key):
+        yield {**batch, "mask": mask}
