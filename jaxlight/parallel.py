@@ -16,9 +16,9 @@ All three strategies compute the same thing as one device on the whole global ba
   batch the devices hold different numbers of real examples (the padding sits at the end, so
   the last devices may hold none); sums weighted by each device's real rows keep that exact.
 - BatchNorm sees global-batch statistics over the real rows under both, equal to one device's.
-- Dropout: ``sharded`` draws the same masks as one device (the keys depend on the step only
-  and random bits do not depend on the sharding); ``pmap`` folds the device index into each
-  device's keys, so its masks are reproducible but differ from one device's.
+- Dropout draws the same masks as one device: the keys depend on the step only; ``sharded``'s
+  random bits do not depend on the sharding, and under ``pmap`` each device draws the global
+  batch's mask and keeps its own rows (``jaxlight.step``).
 - Metrics are example-weighted means over every device, ``count`` the global number of real
   examples, exactly the dict a single-device step returns.
 - Parameters, optimizer state, step and keys stay replicated.

@@ -21,8 +21,10 @@ What the step does around the user's ``loss_fn(model, batch)`` (``jaxlight.tasks
   batch statistics, which it updates); evaluation runs its eval-mode graph.
 - **Randomness.** Before each training step every RNG stream of the model is reset to
   ``fold_in(fold_in(state.key, step), i)`` (i numbers the streams), so dropout depends on the
-  seed and the step alone: identical for any K, across a resume, under every strategy
-  (``pmap`` folds in the device index too: each device drops different rows).
+  seed and the step alone: identical for any K, across a resume, under every strategy. Under
+  ``pmap`` (``axis_name``) each device draws ``nnx.Dropout``'s mask for the whole global batch
+  and keeps its rows, so the masks are one device's; other random draws in a user's model get
+  the same key on every device (fold in ``jax.lax.axis_index`` for per-device noise).
 - **Padding.** The padding mask never reaches the loss as data: the loss's ``(B,)`` values are
   averaged under it, and every batch-statistics normalisation (``nnx.BatchNorm``, which
   reduces over the batch axis) computes its statistics over the real rows only.
@@ -46,6 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 from flax.nnx.nn import normalization as _nnx_norm
+from flax.nnx.nn import stochastic as _nnx_stochastic
 
 from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import MODEL_STATE, TrainState
@@ -135,17 +138,38 @@ def _masked_compute_stats(x, axes, dtype=None, axis_name=None, axis_index_groups
     return mean, jnp.maximum(0.0, sums[1] / n - jnp.square(mean))
 
 
+class _GlobalRowsRandom:
+    """``jax.random`` for ``nnx.Dropout`` inside a mapped step: each device draws the global
+    batch's mask from the (shared) key and keeps its own rows, so ``pmap`` drops exactly the
+    units one device would. Everything else is ``jax.random`` itself."""
+
+    def __init__(self, axis_name, rows: int):
+        self.axis_name, self.rows = axis_name, rows
+
+    def __getattr__(self, name):
+        return getattr(jax.random, name)
+
+    def bernoulli(self, key, p=0.5, shape=None, **_):
+        if not shape or shape[0] != self.rows:
+            return jax.random.bernoulli(key, p, shape)
+        devices = jax.lax.psum(1, self.axis_name)
+        every = jax.random.bernoulli(key, p, (devices * self.rows, *shape[1:]))
+        return jax.lax.dynamic_slice_in_dim(every, jax.lax.axis_index(self.axis_name) * self.rows, self.rows)
+
+
 @contextlib.contextmanager
 def _running_loss(mask, axis_name, dtype):
     """While the user's loss is traced: the padding mask and mapped axis for batch statistics,
-    and the compute dtype."""
+    dropout masks of the global batch under a mapped axis, and the compute dtype."""
     tokens = (_BATCH_CONTEXT.set((mask, axis_name)), _COMPUTE_DTYPE.set(dtype))
-    previous = _nnx_norm._compute_stats
+    previous = _nnx_norm._compute_stats, _nnx_stochastic.random
     _nnx_norm._compute_stats = _masked_compute_stats
+    if axis_name is not None:
+        _nnx_stochastic.random = _GlobalRowsRandom(axis_name, mask.shape[0])
     try:
         yield
     finally:
-        _nnx_norm._compute_stats = previous
+        _nnx_norm._compute_stats, _nnx_stochastic.random = previous
         _BATCH_CONTEXT.reset(tokens[0])
         _COMPUTE_DTYPE.reset(tokens[1])
 
@@ -166,8 +190,6 @@ def _step_rng_state(state: TrainState, axis_name):
     if not leaves:
         return state.rng_state
     key = jax.random.fold_in(state.key, state.step)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     fresh = [jax.random.fold_in(key, i) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else jnp.zeros_like(a)
              for i, a in enumerate(leaves)]
     return jax.tree.unflatten(treedef, fresh)
