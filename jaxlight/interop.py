@@ -764,7 +764,8 @@ def state_from_torch(state, model: str | Layout, weights: Mapping[str, np.ndarra
         state: a ``TrainState`` built with the optimizer to continue with (``create_train_state``):
             gives the structure; its data key is kept.
         model: the model's name or a ``Layout``.
-        weights: the torch ``state_dict`` as numpy.
+        weights: the torch ``state_dict`` as numpy; BatchNorm's running statistics go to
+            ``state.model_state``.
         optimizer: the torch optimizer state as numpy (``torch_ref.interop.optimizer_to_numpy``);
             None keeps a freshly initialised optimizer state.
         step: optimizer steps already taken. Default: Adam's step count; SGD keeps none, so pass
@@ -776,21 +777,33 @@ def state_from_torch(state, model: str | Layout, weights: Mapping[str, np.ndarra
     import jax.numpy as jnp
 
     params = params_from_torch(weights, state.params, model)
+    model_state = state.model_state
+    if layout_for(model).stat_names:  # BatchNorm's running statistics live in model_state
+        from flax import nnx
+
+        stats = batch_stats_from_torch(weights, nnx.filter_state(model_state, nnx.BatchStat), model)
+        model_state = _to_state(_flat_template(stats), model_state)
     opt_state = state.tx.init(params)
     if optimizer is not None:
         opt_state = opt_state_from_torch(optimizer, opt_state, params, model)
         if step is None:
             step = optimizer.get("step")
     new_step = state.step if step is None else jnp.asarray(int(step), state.step.dtype)
-    return state.replace(params=params, opt_state=opt_state, step=new_step)
+    return state.replace(params=params, opt_state=opt_state, step=new_step, model_state=model_state)
 
 
 def state_to_torch(state, model: str | Layout) -> tuple[dict[str, np.ndarray], dict]:
-    """``(weights, optimizer)`` of a jaxlight ``TrainState`` in PyTorch's terms, to continue the
+    """``(weights, optimizer)`` of a jaxlight ``TrainState`` in PyTorch's terms (weights with the
+    running statistics, without ``num_batches_tracked``), to continue the
     run in torch (``torch_ref.interop.load_numpy_state_dict`` / ``load_numpy_optimizer``).
     SGD keeps no step count (``step`` is None): ``state.step`` has it."""
     import jax
+    from flax import nnx
 
-    weights = params_to_torch(jax.device_get(state.params), model)
-    optimizer = opt_state_to_torch(jax.device_get(state.opt_state), model)
+    layout = layout_for(model)
+    weights = params_to_torch(jax.device_get(state.params), layout)
+    if layout.stat_names:
+        weights.update(batch_stats_to_torch(jax.device_get(nnx.filter_state(state.model_state, nnx.BatchStat)), layout))
+        weights = {r.torch_name: weights[r.torch_name] for r in layout.rules}
+    optimizer = opt_state_to_torch(jax.device_get(state.opt_state), layout)
     return weights, optimizer

@@ -221,6 +221,21 @@ def test_converted_models_agree_in_train_and_eval_mode(pair, train):
     np.testing.assert_allclose(np.asarray(jmodel(x)), out_t, rtol=1e-5, atol=2e-6)
 
 
+def test_a_train_state_takes_and_gives_the_statistics():
+    from jaxlight import optim, tasks
+    from jaxlight.state import create_train_state
+
+    tmodel = warmed(TorchMLP, (D,))
+    layout = interop.derive_layout(tmodel, NnxMLP(rngs=nnx.Rngs(0)))
+    arrays = state_dict_to_numpy(tmodel)
+    state = create_train_state(NnxMLP(rngs=nnx.Rngs(0)), optim.adam(1e-3), tasks.multiclass(3))
+    state = interop.state_from_torch(state, layout, arrays)
+    assert same_bits(np.asarray(state.model.body.layers[1].var[...]), arrays["body.1.running_var"])
+    weights, _ = interop.state_to_torch(state, layout)
+    assert list(weights) == [r.torch_name for r in layout.rules]
+    assert all(same_bits(weights[k], arrays[k]) for k in weights)
+
+
 class TorchLSTMNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -286,6 +301,17 @@ def test_user_models_pass_every_level(pair, opt, kw, lr):
     assert report.worst["forward"][0] <= 2e-6 and report.worst["forward_eval"][0] <= 2e-6, str(report)
     assert report.worst["grad"][0] <= 1e-6, str(report)
     assert any("num_batches_tracked" in note for note in report.notes)
+
+
+def test_a_built_in_task_on_a_batchnorm_model():
+    # A built-in task with batch statistics runs on the loss-function step (unpadded batches:
+    # padding must not enter BatchNorm's statistics).
+    from jaxlight.data import ArrayDataset
+
+    d = data((D,))
+    report = check_parity(warmed(TorchMLP, (D,)), NnxMLP(rngs=nnx.Rngs(0)), task="multiclass",
+                          data=ArrayDataset(d["x"], d["y"]), optimizer="sgd", lr=0.05, steps=4)
+    assert report.ok and report.steps_checked == 4, str(report)
 
 
 def test_running_statistics_are_compared_each_step():
