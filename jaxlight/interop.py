@@ -316,7 +316,8 @@ def _convert_to_jax(arrays: Mapping[str, np.ndarray], layout: Layout, template_f
     _check_keys([k for k in arrays if k not in others], [r.torch_name for r in rules],
                 f"{what} for {layout.name!r}")
     _check_keys([r.jax_path for r in rules], template_flat,
-                f"layout {layout.name!r} against the jaxlight {'parameters' if variable == 'param' else 'batch statistics'} (paths)")
+                f"layout {layout.name!r} against the jaxlight "
+                f"{'parameters' if variable == 'param' else 'batch statistics'} (paths)")
     out = {}
     for rule in rules:
         a = np.asarray(arrays[rule.torch_name])
@@ -451,7 +452,7 @@ def _torch_layers(torch_model) -> list[tuple[str, str, object]]:
         elif list(m.named_parameters(recurse=False)) or [b for b, v in m.named_buffers(recurse=False) if v is not None]:
             unknown.append(f"{name or '(root)'} ({type(m).__name__})")
     if unknown:
-        raise ConversionError(f"no conversion rule for torch layer(s) {unknown}; derive_layout knows "
+        raise ConversionError(f"no conversion rule for torch layer(s) {', '.join(unknown)}; derive_layout knows "
                               f"{sorted(set(_TORCH_LAYERS))}: write a Layout for these (docs/parity-user-models.md)")
     return out
 
@@ -469,7 +470,7 @@ def _nnx_layers(jax_model) -> list[tuple[tuple[str, ...], str, object]]:
             out.append((path, kind, node))
             return
         if isinstance(node, nnx.Module) and not isinstance(node, nnx.List):
-            own = [k for k, v in vars(node).items() if isinstance(v, nnx.Variable) and isinstance(v, (nnx.Param, nnx.BatchStat))]
+            own = [k for k, v in vars(node).items() if isinstance(v, (nnx.Param, nnx.BatchStat))]
             if own:
                 unknown.append(f"{'/'.join(path) or '(root)'} ({type(node).__name__}: {own})")
             children = [(k, v) for k, v in vars(node).items() if not k.startswith("_pytree__")]
@@ -484,7 +485,7 @@ def _nnx_layers(jax_model) -> list[tuple[tuple[str, ...], str, object]]:
 
     walk(jax_model, ())
     if unknown:
-        raise ConversionError(f"no conversion rule for NNX module(s) with their own parameters {unknown}: "
+        raise ConversionError(f"no conversion rule for NNX module(s) with their own parameters {', '.join(unknown)}: "
                               f"write a Layout for these (docs/parity-user-models.md)")
     return out
 
@@ -596,7 +597,8 @@ def derive_layout(torch_model, jax_model, *, flatten: Mapping[str, tuple[int, in
 
     Example:
         >>> layout = derive_layout(torch_net, nnx_net, flatten={"fc1": (64, 7, 7)})  # doctest: +SKIP
-        >>> jax_net = model_from_torch(torch_ref.interop.state_dict_to_numpy(torch_net), nnx_net, layout)  # doctest: +SKIP
+        >>> arrays = torch_ref.interop.state_dict_to_numpy(torch_net)               # doctest: +SKIP
+        >>> jax_net = model_from_torch(arrays, nnx_net, layout)                     # doctest: +SKIP
     """
     flatten = dict(flatten or {})
     tl = _torch_layers(torch_model)

@@ -30,8 +30,8 @@ An element ``a`` (jaxlight) against ``b`` (torch) is within tolerance when
 ``|a - b| <= atol + rtol * |b|`` (``numpy.allclose``'s rule). The defaults
 (:data:`DEFAULT_TOLERANCES`) hold for the six models and the BatchNorm models of
 ``tests/parity/test_user_models.py`` in float32 on CPU; see the README and
-``docs/parity-user-models.md`` for the measured worst cases. Why ``step``/``trajectory`` need more room than ``grad``: Adam
-divides by ``sqrt(v) + eps``, so a gradient that is ~0 by cancellation (its float32 rounding
+``docs/parity-user-models.md`` for the measured worst cases. Why ``step``/``trajectory`` need
+more room than ``grad``: Adam divides by ``sqrt(v) + eps``, so a gradient that is ~0 by cancellation (its float32 rounding
 differs between libraries) can move by up to ``lr`` in either direction on the first step.
 
 This module needs torch (the ``torch`` extra) and imports it only when called.
@@ -152,7 +152,8 @@ class ParityReport:
         for level in LEVELS:
             if level in self.worst:
                 d, name, step = self.worst[level]
-                lines.append(f"  {level:<10} max |diff| {d:.3g} ({name}, step {step}); tolerance {self.tolerances[level]}")
+                lines.append(f"  {level:<12} max |diff| {d:.3g} ({name}, step {step}); "
+                             f"tolerance {self.tolerances[level]}")
         if self.divergence:
             lines.append(f"  first divergence: {self.divergence}")
         lines += [f"  note: {note}" for note in self.notes]
@@ -319,9 +320,7 @@ def check_parity(
         engine = _CoreEngine(graphdef, params, stats, rest, tx, jtask, seed)
     else:
         engine = _LossEngine(graphdef, params, stats, rest, tx, loss_fn)
-    to_torch = torch_batch or _default_torch_batch
-    if task is not None:
-        to_torch = _task_torch_batch(ttask)
+    to_torch = torch_batch or (_task_torch_batch(ttask) if task is not None else _default_torch_batch)
 
     nb = num_batches(n, batch_size)
     orders: dict[int, tuple] = {}
@@ -517,6 +516,9 @@ class _LossEngine:
             # statistics under value_and_grad (TraceContextError).
             m = nnx.merge(gd[True], params, stats, rest, copy=True)
             losses, _ = loss_fn(m, batch)
+            rows = len(jax.tree.leaves(batch)[0])
+            if jnp.shape(losses) != (rows,):
+                raise ValueError(f"loss_fn must return per-example losses of shape ({rows},), got {jnp.shape(losses)}")
             _, _, new_stats, new_rest = nnx.split(m, nnx.Param, nnx.BatchStat, ...)
             return jnp.mean(losses), (new_stats, new_rest)
 

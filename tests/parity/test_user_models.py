@@ -153,17 +153,31 @@ def test_layers_with_other_names_pair_by_order():
      r"torch body.1 / NNX body/layers/1: .*use nnx.BatchNorm\(momentum=0.9\), got 0.99"),
     (lambda: TorchMLP(momentum=None), lambda: NnxMLP(rngs=nnx.Rngs(0)), r"body.1.*momentum=None.*no NNX equivalent"),
     (lambda: nn.Sequential(nn.Linear(D, H), nn.GRU(H, H)), lambda: NnxMLP(rngs=nnx.Rngs(0)),
-     r"no conversion rule for torch layer\(s\) \['1 \(GRU\)'\]"),
+     r"no conversion rule for torch layer\(s\) 1 \(GRU\); derive_layout knows"),
     (lambda: nn.Sequential(nn.Linear(D, H), nn.Linear(H, K)), lambda: NnxCNN(rngs=nnx.Rngs(0)),
-     r"(?s)cannot pair the layers.*torch: 0 \(linear\), 1 \(linear\)\n  NNX:   conv \(conv\), bn \(batchnorm\), fc \(linear\)"),
+     r"(?s)cannot pair the layers.*torch: 0 \(linear\), 1 \(linear\)\n"
+     r"  NNX:   conv \(conv\), bn \(batchnorm\), fc \(linear\)"),
     (lambda: nn.Sequential(nn.Linear(D, H, bias=False)), lambda: nnx.Sequential(nnx.Linear(D, H, rngs=nnx.Rngs(0))),
      r"torch 0 / NNX layers/0: bias in torch False, in NNX True"),
-    (lambda: nn.Sequential(nn.BatchNorm1d(H, eps=1e-3)), lambda: nnx.Sequential(nnx.BatchNorm(H, momentum=0.9, rngs=nnx.Rngs(0))),
+    (lambda: nn.Sequential(nn.BatchNorm1d(H, eps=1e-3)),
+     lambda: nnx.Sequential(nnx.BatchNorm(H, momentum=0.9, rngs=nnx.Rngs(0))),
      r"eps 0.001 in torch, epsilon 1e-05 in NNX"),
 ], ids=["momentum", "cumulative-average", "unknown-layer", "unpairable", "bias", "eps"])
 def test_layouts_that_cannot_be_derived_say_why(torch_model, jax_model, message):
     with pytest.raises(ConversionError, match=message):
         interop.derive_layout(torch_model(), jax_model())
+
+
+class WithOwnParam(nnx.Module):
+    def __init__(self, *, rngs):
+        self.fc = nnx.Linear(D, H, rngs=rngs)
+        self.gain = nnx.Param(np.ones(H, np.float32))  # no rule can know what this is
+
+
+def test_an_nnx_module_with_its_own_parameters_needs_a_layout():
+    with pytest.raises(ConversionError, match=r"NNX module\(s\) with their own parameters \(root\) "
+                                              r"\(WithOwnParam: \['gain'\]\): write a Layout"):
+        interop.derive_layout(nn.Sequential(nn.Linear(D, H)), WithOwnParam(rngs=nnx.Rngs(0)))
 
 
 def test_a_shape_that_does_not_fit_names_the_key():
@@ -236,6 +250,29 @@ def test_a_train_state_takes_and_gives_the_statistics():
     assert all(same_bits(weights[k], arrays[k]) for k in weights)
 
 
+def test_the_running_variance_differs_by_bessels_correction():
+    # What check_parity accounts for, measured on one train-mode call of the first BatchNorm:
+    # both average with torch momentum m = 0.1 (NNX momentum 0.9), both take the same mean, but
+    # torch averages the unbiased batch variance and NNX the biased one.
+    tmodel = warmed(TorchMLP, (D,))
+    layout = interop.derive_layout(tmodel, NnxMLP(rngs=nnx.Rngs(0)))
+    jmodel = interop.model_from_torch(state_dict_to_numpy(tmodel), NnxMLP(rngs=nnx.Rngs(0)), layout)
+    x = data((D,), 64, seed=5)["x"]
+    h = (x @ tmodel.body[0].weight.detach().numpy().T).astype(np.float64)  # the BatchNorm's input
+    mean0, var0 = tmodel.body[1].running_mean.numpy().copy(), tmodel.body[1].running_var.numpy().copy()
+    tmodel.train()
+    jmodel.train()
+    with torch.no_grad():
+        tmodel(torch.from_numpy(x))
+    jmodel(x)
+    bn_t, bn_j = tmodel.body[1], jmodel.body.layers[1]
+    np.testing.assert_allclose(bn_t.running_mean.numpy(), 0.9 * mean0 + 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn_j.mean[...]), 0.9 * mean0 + 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn_t.running_var.numpy(), 0.9 * var0 + 0.1 * h.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn_j.var[...]), 0.9 * var0 + 0.1 * h.var(0, ddof=0), rtol=1e-5)
+    assert not np.allclose(np.asarray(bn_j.var[...]), bn_t.running_var.numpy(), rtol=1e-3)
+
+
 class TorchLSTMNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -262,9 +299,11 @@ def test_an_lstm_layer_is_derived_and_converted():
     assert [r.kind for r in layout.rules] == ["lstm", "lstm", "copy", "copy", "linear", "copy"]
     jmodel = interop.model_from_torch(state_dict_to_numpy(tmodel), NnxLSTMNet(rngs=nnx.Rngs(0)), layout)
     x = np.random.default_rng(0).normal(size=(4, 7, 5)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(jmodel(x)), tmodel(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+    out_t = tmodel(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(jmodel(x)), out_t, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConversionError, match="only one-layer, unidirectional LSTMs"):
-        interop.derive_layout(nn.Sequential(nn.LSTM(5, 16, num_layers=2)), nnx.Sequential(LSTM(5, 16, rngs=nnx.Rngs(0))))
+        interop.derive_layout(nn.Sequential(nn.LSTM(5, 16, num_layers=2)),
+                              nnx.Sequential(LSTM(5, 16, rngs=nnx.Rngs(0))))
 
 
 def test_a_hand_written_layout_converts_the_statistics_too():
@@ -354,3 +393,6 @@ def test_user_loss_arguments_are_checked():
         check_parity(TorchMLP(), NnxMLP(rngs=nnx.Rngs(0)), data=data((D,)))
     with pytest.raises(ValueError, match="loss_fn needs its torch twin"):
         check_parity(TorchMLP(), NnxMLP(rngs=nnx.Rngs(0)), data=data((D,)), loss_fn=jax_loss)
+    with pytest.raises(ValueError, match=r"torch_loss_fn must return per-example losses of shape \(B,\), got \(\)"):
+        check_parity(TorchMLP(), NnxMLP(rngs=nnx.Rngs(0)), data=data((D,)), loss_fn=jax_loss,
+                     torch_loss_fn=lambda m, b: (torch_loss(m, b)[0].mean(), {}), steps=1)
