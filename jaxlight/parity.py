@@ -172,7 +172,9 @@ def compare_arrays(jax_value, torch_value, tol: Tolerance):
     excess = diff - (tol.atol + tol.rtol * np.abs(b))
     worst = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), np.inf, excess))), diff.shape)
     exceeded = bool(np.any(excess > 0) or np.any(np.isnan(diff) != np.isnan(b)))
-    return exceeded, float(np.nanmax(diff)), tuple(int(i) for i in worst), float(a[worst]), float(b[worst])
+    # A NaN on one side counts as an infinite difference (numpy's nanmax would skip it).
+    largest = float(np.max(np.where(np.isnan(diff) & (np.isnan(a) != np.isnan(b)), np.inf, np.nan_to_num(diff))))
+    return exceeded, largest, tuple(int(i) for i in worst), float(a[worst]), float(b[worst])
 
 
 class _Checker:

@@ -340,6 +340,7 @@ def test_user_models_pass_every_level(pair, opt, kw, lr):
     assert report.worst["forward"][0] <= 2e-6 and report.worst["forward_eval"][0] <= 2e-6, str(report)
     assert report.worst["grad"][0] <= 1e-6, str(report)
     assert any("num_batches_tracked" in note for note in report.notes)
+    assert any("dropout off" in note for note in report.notes) == (pair == "mlp")
 
 
 def test_a_built_in_task_on_a_batchnorm_model():
@@ -379,6 +380,20 @@ def test_a_broken_port_is_reported_at_its_layer():
     d = report.divergence
     assert (d.level, d.name) == ("forward", "body.4"), str(report)
     assert "forward diverges at step 0, layer body.4" in str(report)
+
+
+def test_swapped_running_statistics_show_in_eval_mode_at_their_layer():
+    # A hand-written layout that swaps running_mean and running_var: train mode (batch
+    # statistics) cannot see it, eval mode can.
+    derived = interop.derive_layout(TorchMLP(), NnxMLP(rngs=nnx.Rngs(0)))
+    swap = {"mean": "var", "var": "mean"}
+    rules = tuple(Rule(r.torch_name, r.jax_path[:-1] + (swap[r.jax_path[-1]],), variable="batch_stat")
+                  if r.variable == "batch_stat" else r for r in derived.rules)
+    layout = interop.Layout("swapped", rules, derived.dropped)
+    report = check_parity(warmed(TorchMLP, (D,)), NnxMLP(rngs=nnx.Rngs(0)), layout, data=data((D,)),
+                          loss_fn=jax_loss, torch_loss_fn=torch_loss, optimizer="sgd", lr=0.05, steps=1)
+    assert report.worst["forward"][0] <= 2e-6
+    assert (report.divergence.level, report.divergence.name) == ("forward_eval", "body.1"), str(report)
 
 
 def test_a_missing_flatten_is_reported_at_the_dense_layer():
