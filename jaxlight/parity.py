@@ -260,6 +260,15 @@ def check_parity(
     Returns:
         A :class:`ParityReport`; ``report.ok`` is False and ``report.divergence`` says where
         when anything differs beyond tolerance.
+
+    Example (a user's model pair and loss; ``docs/parity-user-models.md``):
+        >>> def loss_fn(model, batch):
+        ...     return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]), {}
+        >>> def torch_loss_fn(model, batch):
+        ...     return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none"), {}
+        >>> report = check_parity(torch_net, nnx_net, data={"x": x, "y": y}, loss_fn=loss_fn,
+        ...                       torch_loss_fn=torch_loss_fn, optimizer="adam", steps=20)  # doctest: +SKIP
+        >>> report.divergence                                   # e.g. level "forward", name "body.4"  # doctest: +SKIP
     """
     import jax
     import torch
