@@ -306,6 +306,26 @@ def test_an_lstm_layer_is_derived_and_converted():
                               nnx.Sequential(LSTM(5, 16, rngs=nnx.Rngs(0))))
 
 
+class WrongStepLSTMNet(NnxLSTMNet):
+    """A port bug: the classifier reads the next-to-last hidden state."""
+
+    def __call__(self, x):
+        return self.out(self.rnn(x)[0][:, -2])
+
+
+def test_an_lstm_pair_passes_and_a_wrong_time_step_is_reported_at_its_reader():
+    rng = np.random.default_rng(0)
+    d = {"x": rng.normal(size=(100, 7, 5)).astype(np.float32), "y": rng.integers(0, K, 100).astype(np.int32)}
+    torch.manual_seed(0)
+    report = check_parity(TorchLSTMNet(), NnxLSTMNet(rngs=nnx.Rngs(0)), data=d, loss_fn=jax_loss,
+                          torch_loss_fn=torch_loss, optimizer="adam", lr=1e-2, steps=3)
+    assert report.ok and report.worst["grad"][0] <= 1e-6, str(report)
+    torch.manual_seed(0)
+    report = check_parity(TorchLSTMNet(), WrongStepLSTMNet(rngs=nnx.Rngs(0)), data=d, loss_fn=jax_loss,
+                          torch_loss_fn=torch_loss, optimizer="adam", lr=1e-2, steps=1)
+    assert (report.divergence.level, report.divergence.name) == ("forward", "out"), str(report)  # rnn agreed
+
+
 def test_a_hand_written_layout_converts_the_statistics_too():
     layout = interop.Layout("mine", (
         Rule("0.weight", ("layers", "0", "kernel"), "linear"),
