@@ -31,8 +31,9 @@ An element ``a`` (jaxlight) against ``b`` (torch) is within tolerance when
 (:data:`DEFAULT_TOLERANCES`) hold for the six models and the BatchNorm models of
 ``tests/parity/test_user_models.py`` in float32 on CPU; see the README and
 ``docs/parity-user-models.md`` for the measured worst cases. Why ``step``/``trajectory`` need
-more room than ``grad``: Adam divides by ``sqrt(v) + eps``, so a gradient that is ~0 by cancellation (its float32 rounding
-differs between libraries) can move by up to ``lr`` in either direction on the first step.
+more room than ``grad``: Adam divides by ``sqrt(v) + eps``, so a gradient that is ~0 by
+cancellation (its float32 rounding differs between libraries) can move by up to ``lr`` in
+either direction on the first step.
 
 This module needs torch (the ``torch`` extra) and imports it only when called.
 
