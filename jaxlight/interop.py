@@ -20,6 +20,20 @@ model, :data:`LAYOUTS`) lists them; a user porting a model writes their own list
 | ``conv`` | ``Conv2d.weight`` OIHW | ``kernel`` HWIO | ``transpose(2, 3, 1, 0)`` |
 | ``flatten_linear`` | ``weight (out, C*H*W)``, inputs flattened from NCHW | ``kernel (H*W*C, out)``, inputs flattened from NHWC | rows permuted (C, H, W) -> (H, W, C), then transpose |
 | ``lstm`` | ``weight_ih_l0 (4H, in)``, ``weight_hh_l0 (4H, H)`` | ``kernel_ih (in, 4H)``, ``kernel_hh (H, 4H)`` | transpose; gate order i, f, g, o kept; both biases kept (``bias_ih``, ``bias_hh``) |
+| ``embed`` | ``Embedding.weight (num, dim)`` | ``embedding (num, dim)`` | none |
+
+BatchNorm maps ``weight``/``bias`` to the ``nnx.Param`` ``scale``/``bias`` (``copy``) and the
+buffers ``running_mean``/``running_var`` to the ``nnx.BatchStat`` ``mean``/``var`` (``copy``,
+``Rule(variable="batch_stat")``); ``num_batches_tracked`` has no NNX counterpart and is dropped
+(``Layout.dropped``): it only matters for ``momentum=None`` (a cumulative average), which
+:func:`derive_layout` refuses. Loading back into torch keeps the module's own counter.
+
+A user's own model pair needs no hand-written rules when its layers are ``Linear``, ``Conv2d``,
+``BatchNorm1d/2d``, ``LayerNorm``, ``Embedding`` or a one-layer ``LSTM`` (jaxlight's
+``jaxlight.models.rnn.LSTM`` on the NNX side): :func:`derive_layout` pairs the layers by name
+(``net.0`` with ``net/layers/0`` of an ``nnx.Sequential``) or, when the names differ, by order,
+and checks each pair's configuration. :func:`model_from_torch` / :func:`model_to_torch` move
+parameters and batch statistics in one call. See ``docs/parity-user-models.md``.
 
 All conversions are permutations of elements, so they are exact in both directions (the round
 trip gives back the same bits), and they apply unchanged to every elementwise optimizer slot
@@ -55,6 +69,11 @@ __all__ = [
     "opt_state_to_torch",
     "state_from_torch",
     "state_to_torch",
+    "batch_stats_from_torch",
+    "batch_stats_to_torch",
+    "derive_layout",
+    "model_from_torch",
+    "model_to_torch",
     "SLOTS",
 ]
 
@@ -76,14 +95,20 @@ class Rule:
         kind: ``copy``, ``linear``, ``conv``, ``flatten_linear`` or ``lstm`` (see the module
             docstring's table).
         chw: for ``flatten_linear``: the ``(C, H, W)`` of the feature map PyTorch flattens.
+        variable: ``"param"`` (an ``nnx.Param``, a torch parameter) or ``"batch_stat"`` (an
+            ``nnx.BatchStat``, a torch buffer such as ``running_mean``).
     """
 
     torch_name: str
     jax_path: tuple[str, ...]
     kind: str = "copy"
     chw: tuple[int, int, int] | None = None
+    variable: str = "param"
 
     def __post_init__(self):
+        if self.variable not in ("param", "batch_stat"):
+            raise ValueError(f"rule for {self.torch_name!r}: variable must be 'param' or 'batch_stat', "
+                             f"got {self.variable!r}")
         if self.kind not in _TO_JAX:
             raise ValueError(f"rule for {self.torch_name!r}: unknown kind {self.kind!r}; choose one of {sorted(_TO_JAX)}")
         if self.kind == "flatten_linear" and (self.chw is None or len(self.chw) != 3):
@@ -136,6 +161,7 @@ _TO_JAX = {
     "conv": lambda a, r: a.transpose(2, 3, 1, 0),  # OIHW -> HWIO
     "flatten_linear": _flat_to_jax,
     "lstm": lambda a, r: a.T,  # (4H, in) -> (in, 4H); gate blocks i, f, g, o stay in order
+    "embed": lambda a, r: a,
 }
 _TO_TORCH = {
     "copy": lambda a, r: a,
@@ -143,16 +169,33 @@ _TO_TORCH = {
     "conv": lambda a, r: a.transpose(3, 2, 0, 1),  # HWIO -> OIHW
     "flatten_linear": _flat_to_torch,
     "lstm": lambda a, r: a.T,
+    "embed": lambda a, r: a,
 }
-_TORCH_NDIM = {"copy": 1, "linear": 2, "conv": 4, "flatten_linear": 2, "lstm": 2}
+_TORCH_NDIM = {"copy": 1, "linear": 2, "conv": 4, "flatten_linear": 2, "lstm": 2, "embed": 2}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The rules for every parameter of one model, in PyTorch's ``state_dict`` order."""
+    """The rules for every parameter and batch statistic of one model, in PyTorch's
+    ``state_dict`` order.
+
+    Attributes:
+        name: for messages and reports.
+        rules: one :class:`Rule` per torch tensor that has a jaxlight counterpart.
+        dropped: ``state_dict`` keys with no jaxlight counterpart, accepted and ignored on the
+            way in (BatchNorm's ``num_batches_tracked``).
+
+    Example (a user's model, written by hand instead of :func:`derive_layout`):
+        >>> Layout("mine", (Rule("body.0.weight", ("body", "layers", "0", "kernel"), "linear"),
+        ...                 Rule("body.0.bias", ("body", "layers", "0", "bias")),
+        ...                 Rule("bn.running_mean", ("bn", "mean"), variable="batch_stat")))
+        ... # doctest: +ELLIPSIS
+        Layout(name='mine', ...)
+    """
 
     name: str
     rules: tuple[Rule, ...]
+    dropped: tuple[str, ...] = ()
 
     def __post_init__(self):
         for attr in ("torch_name", "jax_path"):
@@ -163,7 +206,25 @@ class Layout:
 
     @property
     def torch_names(self) -> list[str]:
-        return [r.torch_name for r in self.rules]
+        """The torch names of the parameters (``nnx.Param``), in ``state_dict`` order."""
+        return [r.torch_name for r in self.rules if r.variable == "param"]
+
+    @property
+    def stat_names(self) -> list[str]:
+        """The torch names of the batch statistics (``nnx.BatchStat``), in ``state_dict`` order."""
+        return [r.torch_name for r in self.rules if r.variable == "batch_stat"]
+
+    def rules_for(self, variable: str) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.variable == variable)
+
+    @property
+    def modules(self) -> dict[str, tuple[str, ...]]:
+        """``{torch module name: jaxlight module path}`` of every layer with a rule, in order:
+        where :func:`jaxlight.parity.check_parity` captures per-layer outputs."""
+        out: dict[str, tuple[str, ...]] = {}
+        for r in self.rules:
+            out.setdefault(r.torch_name.rpartition(".")[0], r.jax_path[:-1])
+        return out
 
     def rule(self, torch_name: str) -> Rule:
         for r in self.rules:
@@ -244,13 +305,21 @@ def _check_keys(given, expected, what: str) -> None:
         raise ConversionError(f"{what}: {'; '.join(parts)}")
 
 
-def _convert_to_jax(arrays: Mapping[str, np.ndarray], layout: Layout, template_flat: dict, what: str) -> dict:
-    """``{torch_name: array}`` -> ``{jax_path: array}``, every key and shape checked."""
-    _check_keys(arrays, layout.torch_names, f"{what} for {layout.name!r}")
-    _check_keys([r.jax_path for r in layout.rules], template_flat,
-                f"layout {layout.name!r} against the jaxlight parameters (paths)")
+def _convert_to_jax(arrays: Mapping[str, np.ndarray], layout: Layout, template_flat: dict, what: str,
+                    variable: str = "param") -> dict:
+    """``{torch_name: array}`` -> ``{jax_path: array}``, every key and shape checked.
+
+    ``arrays`` may be a whole ``state_dict``: the layout's other tensors (batch statistics when
+    converting parameters, and the other way round) and its ``dropped`` keys are skipped."""
+    rules = layout.rules_for(variable)
+    others = {r.torch_name for r in layout.rules if r.variable != variable} | set(layout.dropped)
+    _check_keys([k for k in arrays if k not in others], [r.torch_name for r in rules],
+                f"{what} for {layout.name!r}")
+    _check_keys([r.jax_path for r in rules], template_flat,
+                f"layout {layout.name!r} against the jaxlight "
+                f"{'parameters' if variable == 'param' else 'batch statistics'} (paths)")
     out = {}
-    for rule in layout.rules:
+    for rule in rules:
         a = np.asarray(arrays[rule.torch_name])
         converted = rule.to_jax(a)
         want = tuple(np.shape(template_flat[rule.jax_path]))
@@ -312,10 +381,288 @@ def params_to_torch(params, model: str | Layout) -> dict[str, np.ndarray]:
     """jaxlight parameters (``nnx.State`` or its pure dict) -> ``{torch_name: np.ndarray}``,
     in PyTorch's layout and ``state_dict`` order (load with
     ``torch_ref.interop.load_numpy_state_dict``)."""
+    return _convert_to_torch(params, layout_for(model), "param")
+
+
+def _convert_to_torch(tree, layout: Layout, variable: str) -> dict[str, np.ndarray]:
+    rules = layout.rules_for(variable)
+    flat = _flat_template(tree)
+    what = "parameters" if variable == "param" else "batch statistics"
+    _check_keys(flat, [r.jax_path for r in rules], f"jaxlight {what} for {layout.name!r} (paths)")
+    return {r.torch_name: r.to_torch(np.asarray(flat[r.jax_path])) for r in rules}
+
+
+def batch_stats_from_torch(arrays: Mapping[str, np.ndarray], template, model: str | Layout):
+    """A PyTorch ``state_dict``'s buffers (``running_mean``/``running_var``) -> the NNX batch
+    statistics (``nnx.BatchStat`` ``mean``/``var``), shaped like ``template``
+    (``nnx.state(model, nnx.BatchStat)``). ``arrays`` may be the whole ``state_dict``.
+
+    Both frameworks use the running statistics the same way in eval mode,
+    ``(x - mean) / sqrt(var + eps) * scale + bias``, so a copy is exact. They *update* them
+    differently in train mode (see ``docs/parity-user-models.md``): PyTorch's ``running_var``
+    averages the unbiased batch variance, NNX's ``var`` the biased one, and NNX's ``momentum``
+    is PyTorch's ``1 - momentum``.
+    """
     layout = layout_for(model)
-    flat = _flat_template(params)
-    _check_keys(flat, [r.jax_path for r in layout.rules], f"jaxlight parameters for {layout.name!r} (paths)")
-    return {r.torch_name: r.to_torch(np.asarray(flat[r.jax_path])) for r in layout.rules}
+    flat = _convert_to_jax(arrays, layout, _flat_template(template), "batch statistic", "batch_stat")
+    return _to_state(flat, template)
+
+
+def batch_stats_to_torch(stats, model: str | Layout) -> dict[str, np.ndarray]:
+    """The NNX batch statistics (``nnx.State`` or its pure dict) -> ``{torch buffer name: array}``
+    (``running_mean``/``running_var``; ``num_batches_tracked`` is not produced)."""
+    return _convert_to_torch(stats, layout_for(model), "batch_stat")
+
+
+# ----------------------------------------------------------------------------------------- #
+# Users' models: a layout derived from the two models, whole-model conversion
+
+# torch.nn class name -> layer kind. Matched on the class and its bases, so subclasses of
+# ``nn.Linear`` count; duck-typed, so jaxlight still never imports torch.
+_TORCH_LAYERS = {"Linear": "linear", "Conv2d": "conv", "BatchNorm1d": "batchnorm", "BatchNorm2d": "batchnorm",
+                 "LayerNorm": "layernorm", "Embedding": "embedding", "LSTM": "lstm"}
+
+
+def _torch_kind(module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn") and cls.__name__ in _TORCH_LAYERS:
+            return _TORCH_LAYERS[cls.__name__]
+    return None
+
+
+def _nnx_kind(module) -> str | None:
+    from flax import nnx
+
+    from jaxlight.models.rnn import LSTM
+
+    for cls, kind in ((nnx.Linear, "linear"), (nnx.Conv, "conv"), (nnx.BatchNorm, "batchnorm"),
+                      (nnx.LayerNorm, "layernorm"), (nnx.Embed, "embedding"), (LSTM, "lstm")):
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def _torch_layers(torch_model) -> list[tuple[str, str, object]]:
+    """``[(name, kind, module)]`` in registration order; refuses layers with unknown weights."""
+    out, unknown = [], []
+    for name, m in torch_model.named_modules():
+        kind = _torch_kind(m)
+        if kind is not None:
+            out.append((name, kind, m))
+        elif list(m.named_parameters(recurse=False)) or [b for b, v in m.named_buffers(recurse=False) if v is not None]:
+            unknown.append(f"{name or '(root)'} ({type(m).__name__})")
+    if unknown:
+        raise ConversionError(f"no conversion rule for torch layer(s) {', '.join(unknown)}; derive_layout knows "
+                              f"{sorted(set(_TORCH_LAYERS))}: write a Layout for these (docs/parity-user-models.md)")
+    return out
+
+
+def _nnx_layers(jax_model) -> list[tuple[tuple[str, ...], str, object]]:
+    """``[(path, kind, module)]`` in attribute definition order (``nnx.iter_modules`` sorts by
+    name, which would put ``fc10`` before ``fc2``)."""
+    from flax import nnx
+
+    out, unknown = [], []
+
+    def walk(node, path):
+        kind = _nnx_kind(node)
+        if kind is not None:
+            out.append((path, kind, node))
+            return
+        if isinstance(node, nnx.Module) and not isinstance(node, nnx.List):
+            own = [k for k, v in vars(node).items() if isinstance(v, (nnx.Param, nnx.BatchStat))]
+            if own:
+                unknown.append(f"{'/'.join(path) or '(root)'} ({type(node).__name__}: {own})")
+            children = [(k, v) for k, v in vars(node).items() if not k.startswith("_pytree__")]
+        elif isinstance(node, (list, tuple, nnx.List)):
+            children = [(str(i), v) for i, v in enumerate(node)]
+        elif isinstance(node, dict):
+            children = [(str(k), v) for k, v in node.items()]
+        else:
+            return
+        for k, v in children:
+            walk(v, path + (k,))
+
+    walk(jax_model, ())
+    if unknown:
+        raise ConversionError(f"no conversion rule for NNX module(s) with their own parameters {', '.join(unknown)}: "
+                              f"write a Layout for these (docs/parity-user-models.md)")
+    return out
+
+
+def _normalise(path: tuple[str, ...], jax_model) -> tuple[str, ...]:
+    """The torch-style name of an NNX path: ``nnx.Sequential``'s ``layers`` level is dropped, so
+    ``net/layers/0`` reads as torch's ``net.0``."""
+    from flax import nnx
+
+    out, node = [], jax_model
+    for k in path:
+        if isinstance(node, nnx.Sequential) and k == "layers":
+            node = node.layers
+            continue
+        out.append(k)
+        node = node[int(k)] if isinstance(node, (list, tuple, nnx.List)) else (
+            node[k] if isinstance(node, dict) else getattr(node, k))
+    return tuple(out)
+
+
+def _pair_rules(tname: str, kind: str, tm, jpath: tuple[str, ...], jm, flatten: Mapping) -> tuple[list, list]:
+    """The rules (and dropped keys) of one paired layer, after checking that the two layers are
+    configured alike where that changes the numbers."""
+    t = (tname + ".") if tname else ""
+    where = f"torch {tname or '(root)'} / NNX {'/'.join(jpath) or '(root)'}"
+    rules: list[Rule] = []
+    dropped: list[str] = []
+
+    def bias(has_torch: bool, has_jax: bool, jax_name: str = "bias"):
+        if has_torch != has_jax:
+            raise ConversionError(f"{where}: bias in torch {has_torch}, in NNX {has_jax}")
+        if has_torch:
+            rules.append(Rule(t + "bias", jpath + (jax_name,)))
+
+    if kind == "linear":
+        if tname in flatten:
+            rules.append(Rule(t + "weight", jpath + ("kernel",), "flatten_linear", chw=tuple(flatten[tname])))
+        else:
+            rules.append(Rule(t + "weight", jpath + ("kernel",), "linear"))
+        bias(tm.bias is not None, jm.bias is not None)
+    elif kind == "conv":
+        rules.append(Rule(t + "weight", jpath + ("kernel",), "conv"))
+        bias(tm.bias is not None, jm.bias is not None)
+    elif kind == "embedding":
+        rules.append(Rule(t + "weight", jpath + ("embedding",), "embed"))
+    elif kind in ("batchnorm", "layernorm"):
+        eps_t, eps_j = float(tm.eps), float(jm.epsilon)
+        if abs(eps_t - eps_j) > 1e-12 * max(eps_t, 1.0):
+            raise ConversionError(f"{where}: eps {eps_t:g} in torch, epsilon {eps_j:g} in NNX")
+        affine = tm.weight is not None
+        if affine != (jm.scale is not None) or affine != (jm.bias is not None):
+            raise ConversionError(f"{where}: torch affine={affine}, NNX use_scale={jm.scale is not None} "
+                                  f"use_bias={jm.bias is not None}")
+        if affine:
+            rules += [Rule(t + "weight", jpath + ("scale",)), Rule(t + "bias", jpath + ("bias",))]
+        if kind == "batchnorm":
+            if not tm.track_running_stats:
+                raise ConversionError(f"{where}: torch track_running_stats=False normalises with batch statistics "
+                                      f"in eval mode too; NNX BatchNorm has no such mode")
+            if tm.momentum is None:
+                raise ConversionError(f"{where}: torch momentum=None (a cumulative average over "
+                                      f"num_batches_tracked) has no NNX equivalent; use a momentum")
+            if abs((1.0 - float(tm.momentum)) - float(jm.momentum)) > 1e-6:
+                raise ConversionError(f"{where}: torch momentum {tm.momentum:g} weighs the new batch; NNX momentum "
+                                      f"weighs the old average: use nnx.BatchNorm(momentum={1 - tm.momentum:g}), "
+                                      f"got {jm.momentum:g}")
+            rules += [Rule(t + "running_mean", jpath + ("mean",), variable="batch_stat"),
+                      Rule(t + "running_var", jpath + ("var",), variable="batch_stat")]
+            dropped.append(t + "num_batches_tracked")
+    elif kind == "lstm":
+        if tm.num_layers != 1 or tm.bidirectional or getattr(tm, "proj_size", 0):
+            raise ConversionError(f"{where}: only one-layer, unidirectional LSTMs without projection map onto "
+                                  f"jaxlight.models.rnn.LSTM (write a Layout, or one LSTM per layer)")
+        if not tm.bias:
+            raise ConversionError(f"{where}: torch LSTM(bias=False); jaxlight's LSTM has both biases")
+        rules += [Rule(t + "weight_ih_l0", jpath + ("kernel_ih",), "lstm"),
+                  Rule(t + "weight_hh_l0", jpath + ("kernel_hh",), "lstm"),
+                  Rule(t + "bias_ih_l0", jpath + ("bias_ih",)), Rule(t + "bias_hh_l0", jpath + ("bias_hh",))]
+    return rules, dropped
+
+
+def derive_layout(torch_model, jax_model, *, flatten: Mapping[str, tuple[int, int, int]] | None = None,
+                  name: str | None = None) -> Layout:
+    """The :class:`Layout` of a user's model pair, read off the two models' layers.
+
+    Layers are ``Linear``/``nnx.Linear``, ``Conv2d``/``nnx.Conv``, ``BatchNorm1d|2d``/
+    ``nnx.BatchNorm``, ``LayerNorm``/``nnx.LayerNorm``, ``Embedding``/``nnx.Embed`` and a
+    one-layer ``LSTM``/``jaxlight.models.rnn.LSTM``. They are paired by name (torch ``net.0``
+    with NNX ``net/layers/0``, an ``nnx.Sequential``); when the names differ, by order, if both
+    models list the same kinds of layer in the same order. Anything else raises: then write the
+    ``Layout`` by hand (``docs/parity-user-models.md``).
+
+    Args:
+        torch_model: a ``torch.nn.Module`` (read only; jaxlight does not import torch).
+        jax_model: the NNX module meant to compute the same thing.
+        flatten: ``{torch Linear name: (C, H, W)}`` for each ``Linear`` that reads a flattened
+            NCHW feature map while its NNX twin reads the NHWC one (a CNN's first dense layer).
+            The weights alone cannot tell; a wrong guess shows as a forward divergence at that
+            layer in ``check_parity``.
+        name: the layout's name (default: the torch class name).
+
+    Returns:
+        A ``Layout`` with parameter rules, batch-statistic rules and ``dropped`` keys
+        (``num_batches_tracked``).
+
+    Raises:
+        ConversionError: a layer without a rule, layers that cannot be paired (listing both
+            sides), or a pair configured differently (BatchNorm ``eps``/``momentum``, bias, affine).
+
+    Example:
+        >>> layout = derive_layout(torch_net, nnx_net, flatten={"fc1": (64, 7, 7)})  # doctest: +SKIP
+        >>> arrays = torch_ref.interop.state_dict_to_numpy(torch_net)               # doctest: +SKIP
+        >>> jax_net = model_from_torch(arrays, nnx_net, layout)                     # doctest: +SKIP
+    """
+    flatten = dict(flatten or {})
+    tl = _torch_layers(torch_model)
+    jl = _nnx_layers(jax_model)
+    bad = sorted(set(flatten) - {n for n, k, _ in tl if k == "linear"})
+    if bad:
+        raise ConversionError(f"flatten names {bad}, which are not torch Linear layers")
+    by_name = {_normalise(p, jax_model): (p, k, m) for p, k, m in jl}
+    split = lambda n: tuple(n.split(".")) if n else ()  # noqa: E731
+    pairs = []
+    if len(tl) == len(jl) and all(split(n) in by_name for n, _, _ in tl):
+        for n, k, m in tl:
+            p, kj, mj = by_name[split(n)]
+            if k != kj:
+                raise ConversionError(f"torch {n} is a {k} layer, NNX {'/'.join(p)} a {kj} layer")
+            pairs.append((n, k, m, p, mj))
+    elif [k for _, k, _ in tl] == [k for _, k, _ in jl]:
+        pairs = [(n, k, m, p, mj) for (n, k, m), (p, _, mj) in zip(tl, jl)]
+    else:
+        raise ConversionError(
+            "cannot pair the layers by name or by order:\n  torch: "
+            + ", ".join(f"{n or '(root)'} ({k})" for n, k, _ in tl) + "\n  NNX:   "
+            + ", ".join(f"{'/'.join(p) or '(root)'} ({k})" for p, k, _ in jl)
+            + "\nrename them alike, or write a Layout (docs/parity-user-models.md)")
+    rules, dropped = [], []
+    for n, k, m, p, mj in pairs:
+        r, d = _pair_rules(n, k, m, p, mj, flatten)
+        rules += r
+        dropped += d
+    # state_dict order: torch registration order of the tensors.
+    order = {key: i for i, key in enumerate(torch_model.state_dict())}
+    rules.sort(key=lambda r: order.get(r.torch_name, len(order)))
+    return Layout(name or type(torch_model).__name__, tuple(rules), tuple(dropped))
+
+
+def model_from_torch(arrays: Mapping[str, np.ndarray], jax_model, model: str | Layout):
+    """A torch ``state_dict`` (as numpy) -> a new NNX module: ``jax_model``'s structure with the
+    torch parameters and batch statistics (``jax_model`` itself is not modified; its other
+    state, such as dropout RNG counts, is kept). ``num_batches_tracked`` is ignored.
+
+    Example:
+        >>> layout = derive_layout(torch_net, nnx_net)                               # doctest: +SKIP
+        >>> nnx_net = model_from_torch(state_dict_to_numpy(torch_net), nnx_net, layout)  # doctest: +SKIP
+    """
+    from flax import nnx
+
+    layout = layout_for(model)
+    graphdef, params, stats, rest = nnx.split(jax_model, nnx.Param, nnx.BatchStat, ...)
+    params = params_from_torch(arrays, params, layout)
+    stats = batch_stats_from_torch(arrays, stats, layout)
+    return nnx.merge(graphdef, params, stats, rest)
+
+
+def model_to_torch(jax_model, model: str | Layout) -> dict[str, np.ndarray]:
+    """An NNX module's parameters and batch statistics -> ``{torch_name: np.ndarray}`` in
+    ``state_dict`` order, without ``num_batches_tracked`` (``torch_ref.interop.
+    load_numpy_state_dict`` keeps the torch module's own counter)."""
+    import jax
+    from flax import nnx
+
+    layout = layout_for(model)
+    out = {**params_to_torch(jax.device_get(nnx.state(jax_model, nnx.Param)), layout),
+           **batch_stats_to_torch(jax.device_get(nnx.state(jax_model, nnx.BatchStat)), layout)}
+    return {r.torch_name: out[r.torch_name] for r in layout.rules}
 
 
 # ----------------------------------------------------------------------------------------- #
@@ -419,7 +766,8 @@ def state_from_torch(state, model: str | Layout, weights: Mapping[str, np.ndarra
         state: a ``TrainState`` built with the optimizer to continue with (``create_train_state``):
             gives the structure; its data key is kept.
         model: the model's name or a ``Layout``.
-        weights: the torch ``state_dict`` as numpy.
+        weights: the torch ``state_dict`` as numpy; BatchNorm's running statistics go to
+            ``state.model_state``.
         optimizer: the torch optimizer state as numpy (``torch_ref.interop.optimizer_to_numpy``);
             None keeps a freshly initialised optimizer state.
         step: optimizer steps already taken. Default: Adam's step count; SGD keeps none, so pass
@@ -431,21 +779,33 @@ def state_from_torch(state, model: str | Layout, weights: Mapping[str, np.ndarra
     import jax.numpy as jnp
 
     params = params_from_torch(weights, state.params, model)
+    model_state = state.model_state
+    if layout_for(model).stat_names:  # BatchNorm's running statistics live in model_state
+        from flax import nnx
+
+        stats = batch_stats_from_torch(weights, nnx.filter_state(model_state, nnx.BatchStat), model)
+        model_state = _to_state(_flat_template(stats), model_state)
     opt_state = state.tx.init(params)
     if optimizer is not None:
         opt_state = opt_state_from_torch(optimizer, opt_state, params, model)
         if step is None:
             step = optimizer.get("step")
     new_step = state.step if step is None else jnp.asarray(int(step), state.step.dtype)
-    return state.replace(params=params, opt_state=opt_state, step=new_step)
+    return state.replace(params=params, opt_state=opt_state, step=new_step, model_state=model_state)
 
 
 def state_to_torch(state, model: str | Layout) -> tuple[dict[str, np.ndarray], dict]:
-    """``(weights, optimizer)`` of a jaxlight ``TrainState`` in PyTorch's terms, to continue the
+    """``(weights, optimizer)`` of a jaxlight ``TrainState`` in PyTorch's terms (weights with the
+    running statistics, without ``num_batches_tracked``), to continue the
     run in torch (``torch_ref.interop.load_numpy_state_dict`` / ``load_numpy_optimizer``).
     SGD keeps no step count (``step`` is None): ``state.step`` has it."""
     import jax
+    from flax import nnx
 
-    weights = params_to_torch(jax.device_get(state.params), model)
-    optimizer = opt_state_to_torch(jax.device_get(state.opt_state), model)
+    layout = layout_for(model)
+    weights = params_to_torch(jax.device_get(state.params), layout)
+    if layout.stat_names:
+        weights.update(batch_stats_to_torch(jax.device_get(nnx.filter_state(state.model_state, nnx.BatchStat)), layout))
+        weights = {r.torch_name: weights[r.torch_name] for r in layout.rules}
+    optimizer = opt_state_to_torch(jax.device_get(state.opt_state), layout)
     return weights, optimizer

@@ -1,26 +1,39 @@
 """Step-level parity between a PyTorch model and its jaxlight port, level by level.
 
-Given a torch model and the jaxlight model meant to compute the same thing, :func:`check_parity`
-gives both the same initial weights (the torch model's, converted by ``jaxlight.interop``) and
-the same batches in the same order (``jaxlight.data.epoch_order``: the torch side takes exactly
-the examples the jaxlight side does, without the padding of the last batch), then compares
+Given a torch model and the NNX model meant to compute the same thing, :func:`check_parity`
+gives both the same initial weights and batch statistics (the torch model's, converted by
+``jaxlight.interop``; the layout is derived from the two models when none is given) and the
+same batches in the same order (``jaxlight.data.epoch_order``: the torch side takes exactly the
+examples the jaxlight side does, without the padding of the last batch), then compares
 
-1. ``forward``: the outputs on the first batch;
+1. ``forward`` and ``forward_eval``: the outputs on the first batch in train mode (BatchNorm on
+   batch statistics) and in eval mode (on the running statistics);
 2. ``loss`` and ``grad``: the loss and every parameter's gradient on that batch;
-3. ``step``: every parameter after one optimizer step (``jaxlight.optim`` against
-   ``torch_ref.optim`` with the same arguments: SGD, SGD with momentum, Adam, AdamW);
-4. ``trajectory``: every parameter and the loss after each of ``steps`` steps.
+3. ``step``: every parameter and running statistic after one optimizer step
+   (``jaxlight.optim`` against ``torch_ref.optim`` with the same arguments: SGD, SGD with
+   momentum, Adam, AdamW);
+4. ``trajectory``: every parameter, running statistic and the loss after each of ``steps``
+   steps.
 
-and reports the first step and the first parameter where the two differ beyond tolerance, with
-the size of the difference (:class:`ParityReport`). jaxlight's own compiled ``train_step`` takes
-the JAX steps, so what is checked is what trains.
+and reports the first step and the first tensor where the two differ beyond tolerance, with
+the size of the difference (:class:`ParityReport`). A forward divergence names the first layer,
+in torch's call order, whose output differs (torch forward hooks; on the NNX side each
+submodule's output is recorded by swapping in a recording subclass), or ``outputs`` when no
+layer can be singled out.
+
+The JAX side is, for a built-in ``task`` on a model without batch statistics, jaxlight's own
+compiled ``train_step`` (what ``jaxlight train`` runs); otherwise a compiled step on the loss
+function: ``jax.value_and_grad`` of the mean of ``loss_fn(model, batch)``'s per-example losses
+with the model merged in train mode, then the Optax update (``_LossEngine``).
 
 An element ``a`` (jaxlight) against ``b`` (torch) is within tolerance when
 ``|a - b| <= atol + rtol * |b|`` (``numpy.allclose``'s rule). The defaults
-(:data:`DEFAULT_TOLERANCES`) hold for the six models in float32 on CPU; see ``the README``
-for the measured worst cases. Why ``step``/``trajectory`` need more room than ``grad``: Adam
-divides by ``sqrt(v) + eps``, so a gradient that is ~0 by cancellation (its float32 rounding
-differs between libraries) can move by up to ``lr`` in either direction on the first step.
+(:data:`DEFAULT_TOLERANCES`) hold for the six models and the BatchNorm models of
+``tests/parity/test_user_models.py`` in float32 on CPU; see the README and
+``docs/parity-user-models.md`` for the measured worst cases. Why ``step``/``trajectory`` need
+more room than ``grad``: Adam divides by ``sqrt(v) + eps``, so a gradient that is ~0 by
+cancellation (its float32 rounding differs between libraries) can move by up to ``lr`` in
+either direction on the first step.
 
 This module needs torch (the ``torch`` extra) and imports it only when called.
 
@@ -41,11 +54,12 @@ from typing import Callable
 
 import numpy as np
 
-from jaxlight.interop import Layout, layout_for, params_from_torch, params_to_torch
+from jaxlight.interop import (Layout, batch_stats_from_torch, batch_stats_to_torch, layout_for, params_from_torch,
+                              params_to_torch)
 
 __all__ = ["Tolerance", "DEFAULT_TOLERANCES", "LEVELS", "Divergence", "ParityReport", "check_parity", "compare_arrays"]
 
-LEVELS = ("forward", "loss", "grad", "step", "trajectory")
+LEVELS = ("forward", "forward_eval", "loss", "grad", "step", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class Tolerance:
 # over the steps.
 DEFAULT_TOLERANCES = {
     "forward": Tolerance(rtol=1e-5, atol=1e-5),
+    "forward_eval": Tolerance(rtol=1e-5, atol=1e-5),
     "loss": Tolerance(rtol=1e-5, atol=1e-6),
     "grad": Tolerance(rtol=1e-3, atol=1e-5),
     "step": Tolerance(rtol=1e-3, atol=1e-4),
@@ -78,7 +93,9 @@ class Divergence:
     Attributes:
         level: one of ``LEVELS``.
         step: optimizer steps taken before the comparison (0 for forward/loss/grad).
-        name: the PyTorch name (``"fc1.weight"``), ``"outputs"`` or ``"loss"``.
+        name: the PyTorch name of a parameter or buffer (``"fc1.weight"``,
+            ``"bn1.running_mean"``), of the first layer whose output differs (``"body.4"``, for
+            the forward levels), ``"outputs"`` when no layer can be singled out, or ``"loss"``.
         max_abs_diff: ``max |jax - torch|`` over the tensor.
         index: the element where the tolerance is exceeded most.
         jax_value, torch_value: the two values there.
@@ -95,7 +112,8 @@ class Divergence:
     tolerance: Tolerance
 
     def __str__(self) -> str:
-        return (f"{self.level} diverges at step {self.step}, parameter {self.name}: max |jax - torch| = "
+        what = "layer" if self.level.startswith("forward") and self.name != "outputs" else "parameter"
+        return (f"{self.level} diverges at step {self.step}, {what} {self.name}: max |jax - torch| = "
                 f"{self.max_abs_diff:.3g}; worst element {list(self.index)}: jax {self.jax_value:.9g}, "
                 f"torch {self.torch_value:.9g} (tolerance {self.tolerance})")
 
@@ -112,6 +130,7 @@ class ParityReport:
         history: per optimizer step, ``{"step", "max_abs_diff", "max_rel_l2"}`` over all
             parameters (``rel_l2 = ||jax - torch|| / ||torch||`` per tensor): how the two
             paths drift apart.
+        notes: what was not compared or was switched off (dropout, ``num_batches_tracked``).
     """
 
     model: str
@@ -122,6 +141,7 @@ class ParityReport:
     worst: dict = field(default_factory=dict)
     steps_checked: int = 0
     history: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -133,9 +153,11 @@ class ParityReport:
         for level in LEVELS:
             if level in self.worst:
                 d, name, step = self.worst[level]
-                lines.append(f"  {level:<10} max |diff| {d:.3g} ({name}, step {step}); tolerance {self.tolerances[level]}")
+                lines.append(f"  {level:<12} max |diff| {d:.3g} ({name}, step {step}); "
+                             f"tolerance {self.tolerances[level]}")
         if self.divergence:
             lines.append(f"  first divergence: {self.divergence}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -151,7 +173,9 @@ def compare_arrays(jax_value, torch_value, tol: Tolerance):
     excess = diff - (tol.atol + tol.rtol * np.abs(b))
     worst = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), np.inf, excess))), diff.shape)
     exceeded = bool(np.any(excess > 0) or np.any(np.isnan(diff) != np.isnan(b)))
-    return exceeded, float(np.nanmax(diff)), tuple(int(i) for i in worst), float(a[worst]), float(b[worst])
+    # A NaN on one side counts as an infinite difference (numpy's nanmax would skip it).
+    largest = float(np.max(np.where(np.isnan(diff) & (np.isnan(a) != np.isnan(b)), np.inf, np.nan_to_num(diff))))
+    return exceeded, largest, tuple(int(i) for i in worst), float(a[worst]), float(b[worst])
 
 
 class _Checker:
@@ -172,10 +196,12 @@ class _Checker:
 def check_parity(
     torch_model,
     jax_model,
-    model: str | Layout,
+    model: str | Layout | None = None,
     *,
-    task: str,
+    task: str | None = None,
     data,
+    loss_fn: Callable | None = None,
+    torch_loss_fn: Callable | None = None,
     optimizer: str = "adam",
     lr: float = 1e-3,
     optimizer_kwargs: dict | None = None,
@@ -185,34 +211,65 @@ def check_parity(
     tolerances: dict | None = None,
     torch_optimizer: Callable | None = None,
     stop_at_divergence: bool = True,
+    flatten: dict | None = None,
+    torch_batch: Callable | None = None,
 ) -> ParityReport:
     """Run both frameworks side by side from the torch model's weights and compare them.
 
     Args:
-        torch_model: a ``torch.nn.Module``; its current weights are the starting point (it is
-            trained in place).
-        jax_model: the jaxlight ``nnx.Module`` (its structure is used; its weights are replaced
-            by the converted torch weights).
-        model: the conversion layout: a model name of ``jaxlight.interop.LAYOUTS`` or a
-            ``Layout`` for your own pair.
-        task: ``"regression"``, ``"binary"`` or ``"multiclass"`` (``jaxlight.tasks``).
-        data: an ``ArrayDataset`` on the host: ``x (N, ...)`` uint8 images (scaled ``/ 255`` on
-            both sides) or float32 features, ``y (N,)`` labels or ``(N, D)`` targets.
+        torch_model: a ``torch.nn.Module``; its current weights and running statistics are the
+            starting point (it is trained in place).
+        jax_model: the NNX module (its structure is used; its weights and batch statistics are
+            replaced by the converted torch ones; it is not modified).
+        model: the conversion layout: a model name of ``jaxlight.interop.LAYOUTS``, a ``Layout``
+            for your own pair, or None to derive it from the two models
+            (``jaxlight.interop.derive_layout``, with ``flatten``).
+        task: ``"regression"``, ``"binary"`` or ``"multiclass"`` (``jaxlight.tasks``), with
+            ``data`` an ``ArrayDataset``. Give either ``task`` or ``loss_fn``.
+        data: an ``ArrayDataset`` on the host (``x (N, ...)`` uint8 images, scaled ``/ 255`` on
+            both sides for a ``task``, or float32 features; ``y (N,)`` labels or ``(N, D)``
+            targets), or, with ``loss_fn``, any pytree of numpy arrays with a leading axis N
+            (an ``ArrayDataset`` becomes ``{"x", "y"}``, unscaled).
+        loss_fn: ``loss_fn(model, batch) -> (losses (B,), metrics)``, jaxlight's loss contract;
+            ``model`` is the live NNX module (train mode for the training levels, eval mode for
+            ``forward_eval``), ``batch`` the pytree of ``data`` rows as jax arrays.
+        torch_loss_fn: the same for torch: ``torch_loss_fn(torch_model, batch) -> (losses (B,),
+            metrics)``, ``batch`` the same rows as tensors (``torch_batch``). Required with
+            ``loss_fn``.
         optimizer, lr, optimizer_kwargs: ``jaxlight.optim.make_optimizer`` and
             ``torch_ref.optim.make_optimizer`` are built from the same arguments
             (e.g. ``"sgd", momentum=0.9``).
         batch_size: examples per step; the last batch of an epoch is shorter (padded and masked
-            on the jaxlight side), as ``DataLoader(drop_last=False)``.
+            on jaxlight's ``train_step`` path, passed unpadded to ``loss_fn``), as
+            ``DataLoader(drop_last=False)``.
         steps: trajectory length (level 4); may span several epochs.
         seed: the data-order seed (``epoch_order(seed, epoch, ...)``).
         tolerances: overrides of ``DEFAULT_TOLERANCES``, by level.
         torch_optimizer: ``params -> torch.optim.Optimizer`` to use instead of
             ``torch_ref.optim`` (to check your own).
         stop_at_divergence: stop the trajectory at the first step that diverges.
+        flatten: for the derived layout (``model=None``): ``{torch Linear name: (C, H, W)}``,
+            see ``derive_layout``.
+        torch_batch: numpy pytree -> torch pytree for ``torch_loss_fn``. Default: tensors of
+            the same dtype, integers as int64 (what ``torch.nn.functional.cross_entropy`` takes).
+
+    Dropout is switched off on both sides (torch ``Dropout`` modules in eval mode, NNX
+    ``Dropout.deterministic = True``): the two frameworks draw different masks, so their train
+    steps cannot agree with it on. BatchNorm trains with batch statistics on both sides; see
+    ``docs/parity-user-models.md`` for how ``running_var`` is compared.
 
     Returns:
         A :class:`ParityReport`; ``report.ok`` is False and ``report.divergence`` says where
         when anything differs beyond tolerance.
+
+    Example (a user's model pair and loss; ``docs/parity-user-models.md``):
+        >>> def loss_fn(model, batch):
+        ...     return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]), {}
+        >>> def torch_loss_fn(model, batch):
+        ...     return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none"), {}
+        >>> report = check_parity(torch_net, nnx_net, data={"x": x, "y": y}, loss_fn=loss_fn,
+        ...                       torch_loss_fn=torch_loss_fn, optimizer="adam", steps=20)  # doctest: +SKIP
+        >>> report.divergence                                   # e.g. level "forward", name "body.4"  # doctest: +SKIP
     """
     import jax
     import torch
@@ -222,35 +279,61 @@ def check_parity(
     from flax import nnx
 
     from jaxlight.data.arrays import epoch_order, gather_batch, num_batches
+    from jaxlight.interop import derive_layout
     from jaxlight.optim import make_optimizer
-    from jaxlight.state import create_train_state
-    from jaxlight.step import _forward, _loss_fn, check_batch, train_step
     from jaxlight.tasks import TASKS
     from torch_ref.interop import grads_to_numpy, state_dict_to_numpy
 
-    layout = layout_for(model)
+    layout = derive_layout(torch_model, jax_model, flatten=flatten) if model is None else layout_for(model)
     tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     unknown = set(tols) - set(LEVELS)
     if unknown:
         raise ValueError(f"unknown tolerance level(s) {sorted(unknown)}; levels are {LEVELS}")
-    if task not in TASKS:
+    if (task is None) == (loss_fn is None):
+        raise ValueError("give either task= (a built-in task name) or loss_fn= (with torch_loss_fn=)")
+    if loss_fn is not None and torch_loss_fn is None:
+        raise ValueError("loss_fn needs its torch twin, torch_loss_fn(torch_model, batch) -> (losses, metrics)")
+    if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     kwargs = dict(optimizer_kwargs or {})
     opt_label = optimizer + "".join(f" {k}={v}" for k, v in kwargs.items())
     report = ParityReport(layout.name, opt_label, steps, tols)
     check = _Checker(report)
+    if layout.dropped:
+        report.notes.append(f"not compared (no NNX counterpart): {', '.join(layout.dropped)}")
 
-    # Same initial weights: the torch model's, converted.
-    graphdef, template, model_state = nnx.split(jax_model, nnx.Param, ...)
-    params = params_from_torch(state_dict_to_numpy(torch_model), template, layout)
-    jtask, ttask = TASKS[task](), torch_ref.tasks.TASKS[task]()
+    # Same initial weights and statistics: the torch model's, converted.
+    graphdef, template, stats_template, rest = nnx.split(jax_model, nnx.Param, nnx.BatchStat, ...)
+    arrays = state_dict_to_numpy(torch_model)
+    params = params_from_torch(arrays, template, layout)
+    stats = batch_stats_from_torch(arrays, stats_template, layout)
     tx = make_optimizer(optimizer, lr, **kwargs)
-    state = create_train_state(nnx.merge(graphdef, params, model_state), tx, jtask, seed)
     topt = (torch_optimizer or (lambda p: torch_ref.optim.make_optimizer(optimizer, p, lr, **kwargs)))(
         torch_model.parameters())
+    dropouts = _torch_dropouts(torch_model)
+    if dropouts or _nnx_dropouts(jax_model):
+        report.notes.append("dropout off on both sides (torch: " + (", ".join(dropouts) or "none") + ")")
 
-    x_all, y_all = np.asarray(data.x), np.asarray(data.y)
-    n = len(y_all)
+    # The engine: jaxlight's own train_step for a built-in task on a model without batch
+    # statistics (what `jaxlight train` runs); otherwise a step built on the loss function.
+    if task is not None:
+        ttask = torch_ref.tasks.TASKS[task]()
+        jtask = TASKS[task]()
+        loss_fn, torch_loss_fn = _task_loss_fns(jtask, ttask)
+        data_tree = {"x": np.asarray(data.x), "y": np.asarray(data.y)}
+    else:
+        data_tree = {"x": np.asarray(data.x), "y": np.asarray(data.y)} if hasattr(data, "x") else data
+    leaves = jax.tree.leaves(data_tree)
+    n = len(leaves[0])
+    if any(len(a) != n for a in leaves):
+        raise ValueError(f"data leaves have different lengths {[len(a) for a in leaves]}")
+    use_core = task is not None and not layout.stat_names and not _nnx_dropouts(jax_model)
+    if use_core:
+        engine = _CoreEngine(graphdef, params, stats, rest, tx, jtask, seed)
+    else:
+        engine = _LossEngine(graphdef, params, stats, rest, tx, loss_fn)
+    to_torch = torch_batch or (_task_torch_batch(ttask) if task is not None else _default_torch_batch)
+
     nb = num_batches(n, batch_size)
     orders: dict[int, tuple] = {}
 
@@ -259,63 +342,462 @@ def check_parity(
         if epoch not in orders:
             orders[epoch] = epoch_order(seed, epoch, n, batch_size)
         idx, mask = orders[epoch][0][b], orders[epoch][1][b]
-        jb = gather_batch(x_all, y_all, idx, mask)
         keep = idx[mask > 0]  # the torch side sees the real examples only, as MemoryLoader does
-        tx_ = torch.from_numpy(x_all[keep])
-        tx_ = tx_.float().div(255) if tx_.dtype == torch.uint8 else tx_.float()
-        ty = torch.from_numpy(y_all[keep])
-        ty = ty.float() if torch.is_floating_point(ty) else ty.to(ttask.label_dtype)
-        return jb, tx_, ty
+        real = jax.tree.map(lambda a: a[keep], data_tree)
+        padded = gather_batch(data_tree["x"], data_tree["y"], idx, mask) if use_core else None
+        return padded, real, to_torch(real)
 
-    def torch_params():
-        return state_dict_to_numpy(torch_model)
+    def torch_losses(tb):
+        losses, _ = torch_loss_fn(torch_model, tb)
+        if tuple(losses.shape) != (len(jax.tree.leaves(tb)[0]),):
+            raise ValueError(f"torch_loss_fn must return per-example losses of shape (B,), got {tuple(losses.shape)}")
+        return losses.mean()
 
-    def jax_params(state):
-        return params_to_torch(jax.device_get(state.params), layout)
+    bn = _BatchNormTracker(torch_model, layout)
+    try:
+        _torch_mode(torch_model, True)
+        padded0, real0, tb0 = batch(0)
 
-    torch_model.train()
-    jb, tx0, ty0 = batch(0)
-    jb = check_batch(state, jb)
+        # 1. forward, eval mode and train mode, layer by layer where a layer diverges. Eval
+        # first: torch's train-mode forward moves its running statistics.
+        _torch_mode(torch_model, False)
+        with torch.no_grad(), _TorchCapture(torch_model, layout) as cap_te:
+            torch_loss_fn(torch_model, tb0)
+        _torch_mode(torch_model, True)
+        with _TorchCapture(torch_model, layout) as cap_t:
+            loss_t = torch_losses(tb0)  # the same forward is differentiated below
+        for level, cap, train in (("forward", cap_t, True), ("forward_eval", cap_te, False)):
+            out_j, cap_j = engine.forward(real0, train, padded0)
+            ref = cap.outputs()
+            if not ref and level == "forward":
+                report.notes.append("torch_loss_fn does not call the torch model itself: no outputs compared")
+            if len(out_j) != len(ref):
+                raise ValueError(f"the model's outputs have {len(out_j)} arrays in jaxlight, {len(ref)} in torch")
+            exceeded = [check(level, 0, "outputs", a, b) for a, b in zip(out_j, ref)]
+            if any(exceeded) and report.divergence.level == level and report.divergence.name == "outputs":
+                layer = _first_layer(cap_j(), cap, layout, report.tolerances[level])
+                if layer is not None:
+                    report.divergence = Divergence(level, 0, *layer, report.tolerances[level])
 
-    # 1. forward
-    out_j = np.asarray(jax.jit(_forward)(state.params, state, jb["x"])[0])
-    out_t = torch_model(tx0)
-    check("forward", 0, "outputs", out_j[np.asarray(jb["mask"]) > 0], out_t.detach().numpy())
-
-    # 2. loss and gradients
-    (loss_j, _), grads_j = jax.jit(jax.value_and_grad(_loss_fn, has_aux=True))(state.params, state, jb)
-    topt.zero_grad()
-    loss_t, _ = ttask.loss_and_metrics(out_t, ty0)
-    loss_t.backward()
-    check("loss", 0, "loss", np.asarray(loss_j), loss_t.detach().numpy())
-    grads_t = grads_to_numpy(torch_model)
-    grads_jt = params_to_torch(jax.device_get(grads_j), layout)
-    for name in layout.torch_names:
-        check("grad", 0, name, grads_jt[name], grads_t[name])
-
-    # 3. one optimizer step, 4. the trajectory
-    for step in range(steps):
-        if step > 0:
-            jb, txb, tyb = batch(step)
-            topt.zero_grad()
-            loss_t, _ = ttask.loss_and_metrics(torch_model(txb), tyb)
-            loss_t.backward()
-        topt.step()
-        state, metrics = train_step(state, jb)
-        level = "step" if step == 0 else "trajectory"
-        diverged = False
-        if step > 0:
-            diverged |= check(level, step, "loss", np.asarray(metrics["loss"]), loss_t.detach().numpy())
-        tp, jp = torch_params(), jax_params(state)
+        # 2. loss and gradients: the JAX side's first step computes them (one compiled step).
+        loss_j, grads_j = engine.step(real0, padded0, with_grads=True)
+        topt.zero_grad()
+        loss_t.backward()
+        check("loss", 0, "loss", np.asarray(loss_j), loss_t.detach().numpy())
+        grads_t = grads_to_numpy(torch_model)
+        grads_jt = params_to_torch(jax.device_get(grads_j), layout)
         for name in layout.torch_names:
-            diverged |= check(level, step + 1, name, jp[name], tp[name])
-        report.history.append({
-            "step": step + 1,
-            "max_abs_diff": max(float(np.max(np.abs(jp[k] - tp[k]))) for k in layout.torch_names),
-            "max_rel_l2": max(float(np.linalg.norm(jp[k] - tp[k]) / max(np.linalg.norm(tp[k]), 1e-30))
-                              for k in layout.torch_names),
-        })
-        report.steps_checked = step + 1
-        if diverged and stop_at_divergence:
-            break
+            check("grad", 0, name, grads_jt[name], grads_t[name])
+
+        # 3. one optimizer step, 4. the trajectory; batch statistics with the parameters.
+        for step in range(steps):
+            if step > 0:
+                padded, real, tb = batch(step)
+                topt.zero_grad()
+                loss_t = torch_losses(tb)
+                loss_t.backward()
+                loss_j, _ = engine.step(real, padded)
+            topt.step()
+            bn.after_step(torch_model)
+            level = "step" if step == 0 else "trajectory"
+            diverged = False
+            if step > 0:
+                diverged |= check(level, step, "loss", np.asarray(loss_j), loss_t.detach().numpy())
+            tp, jp = state_dict_to_numpy(torch_model), params_to_torch(jax.device_get(engine.params), layout)
+            for name in layout.torch_names:
+                diverged |= check(level, step + 1, name, jp[name], tp[name])
+            if layout.stat_names:
+                js = batch_stats_to_torch(jax.device_get(engine.stats), layout)
+                for name in layout.stat_names:
+                    diverged |= check(level, step + 1, name, js[name], bn.expected(name, tp[name]))
+            report.history.append({
+                "step": step + 1,
+                "max_abs_diff": max(float(np.max(np.abs(jp[k] - tp[k]))) for k in layout.torch_names),
+                "max_rel_l2": max(float(np.linalg.norm(jp[k] - tp[k]) / max(np.linalg.norm(tp[k]), 1e-30))
+                                  for k in layout.torch_names),
+            })
+            report.steps_checked = step + 1
+            if diverged and stop_at_divergence:
+                break
+    finally:
+        bn.close()
+        torch_model.train()
     return report
+
+
+# ----------------------------------------------------------------------------------------- #
+# The two engines. Both expose forward / step and the current params / stats.
+
+
+def _task_loss_fns(jtask, ttask):
+    """A built-in task as the ``(loss_fn, torch_loss_fn)`` pair on ``{"x", "y"}`` batches."""
+    from jaxlight.data.arrays import prepare_x
+
+    def loss_fn(model, batch):
+        out = model(prepare_x(batch["x"]))
+        return jtask.per_example_loss(out, batch["y"]), {}
+
+    def torch_loss_fn(model, batch):
+        return ttask.per_example_loss(model(batch["x"]), batch["y"]), {}
+
+    return loss_fn, torch_loss_fn
+
+
+def _task_torch_batch(ttask):
+    import torch
+
+    def convert(real):
+        x = torch.from_numpy(real["x"])
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        y = torch.from_numpy(real["y"])
+        y = y.float() if torch.is_floating_point(y) else y.to(ttask.label_dtype)
+        return {"x": x, "y": y}
+
+    return convert
+
+
+def _default_torch_batch(real):
+    import jax
+    import torch
+
+    def one(a):
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.integer):
+            a = a.astype(np.int64)
+        return torch.from_numpy(np.array(a))
+
+    return jax.tree.map(one, real)
+
+
+def _set_mode(model, train: bool):
+    """``model.train()`` / ``model.eval()``, with dropout off either way (see ``check_parity``)."""
+    from flax import nnx
+
+    model.train() if train else model.eval()
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.Dropout):
+            m.deterministic = True
+    return model
+
+
+def _nnx_dropouts(jax_model) -> list:
+    from flax import nnx
+
+    return [p for p, m in nnx.iter_modules(jax_model) if isinstance(m, nnx.Dropout) and m.rate > 0]
+
+
+def _torch_dropouts(torch_model) -> list[str]:
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return [n for n, m in torch_model.named_modules() if isinstance(m, _DropoutNd) and m.p > 0]
+
+
+def _torch_mode(torch_model, train: bool) -> None:
+    from torch.nn.modules.dropout import _DropoutNd
+
+    torch_model.train(train)
+    for m in torch_model.modules():
+        if isinstance(m, _DropoutNd):
+            m.eval()
+
+
+class _LossEngine:
+    """The JAX side on a user's ``loss_fn``: ``jax.value_and_grad`` of the mean of its per-example
+    losses, the model merged in train mode inside the jitted step (its batch statistics come
+    out updated), Optax for the update. This is the shape of jaxlight's core train step; the
+    batches are unpadded, so the mean is over real examples."""
+
+    def __init__(self, graphdef, params, stats, rest, tx, loss_fn):
+        import jax
+        import jax.numpy as jnp
+        import optax
+        from flax import nnx
+
+        self.params, self.stats, self.rest = params, stats, rest
+        self.opt_state = tx.init(params)
+        self.loss_fn = loss_fn
+        self.graphdef = graphdef
+        gd = {}
+        for train in (True, False):
+            m = _set_mode(nnx.merge(graphdef, params, stats, rest), train)
+            gd[train] = nnx.graphdef(m)
+        self.gd = gd
+
+        def mean_loss(params, stats, rest, batch):
+            # copy=True: fresh Variables at this trace level, or BatchNorm cannot write its
+            # statistics under value_and_grad (TraceContextError).
+            m = nnx.merge(gd[True], params, stats, rest, copy=True)
+            losses, _ = loss_fn(m, batch)
+            rows = len(jax.tree.leaves(batch)[0])
+            if jnp.shape(losses) != (rows,):
+                raise ValueError(f"loss_fn must return per-example losses of shape ({rows},), got {jnp.shape(losses)}")
+            _, _, new_stats, new_rest = nnx.split(m, nnx.Param, nnx.BatchStat, ...)
+            return jnp.mean(losses), (new_stats, new_rest)
+
+        def step(params, stats, rest, opt_state, batch):
+            (loss, (stats, rest)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params, stats, rest, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), stats, rest, opt_state, loss, grads
+
+        self._step = jax.jit(step)
+
+    def forward(self, real, train: bool, padded=None):
+        """``(output leaves, layers)``: the model's outputs as ``loss_fn`` calls it, and
+        ``layers()``, every submodule call's output leaves by path (one compiled program; the
+        statistics it computes in train mode are thrown away)."""
+        import jax
+        from flax import nnx
+
+        paths = []
+
+        def run(params, stats, rest, batch):
+            model = nnx.merge(self.gd[train], params, stats, rest, copy=True)
+            with _NnxCapture(model) as cap:
+                self.loss_fn(model, batch)
+            paths[:] = [p for p, _ in cap.calls]
+            return [leaves for _, leaves in cap.calls]
+
+        outs = jax.device_get(jax.jit(run)(self.params, self.stats, self.rest, real))
+        calls = [(p, [np.asarray(a) for a in leaves]) for p, leaves in zip(paths, outs)]
+        root = next((o for p, o in reversed(calls) if p == ()), [])
+        return root, lambda: calls
+
+    def step(self, real, padded=None, with_grads=False):
+        """One optimizer step; ``(loss, grads)`` of the batch before it."""
+        self.params, self.stats, self.rest, self.opt_state, loss, grads = self._step(
+            self.params, self.stats, self.rest, self.opt_state, real)
+        return loss, grads
+
+
+class _CoreEngine:
+    """The JAX side for a built-in task: jaxlight's own ``TrainState`` and compiled
+    ``train_step`` on padded, masked batches, so what is checked is what ``jaxlight train`` runs."""
+
+    def __init__(self, graphdef, params, stats, rest, tx, jtask, seed):
+        from flax import nnx
+
+        from jaxlight.state import create_train_state
+
+        self.state = create_train_state(nnx.merge(graphdef, params, stats, rest), tx, jtask, seed)
+        self.stats = None
+
+    @property
+    def params(self):
+        return self.state.params
+
+    def forward(self, real, train: bool, padded=None):
+        import jax
+        from flax import nnx
+
+        from jaxlight.data.arrays import prepare_x
+        from jaxlight.step import _forward, check_batch
+
+        jb = check_batch(self.state, padded)
+        mask = np.asarray(jb["mask"]) > 0
+        if train:
+            out = np.asarray(jax.jit(_forward)(self.state.params, self.state, jb["x"])[0])[mask]
+        else:
+            gd, st = nnx.split(_set_mode(self.state.model, False))
+            out = np.asarray(jax.jit(lambda st, x: nnx.merge(gd, st)(prepare_x(x)))(st, jb["x"]))[mask]
+
+        def layers():
+            model = _set_mode(self.state.model, train)
+            with _NnxCapture(model) as cap:
+                model(prepare_x(np.asarray(real["x"])))
+            return cap.layers()
+
+        return [out], layers
+
+    def step(self, real, padded=None, with_grads=False):
+        """``train_step``; ``(loss, grads)`` of the batch before it (grads only when asked:
+        ``train_step`` does not return them, so they take a second compiled program)."""
+        import jax
+
+        from jaxlight.step import _loss_fn, check_batch, train_step
+
+        grads = None
+        if with_grads:
+            _, grads = jax.jit(jax.value_and_grad(_loss_fn, has_aux=True))(
+                self.state.params, self.state, check_batch(self.state, padded))
+        self.state, metrics = train_step(self.state, padded)
+        return metrics["loss"], grads
+
+
+# ----------------------------------------------------------------------------------------- #
+# Layer outputs on both sides
+
+
+def _torch_leaves(out) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out.detach().cpu().numpy()]
+    if isinstance(out, (tuple, list)):
+        return [a for o in out for a in _torch_leaves(o)]
+    if isinstance(out, dict):
+        return [a for k in sorted(out) for a in _torch_leaves(out[k])]
+    return []
+
+
+class _TorchCapture:
+    """Forward hooks on the root and on every layer of the layout: each call's output leaves,
+    in call order."""
+
+    def __init__(self, torch_model, layout: Layout):
+        self.model, self.layout = torch_model, layout
+        self.calls: list[tuple[str, list]] = []
+        self.types: dict[str, object] = {}
+
+    def __enter__(self):
+        mods = dict(self.model.named_modules())
+        self.handles = []
+        for name in [""] + [n for n in self.layout.modules if n in mods and n != ""]:
+            mod = mods[name]
+            self.types[name] = mod
+            self.handles.append(mod.register_forward_hook(
+                lambda m, a, out, name=name: self.calls.append((name, _torch_leaves(out)))))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def outputs(self) -> list:
+        return next((o for n, o in reversed(self.calls) if n == ""), [])
+
+
+_RECORDING: dict[type, type] = {}
+
+
+def _recording_class(cls):
+    if cls not in _RECORDING:
+        def __call__(self, *args, **kwargs):
+            out = super(rec, self).__call__(*args, **kwargs)
+            _NnxCapture.active.record(self, out)
+            return out
+
+        rec = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        _RECORDING[cls] = rec
+    return _RECORDING[cls]
+
+
+class _NnxCapture:
+    """Records the output of every NNX submodule call (eager mode), by module path.
+
+    NNX has no forward hooks: each submodule's class is swapped for a subclass whose
+    ``__call__`` records its output, and swapped back on exit. Works for any module, without
+    ``sow`` calls in the user's code."""
+
+    active = None
+
+    def __init__(self, model):
+        self.model = model
+        self.calls: list[tuple[tuple, list]] = []
+
+    def record(self, module, out):
+        import jax
+
+        path = self.paths.get(id(module))
+        if path is not None:
+            self.calls.append((path, list(jax.tree.leaves(out))))
+
+    def __enter__(self):
+        from flax import nnx
+
+        self.swapped = []
+        self.paths = {}
+        for path, m in nnx.iter_modules(self.model):
+            if isinstance(m, nnx.List) or id(m) in self.paths:
+                continue
+            self.paths[id(m)] = tuple(str(p) for p in path)
+            self.swapped.append((m, type(m)))
+            object.__setattr__(m, "__class__", _recording_class(type(m)))
+        _NnxCapture.active = self
+        return self
+
+    def __exit__(self, *exc):
+        for m, cls in self.swapped:
+            object.__setattr__(m, "__class__", cls)
+        _NnxCapture.active = None
+
+    def layers(self) -> list:
+        return [(p, [np.asarray(a) for a in leaves]) for p, leaves in self.calls]
+
+
+def _to_nnx_layout(torch_module, a: np.ndarray) -> np.ndarray:
+    """A torch layer's output in NNX's layout: channels-first feature maps of convolutions and
+    batch norms (NCHW, NCL) become channels-last."""
+    kind = type(torch_module).__name__
+    if a.ndim >= 3 and (kind.startswith("Conv") or kind.startswith("BatchNorm")):
+        return np.moveaxis(a, 1, -1)
+    return a
+
+
+def _first_layer(jax_calls, torch_capture: _TorchCapture, layout: Layout, tol: Tolerance):
+    """``(name, max_abs_diff, index, jax, torch)`` of the first layer, in torch's call order,
+    whose output differs beyond ``tol``; None when no layer can be compared."""
+    by_path: dict[tuple, list] = {}
+    for path, leaves in jax_calls:
+        by_path.setdefault(path, []).append(leaves)
+    seen: dict[str, int] = {}
+    for name, leaves_t in torch_capture.calls:
+        if name == "":
+            continue
+        k = seen[name] = seen.get(name, -1) + 1
+        jax_calls_of = by_path.get(layout.modules[name], [])
+        if k >= len(jax_calls_of) or not leaves_t:
+            continue
+        mod = torch_capture.types[name]
+        a, b = jax_calls_of[k][0], _to_nnx_layout(mod, leaves_t[0])
+        if a.shape != b.shape:
+            if a.size != b.size or np.squeeze(a).shape != np.squeeze(b).shape:
+                continue
+            a, b = np.squeeze(a), np.squeeze(b)
+        exceeded, d, index, ja, to = compare_arrays(a, b, tol)
+        if exceeded:
+            return name, d, index, ja, to
+    return None
+
+
+class _BatchNormTracker:
+    """What NNX's ``var`` should be, from torch's ``running_var``.
+
+    Both frameworks normalise a training batch with its biased variance, but PyTorch's
+    ``running_var`` averages the *unbiased* one, ``n / (n - 1)`` times larger, where ``n`` is
+    the number of values per channel in the batch (``B``, or ``B*H*W`` for ``BatchNorm2d``);
+    NNX's ``var`` averages the biased one. From torch's update
+    ``rv_t = (1 - m) rv_{t-1} + m * n/(n-1) * v_t`` the NNX value follows exactly:
+    ``e_t = (1 - m) e_{t-1} + (n-1)/n * (rv_t - (1 - m) rv_{t-1})``, starting from the converted
+    ``e_0 = rv_0``. ``running_mean`` is the same in both and is compared directly."""
+
+    def __init__(self, torch_model, layout: Layout):
+        mods = dict(torch_model.named_modules())
+        self.mods = {}
+        self.handles = []
+        self.n: dict[str, int] = {}
+        for name in layout.stat_names:
+            if name.endswith("running_var"):
+                mname = name[: -len(".running_var")]
+                m = mods[mname]
+                self.mods[name] = m
+                self.handles.append(m.register_forward_pre_hook(
+                    lambda mod, args, name=name: self.n.__setitem__(name, args[0].numel() // args[0].shape[1])))
+        self.prev = {k: m.running_var.detach().numpy().astype(np.float64).copy() for k, m in self.mods.items()}
+        self.expect = {k: v.copy() for k, v in self.prev.items()}
+
+    def after_step(self, torch_model) -> None:
+        for name, m in self.mods.items():
+            rv = m.running_var.detach().numpy().astype(np.float64)
+            n = self.n.get(name)
+            if n is not None and n > 1:
+                mom = float(m.momentum)
+                self.expect[name] = (1 - mom) * self.expect[name] + (n - 1) / n * (rv - (1 - mom) * self.prev[name])
+            self.prev[name] = rv.copy()
+            self.n.pop(name, None)
+
+    def expected(self, name: str, torch_value):
+        return self.expect.get(name, torch_value)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

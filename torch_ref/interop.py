@@ -44,18 +44,25 @@ def grads_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def load_numpy_state_dict(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Copy ``{name: np.ndarray}`` into the model in place, checking every key, shape and dtype.
 
+    BatchNorm's ``num_batches_tracked`` may be absent (``jaxlight.interop.model_to_torch`` has
+    no such counter): the module keeps its own. It only matters for ``momentum=None``, which
+    ``jaxlight.interop.derive_layout`` refuses.
+
     Raises:
         ConversionError: unknown or missing keys, or a shape/dtype that differs, naming it.
     """
     own = model.state_dict()
     unknown = [k for k in arrays if k not in own]
-    missing = [k for k in own if k not in arrays]
+    missing = [k for k in own if k not in arrays and not k.endswith("num_batches_tracked")]
     if unknown or missing:
         raise ConversionError(f"state_dict for {type(model).__name__}: "
                               + "; ".join(p for p in (unknown and f"unknown key(s) {unknown}",
                                                       missing and f"missing key(s) {missing}") if p))
     tensors = {}
     for name, ref in own.items():
+        if name not in arrays:  # num_batches_tracked: keep the module's own
+            tensors[name] = ref.clone()
+            continue
         a = np.asarray(arrays[name])
         if tuple(a.shape) != tuple(ref.shape):
             raise ConversionError(f"{name}: shape {tuple(a.shape)}, but {type(model).__name__} expects {tuple(ref.shape)}")

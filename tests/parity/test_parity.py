@@ -135,8 +135,11 @@ def test_finds_a_planted_layout_bug_in_the_forward_pass(datasets, jax_model):
     tmodel.load_state_dict(torch_ref.build_model("cnn", seed=0).state_dict())
     report = check_parity(tmodel, jax_model("cnn"), "cnn", task="multiclass", data=datasets("mnist"),
                           optimizer="sgd", lr=0.01, steps=1)
-    assert (report.divergence.level, report.divergence.name) == ("forward", "outputs")
+    # The convolutions agree; the first layer whose output differs is the one that reads the
+    # wrongly flattened features.
+    assert (report.divergence.level, report.divergence.name) == ("forward", "fc1"), str(report)
     assert report.divergence.max_abs_diff > 1e-3
+    assert "forward diverges at step 0, layer fc1" in str(report)
 
 
 def test_check_parity_rejects_bad_arguments(datasets, jax_model):
