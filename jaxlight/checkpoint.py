@@ -267,8 +267,23 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
         _remove(tmp)
         previous = list_checkpoints(root)
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise CheckpointWriteError(f"could not write checkpoint {final}: {type(exc).__name__}: {exc}{kept}") from exc
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {_short_cause(exc)}{kept}") from exc
     return final
+
+
+def _short_cause(exc: BaseException) -> str:
+    """The OS error behind a failed save in a few words (Orbax's own message runs to a page of
+    TensorStore spec; the whole of it stays in the exception chain, for logs)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{type(seen).__name__}: [Errno {seen.errno}] {seen.strerror}"
+        seen = seen.__cause__ or seen.__context__
+    code = re.search(r"os_error_code='?(\d+)", str(exc))
+    if code:
+        return f"OSError: [Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _remove(path: Path) -> None:

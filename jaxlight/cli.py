@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from jaxlight.recipes import RECIPES, Recipe, recipe_for
@@ -369,11 +370,22 @@ def _log_details(out: Path, verbose: bool) -> Path | None:
         handler = logging.FileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root.handlers[:] = [handler]
+    logging.raiseExceptions = False  # (a log that cannot be written, on a full disk, stays quiet)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
-    threading.excepthook = lambda hook: logging.getLogger("thread").error(
-        "exception in thread %s", hook.thread.name if hook.thread else "?",
-        exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
+    if not verbose:
+        threading.excepthook = lambda hook: logging.getLogger("thread").error(
+            "exception in thread %s", hook.thread.name if hook.thread else "?",
+            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
+        sys.unraisablehook = lambda hook: logging.getLogger("unraisable").error(
+            "%s: %s", hook.err_msg or "exception ignored", hook.object,
+            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
     return path
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a skipped corrupt checkpoint, a stray file, an accepted config change) as one
+    line each, without the source line Python adds."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
@@ -383,6 +395,8 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
     # Outside fit (loading data, evaluating) SIGTERM stops at once, as Ctrl-C does; inside, the
     # Trainer's handlers finish the chunk and save first.
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    warnings.showwarning = _warning_line
+    warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
     try:
         run(args)
         return 0
