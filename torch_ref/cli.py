@@ -61,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="dataloader: the tutorial's torchvision DataLoader; memory: tensors in memory")
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
     from jaxlight.data import MNISTError
-    from torch_ref.loop import NonFiniteLossError
 
     return run_cli("torch-ref", run_train, args, {
-        NonFiniteLossError: EXIT_DIVERGED,
+        FloatingPointError: EXIT_DIVERGED,  # (torch_ref.loop.NonFiniteLossError; importing it imports torch)
         OSError: EXIT_FAILED,
         UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE,
     })
