@@ -67,6 +67,7 @@ class ModelCheckpoint(Callback):
         self._foreign: set[int] = set()     # checkpoints of another run that overwrite=True replaces
 
     def on_fit_start(self, trainer, state):
+        self._foreign = set()
         if trainer.is_global_zero and self._lock is None:
             self._lock = lock_folder(self.dirpath)
         found = {_step(p) for p in list_checkpoints(self.dirpath)} - set(self.saved)
