@@ -395,7 +395,7 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
     # Outside fit (loading data, evaluating) SIGTERM stops at once, as Ctrl-C does; inside, the
     # Trainer's handlers finish the chunk and save first.
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    warnings.showwarning = _warning_line
+    shown, warnings.showwarning = warnings.showwarning, _warning_line
     warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
     try:
         run(args)
@@ -418,9 +418,12 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
             logging.getLogger(program).error("%s", exc, exc_info=True)
         where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
         print(f"{program}: error: {exc}{where}", file=sys.stderr, flush=True)
+        if isinstance(exc, UsageError):
+            raise SystemExit(EXIT_USAGE) from None  # (as argparse does for the flags it checks)
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
 
 
 def main(argv: list[str] | None = None) -> int:
