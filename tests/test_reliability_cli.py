@@ -7,7 +7,6 @@ needs MNIST except the --data-dir cases, which fail before reading it.
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -82,13 +81,13 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path):
 
 # --- 3. SIGINT saves like SIGTERM; exit 130 / 143; nothing to save is not a success ------------
 
-def _interrupt(program, tmp_path, signums, *flags):
-    """Start a long run, send ``signums`` after its third epoch line, return the result."""
+def _interrupt(program, tmp_path, signums, *flags, after="epoch 3/"):
+    """Start a long run, send ``signums`` once it prints ``after``, return the result."""
     proc = subprocess.Popen([sys.executable, "-m", MODULES[program], *LINEAR, "--epochs", "100000",
                              "--out", str(tmp_path / "out"), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     for line in proc.stdout:
-        if "epoch 3/" in line:
+        if after in line:
             break
     for signum in signums:
         proc.send_signal(signum)
@@ -122,7 +121,7 @@ def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(tmp_path):
     """Whether the second signal lands before or after the save, the exit is 130 and quiet; that
     it aborts at once is tested in-process (test_a_second_sigint_raises_keyboard_interrupt_at_once)."""
     result = _interrupt("jaxlight", tmp_path, [signal.SIGINT, signal.SIGINT], "--ckpt-dir", str(tmp_path / "ckpt"),
-                        "--ckpt-every", "1")
+                        "--ckpt-every", "16", after="epoch 1/")
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
@@ -241,15 +240,20 @@ def test_both_clis_stop_on_nan_at_the_same_step_with_the_same_code(tmp_path):
 
 # --- 10. a full disk: one error line, the details in train.log or --verbose --------------------
 
-def _limit_writes():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))
+FULL_DISK = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))
+sys.argv[0] = "jaxlight"
+runpy.run_module("jaxlight.cli", run_name="__main__")
+"""
 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_full_disk_is_one_error_line_with_details_in_the_log(tmp_path, verbose):
-    result = run("jaxlight", *LINEAR, "--epochs", "2", "--out", str(tmp_path / "out"), "--ckpt-dir",
-                 str(tmp_path / "ckpt"), *(["--verbose"] if verbose else []), preexec_fn=_limit_writes)
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, *LINEAR, "--epochs", "2", "--out", str(tmp_path / "out"),
+                             "--ckpt-dir", str(tmp_path / "ckpt"), *(["--verbose"] if verbose else [])],
+                            capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
     assert result.returncode == 1
     if verbose:
         assert "Traceback" in result.stderr
