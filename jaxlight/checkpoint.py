@@ -10,8 +10,16 @@ A checkpoint is one directory ``<root>/step_000000120/``::
 
 Why a manifest: Orbax restores a checkpoint whose bytes were flipped with wrong values and no
 error. Every file is hashed on save and verified on restore; a checkpoint that fails (corrupt,
-truncated, manifest missing) is skipped with a :class:`CheckpointWarning` naming it, and the
-previous good one is used.
+truncated, manifest missing, unreadable or not a file) is skipped with a
+:class:`CheckpointWarning` naming it, and the previous good one is used. Only the files the
+manifest lists decide: a stray file (``.DS_Store``, an editor's backup) is ignored with a
+warning. A checkpoint saved from another model (its arrays do not fit the state) is skipped the
+same way, so ``restore_latest`` returns the newest checkpoint that fits.
+
+Why a lock: two runs writing one folder delete each other's temp folders and checkpoints.
+:func:`lock_folder` takes an OS lock (``fcntl.flock`` on ``<root>/.lock``) that the kernel drops
+when the process dies, so a ``kill -9`` never leaves a stale lock; a second process is refused
+with :class:`CheckpointLockedError` naming the holder (pid, host, start time).
 
 Why atomic: everything is written into ``<root>/.tmp-step_.../`` and renamed into place only
 when complete (``rename`` is atomic on POSIX), so a process killed mid-save leaves a stray temp
@@ -26,11 +34,14 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -42,9 +53,16 @@ from jaxlight.state import TrainState
 
 __all__ = [
     "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointWarning",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
+    "FolderLock",
+    "IncompatibleCheckpointError",
     "list_checkpoints",
+    "load_model",
+    "lock_folder",
+    "optimizer_chain",
     "prune_checkpoints",
     "restore_checkpoint",
     "step_dir",
@@ -65,8 +83,21 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint's files do not match its manifest (flipped bytes, truncation, missing files)."""
 
 
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint's arrays do not fit the state (saved from another model or optimizer chain)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, unwritable folder); earlier ones are intact."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another live process holds the checkpoint folder's lock; the message names it."""
+
+
 class CheckpointWarning(UserWarning):
-    """A corrupt or incomplete checkpoint was skipped in favour of an older one."""
+    """A corrupt, incomplete or incompatible checkpoint was skipped in favour of an older one, or
+    a checkpoint folder holds files its manifest does not list."""
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -117,36 +148,45 @@ def _write_manifest(folder: Path) -> None:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Check every file of a checkpoint against its manifest.
+    """Check every file a checkpoint's manifest lists against its size and sha256.
+
+    Files the manifest does not list (``.DS_Store``, an editor's backup) do not take part: they
+    are ignored with a :class:`CheckpointWarning`.
 
     Raises:
-        CorruptCheckpointError: naming the first file that is missing, has the wrong size
-            (truncated) or the wrong hash (corrupt), or an unreadable manifest.
+        CorruptCheckpointError: naming the first listed file that is missing, unreadable, has
+            the wrong size (truncated) or the wrong hash (corrupt), or a manifest that is
+            missing, unreadable or not a file.
     """
     path = Path(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         files = manifest["files"]
+        entries = [(rel, int(entry["size"]), str(entry["sha256"])) for rel, entry in files.items()]
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: no manifest.json (the save did not finish)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{path}: manifest.json is unreadable ({exc})") from None
-    if not files:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{path}: manifest.json is unreadable ({type(exc).__name__}: {exc})") from None
+    if not entries:
         raise CorruptCheckpointError(f"{path}: manifest.json lists no files")
-    for rel, entry in files.items():
+    for rel, size, sha in entries:
         f = path / rel
         if not f.is_file():
             raise CorruptCheckpointError(f"{path}: {rel} is missing")
-        size = f.stat().st_size
-        if size != entry["size"]:
-            raise CorruptCheckpointError(f"{path}: {rel} has {size} bytes, the manifest says "
-                                         f"{entry['size']} (truncated?)")
-        if _sha256(f) != entry["sha256"]:
-            raise CorruptCheckpointError(f"{path}: {rel} does not match its sha256 in manifest.json "
-                                         f"(corrupted bytes)")
+        try:
+            actual = f.stat().st_size
+            if actual != size:
+                raise CorruptCheckpointError(f"{path}: {rel} has {actual} bytes, the manifest says "
+                                             f"{size} (truncated?)")
+            if _sha256(f) != sha:
+                raise CorruptCheckpointError(f"{path}: {rel} does not match its sha256 in manifest.json "
+                                             f"(corrupted bytes)")
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{path}: {rel} is unreadable ({exc.strerror or exc})") from None
     extra = sorted(set(str(p.relative_to(path)) for p in _files(path)) - set(files))
     if extra:
-        raise CorruptCheckpointError(f"{path}: files not in the manifest: {extra[:3]}")
+        warnings.warn(f"{path}: ignoring {len(extra)} file(s) not in its manifest: {extra[:3]}",
+                      CheckpointWarning, stacklevel=3)
 
 
 def _is_key(leaf) -> bool:
@@ -210,6 +250,7 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
         record = {
             "format": FORMAT_VERSION,
             "step": step,
+            "optimizer_chain": optimizer_chain(state.opt_state),
             "leaves": [{"path": name, "shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)}
                        for (name, _), a in zip(leaves, host)],
             **(meta or {}),
@@ -226,8 +267,23 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
         _remove(tmp)
         previous = list_checkpoints(root)
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {type(exc).__name__}: {exc}{kept}") from exc
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {_short_cause(exc)}{kept}") from exc
     return final
+
+
+def _short_cause(exc: BaseException) -> str:
+    """The OS error behind a failed save in a few words (Orbax's own message runs to a page of
+    TensorStore spec; the whole of it stays in the exception chain, for logs)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{type(seen).__name__}: [Errno {seen.errno}] {seen.strerror}"
+        seen = seen.__cause__ or seen.__context__
+    code = re.search(r"os_error_code='?(\d+)", str(exc))
+    if code:
+        return f"OSError: [Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _remove(path: Path) -> None:
@@ -242,11 +298,35 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_steps: set[int]) -> None:
-    """Delete every finished checkpoint under ``root`` whose step is not in ``keep_steps``."""
+def prune_checkpoints(root: str | os.PathLike, keep_steps: set[int], owned: set[int] | None = None) -> None:
+    """Delete every finished checkpoint under ``root`` whose step is not in ``keep_steps``.
+
+    Args:
+        owned: when given, only these steps may be deleted: a run prunes the checkpoints it
+            wrote itself, never another run's.
+    """
     for path in list_checkpoints(root):
-        if int(_STEP_DIR.match(path.name).group(1)) not in keep_steps:
+        step = int(_STEP_DIR.match(path.name).group(1))
+        if step not in keep_steps and (owned is None or step in owned):
             _remove(path)
+
+
+def _verified_meta(path: Path) -> dict:
+    verify_checkpoint(path)
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as exc:  # (a meta.json outside the manifest: never ours)
+        raise CorruptCheckpointError(f"{path}: meta.json is unreadable ({exc})") from None
+
+
+def _check_leaf(path: Path, spec: dict, name: str, ref, what: str) -> None:
+    """Raise :class:`IncompatibleCheckpointError` unless the saved leaf ``spec`` fits ``ref``."""
+    ref_data = jax.random.key_data(ref) if _is_key(ref) else ref
+    shape, dtype = tuple(np.shape(ref_data)), str(np.dtype(ref_data.dtype))
+    if name != spec["path"] or tuple(spec["shape"]) != shape or spec["dtype"] != dtype:
+        raise IncompatibleCheckpointError(
+            f"{path}: saved state{spec['path']} {tuple(spec['shape'])} {spec['dtype']} does not fit "
+            f"{what}{name} {shape} {dtype}")
 
 
 def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[TrainState, dict]:
@@ -262,27 +342,22 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[T
 
     Raises:
         CorruptCheckpointError: the files do not match the manifest.
-        CheckpointError: the checkpoint was saved from a differently shaped state; the message
-            names the first leaf that differs.
+        IncompatibleCheckpointError: the checkpoint was saved from a differently shaped state;
+            the message names the first leaf that differs.
     """
     path = Path(path)
-    verify_checkpoint(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _verified_meta(path)
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     saved = meta["leaves"]
     if len(saved) != len(flat):
-        raise CheckpointError(f"{path} holds {len(saved)} arrays but the state has {len(flat)}: "
-                              f"was it saved with another model or optimizer chain?")
+        raise IncompatibleCheckpointError(f"{path} holds {len(saved)} arrays but the state has {len(flat)}: "
+                                          f"was it saved with another model or optimizer chain?")
+    for (key_path, ref), spec in zip(flat, saved):
+        _check_leaf(path, spec, jax.tree_util.keystr(key_path), ref, "state")
     arrays = _checkpointer().restore((path / "arrays").absolute())
     leaves = []
-    for i, ((key_path, ref), spec) in enumerate(zip(flat, saved)):
-        arr = np.asarray(arrays[f"{i:06d}"])
-        ref_data = jax.random.key_data(ref) if _is_key(ref) else ref
-        name = jax.tree_util.keystr(key_path)
-        if name != spec["path"] or tuple(arr.shape) != tuple(np.shape(ref_data)) or arr.dtype != ref_data.dtype:
-            raise CheckpointError(f"{path}: saved state{spec['path']} {tuple(arr.shape)} {arr.dtype} does not "
-                                  f"fit state{name} {tuple(np.shape(ref_data))} {ref_data.dtype}")
-        value = jnp.asarray(arr)
+    for i, (_, ref) in enumerate(flat):
+        value = jnp.asarray(np.asarray(arrays[f"{i:06d}"]))
         if _is_key(ref):
             value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
         leaves.append(value)
@@ -292,20 +367,184 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[T
 def restore_latest(root: str | os.PathLike, template: TrainState) -> tuple[TrainState, dict, Path]:
     """The newest checkpoint under ``root`` that verifies, falling back past corrupt ones.
 
-    Each skipped checkpoint raises a :class:`CheckpointWarning` that names it and why.
+    Corrupt checkpoints and checkpoints of another model (whose arrays do not fit
+    ``template``) are skipped, each with a :class:`CheckpointWarning` that names it and why, so
+    the newest checkpoint that verifies and fits is returned.
 
     Raises:
-        CheckpointError: no checkpoint under ``root`` verifies (or there is none).
+        CheckpointError: no checkpoint under ``root`` verifies and fits (or there is none); an
+            :class:`IncompatibleCheckpointError` naming the newest one's mismatch when none was
+            corrupt but none fits.
     """
     candidates = list_checkpoints(root)
     if not candidates:
         raise CheckpointError(f"no checkpoint found under {root}")
+    errors = []
     for path in reversed(candidates):
         try:
             state, meta = restore_checkpoint(path, template)
             return state, meta, path
         except CorruptCheckpointError as exc:
-            older = [p for p in candidates if p < path]
-            then = f"falling back to {older[-1].name}" if older else "no older checkpoint left"
-            warnings.warn(f"skipping corrupt checkpoint: {exc}; {then}", CheckpointWarning, stacklevel=2)
-    raise CheckpointError(f"every checkpoint under {root} is corrupt ({len(candidates)} tried)")
+            errors.append(exc)
+            why = "corrupt checkpoint"
+        except IncompatibleCheckpointError as exc:
+            errors.append(exc)
+            why = "checkpoint of another model"
+        older = [p for p in candidates if p < path]
+        then = f"falling back to {older[-1].name}" if older else "no older checkpoint left"
+        warnings.warn(f"skipping {why}: {errors[-1]}; {then}", CheckpointWarning, stacklevel=2)
+    if all(isinstance(e, IncompatibleCheckpointError) for e in errors):
+        raise IncompatibleCheckpointError(f"no checkpoint under {root} fits this state ({len(candidates)} "
+                                          f"tried); the newest: {errors[0]}")
+    raise CheckpointError(f"every checkpoint under {root} is corrupt or does not fit ({len(candidates)} tried)")
+
+
+def optimizer_chain(opt_state) -> str:
+    """The structure of an Optax state as text, e.g. ``(ScaleByAdamState(*,tree,tree),EmptyState())``.
+
+    Recorded in every checkpoint: two chains can hold the same arrays and still differ (Adam and
+    AdamW both keep ``count, mu, nu``; AdamW adds an empty ``add_decayed_weights`` state), and
+    resuming one as the other would continue silently with another optimizer.
+    """
+    from flax import nnx
+
+    def walk(x) -> str:
+        if isinstance(x, (nnx.State, dict)):
+            return "tree"
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return f"{type(x).__name__}({','.join(walk(getattr(x, f)) for f in x._fields)})"
+        if isinstance(x, (tuple, list)):
+            return f"({','.join(walk(e) for e in x)})"
+        return "*" if hasattr(x, "shape") or isinstance(x, (int, float)) else type(x).__name__
+
+    return walk(opt_state)
+
+
+def load_model(path: str | os.PathLike, model):
+    """The NNX ``model`` with a checkpoint's parameters and other model variables (batch
+    statistics, RNG state): for inference or fine-tuning, with no optimizer and no Trainer.
+
+    Args:
+        path: one ``step_*`` folder, or a folder of them (its newest good checkpoint that fits
+            ``model``, as :func:`restore_latest` picks).
+        model: a freshly built module of the same architecture (``build_model("mlp")``); only
+            its structure, shapes and dtypes are used.
+
+    Returns:
+        ``model`` with the saved values (the same object, updated in place).
+
+    Raises:
+        CorruptCheckpointError: the files do not match the manifest.
+        IncompatibleCheckpointError: ``model`` does not fit the checkpoint; the message names
+            the path and the first leaf that differs.
+
+    Example:
+        >>> model = load_model("runs/ckpt", build_model("mlp"))   # doctest: +SKIP
+    """
+    from flax import nnx
+
+    path = Path(path)
+    if not (path / "manifest.json").exists() and not (path / "meta.json").exists():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"no checkpoint found under {path}")
+        errors = []
+        for candidate in reversed(found):
+            try:
+                return load_model(candidate, model)
+            except (CorruptCheckpointError, IncompatibleCheckpointError) as exc:
+                errors.append(exc)
+                warnings.warn(f"load_model: skipping {candidate.name}: {exc}", CheckpointWarning, stacklevel=2)
+        raise errors[0]
+    meta = _verified_meta(path)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    saved = {spec["path"]: (i, spec) for i, spec in enumerate(meta["leaves"])}
+    wanted = []
+    for field, tree in (("params", params), ("model_state", model_state)):
+        for key_path, ref in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            name = f".{field}{jax.tree_util.keystr(key_path)}"
+            if name not in saved:
+                raise IncompatibleCheckpointError(f"{path}: the model's {name} is not in the checkpoint "
+                                                  f"(saved from another model?)")
+            _check_leaf(path, saved[name][1], name, ref, "model")
+            wanted.append(saved[name][0])
+    for field in ("params", "model_state"):
+        mine = {f".{field}{jax.tree_util.keystr(k)}" for k, _ in
+                jax.tree_util.tree_flatten_with_path(params if field == "params" else model_state)[0]}
+        extra = sorted(n for n in saved if n.startswith(f".{field}") and n not in mine)
+        if extra:
+            raise IncompatibleCheckpointError(f"{path}: the checkpoint's {extra[0]} has no place in the "
+                                              f"model (saved from another model?)")
+    arrays = _checkpointer().restore((path / "arrays").absolute())
+
+    def value(i, ref):
+        v = jnp.asarray(np.asarray(arrays[f"{i:06d}"]))
+        return jax.random.wrap_key_data(v, impl=jax.random.key_impl(ref)) if _is_key(ref) else v
+
+    it = iter(wanted)
+    new_params = jax.tree.map(lambda ref: value(next(it), ref), params)
+    new_model_state = jax.tree.map(lambda ref: value(next(it), ref), model_state)
+    nnx.update(model, new_params, new_model_state)
+    return model
+
+
+class FolderLock:
+    """A held lock on a checkpoint folder (see :func:`lock_folder`); ``release()`` when done."""
+
+    def __init__(self, root: Path, fd: int):
+        self.root, self._fd, self._count = root, fd, 1
+
+    def release(self) -> None:
+        """Drop one hold; the OS lock goes with the last one (and always with the process)."""
+        self._count -= 1
+        if self._count == 0 and self._fd is not None:
+            _LOCKS.pop(os.path.realpath(self.root), None)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+_LOCKS: dict[str, FolderLock] = {}
+
+
+def lock_folder(root: str | os.PathLike) -> FolderLock:
+    """Lock the checkpoint folder ``root`` (created if missing) for this process.
+
+    ``fcntl.flock`` on ``<root>/.lock``: the kernel releases it when the process exits in any
+    way (``kill -9`` included), so there is never a stale lock to clean up. Re-entrant within a
+    process (the CLI locks before loading data, the Trainer again in ``fit``). On a network file
+    system that does not support ``flock`` the lock only guards against processes on one host.
+
+    Raises:
+        CheckpointLockedError: another process holds it; the message names its pid and host.
+        CheckpointError: the folder cannot be created or the lock file cannot be opened.
+    """
+    root = Path(root)
+    key = os.path.realpath(root)
+    if key in _LOCKS:
+        _LOCKS[key]._count += 1
+        return _LOCKS[key]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"cannot use checkpoint folder {root}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is starting up"
+        os.close(fd)
+        raise CheckpointLockedError(f"checkpoint folder {root} is in use by another run ({holder}); wait for "
+                                    f"it to finish or choose another folder") from None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    info = f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}\n".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    _LOCKS[key] = lock = FolderLock(root, fd)
+    return lock

@@ -2,18 +2,50 @@
 
 ``torch-ref train`` (``torch_ref/cli.py``) takes the same flags from :func:`train_parser` and
 prints and writes the same format (``jaxlight.report``).
+
+Exit codes (both command lines; docs/reliability.md says which failure gives which):
+
+====  =====================================================================================
+0     finished, metrics.json written
+1     failed while running (a checkpoint or metrics.json could not be written: full disk...)
+2     refused before training: a usage error (argparse's convention), a bad path or data
+      folder, a checkpoint folder in use or holding another run, a resume whose
+      configuration differs from the checkpoint's
+3     training diverged: the loss became NaN or Inf (the message names the step)
+130   stopped by SIGINT (Ctrl-C): saved first when --ckpt-dir is set; a second Ctrl-C aborts
+143   stopped by SIGTERM: likewise
+====  =====================================================================================
+
+Every error is one line on stderr; the details (tracebacks, background threads' logs) go to
+``<out>/train.log``, or to stderr with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
+import signal
 import sys
+import tempfile
+import threading
+import traceback
+import warnings
 from pathlib import Path
 
 from jaxlight.recipes import RECIPES, Recipe, recipe_for
 
-__all__ = ["main", "train_parser", "recipe_from_args", "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer"]
+__all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "train_parser", "recipe_from_args",
+           "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer", "prepare_output_dir",
+           "run_config", "run_cli"]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
+MAX_SEED = 2**63  # jax.random.key takes a signed 64-bit int; numpy's default_rng no negatives
+
+
+class UsageError(ValueError):
+    """A flag or path the command line refuses before any work; exit code 2."""
 
 
 def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.ArgumentParser:
@@ -28,6 +60,8 @@ def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.Ar
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="a folder holding MNIST/raw/ (default: $JAXLIGHT_DATA, then the cache)")
     p.add_argument("--out", help="output folder (default: runs/<framework>-<model>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print details (tracebacks, library logs) to stderr instead of <out>/train.log")
     return p
 
 
@@ -52,19 +86,33 @@ def _fake_cpu_devices(count: int | None) -> None:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe the flags ask for. Raises :class:`UsageError` naming the flag."""
     for flag in ("epochs", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be > 0 and finite, got {args.lr}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     return recipe_for(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       optimizer=args.optimizer, seed=args.seed)
 
 
+def run_config(recipe: Recipe, args: argparse.Namespace) -> dict:
+    """What a checkpoint records about the run and a resume must match (``jaxlight.runconfig``):
+    everything in the recipe but the epoch count (a resume may extend a run), plus the schedule
+    and the validation split (which decides the training examples)."""
+    import dataclasses
+
+    config = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "epochs"}
+    return {**config, "lr_schedule": "constant", "val_split": getattr(args, "val_split", 0.0)}
+
+
 def summary_payload(framework: str, recipe: Recipe, results, test_metrics: dict, versions: dict,
                     extra: dict) -> dict:
-    """The contents of ``metrics.json``; the same keys from both frameworks."""
+    """The contents of ``metrics.json``; the same keys from both frameworks. ``segments`` (in
+    ``extra``; default: this run alone) lists the configuration of each part of a resumed run."""
     payload = {
         "framework": framework,
         "model": recipe.model,
@@ -84,8 +132,44 @@ def summary_payload(framework: str, recipe: Recipe, results, test_metrics: dict,
     payload["history"] = [{"epoch": r.epoch + 1, **{k: v for k, v in r.metrics.items() if k != "count"}}
                           for r in results]
     payload.update(extra)
+    payload.setdefault("segments", [{"run": run_config(recipe, argparse.Namespace()), "from_step": 0}])
     payload["versions"] = versions
     return payload
+
+
+def prepare_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` (a folder the run writes into) now, and check that it takes files.
+
+    Called before any data loads, so that a bad ``--out``/``--ckpt-dir`` fails in a second, not
+    after hours of training. Raises :class:`UsageError` naming the flag and the cause.
+    """
+    p = Path(path)
+    try:
+        if p.is_symlink() and not p.exists():
+            raise UsageError(f"{flag} {p} is a broken symlink or a symlink loop")
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{flag} {p} is a file, not a folder")
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {p}: cannot create or write there ({exc.strerror or exc})") from None
+    return p
+
+
+def _default_out(args: argparse.Namespace, framework: str) -> Path:
+    return Path(args.out or f"runs/{framework}-{args.model}")
+
+
+def _prepare_outputs(args: argparse.Namespace, framework: str) -> Path:
+    out = prepare_output_dir(_default_out(args, framework), "--out")
+    if (out / "metrics.json").is_dir():
+        raise UsageError(f"--out {out}: {out / 'metrics.json'} is a folder, metrics.json cannot be written")
+    if getattr(args, "ckpt_dir", None):
+        prepare_output_dir(args.ckpt_dir, "--ckpt-dir")
+    if getattr(args, "logger", "none") != "none":
+        prepare_output_dir(args.log_dir or out / "logs", "--log-dir")
+    return out
 
 
 def run_train(args: argparse.Namespace) -> dict:
@@ -104,6 +188,10 @@ def run_train(args: argparse.Namespace) -> dict:
     recipe = recipe_from_args(args)
     if getattr(args, "distributed", False):
         parallel.initialize()
+    out = _prepare_outputs(args, "jaxlight")
+    args.log_file = _log_details(out, args.verbose)
+    if args.ckpt_dir and jax.process_index() == 0:  # (one lock per run: process 0's)
+        _claim_checkpoint_folder(args)
     # Built before minutes of data loading: it refuses impossible devices and batch sizes.
     trainer = trainer_from_args(args, recipe)
     strategy = trainer.strategy
@@ -116,10 +204,11 @@ def run_train(args: argparse.Namespace) -> dict:
           + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""),
           flush=True)
     state, results = fit_with_trainer(args, recipe, trainer, state, train)
-    if results is None:  # stopped by SIGTERM after saving a checkpoint
-        return {}
+    if results is None:  # stopped by SIGTERM/SIGINT (after saving a checkpoint if it could)
+        raise Interrupted(trainer.stop_signal)
     test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
     extra = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+    extra["segments"] = trainer.run_segments()
     if strategy.name != "single":  # (a single-device metrics.json keeps torch-ref's keys)
         extra.update(strategy=strategy.name, devices=strategy.num_devices, processes=jax.process_count())
     if truth:
@@ -131,9 +220,33 @@ def run_train(args: argparse.Namespace) -> dict:
     print(report.final_line(summary))
     if not trainer.is_global_zero:  # one process writes metrics.json
         return summary
-    out = Path(args.out or f"runs/jaxlight-{recipe.model}")
     print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
     return summary
+
+
+def _claim_checkpoint_folder(args: argparse.Namespace) -> None:
+    """Lock --ckpt-dir for this process and refuse another run's checkpoints there, before any
+    data loads. The lock is held until the process exits (the Trainer takes it again, re-entrantly)."""
+    from jaxlight import checkpoint
+
+    checkpoint.lock_folder(args.ckpt_dir)
+    found = checkpoint.list_checkpoints(args.ckpt_dir)
+    if found and not (args.resume or args.overwrite):
+        raise UsageError(f"--ckpt-dir {args.ckpt_dir} already holds checkpoints ({found[-1].name}...): add "
+                         f"--resume to continue that run, --overwrite to replace it, or choose another folder")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run (after saving, when it could)."""
+
+    def __init__(self, signum: int | None, reported: bool = True):
+        self.signum = signum or signal.SIGTERM
+        self.reported = reported  # (the message saying what was saved is out already)
+        super().__init__(signal.Signals(self.signum).name)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum, reported=False)
 
 
 def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -145,6 +258,12 @@ def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in --ckpt-dir up to --epochs in total")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --ckpt-dir that holds checkpoints; they are deleted once this "
+                        "run has saved its first one")
+    g.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the checkpoint was written with other settings (optimizer, lr, seed...); "
+                        "the change is recorded in metrics.json's segments")
     g.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none")
     g.add_argument("--log-dir", help="where the logger writes (default: <out>/logs)")
     g.add_argument("--steps-per-execution", type=int,
@@ -155,12 +274,16 @@ def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def check_trainer_flags(args: argparse.Namespace) -> None:
     """Reject bad Trainer flags before any data is loaded."""
     if args.resume and not args.ckpt_dir:
-        raise SystemExit("error: --resume needs --ckpt-dir (the folder to resume from)")
+        raise UsageError("--resume needs --ckpt-dir (the folder to resume from)")
+    if args.overwrite and not args.ckpt_dir:
+        raise UsageError("--overwrite needs --ckpt-dir (the folder whose checkpoints it replaces)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the run or replace it")
     if not 0.0 <= args.val_split < 1.0:
-        raise SystemExit(f"error: --val-split must be in [0, 1), got {args.val_split}")
+        raise UsageError(f"--val-split must be in [0, 1), got {args.val_split}")
     for flag in ("ckpt_every", "steps_per_execution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
 
 def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
@@ -187,7 +310,8 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
     callbacks = [EpochLines(), ProgressBar(print_epochs=False)]
     if args.ckpt_dir:
         monitor = "val_loss" if args.val_split else None
-        callbacks.insert(0, ModelCheckpoint(args.ckpt_dir, monitor=monitor, every_n_steps=args.ckpt_every))
+        callbacks.insert(0, ModelCheckpoint(args.ckpt_dir, monitor=monitor, every_n_steps=args.ckpt_every,
+                                            overwrite=args.overwrite))
     loggers = []
     if args.logger != "none":
         out = Path(args.out or f"runs/jaxlight-{recipe.model}")
@@ -195,25 +319,111 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
     config = TrainerConfig(max_epochs=recipe.epochs, batch_size=recipe.batch_size,
                            steps_per_execution=args.steps_per_execution,
                            strategy=getattr(args, "strategy", "single"), devices=getattr(args, "devices", None))
-    return Trainer(config, callbacks=callbacks, loggers=loggers)
+    trainer = Trainer(config, callbacks=callbacks, loggers=loggers)
+    trainer.run_config = run_config(recipe, args)
+    trainer.allow_config_change = args.allow_config_change
+    return trainer
 
 
 def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, trainer, state, train):
     """Run ``jaxlight train``'s training through ``trainer`` (from :func:`trainer_from_args`);
-    ``(state, epoch results)``, or ``(state, None)`` when SIGTERM stopped it (a checkpoint was
-    saved if --ckpt-dir is set)."""
+    ``(state, epoch results)``, or ``(state, None)`` when SIGTERM or SIGINT stopped it (a
+    checkpoint was saved if --ckpt-dir is set)."""
     val = None
     if args.val_split:
         train, val = train.split(args.val_split, recipe.seed)
+    warn_batch_size(recipe.batch_size, len(train))
     resume = args.resume and any(Path(args.ckpt_dir).glob("step_*"))
     if args.resume and not resume:
         print(f"no checkpoint in {args.ckpt_dir} yet: starting from scratch", flush=True)
     state = trainer.fit(state, train, val, ckpt_path="last" if resume else None)
     if trainer.interrupted:
-        print(f"stopped by SIGTERM at step {trainer.global_step}"
-              + (f"; resume with --resume --ckpt-dir {args.ckpt_dir}" if args.ckpt_dir else ""), flush=True)
+        name = signal.Signals(trainer.stop_signal or signal.SIGTERM).name
+        saved = getattr(trainer, "interrupt_checkpoint", None)
+        if saved is not None:
+            print(f"stopped by {name} at step {trainer.global_step}; saved {saved}. Resume with the same "
+                  f"command and --resume --ckpt-dir {args.ckpt_dir}", file=sys.stderr, flush=True)
+        else:
+            print(f"stopped by {name} at step {trainer.global_step}; nothing was saved (no --ckpt-dir)",
+                  file=sys.stderr, flush=True)
         return state, None
     return state, trainer.history
+
+
+def warn_batch_size(batch_size: int, examples: int) -> None:
+    """A batch larger than the training set is legal (one padded batch per epoch) but rarely meant."""
+    if batch_size > examples:
+        print(f"warning: --batch-size {batch_size} is larger than the training set ({examples} examples): "
+              f"every epoch is one padded batch", file=sys.stderr, flush=True)
+
+
+def _log_details(out: Path, verbose: bool) -> Path | None:
+    """Send library logs and background threads' tracebacks (Orbax writes its own on a full
+    disk) to ``<out>/train.log``, or to stderr with --verbose, so that stderr holds the one
+    error line."""
+    root = logging.getLogger()
+    path = None
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        path = out / "train.log"
+        handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    logging.raiseExceptions = False  # (a log that cannot be written, on a full disk, stays quiet)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        threading.excepthook = lambda hook: logging.getLogger("thread").error(
+            "exception in thread %s", hook.thread.name if hook.thread else "?",
+            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
+        sys.unraisablehook = lambda hook: logging.getLogger("unraisable").error(
+            "%s: %s", hook.err_msg or "exception ignored", hook.object,
+            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
+    return path
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a skipped corrupt checkpoint, a stray file, an accepted config change) as one
+    line each, without the source line Python adds."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
+    """Run ``run(args)`` and turn every expected failure into one line on stderr and its exit
+    code (``errors``: exception class -> code; see the module docstring). Details go to the log
+    (``--verbose``: stderr)."""
+    # Outside fit (loading data, evaluating) SIGTERM stops at once, as Ctrl-C does; inside, the
+    # Trainer's handlers finish the chunk and save first.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    shown, warnings.showwarning = warnings.showwarning, _warning_line
+    warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
+    try:
+        run(args)
+        return 0
+    except Interrupted as exc:
+        if not exc.reported:
+            print(f"{program}: stopped by {exc}; nothing more was saved", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print(f"{program}: aborted by Ctrl-C; nothing more was saved", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised
+        code = next((c for cls, c in errors.items() if isinstance(exc, cls)), None)
+        if code is None:
+            raise
+        log = getattr(args, "log_file", None)
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        elif log is not None:
+            logging.getLogger(program).error("%s", exc, exc_info=True)
+        where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
+        print(f"{program}: error: {exc}{where}", file=sys.stderr, flush=True)
+        if isinstance(exc, UsageError):
+            raise SystemExit(EXIT_USAGE) from None  # (as argparse does for the flags it checks)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,21 +434,26 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlight.compare import compare_parser, run_compare
 
     compare_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        check_trainer_flags(args)
-    from jaxlight.checkpoint import CheckpointError
+    args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
+    from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
     from jaxlight.data import MNISTError
     from jaxlight.parallel import ParallelError
     from jaxlight.step import BatchError
     from jaxlight.trainer import NonFiniteLossError
 
-    try:
-        (run_compare if args.command == "compare" else run_train)(args)
-    except (MNISTError, BatchError, ParallelError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    def run(args):
+        if args.command == "train":
+            check_trainer_flags(args)
+            return run_train(args)
+        return run_compare(args)
+
+    return run_cli("jaxlight", run, args, {
+        NonFiniteLossError: EXIT_DIVERGED,
+        CheckpointWriteError: EXIT_FAILED,
+        OSError: EXIT_FAILED,  # (metrics.json or a log could not be written)
+        UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,
+        CheckpointError: EXIT_USAGE,  # (refused before training: locked, another run's, corrupt, mismatched)
+    })
 
 
 if __name__ == "__main__":

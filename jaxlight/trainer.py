@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -46,7 +47,7 @@ import numpy as np
 import optax
 
 from jaxlight import checkpoint as ckpt
-from jaxlight import parallel
+from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.data.arrays import ArrayDataset, num_batches
 from jaxlight.data.stream import Batches, pad_batch, to_numpy
@@ -356,6 +357,9 @@ class Trainer:
                 cb.on_fit_end(self, state)
         finally:
             self._restore_sigterm(previous)
+            for cb in self.callbacks:  # (the folder lock ModelCheckpoint took in on_fit_start)
+                if isinstance(cb, ModelCheckpoint):
+                    cb.release_lock()
             for logger in self.active_loggers:
                 logger.finalize()
         return state
@@ -552,9 +556,32 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    # What a checkpoint records about the run, checked on resume (``jaxlight.runconfig``): set
+    # ``run_config`` to a JSON dict describing the run (model, optimizer, lr, seed...), and
+    # ``allow_config_change`` to resume a checkpoint whose configuration differs (recorded).
+    run_config: dict | None = None
+    allow_config_change: bool = False
+
+    def run_record(self) -> dict:
+        """This fit's configuration as a checkpoint records it (see ``jaxlight.runconfig``)."""
+        return {"run": dict(self.run_config or {}), "trainer": runconfig.trainer_fields(self.config)}
+
+    def run_segments(self) -> list[dict]:
+        """One entry per fit of this run (a resumed run has several): its configuration, the
+        steps it covered, and the configuration differences it accepted on resume."""
+        resumed = self.restored_from is not None
+        previous = [dict(s) for s in self._resumed_segments] if resumed else []
+        if previous:
+            previous[-1]["to_step"] = self._segment_start
+        current = {**self.run_record(), "from_step": self._segment_start if resumed else 0,
+                   "to_step": self.global_step, "accepted_changes": self._accepted_changes if resumed else []}
+        return previous + [current]
+
     def checkpoint_meta(self) -> dict:
         """Everything besides the arrays that a resumed fit needs (JSON)."""
         return {
+            **self.run_record(),
+            "segments": self.run_segments(),
             "epoch": self.epoch,
             "batch": self.batch,
             "num_examples": self._num_examples,
@@ -602,6 +629,7 @@ class Trainer:
                 f"{path} was saved with batch_size {saved_cfg['batch_size']} on {meta['num_examples']} training "
                 f"examples; this fit has batch_size {self.config.batch_size} on {self._num_examples}: the saved "
                 f"data position would not mean the same batches")
+        self._check_run(path, meta, state)
         self.global_step = int(state.step)
         self.epoch, self.batch = meta["epoch"], meta["batch"]
         self._epoch_steps = [{k: np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]]
@@ -617,16 +645,44 @@ class Trainer:
         self.restored_from = path
         return state
 
+    def _check_run(self, path: Path, meta: dict, state: TrainState) -> None:
+        """Refuse a checkpoint written with another configuration or already past max_epochs."""
+        saved = {k: meta.get(k) for k in ("run", "trainer", "optimizer_chain")}
+        diffs = runconfig.differences(saved, {**self.run_record(), "optimizer_chain": ckpt.optimizer_chain(state.opt_state)})
+        if diffs and not self.allow_config_change:
+            raise runconfig.ConfigMismatchError(
+                f"{path} was written by a run configured differently: {'; '.join(diffs)}. Resume with the "
+                f"same settings, or accept the change (--allow-config-change, Trainer.allow_config_change)")
+        if diffs:
+            warnings.warn(f"resuming {path} with a changed configuration: {'; '.join(diffs)}", RuntimeWarning,
+                          stacklevel=3)
+        if meta["epoch"] > self.max_epochs or (meta["epoch"] == self.max_epochs and meta["batch"] > 0):
+            raise runconfig.ConfigMismatchError(
+                f"{path} is already at epoch {meta['epoch']} batch {meta['batch']} (step {meta['step']}), past "
+                f"max_epochs={self.max_epochs} (--epochs): nothing to train; ask for more epochs to continue it")
+        self._accepted_changes, self._segment_start = diffs, int(meta["step"])
+        self._resumed_segments = meta.get("segments") or [{k: v for k, v in saved.items() if k != "optimizer_chain"}
+                                                          | {"from_step": 0}]
+
     # -- SIGTERM --------------------------------------------------------------------------------
 
     def _install_sigterm(self):
+        """SIGTERM and SIGINT (Ctrl-C) both stop the fit at the next chunk end, saved; a second
+        SIGINT raises KeyboardInterrupt at once (the user insists). Returns the previous handlers."""
+        self.stop_signal: int | None = None
         if not self.config.handle_sigterm or threading.current_thread() is not threading.main_thread():
             return None
 
         def handler(signum, frame):
+            if signum == signal.SIGINT and self.stop_signal is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, save nothing more
             self._sigterm = True  # acted on at the next chunk boundary, never inside a step
+            self.stop_signal = signum
+            if signum == signal.SIGINT and self.is_global_zero:
+                print(f"\n{signal.Signals(signum).name}: stopping after the running chunk and saving; "
+                      f"press Ctrl-C again to abort at once", file=sys.stderr, flush=True)
 
-        return signal.signal(signal.SIGTERM, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _sigterm_agreed(self) -> bool:
         """Whether any process got SIGTERM. A scheduler signals processes at slightly different
@@ -638,15 +694,21 @@ class Trainer:
         return self._sigterm
 
     def _restore_sigterm(self, previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
 
     def _save_on_sigterm(self, state) -> None:
+        """Save through the first ModelCheckpoint and stop; ``interrupted`` is then True,
+        ``stop_signal`` the signal (SIGTERM when another process of the run got it), and
+        ``interrupt_checkpoint`` the saved folder (None when nothing could be saved)."""
+        self.stop_signal = self.stop_signal or signal.SIGTERM
+        name = signal.Signals(self.stop_signal).name
         cb = self._checkpoint_callback()
+        self.interrupt_checkpoint = None
         if cb is None:
-            warnings.warn(f"SIGTERM at step {self.global_step}: stopping without a checkpoint "
+            warnings.warn(f"{name} at step {self.global_step}: stopping without a checkpoint "
                           f"(no ModelCheckpoint callback)", RuntimeWarning, stacklevel=2)
         else:
-            cb.save(self, state)
+            self.interrupt_checkpoint = cb.save(self, state)
         self.should_stop = self.interrupted = True
         self._sigterm = False

@@ -1,17 +1,24 @@
-"""``torch-ref train``: the same flags and output as ``jaxlight train``, plus ``--loader``."""
+"""``torch-ref train``: the same flags, output and exit codes as ``jaxlight train``, plus ``--loader``.
+
+torch-ref has no checkpoints: SIGINT and SIGTERM stop it at once (exit 130 / 143) with one
+line saying so; the rest of the failure handling is ``jaxlight.cli``'s (docs/reliability.md).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from jaxlight.cli import recipe_from_args, summary_payload, train_parser
+from jaxlight.cli import (EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, _log_details, _prepare_outputs,
+                          recipe_from_args, run_cli, summary_payload, train_parser, warn_batch_size)
 
 __all__ = ["main"]
 
 
 def run_train(args: argparse.Namespace) -> dict:
+    recipe = recipe_from_args(args)
+    out = _prepare_outputs(args, "torch")  # before any data loads: a bad --out fails in a second
+    args.log_file = _log_details(out, args.verbose)
     import torch
 
     from jaxlight import report
@@ -21,11 +28,11 @@ def run_train(args: argparse.Namespace) -> dict:
     from torch_ref.optim import make_optimizer
     from torch_ref.tasks import TASKS
 
-    recipe = recipe_from_args(args)
     torch.manual_seed(recipe.seed)
     task = TASKS[recipe.task]()
     train, test, truth = make_loaders(recipe.dataset, args.loader, recipe.batch_size, recipe.seed,
                                       args.data_dir, task.label_dtype)
+    warn_batch_size(recipe.batch_size, len(train.dataset) if hasattr(train, "dataset") else len(train.x))
     model = build_model(recipe.model, recipe.seed)
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, **recipe.optimizer_kwargs())
     print(f"torch-ref: {recipe.model} on {recipe.dataset}, {recipe.optimizer} lr {recipe.lr}, "
@@ -42,7 +49,6 @@ def run_train(args: argparse.Namespace) -> dict:
     summary = summary_payload("torch", recipe, results, test_metrics,
                               report.library_versions("torch", "torchvision", "numpy"), extra)
     print(report.final_line(summary))
-    out = Path(args.out or f"runs/torch-{recipe.model}")
     print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
     return summary
 
@@ -53,15 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p = train_parser(sub, "PyTorch")
     p.add_argument("--loader", choices=["dataloader", "memory"], default="dataloader",
                    help="dataloader: the tutorial's torchvision DataLoader; memory: tensors in memory")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
     from jaxlight.data import MNISTError
 
-    try:
-        run_train(args)
-    except MNISTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("torch-ref", run_train, args, {
+        FloatingPointError: EXIT_DIVERGED,  # (torch_ref.loop.NonFiniteLossError; importing it imports torch)
+        OSError: EXIT_FAILED,
+        UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE,
+    })
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -10,7 +11,11 @@ import torch
 
 from torch_ref.tasks import Task
 
-__all__ = ["EpochResult", "train_epoch", "evaluate", "fit"]
+__all__ = ["EpochResult", "NonFiniteLossError", "train_epoch", "evaluate", "fit"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step (as jaxlight's)."""
 
 
 @dataclass
@@ -34,14 +39,23 @@ def _finish(total: dict) -> dict:
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, task: Task,
-                on_step: Callable[[dict], None] | None = None) -> dict:
+                on_step: Callable[[dict], None] | None = None, epoch: int = 0, first_step: int = 0) -> dict:
     """One pass over ``loader``: ``zero_grad, loss.backward(), step()`` per batch, as the
-    tutorial does. Returns the example-weighted mean loss and metric."""
+    tutorial does. Returns the example-weighted mean loss and metric.
+
+    Raises:
+        NonFiniteLossError: a batch's loss is NaN or Inf; training stops before that update, as
+            jaxlight's Trainer does, instead of carrying NaN parameters to the end.
+    """
     model.train()
     total: dict = {}
-    for x, y in loader:
+    for batch, (x, y) in enumerate(loader):
         optimizer.zero_grad()
         loss, metrics = task.loss_and_metrics(model(x), y)
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(
+                f"training loss is {metrics['loss']} at step {first_step + batch + 1} (epoch {epoch + 1}, "
+                f"batch {batch + 1}); training stopped. Lower the learning rate")
         loss.backward()
         optimizer.step()
         _accumulate(total, metrics)
@@ -73,7 +87,7 @@ def fit(model, optimizer, loader, task: Task, epochs: int,
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
         t0 = time.perf_counter()
-        metrics = train_epoch(model, optimizer, loader, task, on_step)
+        metrics = train_epoch(model, optimizer, loader, task, on_step, epoch, epoch * len(loader))
         result = EpochResult(epoch, metrics, time.perf_counter() - t0)
         if bar is not None:
             bar.close()

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from jaxlight.callbacks.base import Callback
-from jaxlight.checkpoint import list_checkpoints, prune_checkpoints
+from jaxlight.checkpoint import CheckpointError, list_checkpoints, lock_folder, prune_checkpoints
 
 __all__ = ["ModelCheckpoint"]
 
@@ -17,9 +17,16 @@ class ModelCheckpoint(Callback):
 
     Kept on disk: the ``save_top_k`` best checkpoints by ``monitor`` (when given) and the
     ``keep_last`` most recent ones (at least 2, so that a corrupt latest checkpoint always has a
-    good predecessor to fall back to; see ``jaxlight.checkpoint``). Everything else is deleted
-    after each successful save. The Trainer also saves through this callback on SIGTERM, and
+    good predecessor to fall back to; see ``jaxlight.checkpoint``). The other checkpoints this
+    run wrote are deleted after each successful save; checkpoints it did not write are never
+    touched. The Trainer also saves through this callback on SIGTERM and SIGINT, and
     ``Trainer.fit(..., ckpt_path="last")`` resumes from its folder.
+
+    Safe folders: while ``fit`` runs, the folder is locked (``jaxlight.checkpoint.lock_folder``;
+    by process 0 alone in a multi-process run), so a second run on it is refused naming the
+    holder. A fit that does not resume refuses a folder that already holds checkpoints (another
+    run's, which its saves would mix with and overwrite) unless ``overwrite=True``; those old
+    checkpoints are then deleted once this run has saved its first one.
 
     Args:
         dirpath: the folder of ``step_*`` checkpoints.
@@ -30,6 +37,7 @@ class ModelCheckpoint(Callback):
         every_n_epochs: save at the end of every n-th epoch (None: never at epoch ends).
         every_n_steps: save every n optimizer steps (the trainer ends its compiled chunks on
             these steps).
+        overwrite: let a fit that does not resume start in a folder that holds checkpoints.
 
     Attributes:
         best_model_path: the best checkpoint's folder (None until one with a score exists).
@@ -38,7 +46,7 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, dirpath: str | Path, monitor: str | None = None, mode: str = "min",
                  save_top_k: int = 1, keep_last: int = 2, every_n_epochs: int | None = 1,
-                 every_n_steps: int | None = None):
+                 every_n_steps: int | None = None, overwrite: bool = False):
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
         if keep_last < 2:
@@ -52,8 +60,30 @@ class ModelCheckpoint(Callback):
         self.dirpath = Path(dirpath)
         self.monitor, self.mode, self.save_top_k, self.keep_last = monitor, mode, save_top_k, keep_last
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.overwrite = overwrite
         self.saved: list[int] = []          # steps of the checkpoints on disk, oldest first
         self.scores: dict[int, float] = {}  # step -> monitored value
+        self._lock = None
+        self._foreign: set[int] = set()     # checkpoints of another run that overwrite=True replaces
+
+    def on_fit_start(self, trainer, state):
+        self._foreign = set()
+        if trainer.is_global_zero and self._lock is None:
+            self._lock = lock_folder(self.dirpath)
+        found = {_step(p) for p in list_checkpoints(self.dirpath)} - set(self.saved)
+        if trainer.restored_from is None and found:
+            if not self.overwrite:
+                raise CheckpointError(
+                    f"{self.dirpath} already holds checkpoints (step_{max(found):09d}...) and this fit does not "
+                    f"resume: resume them (--resume, ckpt_path='last'), choose another folder, or replace them "
+                    f"(--overwrite, ModelCheckpoint(overwrite=True))")
+            self._foreign = found
+
+    def release_lock(self) -> None:
+        """Drop the folder lock taken in ``on_fit_start`` (the Trainer calls it when fit ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def step_interval(self) -> int | None:
         return self.every_n_steps
@@ -80,6 +110,7 @@ class ModelCheckpoint(Callback):
         """Save now and prune; the bookkeeping is updated first so the checkpoint records itself."""
         step = trainer.global_step
         before = (list(self.saved), dict(self.scores))
+        owned = set(self.saved) | {step} | self._foreign
         if self.monitor is not None:
             value = trainer.callback_metrics.get(self.monitor)
             if value is not None and math.isfinite(value):
@@ -94,7 +125,8 @@ class ModelCheckpoint(Callback):
             self.saved, self.scores = before
             raise
         if trainer.is_global_zero:  # (in a multi-process run only process 0 touches the folder)
-            prune_checkpoints(self.dirpath, keep)
+            prune_checkpoints(self.dirpath, keep, owned=owned)
+        self._foreign = set()
         return path
 
     @property
@@ -113,3 +145,7 @@ class ModelCheckpoint(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.saved = list(state["saved"])
         self.scores = {int(k): v for k, v in state["scores"].items()}
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("_")[1])

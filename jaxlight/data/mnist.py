@@ -6,7 +6,10 @@ Where the files come from, first match wins:
 2. the ``JAXLIGHT_DATA`` environment variable;
 3. the user cache, ``$XDG_CACHE_HOME/jaxlight`` (default ``~/.cache/jaxlight``).
 
-A root that does not hold the files is skipped, except that an explicit ``data_dir`` must exist.
+An explicit ``data_dir`` is the only root searched: it is used (read, or downloaded into when
+it is an empty folder) or refused (it does not exist, is a file, or holds some of the four files
+but not all), never silently replaced by ``JAXLIGHT_DATA`` or the cache. Without one, a root that
+does not hold the files is skipped.
 
 Each of those is a *root*: the four IDX files may sit in ``<root>/MNIST/raw/`` (the layout
 ``torchvision.datasets.MNIST(root=...)`` reads, so one copy serves both frameworks) or directly
@@ -102,10 +105,11 @@ def default_cache_dir() -> Path:
 
 
 def candidate_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The roots searched for MNIST, in order (see the module docstring)."""
-    roots = []
+    """The roots searched for MNIST, in order (see the module docstring): ``data_dir`` alone
+    when it is given."""
     if data_dir is not None:
-        roots.append(Path(data_dir))
+        return [Path(data_dir)]
+    roots = []
     if os.environ.get(ENV_VAR):
         roots.append(Path(os.environ[ENV_VAR]))
     roots.append(default_cache_dir())
@@ -129,11 +133,22 @@ def _raw_folder_with_all_files(root: Path) -> Path | None:
 def find_mnist(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The folder that holds all four MNIST files, or None when no candidate root does.
 
-    An explicit ``data_dir`` that does not exist is an error, not something to skip: the user
-    named it, so silently reading (or downloading) something else would hide their mistake.
+    An explicit ``data_dir`` is the only place searched, and one that does not exist, is a file,
+    or holds only some of the files is an error, not something to skip: the user named it, so
+    silently reading (or downloading) something else would hide their mistake.
     """
-    if data_dir is not None and not Path(data_dir).exists():
-        raise MNISTError(f"--data-dir {data_dir!s} does not exist")
+    if data_dir is not None:
+        root = Path(data_dir)
+        if not root.exists():
+            raise MNISTError(f"--data-dir {data_dir!s} does not exist")
+        if not root.is_dir():
+            raise MNISTError(f"--data-dir {data_dir!s} is a file, not a folder holding MNIST/raw/")
+        for folder in (root / "MNIST" / "raw", root):
+            present = [name for name in MNIST_FILES if _locate(folder, name)]
+            if present and len(present) < len(MNIST_FILES):
+                missing = [name for name in MNIST_FILES if name not in present]
+                raise MNISTError(f"--data-dir {data_dir!s}: {folder} holds {len(present)} of the 4 MNIST files; "
+                                 f"missing: {', '.join(missing)}")
     for root in candidate_roots(data_dir):
         folder = _raw_folder_with_all_files(root)
         if folder is not None:

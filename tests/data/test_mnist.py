@@ -96,9 +96,9 @@ def test_search_order_argument_then_env_then_cache(isolated, tiny_sums, monkeypa
     assert find_mnist() == isolated / "env" / "MNIST" / "raw"
     monkeypatch.delenv("JAXLIGHT_DATA")
     assert find_mnist() == isolated / "cache" / "jaxlight" / "MNIST" / "raw"
-    # A root that exists but holds nothing is skipped.
+    # An explicit root that holds nothing is not replaced by the env or the cache (issue 11).
     (isolated / "empty").mkdir()
-    assert find_mnist(isolated / "empty") == isolated / "cache" / "jaxlight" / "MNIST" / "raw"
+    assert find_mnist(isolated / "empty") is None
 
 
 def test_missing_explicit_dir_is_an_error(isolated):
@@ -111,7 +111,7 @@ def test_not_found_without_download_says_where_it_looked(isolated):
     with pytest.raises(MNISTError) as err:
         load_mnist(isolated / "empty", download=False)
     message = str(err.value)
-    assert str(isolated / "empty") in message and str(isolated / "cache" / "jaxlight") in message
+    assert str(isolated / "empty") in message and str(isolated / "cache" / "jaxlight") not in message
     assert "--data-dir" in message and "JAXLIGHT_DATA" in message
 
 
