@@ -322,7 +322,9 @@ def check_parity(
         loss_fn, torch_loss_fn = _task_loss_fns(jtask, ttask)
         data_tree = {"x": np.asarray(data.x), "y": np.asarray(data.y)}
     else:
-        data_tree = {"x": np.asarray(data.x), "y": np.asarray(data.y)} if hasattr(data, "x") else data
+        from jaxlight.data.arrays import ArrayDataset
+
+        data_tree = jax.tree.map(np.asarray, data.data if isinstance(data, ArrayDataset) else data)
     leaves = jax.tree.leaves(data_tree)
     n = len(leaves[0])
     if any(len(a) != n for a in leaves):
@@ -592,8 +594,8 @@ class _CoreEngine:
         from jaxlight.data.arrays import prepare_x
         from jaxlight.step import _forward, check_batch
 
-        jb = check_batch(self.state, padded)
-        mask = np.asarray(jb["mask"]) > 0
+        jb, mask = check_batch(self.state, padded)
+        mask = np.asarray(mask) > 0
         if train:
             out = np.asarray(jax.jit(_forward)(self.state.params, self.state, jb["x"])[0])[mask]
         else:
@@ -617,8 +619,9 @@ class _CoreEngine:
 
         grads = None
         if with_grads:
+            jb, mask = check_batch(self.state, padded)
             _, grads = jax.jit(jax.value_and_grad(_loss_fn, has_aux=True))(
-                self.state.params, self.state, check_batch(self.state, padded))
+                self.state.params, self.state, {**jb, "mask": mask})
         self.state, metrics = train_step(self.state, padded)
         return metrics["loss"], grads
 
