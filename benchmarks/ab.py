@@ -1,12 +1,13 @@
-"""A/B one model's training step, baseline against current, interleaved in one process.
+"""A/B one model's training step, each version of it against the current code, in one process.
 
-``python -m benchmarks.ab cnn [--steps 40] [--repeats 7] [--batch-size 64]`` builds the
-model twice with the same weights, the 2f4a885 baseline (``benchmarks.baselines``) and the
-library's current code, and times ``jaxlight.step.train_chunk`` over the same ``--steps``
-batches (one compiled ``lax.scan``, as a fused epoch runs it), alternating A B B A ... so that
-a drifting machine load hits both alike. Prints the median and the minimum ms per step, the
-process CPU time per step, and the load average before and after: on a shared machine the
-minimum and the CPU time are the steadier guides, and only the ratio means anything.
+``python -m benchmarks.ab cnn [--steps 40] [--repeats 7] [--batch-size 64]`` builds the model
+with the same weights in each of its versions, from the 2f4a885 baseline through the
+intermediate stages (``benchmarks.baselines.STAGES``) to the library's current code, and times
+``jaxlight.step.train_chunk`` over the same ``--steps`` batches (one compiled ``lax.scan``, as a
+fused epoch runs it), alternating A B C C B A ... so that a drifting machine load hits all alike.
+Prints the median and the minimum ms per step, the process CPU time per step, and the load
+average before and after: on a shared machine the minimum and the CPU time are the steadier
+guides, and only the ratios mean anything.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    from benchmarks.baselines import build_baseline
+    from benchmarks.baselines import STAGES, build_baseline
     from jaxlight.data import load_mnist
     from jaxlight.models import build_model
     from jaxlight.recipes import recipe_for
@@ -71,15 +72,16 @@ def main(argv=None) -> int:
     train, _ = load_mnist(args.data_dir, download=False)
     data = (jnp.asarray(train.images), jnp.asarray(train.labels.astype("int32")))
     load0 = os.getloadavg()
-    res = time_variants({"baseline 2f4a885": lambda: build_baseline(args.model),
-                         "current": lambda: build_model(args.model)},
+    stages = STAGES.get(args.model, (("2f4a885", None),))
+    builders = {label: (lambda i=i: build_baseline(args.model, stage=i)) for i, (label, _) in enumerate(stages)}
+    res = time_variants({**builders, "current": lambda: build_model(args.model)},
                         args.batch_size, args.steps, args.repeats, recipe_for(args.model).lr, data)
     load1 = os.getloadavg()
     base = None
     for name, (wall, cpu) in res.items():
         med, low, c = statistics.median(wall) * 1e3, min(wall) * 1e3, statistics.median(cpu) * 1e3
         base = base or (med, low, c)
-        print(f"{args.model} B={args.batch_size} {name:18s} median {med:7.2f} ms/step  min {low:7.2f}  "
+        print(f"{args.model} B={args.batch_size} {name:22s} median {med:7.2f} ms/step  min {low:7.2f}  "
               f"cpu {c:7.2f}  (x baseline: median {base[0] / med:.2f}, min {base[1] / low:.2f}, cpu {base[2] / c:.2f})")
     print(f"load average before {tuple(round(v, 2) for v in load0)}, after {tuple(round(v, 2) for v in load1)}, "
           f"{os.cpu_count()} cores")

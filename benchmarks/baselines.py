@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxlight.models import build_model
-from jaxlight.models.cnn import CNN, _conv, max_pool_2x2
+from jaxlight.models.cnn import CNN, _conv, conv2d_nhwc, max_pool_2x2
+from jaxlight.models.rnn import LSTMClassifier
 
-__all__ = ["build_baseline", "BASELINES"]
+__all__ = ["STAGES", "build_baseline"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -63,13 +64,89 @@ class CNN0(CNN):
         return self.fc2(jax.nn.relu(self.fc1(x)))
 
 
-BASELINES = {"cnn": CNN0}
+class CNN1(CNN0):
+    """Step 1 (2e6164e): the kernel gradient as one matmul; still ReLU before the pool."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for conv in (self.conv1, self.conv2):
+            conv.conv_general_dilated = conv2d_nhwc
 
 
-def build_baseline(name: str, seed: int = 0):
-    """The 2f4a885 version of model ``name`` (the current one where nothing changed)."""
+# -- the LSTM of 2f4a885 -------------------------------------------------------------------------
+
+def _cell(gates, c):
+    """One LSTM cell from its pre-activations ``gates (B, 4H)`` (torch's order i, f, g, o)."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    tanh_c = jnp.tanh(c)
+    return o * tanh_c, c, (i, f, g, o, tanh_c)
+
+
+def _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0):
+    def step(carry, gx):
+        h, c = carry
+        h_new, c_new, acts = _cell(gx + (h @ kernel_hh + bias_hh), c)
+        return (h_new, c_new), (h_new, c, acts)
+
+    (_, c), (hs, c_prev, acts) = jax.lax.scan(step, (h0, c0), gates_x)
+    return (hs, c), (kernel_hh, h0, hs, c_prev, acts)
+
+
+def _recurrence_bwd(residuals, cotangents):
+    kernel_hh, h0, hs, c_prev, acts = residuals
+    d_hs, d_c_last = cotangents
+
+    def step(carry, xs):
+        dh, dc = carry
+        dh_out, c_before, (i, f, g, o, tanh_c) = xs
+        dh = dh + dh_out
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate([dc * g * i * (1 - i), dc * c_before * f * (1 - f),
+                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        return (d_gates @ kernel_hh.T, dc * f), d_gates
+
+    (dh0, dc0), d_gates = jax.lax.scan(step, (jnp.zeros_like(h0), d_c_last), (d_hs, c_prev, acts), reverse=True)
+    # The weight gradient of all T steps as one (H, T*B) @ (T*B, 4H) matmul after the loop,
+    # instead of T small matmuls accumulated inside it (what autodiff of the scan emits).
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    d_kernel_hh = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
+    return d_gates, d_kernel_hh, d_gates.sum((0, 1)), dh0, dc0
+
+
+@jax.custom_vjp
+def _lstm_recurrence_0(gates_x, kernel_hh, bias_hh, h0, c0):
+    """2f4a885's ``lstm_recurrence``."""
+    (hs, c), _ = _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0)
+    return hs, c
+
+
+_lstm_recurrence_0.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+
+class LSTM0(LSTMClassifier):
+    """2f4a885's LSTM classifier: batch-major input projection, kernel transposed in the loop."""
+
+    def __call__(self, x):
+        lstm = self.lstm
+        gates_x = x @ lstm.kernel_ih[...] + lstm.bias_ih[...]
+        zeros = jnp.zeros((x.shape[0], lstm.hidden), x.dtype)
+        hs, _ = _lstm_recurrence_0(jnp.swapaxes(gates_x, 0, 1), lstm.kernel_hh[...], lstm.bias_hh[...], zeros, zeros)
+        return self.fc(hs[-1])
+
+
+# The intermediate versions of each model, oldest first: ``benchmarks.ab`` times each against
+# the current code, so every change's share is measured in the same run.
+STAGES = {"cnn": (("2f4a885", CNN0), ("kernel grad as matmul", CNN1)), "lstm": (("2f4a885", LSTM0),)}
+
+
+def build_baseline(name: str, seed: int = 0, stage: int = 0):
+    """Version ``stage`` of model ``name`` from ``STAGES`` (0: as of 2f4a885; the current model
+    where nothing changed)."""
     from flax import nnx
 
-    if name in BASELINES:
-        return BASELINES[name](rngs=nnx.Rngs(params=seed))
+    if name in STAGES:
+        return STAGES[name][stage][1](rngs=nnx.Rngs(params=seed))
     return build_model(name, seed)
