@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlight.models import build_model
-from jaxlight.models.cnn import CNN, _conv, conv2d_nhwc, max_pool_2x2
+from jaxlight.models.cnn import CNN, _conv, max_pool_2x2
 from jaxlight.models.rnn import LSTMClassifier
 
 __all__ = ["STAGES", "build_baseline"]
@@ -62,15 +62,6 @@ class CNN0(CNN):
         x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)
         return self.fc2(jax.nn.relu(self.fc1(x)))
-
-
-class CNN1(CNN0):
-    """Step 1 (2e6164e): the kernel gradient as one matmul; still ReLU before the pool."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for conv in (self.conv1, self.conv2):
-            conv.conv_general_dilated = conv2d_nhwc
 
 
 # -- the LSTM of 2f4a885 -------------------------------------------------------------------------
@@ -139,7 +130,7 @@ class LSTM0(LSTMClassifier):
 
 # The intermediate versions of each model, oldest first: ``benchmarks.ab`` times each against
 # the current code, so every change's share is measured in the same run.
-STAGES = {"cnn": (("2f4a885", CNN0), ("kernel grad as matmul", CNN1)), "lstm": (("2f4a885", LSTM0),)}
+STAGES = {"cnn": (("2f4a885", CNN0),), "lstm": (("2f4a885", LSTM0),)}
 
 
 def build_baseline(name: str, seed: int = 0, stage: int = 0):

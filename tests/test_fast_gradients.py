@@ -155,15 +155,3 @@ def test_max_pool_matches_flax_values_and_gradients(shape):
     loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.arange(pool(x).size).reshape(pool(x).shape)))  # noqa: E731
     np.testing.assert_array_equal(loss(max_pool_2x2)(x), loss(ref)(x))
 
-
-@pytest.mark.parametrize("levels", [3, 1000])
-def test_pool_then_relu_equals_relu_then_pool_bit_for_bit(levels):
-    """The CNN pools before its ReLU (cheaper); torch's order is ReLU first. Integer-valued
-    inputs centred on 0 make exact zeros and ties, the cases where the two could differ."""
-    rng = np.random.default_rng(levels)
-    x = jnp.asarray(rng.integers(-levels, levels, (3, 8, 6, 4)).astype(np.float32))
-    dy = jnp.asarray(rng.normal(size=(3, 4, 3, 4)).astype(np.float32))
-    ours = jax.value_and_grad(lambda x: jnp.sum(jax.nn.relu(max_pool_2x2(x)) * dy))(x)
-    torch_order = jax.value_and_grad(lambda x: jnp.sum(max_pool_2x2(jax.nn.relu(x)) * dy))(x)
-    for a, b in zip(ours, torch_order):
-        np.testing.assert_array_equal(a, b)

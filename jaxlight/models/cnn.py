@@ -181,11 +181,10 @@ class CNN(nnx.Module):
 
     def __call__(self, x):
         x = x[..., None]  # (B, 28, 28, 1)
-        # Pool, then ReLU: a quarter of the ReLU work, forward and backward. The same values and
-        # gradients as torch's ReLU-then-pool, bit for bit: ReLU is monotone, so it commutes with
-        # max, and a window whose max is <= 0 passes no gradient either way (relu'(0) = 0 in
-        # both frameworks); tests/test_fast_gradients.py checks it.
-        x = jax.nn.relu(max_pool_2x2(self.conv1(x)))
-        x = jax.nn.relu(max_pool_2x2(self.conv2(x)))
+        # ReLU before the pool, as torch does. Pooling first would give bit-identical values and
+        # gradients with a quarter of the ReLU work, but it measured slower in a fused epoch, in
+        # CPU time, three times out of three (benchmarks/README.md, "tried and dropped").
+        x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
+        x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)  # (B, 7*7*64) in (H, W, C) order
         return self.fc2(jax.nn.relu(self.fc1(x)))
