@@ -55,6 +55,10 @@ class Settings:
     tta_evals_per_epoch: int = 4
     tta_max_seconds: float | None = None
     seed: int = 0
+    tta_seeds: tuple = (0,)           # time to accuracy: one fresh run per seed, mean ± std
+    throughput: bool = True           # False: time to accuracy only
+    trainer_epochs: int | None = None  # jax_trainer: timed epochs after the first (default: repeats)
+    allow_busy: bool = False          # run on a busy machine anyway (tables marked BUSY MACHINE)
     torch_threads: int | None = None  # None: torch's default (one per core)
     # The recipes' learning rates (jaxlight.recipes: mlp 1e-2, cnn 1e-3, lstm 2e-3), Adam.
     lr: dict = field(default_factory=lambda: {m: recipe_for(m).lr for m in ("mlp", "cnn", "lstm")})
@@ -62,10 +66,11 @@ class Settings:
 
 ALL_TORCH_JAX = ("jax_fused", "jax_step", "torch_dataloader", "torch_memory")
 MODES = {
-    # Sized for a shared 2-core CPU (about 30 minutes): windows of ~1600 samples and at least 1 s,
-    # and time to accuracy capped at 150 s of training per variant (then "not reached").
-    "full": Settings("full", window_samples=1600, tta_max_seconds=150.0,
-                     tta=(("mlp", 0.97, 3, ALL_TORCH_JAX), ("cnn", 0.99, 3, ("jax_fused", "torch_memory")))),
+    # Sized for a 2-core CPU: windows of ~1600 samples and at least 1 s, and time to accuracy
+    # over 3 seeds capped at 150 s of training per run (then "not reached").
+    "full": Settings("full", window_samples=1600, tta_max_seconds=150.0, tta_seeds=(0, 1, 2),
+                     tta=(("mlp", 0.97, 3, ALL_TORCH_JAX + ("lightning",)),
+                          ("cnn", 0.99, 5, ("jax_fused", "torch_memory", "lightning")))),
     "quick": Settings("quick", batch_sizes=(64,), repeats=2, window_samples=1280, peak_n=1024, min_window_s=0.3,
                       tta=(("mlp", 0.97, 1, ("jax_fused", "torch_memory")),)),
     # The smoke test: every variant but torch.compile, whose 30-70 s compilation here would
@@ -75,6 +80,34 @@ MODES = {
                      min_window=2, min_window_s=0.0, train_subset=2048, peak_n=256, tta_evals_per_epoch=2,
                      tta=(("mlp", 0.5, 1, ("jax_fused", "torch_memory")),)),
 }
+
+
+BUSY_PER_CORE = 0.5  # a 1-minute load average above this many runnable tasks per core is busy
+BUSY_MARK = "BUSY MACHINE: ratios unreliable"
+
+
+class BusyMachine(RuntimeError):
+    """The machine is too loaded for timings to mean anything; the message says how loaded."""
+
+
+def loadavg() -> tuple[float, float, float]:
+    """``os.getloadavg()``: (1, 5, 15)-minute load averages (a seam for tests)."""
+    return os.getloadavg()
+
+
+def check_load(allow_busy: bool, cores: int | None = None, load: tuple | None = None) -> dict:
+    """Refuse to benchmark a busy machine: raises :class:`BusyMachine` when the 1-minute load
+    average exceeds ``BUSY_PER_CORE`` per core, unless ``allow_busy``. Returns ``{"load",
+    "cores", "threshold", "busy"}`` for the results, whose tables are then marked."""
+    cores = cores or os.cpu_count() or 1
+    load = tuple(load if load is not None else loadavg())
+    threshold = BUSY_PER_CORE * cores
+    busy = load[0] > threshold
+    if busy and not allow_busy:
+        raise BusyMachine(f"1-minute load average {load[0]:.2f} > {threshold:.2f} ({BUSY_PER_CORE} x {cores} cores): "
+                          f"other jobs would distort every timing. Wait for a quiet machine, or pass --allow-busy "
+                          f"to run anyway (every table is then marked '{BUSY_MARK}').")
+    return {"load": list(load), "cores": cores, "threshold": threshold, "busy": busy}
 
 
 class PeakRSS:
@@ -137,18 +170,18 @@ def _log(msg: str) -> None:
 
 def _measure_group(settings: Settings, model: str, batch_size: int, data, data_dir, flops: float,
                    peak: float) -> list[dict]:
-    """All variants of one (model, batch size), interleaved."""
+    """All variants of one (model, batch size), interleaved. Each row records the load average
+    before its variant was built, after each of its timed windows, and after its last one."""
     import torch
 
     from benchmarks.variants import Context, Skip, make
 
     ctx = Context(model, batch_size, settings.lr[model], *data, data_dir=data_dir, seed=settings.seed)
     window = max(settings.min_window, min(ctx.num_batches, settings.window_samples // batch_size))
-    rows, live = [], {}
+    rows, live, times = {}, {}, {}
     for name in settings.variants:
-        row = {"model": model, "batch_size": batch_size, "variant": name, "window_steps": window,
-               "status": "ok", "reason": ""}
-        rows.append(row)
+        row = rows[name] = {"model": model, "batch_size": batch_size, "variant": name, "window_steps": window,
+                            "status": "ok", "reason": "", "load_before": list(loadavg()), "load_during": []}
         try:
             cuda = torch.cuda.is_available() and name.startswith(("torch", "lightning"))
             if cuda:
@@ -157,51 +190,76 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
                 t0 = time.perf_counter()
                 variant = make(name, ctx)
                 row["build_s"] = time.perf_counter() - t0
-                # Compilation and warm-up: the first steps (one window for the fused variant,
-                # which compiles the K it will be timed with).
-                row["warmup_s"] = variant.run(window if name in ("jax_fused", "jax_trainer") else settings.warmup_steps)
-                settle_s = variant.run(window)  # settles caches, allocators, thread pools
-            # Windows shorter than min_window_s are mostly scheduler noise on a loaded machine:
-            # time a whole multiple of the compiled window instead.
-            row["timed_steps"] = window * max(1, math.ceil(settings.min_window_s / max(settle_s, 1e-9)))
+                if hasattr(variant, "run_epochs"):
+                    # A whole-epoch runner (the Trainer) is measured in steady state: one fit
+                    # over 1 + n epochs, timed per epoch; the first (compilation) apart.
+                    epochs = variant.run_epochs(1 + (settings.trainer_epochs or settings.repeats))
+                    row.update(warmup_s=epochs[0], first_epoch_s=epochs[0], warmup_steps=ctx.num_batches,
+                               timed_steps=ctx.num_batches, load_during=[list(loadavg())], load_after=list(loadavg()))
+                    times[name] = [t / ctx.num_batches for t in epochs[1:]]
+                else:
+                    # Compilation and warm-up: the first steps (one window for the fused
+                    # variant, which compiles the K it will be timed with).
+                    row["warmup_steps"] = window if name == "jax_fused" else settings.warmup_steps
+                    row["warmup_s"] = variant.run(row["warmup_steps"])
+                    settle_s = variant.run(window)  # settles caches, allocators, thread pools
+                    # Windows shorter than min_window_s are mostly scheduler noise on a loaded
+                    # machine: time a whole multiple of the compiled window instead.
+                    row["timed_steps"] = window * max(1, math.ceil(settings.min_window_s / max(settle_s, 1e-9)))
+                    live[name], times[name] = variant, []
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else mem.mb
             row["peak_mem_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS growth during warm-up"
             jax_stats = _jax_device_stats() if name.startswith("jax") else None
             if jax_stats and "peak_bytes_in_use" in jax_stats:  # accelerators report it; CPU does not
                 row["peak_mem_mb"] = jax_stats["peak_bytes_in_use"] / 2 ** 20
                 row["peak_mem_kind"] = "jax peak_bytes_in_use (high-water of the whole process so far)"
-            live[name] = variant
         except Skip as exc:
             row.update(status="skipped", reason=str(exc))
         except Exception as exc:  # a broken variant is reported, not fatal to the suite
             row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
             traceback.print_exc()
         _log(f"{model} B={batch_size} {name}: {row['status']} {row.get('warmup_s', 0):.1f}s warm-up {row['reason'][:100]}")
-    times = {name: [] for name in live}
     for rep in range(settings.repeats):
         order = list(live) if rep % 2 == 0 else list(reversed(live))  # A B C, C B A: no position bias
         for name in order:
+            row = rows[name]
             try:
-                row = next(r for r in rows if r["variant"] == name)
                 times[name].append(live[name].run(row["timed_steps"]) / row["timed_steps"])
             except Exception as exc:
-                row = next(r for r in rows if r["variant"] == name)
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
-    for row in rows:
-        name = row["variant"]
+            row["load_during"].append(list(loadavg()))
+            row["load_after"] = list(loadavg())
+    for name, row in rows.items():
         if row["status"] != "ok" or not times.get(name):
             continue
         step_s = statistics.median(times[name])
         row.update(step_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
-                   s_per_epoch=step_s * ctx.num_batches, fraction_of_peak=flops / step_s / peak)
-    fused = next((r for r in rows if r["variant"] == "jax_fused" and "samples_per_s" in r), None)
-    for row in rows:
+                   s_per_epoch=step_s * ctx.num_batches, fraction_of_peak=flops / step_s / peak,
+                   # What the first call cost beyond the steady steps it ran: compilation,
+                   # mostly (plus first-touch allocation and thread-pool start-up).
+                   compile_s=max(0.0, row["warmup_s"] - row["warmup_steps"] * step_s))
+    fused = rows.get("jax_fused") if "samples_per_s" in rows.get("jax_fused", {}) else None
+    for row in rows.values():
         if fused and "samples_per_s" in row:
             row["ratio_to_fused"] = row["samples_per_s"] / fused["samples_per_s"]
     live.clear()
     gc.collect()
-    return rows
+    return list(rows.values())
+
+
+def _mark_if_busy(res: dict) -> None:
+    """A run that started quiet but got busy (some 1-minute load above the threshold) is
+    marked too: its tables say so, and ``busy_reason`` says when."""
+    threshold = res["load_check"]["threshold"]
+    seen = [(f"{r['model']} {r['variant']}", l[0]) for r in res["results"] + res["tta"]
+            for l in [r.get("load_before"), *r.get("load_during", []), r.get("load_after")] if l]
+    seen += [("end", res["load_average_at_end"][0])] if res.get("load_average_at_end") else []
+    worst = max(seen, key=lambda s: s[1], default=None)
+    if res["load_check"]["busy"]:
+        res["busy"], res["busy_reason"] = True, f"1-minute load {res['load_check']['load'][0]:.2f} at the start"
+    elif worst and worst[1] > threshold:
+        res["busy"], res["busy_reason"] = True, f"1-minute load {worst[1]:.2f} during {worst[0]}"
 
 
 def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
@@ -212,9 +270,12 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
     from benchmarks.tta import time_to_accuracy
     from benchmarks.variants import Context, Skip
 
-    if settings.torch_threads:
-        import torch
+    import torch
 
+    # Before anything else loads the machine: is it quiet enough to time? (raises BusyMachine)
+    load = check_load(settings.allow_busy)
+    torch_default_threads = torch.get_num_threads()
+    if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     hw = hardware.describe()
     _log(f"hardware {hw}")
@@ -223,18 +284,23 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
     _log(f"matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s")
     res = {"hardware": hw, "versions": hardware.versions(), "peak": peak,
            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()},
-           "command": " ".join(sys.argv), "torch_threads": __import__("torch").get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "flops": {}, "results": [], "tta": []}
-    for model in settings.models:
+           "command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
+           "torch_threads_source": "--torch-threads" if settings.torch_threads else "torch's default",
+           "torch_default_threads": torch_default_threads, "load_check": load, "busy": load["busy"],
+           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "flops": {}, "results": [], "tta": []}
+    for model in settings.models if settings.throughput else ():
         res["flops"][model] = {b: {"xla": flops_mod.step_flops(model, b), "analytic": flops_mod.analytic_flops(model, b)}
                                for b in settings.batch_sizes}
         for b in settings.batch_sizes:
             res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["analytic"],
                                              peak["peak_flops"])
+            _mark_if_busy(res)
             report.write_all(res, out)  # partial results survive an interrupted run
+    # Seed-major (seed 0: A B C, seed 1: A B C, ...): drift in the load hits every variant alike.
     for model, target, max_epochs, names in settings.tta:
-        for name in names:
-            ctx = Context(model, settings.tta_batch_size, settings.lr[model], *data, data_dir=data_dir, seed=settings.seed)
+        for seed, name in ((seed, name) for seed in settings.tta_seeds for name in names):
+            ctx = Context(model, settings.tta_batch_size, settings.lr[model], *data, data_dir=data_dir, seed=seed)
+            load_before = list(loadavg())
             try:
                 t = time_to_accuracy(name, ctx, target, max_epochs, settings.tta_evals_per_epoch, settings.tta_max_seconds)
                 t["status"] = "ok"
@@ -245,10 +311,13 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
                 t = {"variant": name, "model": model, "batch_size": ctx.batch_size, "target": target,
                      "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
+            t.update(seed=seed, load_before=load_before, load_after=list(loadavg()))
             res["tta"].append(t)
-            _log(f"time to {target} {model} {name}: {t.get('seconds')} ({t['status']})")
+            _mark_if_busy(res)
+            _log(f"time to {target} {model} {name} seed {seed}: {t.get('seconds')} ({t['status']})")
             report.write_all(res, out)
-    res["load_average_at_end"] = list(os.getloadavg())
+    res["load_average_at_end"] = list(loadavg())
+    _mark_if_busy(res)
     end_peak = hardware.matmul_peak(settings.peak_n)
     res["peak_at_end"] = end_peak
     if end_peak["peak_flops"] > peak["peak_flops"]:  # the less loaded snapshot is the ceiling
@@ -278,6 +347,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tta-batch-size", type=int, default=None)
     parser.add_argument("--tta-evals-per-epoch", type=int, default=None)
     parser.add_argument("--lr", default=None, help="learning rates instead of the recipes', e.g. mlp=0.001,cnn=0.002")
+    parser.add_argument("--seeds", default=None, help="time to accuracy over these seeds, e.g. 0,1,2 (mean ± std)")
+    parser.add_argument("--tta-only", action="store_true", help="skip the throughput tables: time to accuracy only")
+    parser.add_argument("--trainer-epochs", type=int, default=None,
+                        help="jax_trainer: epochs timed after its first (default: --repeats)")
+    parser.add_argument("--allow-busy", action="store_true",
+                        help=f"run although the 1-minute load average exceeds {BUSY_PER_CORE} per core; "
+                             f"every table is then marked '{BUSY_MARK}'")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own); on a shared, oversubscribed CPU "
                              "torch's OpenMP barriers stall, and 1 thread is faster")
@@ -299,7 +375,17 @@ def main(argv=None) -> int:
         bad = set(overrides["variants"]) - set(VARIANTS)
         if bad:
             parser.error(f"--variants: unknown {sorted(bad)}; choose from {', '.join(VARIANTS)}")
-    for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads"):
+    if args.seeds:
+        try:
+            overrides["tta_seeds"] = tuple(int(v) for v in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds: cannot read {args.seeds!r}; expected e.g. 0,1,2")
+    if args.tta_only:
+        overrides["throughput"] = False
+    if args.allow_busy:
+        overrides["allow_busy"] = True
+    for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads",
+                "trainer_epochs"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.tta:
@@ -324,7 +410,11 @@ def main(argv=None) -> int:
     from benchmarks import hardware
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / hardware.hardware_slug(hardware.describe())
-    res = run(settings, out, args.data_dir)
+    try:
+        res = run(settings, out, args.data_dir)
+    except BusyMachine as exc:
+        print(f"refusing to benchmark: {exc}", file=sys.stderr)
+        return 3
     from benchmarks.report import markdown
 
     print(markdown(res))

@@ -129,27 +129,52 @@ class JaxStep(_Jax):
 
 
 class JaxTrainer(_Jax):
-    """``Trainer.fit`` for ``steps`` more steps, no validation, no progress bar: what a user of
-    the Trainer pays on top of the fused chunks (host callbacks between chunks)."""
+    """``Trainer.fit`` in steady state: one Trainer, one ``fit`` over whole epochs, each epoch
+    timed by a callback (``run_epochs``); no validation, no progress bar. What a user of the
+    Trainer pays per epoch on top of the fused chunks, with the first epoch (compilation)
+    reported apart. ``run(steps)`` (time to accuracy) fits ``steps`` more steps with a new
+    Trainer, setup included, as a user resuming would."""
 
     def __init__(self, ctx: Context):
         try:
+            from jaxlight.callbacks import Callback
             from jaxlight.trainer import Trainer, TrainerConfig
         except ImportError as exc:
             raise Skip(f"jaxlight.trainer is not in this checkout ({exc})") from None
         super().__init__(ctx)
-        self.Trainer, self.TrainerConfig = Trainer, TrainerConfig
+        self.Trainer, self.TrainerConfig, self.Callback = Trainer, TrainerConfig, Callback
 
-    k = None  # steps_per_execution: set by the first call (the one that compiles), kept after
+    def _config(self, **kw):
+        return self.TrainerConfig(batch_size=self.ctx.batch_size, val_every_n_epochs=None,
+                                  enable_progress_bar=False, handle_sigterm=False, **kw)
+
+    def run_epochs(self, epochs: int) -> list[float]:
+        """Seconds of each of ``epochs`` epochs of one ``fit`` (each ends synchronised)."""
+        jax = self.jax
+
+        class EpochClock(self.Callback):
+            def __init__(self):
+                self.stamps = []
+
+            def on_fit_start(self, trainer, state):
+                self.stamps.append(time.perf_counter())
+
+            def on_epoch_end(self, trainer, state, metrics):
+                jax.block_until_ready(state.params)
+                self.stamps.append(time.perf_counter())
+
+        clock = EpochClock()
+        done = int(self.state.step)
+        self.state = self.Trainer(self._config(max_epochs=epochs), callbacks=[clock]).fit(self.state, self.train)
+        if int(self.state.step) != done + epochs * self.ctx.num_batches or len(clock.stamps) != epochs + 1:
+            raise RuntimeError(f"Trainer.fit ran {int(self.state.step) - done} steps in {len(clock.stamps) - 1} "
+                               f"epochs, asked for {epochs} epochs of {self.ctx.num_batches}")
+        return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
     def run(self, steps: int) -> float:
-        self.k = self.k or min(steps, self.ctx.num_batches)
         done = int(self.state.step)
-        config = self.TrainerConfig(max_epochs=10 ** 6, max_steps=done + steps, batch_size=self.ctx.batch_size,
-                                    steps_per_execution=self.k,
-                                    val_every_n_epochs=None, enable_progress_bar=False, handle_sigterm=False)
         t0 = time.perf_counter()
-        self.state = self.Trainer(config).fit(self.state, self.train)
+        self.state = self.Trainer(self._config(max_epochs=10 ** 6, max_steps=done + steps)).fit(self.state, self.train)
         self.jax.block_until_ready(self.state.params)
         elapsed = time.perf_counter() - t0
         if int(self.state.step) != done + steps:
@@ -325,6 +350,53 @@ class Lightning(_Torch):
             self.first = False
             return clock.stamps[-1] - t0
         return clock.stamps[-1] - clock.stamps[0]
+
+    def fit_to_accuracy(self, target: float, max_epochs: float, every: int, max_seconds: float | None,
+                        t0: float) -> dict:
+        """Time to accuracy as a Lightning user gets it: one ``Trainer.fit``, the test accuracy
+        measured every ``every`` batches by a callback that pauses the clock while it evaluates
+        and stops the fit once ``target`` is reached. ``t0``: when the clock started (before
+        the variant was built). Returns what ``benchmarks.tta.time_to_accuracy`` returns."""
+        import logging
+        import warnings
+
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        variant, nb = self, self.ctx.num_batches
+        first_batch = {}
+
+        class Eval(self.L.Callback):
+            def __init__(self):
+                self.paused, self.curve, self.steps, self.reached = 0.0, [], 0, None
+
+            def on_train_batch_end(self, trainer, *args):
+                self.steps += 1
+                first_batch.setdefault("t", time.perf_counter())
+                if self.steps % every and self.steps % nb:  # evaluate every `every` and at epoch ends
+                    return
+                now = time.perf_counter()
+                elapsed = now - t0 - self.paused  # training time so far: earlier evaluations excluded
+                acc = variant.accuracy()
+                self.paused += time.perf_counter() - now
+                self.curve.append([elapsed, self.steps, acc])
+                if acc >= target:
+                    self.reached = elapsed
+                    trainer.should_stop = True
+                elif max_seconds is not None and elapsed > max_seconds:
+                    trainer.should_stop = True
+
+        cb = Eval()
+        trainer = self.L.Trainer(max_steps=int(max_epochs * nb), accelerator="gpu" if self.device == "cuda" else "cpu",
+                                 devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=[cb], num_sanity_val_steps=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(self.module, self.loader)
+        # Compilation has no analogue here; Trainer setup up to the first batch is the "compile" share.
+        compile_s = first_batch.get("t", t0) - t0
+        return {"reached": cb.reached is not None, "seconds": cb.reached, "compile_s": compile_s,
+                "train_s": None if cb.reached is None else cb.reached - compile_s, "steps": cb.steps,
+                "epochs": cb.steps / nb, "curve": cb.curve}
 
 
 _CLASSES = {"jax_fused": JaxFused, "jax_step": JaxStep, "jax_trainer": JaxTrainer,

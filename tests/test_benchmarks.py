@@ -12,7 +12,9 @@ from _support import ROOT, run_module
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("bench")
-    proc = run_module("benchmarks.run", "--tiny", "--out", str(out), "--data-dir", str(data_dir), timeout=900)
+    # --allow-busy: the test machine is shared; whether it was busy is recorded and checked below.
+    proc = run_module("benchmarks.run", "--tiny", "--allow-busy", "--out", str(out), "--data-dir", str(data_dir),
+                      timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
 
@@ -45,6 +47,20 @@ def test_trainer_variant_runs_or_says_why(tiny_run):
     _, res = tiny_run
     row = next(r for r in res["results"] if r["variant"] == "jax_trainer")
     assert row["status"] == "ok" or (row["status"] == "skipped" and "jaxlight.trainer" in row["reason"])
+    if row["status"] == "ok":  # steady state: one fit, the first epoch apart, then one timing per epoch
+        assert row["first_epoch_s"] > 0 and len(row["step_seconds"]) == res["settings"]["repeats"]
+
+
+@pytest.mark.slow
+def test_tiny_run_records_the_load_and_marks_a_busy_run(tiny_run):
+    out, res = tiny_run
+    assert res["load_check"]["threshold"] == 0.5 * res["load_check"]["cores"]
+    for row in res["results"]:
+        if row["status"] == "ok":
+            assert len(row["load_before"]) == 3 and row["load_during"] and len(row["load_after"]) == 3
+    assert ("BUSY MACHINE: ratios unreliable" in (out / "results.md").read_text()) == res["busy"]
+    assert res["torch_threads_source"] == "torch's default" and f"torch threads: {res['torch_threads']}" in \
+        (out / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -79,3 +95,60 @@ def test_committed_results_are_readable():
 
     for path in (ROOT / "benchmarks" / "results").glob("*/results.json"):
         assert "| model | batch |" in markdown(json.loads(path.read_text())), path
+
+
+# -- the busy-machine guard, with simulated load averages ----------------------------------------
+
+@pytest.mark.parametrize("load,cores,busy", [((0.9, 3.0, 3.0), 2, False), ((1.01, 0.1, 0.1), 2, True),
+                                             ((3.9, 0, 0), 8, False), ((4.5, 0, 0), 8, True)])
+def test_load_guard_refuses_above_half_a_task_per_core(load, cores, busy):
+    from benchmarks.run import BusyMachine, check_load
+
+    if busy:
+        with pytest.raises(BusyMachine, match="--allow-busy"):
+            check_load(False, cores, load)
+    else:
+        assert check_load(False, cores, load)["busy"] is False
+    assert check_load(True, cores, load)["busy"] is busy  # allowed: runs, and says so
+
+
+def test_busy_machine_refuses_before_doing_anything(monkeypatch, tmp_path, capsys):
+    import benchmarks.run as bench
+
+    monkeypatch.setattr(bench, "loadavg", lambda: (12.0, 11.0, 10.0))
+    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 3
+    assert "refusing to benchmark" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def _fake_results(busy_at_start: bool, load_during: float) -> dict:
+    load = [2.5 if busy_at_start else 0.3, 0.3, 0.3]
+    row = {"model": "mlp", "batch_size": 64, "status": "ok", "reason": "", "samples_per_s": 1000.0, "s_per_epoch": 1.0,
+           "fraction_of_peak": 0.5, "warmup_s": 1.0, "compile_s": 0.5, "load_before": load,
+           "load_during": [[load_during, 0.3, 0.3]], "load_after": load}
+    tta = {"model": "mlp", "batch_size": 64, "target": 0.97, "status": "ok", "reached": True, "seconds": 5.0,
+           "compile_s": 1.0, "train_s": 4.0, "epochs": 1.0, "curve": [[5.0, 938, 0.97]], "seed": 0,
+           "load_before": load, "load_after": load}
+    return {"hardware": {"device": "cpu", "cpu": "fake", "cores": 2, "backend": "cpu", "load_average_at_start": load},
+            "peak": {"peak_flops": 1e11, "jax_flops": 1e11, "torch_flops": 1e11, "n": 256},
+            "settings": {"mode": "tiny", "repeats": 1, "lr": {}}, "torch_threads": 2,
+            "torch_threads_source": "torch's default",
+            "load_check": {"load": load, "cores": 2, "threshold": 1.0, "busy": busy_at_start}, "busy": busy_at_start,
+            "results": [{**row, "variant": "jax_fused", "ratio_to_fused": 1.0},
+                        {**row, "variant": "torch_memory", "samples_per_s": 250.0, "ratio_to_fused": 0.25}],
+            "tta": [{**tta, "variant": "jax_fused"}, {**tta, "variant": "torch_memory", "seed": 1}]}
+
+
+@pytest.mark.parametrize("busy_at_start,load_during,marked", [(False, 0.4, False), (True, 0.4, True),
+                                                               (False, 1.7, True)])
+def test_every_table_of_a_busy_run_is_marked(busy_at_start, load_during, marked):
+    """Busy at the start (run with --allow-busy), or busy at some point during the run."""
+    from benchmarks.report import markdown
+    from benchmarks.run import _mark_if_busy
+
+    res = _fake_results(busy_at_start, load_during)
+    _mark_if_busy(res)
+    text = markdown(res)
+    tables = text.count("\n| model |")
+    assert tables == 4  # throughput, targets, time to accuracy summary and runs
+    assert text.count("BUSY MACHINE: ratios unreliable") == (tables if marked else 0)
+    assert res["busy"] is marked

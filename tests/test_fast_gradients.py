@@ -21,27 +21,38 @@ def _loss(conv, x, k, padding, strides=(1, 1)):
     return jnp.sum(jnp.sin(y))
 
 
+def _float64(fn, *args):
+    """``fn(*args)`` in float64: the reference the float32 sums are measured against."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        return jax.tree.map(np.asarray, jax.jit(fn)(*(np.asarray(a, np.float64) for a in args)))
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 @pytest.mark.parametrize("shape,kernel,padding", [
     ((4, 28, 28, 1), (3, 3, 1, 8), ((1, 1), (1, 1))),
     ((3, 14, 14, 8), (3, 3, 8, 16), ((1, 1), (1, 1))),
     ((2, 9, 7, 3), (5, 3, 3, 4), ((2, 2), (1, 1))),
     ((2, 8, 8, 2), (2, 2, 2, 3), ((0, 1), (1, 0))),
 ])
-def test_forward_and_gradients_match_autodiff(shape, kernel, padding, in_scan=True):
+def test_forward_and_gradients_match_autodiff(shape, kernel, padding):
+    """Inside ``lax.scan`` (the situation the custom gradient exists for), against autodiff in
+    float64. Not against autodiff in float32 inside the scan: XLA:CPU's naive loop nest there
+    sums the kernel gradient over B*H*W terms less accurately (1.6e-4 off float64 for the first
+    case, against 2.5e-5 for the patches matmul)."""
     kx, kk = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, shape)
     k = jax.random.normal(kk, kernel) * 0.3
 
-    def grads(conv):
-        fn = jax.value_and_grad(lambda x, k: _loss(conv, x, k, padding), argnums=(0, 1))
-        if in_scan:  # the situation the custom gradient exists for
-            return jax.lax.scan(lambda c, _: (c, fn(x, k)), None, None, length=2)[1]
-        return fn(x, k)
+    def grads(conv, x, k):
+        return jax.value_and_grad(lambda x, k: _loss(conv, x, k, padding), argnums=(0, 1))(x, k)
 
-    ours = jax.jit(lambda: grads(conv2d_nhwc))()
-    ref = jax.jit(lambda: grads(jax.lax.conv_general_dilated))()
+    ours = jax.jit(lambda x, k: jax.lax.scan(lambda c, _: (c, grads(conv2d_nhwc, x, k)), None, None, length=2)[1])(x, k)
+    ref = _float64(lambda x, k: grads(jax.lax.conv_general_dilated, x, k), x, k)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+        for step in range(2):
+            np.testing.assert_allclose(a[step], b, rtol=2e-5, atol=5e-5)
 
 
 def test_unsupported_arguments_fall_back_to_lax():
@@ -143,3 +154,4 @@ def test_max_pool_matches_flax_values_and_gradients(shape):
     np.testing.assert_array_equal(max_pool_2x2(x), ref(x))
     loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.arange(pool(x).size).reshape(pool(x).shape)))  # noqa: E731
     np.testing.assert_array_equal(loss(max_pool_2x2)(x), loss(ref)(x))
+

@@ -36,6 +36,9 @@ def _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0):
 def _recurrence_bwd(residuals, cotangents):
     kernel_hh, h0, hs, c_prev, acts = residuals
     d_hs, d_c_last = cotangents
+    # kernel_hh.T materialised once, outside the loop; inside it the dot would otherwise take
+    # the transposed operand (and repack it) at every one of the T steps.
+    kernel_hh_t = jax.lax.optimization_barrier(kernel_hh.T)
 
     def step(carry, xs):
         dh, dc = carry
@@ -44,7 +47,7 @@ def _recurrence_bwd(residuals, cotangents):
         dc = dc + dh * o * (1 - tanh_c * tanh_c)
         d_gates = jnp.concatenate([dc * g * i * (1 - i), dc * c_before * f * (1 - f),
                                    dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
-        return (d_gates @ kernel_hh.T, dc * f), d_gates
+        return (d_gates @ kernel_hh_t, dc * f), d_gates
 
     (dh0, dc0), d_gates = jax.lax.scan(step, (jnp.zeros_like(h0), d_c_last), (d_hs, c_prev, acts), reverse=True)
     # The weight gradient of all T steps as one (H, T*B) @ (T*B, 4H) matmul after the loop,
@@ -88,9 +91,11 @@ class LSTM(nnx.Module):
     (``bias_ih``, ``bias_hh``), so conversion round-trips exactly and the parameter count equals
     PyTorch's. The 4H columns are the gates in PyTorch's order: input, forget, cell (g), output.
 
-    Speed: the input projection of all T steps is one ``(B*T, in) @ (in, 4H)`` matmul outside
-    the recurrence; only ``h @ kernel_hh`` stays inside the ``lax.scan``, and the backward pass
-    (``lstm_recurrence``) keeps only ``d_gates @ kernel_hh.T`` inside its loop.
+    Speed: the input projection of all T steps is one ``(T*B, in) @ (in, 4H)`` matmul outside
+    the recurrence, time-major so that the scan reads it without a transpose; only
+    ``h @ kernel_hh`` stays inside the ``lax.scan``, and the backward pass
+    (``lstm_recurrence``) keeps only ``d_gates @ kernel_hh.T`` (transposed once, before the
+    loop) inside its loop.
     """
 
     def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
@@ -104,10 +109,12 @@ class LSTM(nnx.Module):
     def __call__(self, x):
         """``x: (B, T, in)`` -> ``(outputs (B, T, H), (h_T, c_T))``."""
         batch = x.shape[0]
+        # Time-major from the start: swapping the small input (B, T, in) instead of the
+        # projection (B, T, 4H) saves a transpose of 4H/in times the data, forward and backward.
         # PyTorch adds the two biases to the two products separately; same sum, same order.
-        gates_x = x @ self.kernel_ih[...] + self.bias_ih[...]  # (B, T, 4H)
+        gates_x = jnp.swapaxes(x, 0, 1) @ self.kernel_ih[...] + self.bias_ih[...]  # (T, B, 4H)
         zeros = jnp.zeros((batch, self.hidden), x.dtype)
-        hs, c = lstm_recurrence(jnp.swapaxes(gates_x, 0, 1), self.kernel_hh[...], self.bias_hh[...], zeros, zeros)
+        hs, c = lstm_recurrence(gates_x, self.kernel_hh[...], self.bias_hh[...], zeros, zeros)
         h = hs[-1]
         return jnp.swapaxes(hs, 0, 1), (h, c)
 

@@ -1,0 +1,143 @@
+"""The CNN and LSTM as they were before issue 12's speed work (commit 2f4a885), kept so that
+every speed change can be measured against its baseline in the same process
+(``python -m benchmarks.ab``). Same parameters, names and initialisation as the library's
+models; only the compiled code differs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlight.models import build_model
+from jaxlight.models.cnn import CNN, _conv, max_pool_2x2
+from jaxlight.models.rnn import LSTMClassifier
+
+__all__ = ["STAGES", "build_baseline"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d(x, kernel, padding):
+    return _conv(x, kernel, padding)
+
+
+def _conv2d_fwd(x, kernel, padding):
+    return _conv(x, kernel, padding), (x, kernel)
+
+
+def _conv2d_bwd(padding, residuals, dy):
+    """2f4a885: the kernel gradient as a convolution in XLA:CPU's fast layout (transposes
+    around it, kept apart by optimization barriers)."""
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    back_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+    flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    dx = _conv(dy, flipped, back_pad)
+    xt, dyt = jax.lax.optimization_barrier((jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3))))
+    dk = _conv(xt, dyt, padding)
+    return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv2d_transposed_layout(lhs, rhs, window_strides, padding, **kwargs):
+    """The 2f4a885 ``conv2d_nhwc`` for the CNN's case (stride 1, NHWC, explicit pads)."""
+    return _conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
+
+
+class CNN0(CNN):
+    """2f4a885's CNN: ReLU before the pool, the transposed-layout kernel gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for conv in (self.conv1, self.conv2):
+            conv.conv_general_dilated = conv2d_transposed_layout
+
+    def __call__(self, x):
+        x = x[..., None]
+        x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
+        x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
+        x = x.reshape(x.shape[0], -1)
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+# -- the LSTM of 2f4a885 -------------------------------------------------------------------------
+
+def _cell(gates, c):
+    """One LSTM cell from its pre-activations ``gates (B, 4H)`` (torch's order i, f, g, o)."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    tanh_c = jnp.tanh(c)
+    return o * tanh_c, c, (i, f, g, o, tanh_c)
+
+
+def _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0):
+    def step(carry, gx):
+        h, c = carry
+        h_new, c_new, acts = _cell(gx + (h @ kernel_hh + bias_hh), c)
+        return (h_new, c_new), (h_new, c, acts)
+
+    (_, c), (hs, c_prev, acts) = jax.lax.scan(step, (h0, c0), gates_x)
+    return (hs, c), (kernel_hh, h0, hs, c_prev, acts)
+
+
+def _recurrence_bwd(residuals, cotangents):
+    kernel_hh, h0, hs, c_prev, acts = residuals
+    d_hs, d_c_last = cotangents
+
+    def step(carry, xs):
+        dh, dc = carry
+        dh_out, c_before, (i, f, g, o, tanh_c) = xs
+        dh = dh + dh_out
+        dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate([dc * g * i * (1 - i), dc * c_before * f * (1 - f),
+                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+        return (d_gates @ kernel_hh.T, dc * f), d_gates
+
+    (dh0, dc0), d_gates = jax.lax.scan(step, (jnp.zeros_like(h0), d_c_last), (d_hs, c_prev, acts), reverse=True)
+    # The weight gradient of all T steps as one (H, T*B) @ (T*B, 4H) matmul after the loop,
+    # instead of T small matmuls accumulated inside it (what autodiff of the scan emits).
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    d_kernel_hh = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
+    return d_gates, d_kernel_hh, d_gates.sum((0, 1)), dh0, dc0
+
+
+@jax.custom_vjp
+def _lstm_recurrence_0(gates_x, kernel_hh, bias_hh, h0, c0):
+    """2f4a885's ``lstm_recurrence``."""
+    (hs, c), _ = _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0)
+    return hs, c
+
+
+_lstm_recurrence_0.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+
+class LSTM0(LSTMClassifier):
+    """2f4a885's LSTM classifier: batch-major input projection, kernel transposed in the loop."""
+
+    def __call__(self, x):
+        lstm = self.lstm
+        gates_x = x @ lstm.kernel_ih[...] + lstm.bias_ih[...]
+        zeros = jnp.zeros((x.shape[0], lstm.hidden), x.dtype)
+        hs, _ = _lstm_recurrence_0(jnp.swapaxes(gates_x, 0, 1), lstm.kernel_hh[...], lstm.bias_hh[...], zeros, zeros)
+        return self.fc(hs[-1])
+
+
+# The intermediate versions of each model, oldest first: ``benchmarks.ab`` times each against
+# the current code, so every change's share is measured in the same run.
+STAGES = {"cnn": (("2f4a885", CNN0),), "lstm": (("2f4a885", LSTM0),)}
+
+
+def build_baseline(name: str, seed: int = 0, stage: int = 0):
+    """Version ``stage`` of model ``name`` from ``STAGES`` (0: as of 2f4a885; the current model
+    where nothing changed)."""
+    from flax import nnx
+
+    if name in STAGES:
+        return STAGES[name][stage][1](rngs=nnx.Rngs(params=seed))
+    return build_model(name, seed)
