@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlight import build_model, create_train_state, make_optimizer, tasks
-from jaxlight.step import _train_step
+from jaxlight.step import apply_train_step
 
 __all__ = ["step_flops", "analytic_flops"]
 
@@ -21,9 +21,9 @@ __all__ = ["step_flops", "analytic_flops"]
 def step_flops(model: str, batch_size: int) -> float:
     """XLA's FLOP count of one ``train_step`` (forward, backward, Adam) at ``batch_size``."""
     state = create_train_state(build_model(model), make_optimizer("adam", 1e-3), tasks.multiclass())
-    batch = {"x": jnp.zeros((batch_size, 28, 28), jnp.uint8), "y": jnp.zeros((batch_size,), jnp.int32),
-             "mask": jnp.ones((batch_size,), jnp.float32)}
-    cost = jax.jit(_train_step).lower(state, batch).compile().cost_analysis()
+    batch = {"x": jnp.zeros((batch_size, 28, 28), jnp.uint8), "y": jnp.zeros((batch_size,), jnp.int32)}
+    mask = jnp.ones((batch_size,), jnp.float32)
+    cost = jax.jit(apply_train_step).lower(state, batch, mask).compile().cost_analysis()
     if isinstance(cost, list):  # older jax returned one dict per program
         cost = cost[0]
     return float(cost.get("flops", 0.0))

@@ -57,7 +57,7 @@ def hand_loop(state, data, epochs, batch_size, k, first_epoch=0):
         idx, mask = batch_indices(jax.random.fold_in(state.rng, epoch), len(data), batch_size, True)
         chunks = []
         for start in range(0, nb, k):
-            state, m = train_chunk(state, data.x, data.y, idx, mask, min(k, nb - start), start)
+            state, m = train_chunk(state, data.data, idx, mask, min(k, nb - start), start)
             chunks.append(m)
         summarize(jax.tree.map(lambda *m: jax.numpy.concatenate(m), *chunks))  # synchronises
         times.append(time.perf_counter() - t0)

@@ -105,7 +105,7 @@ class JaxFused(_Jax):
             if self.pos >= self.ctx.num_batches or (not self.exact and self.pos + k > self.ctx.num_batches):
                 self._next_epoch()
             k = min(k, self.ctx.num_batches - self.pos)
-            self.state, metrics = train_chunk(self.state, self.train.x, self.train.y, self.idx, self.mask, k, self.pos)
+            self.state, metrics = train_chunk(self.state, self.train.data, self.idx, self.mask, k, self.pos)
             self.pos += k
             steps -= k
         self.jax.block_until_ready(metrics)
@@ -122,7 +122,7 @@ class JaxStep(_Jax):
         for _ in range(steps):
             if self.pos >= self.ctx.num_batches:
                 self._next_epoch()
-            self.state, metrics = train_chunk(self.state, self.train.x, self.train.y, self.idx, self.mask, 1, self.pos)
+            self.state, metrics = train_chunk(self.state, self.train.data, self.idx, self.mask, 1, self.pos)
             self.pos += 1
         self.jax.block_until_ready(metrics)
         return time.perf_counter() - t0
