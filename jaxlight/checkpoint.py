@@ -457,7 +457,7 @@ def load_model(path: str | os.PathLike, model):
                 warnings.warn(f"load_model: skipping {candidate.name}: {exc}", CheckpointWarning, stacklevel=2)
         raise errors[0]
     meta = _verified_meta(path)
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    _, params, _rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)  # as TrainState splits it
     saved = {spec["path"]: (i, spec) for i, spec in enumerate(meta["leaves"])}
     wanted = []
     for field, tree in (("params", params), ("model_state", model_state)):
