@@ -414,9 +414,9 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
             complaint = _complaint(exc)
             if "loss_fn returned" in complaint or "metric" in complaint and "loss_fn" in complaint:
                 raise BatchError(f"{where}: {complaint.split(': ', 1)[1]}") from None
-            culprits = _culprits(batch, str(exc), where)
-            leaves = "; ".join(culprits) if culprits else _describe(batch, where)
-            raise BatchError(f"{where} does not fit the model or the loss in {mode}: {leaves}. The model "
+            culprits = _culprits(batch, str(exc), "batch")
+            leaves = "; ".join(culprits) if culprits else _describe(batch, "batch")
+            raise BatchError(f"{where}: {leaves} does not fit the model or the loss (in {mode}). The model "
                              f"said{_user_frame(exc)}: {complaint}") from None
         del out
 

@@ -94,7 +94,7 @@ class TrainerConfig:
             checkpoints, no loggers (a smoke test of the whole pipeline).
         overfit_batches: n > 0 trains on the first n batches only, unshuffled, and validates
             on them too (a model that cannot overfit them has a bug).
-        handle_sigterm: on SIGTERM, finish the running chunk, save through the first
+        handle_sigterm: on SIGTERM or SIGINT (Ctrl-C), finish the running chunk, save through the first
             ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True). In a
             multi-process run a SIGTERM to any process stops all of them at the same step.
         enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.

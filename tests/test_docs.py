@@ -10,9 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# Pages that other branches write; until they land, a link to one of them is reported as a skip,
-# not a failure. Empty this set once they are merged.
-PENDING = {"docs/reliability.md", "docs/parity-user-models.md"}
 
 # [text](target) and ![alt](target); code spans and fenced blocks are removed first.
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -60,8 +57,6 @@ def test_relative_link_resolves(page, target):
     path, _, anchor = target.partition("#")
     dest = (page.parent / path).resolve() if path else page
     rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
-    if not dest.exists() and rel in PENDING:
-        pytest.skip(f"{rel} is written on another branch")
     assert dest.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
     if anchor and dest.suffix == ".md":
         assert anchor in _anchors(dest), (
