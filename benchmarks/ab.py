@@ -39,14 +39,14 @@ def time_variants(builders: dict, batch_size: int, steps: int, repeats: int, lr:
     states = {name: _state(build(), lr) for name, build in builders.items()}
     for name in states:  # compile, then settle
         for _ in range(2):
-            states[name], m = train_chunk(states[name], x, y, idx, mask, steps, 0)
+            states[name], m = train_chunk(states[name], {"x": x, "y": y}, idx, mask, steps, 0)
             jax.block_until_ready(m)
     out = {name: ([], []) for name in states}
     for rep in range(repeats):
         order = list(states) if rep % 2 == 0 else list(reversed(states))
         for name in order:
             w0, c0 = time.perf_counter(), time.process_time()
-            states[name], m = train_chunk(states[name], x, y, idx, mask, steps, 0)
+            states[name], m = train_chunk(states[name], {"x": x, "y": y}, idx, mask, steps, 0)
             jax.block_until_ready(m)
             out[name][0].append((time.perf_counter() - w0) / steps)
             out[name][1].append((time.process_time() - c0) / steps)
