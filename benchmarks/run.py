@@ -83,6 +83,8 @@ MODES = {
 
 
 BUSY_PER_CORE = 0.5  # a 1-minute load average above this many runnable tasks per core is busy
+# During a run the benchmark itself keeps every core busy (a load of about one per core), so
+# only load beyond that is somebody else's.
 BUSY_MARK = "BUSY MACHINE: ratios unreliable"
 
 
@@ -249,9 +251,11 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
 
 
 def _mark_if_busy(res: dict) -> None:
-    """A run that started quiet but got busy (some 1-minute load above the threshold) is
-    marked too: its tables say so, and ``busy_reason`` says when."""
-    threshold = res["load_check"]["threshold"]
+    """A run that started quiet but got busy is marked too: its tables say so, and
+    ``busy_reason`` says when. During the run the benchmark's own threads load every core, so
+    the threshold there is one task per core (its own) plus ``BUSY_PER_CORE`` per core."""
+    cores = res["load_check"]["cores"]
+    threshold = res["load_check"]["threshold"] + cores
     seen = [(f"{r['model']} {r['variant']}", l[0]) for r in res["results"] + res["tta"]
             for l in [r.get("load_before"), *r.get("load_during", []), r.get("load_after")] if l]
     seen += [("end", res["load_average_at_end"][0])] if res.get("load_average_at_end") else []
