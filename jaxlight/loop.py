@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -168,20 +169,16 @@ class EpochRunner:
             yield from self._stream()
         self.finished = True
 
-    def _indices(self):
-        key = jax.random.fold_in(self.state.rng, self.epoch)
-        return batch_indices(key, len(self.data), self.batch_size, self.shuffle)
-
     def _arrays(self):
-        idx, mask = self._indices()
+        key = jax.random.fold_in(self.state.rng, self.epoch) if self.shuffle else None
         strategy, state = self.strategy, self.state
         on_device = self.data.on_device
         if on_device:
             data = strategy.prepare_data(self.data).data
-            idx, mask = strategy.prepare_indices(idx, mask)
-        else:  # host-resident: gather each step's rows (this process's only) and stream them
-            rows = strategy.process_rows(self.batch_size)
-            idx, mask = np.asarray(idx)[:, rows], np.asarray(mask)[:, rows]
+            idx, mask = strategy.prepare_indices(*batch_indices(
+                key if key is not None else jax.random.key(0), len(self.data), self.batch_size, self.shuffle))
+        else:  # host-resident: this process's rows of each step, gathered and streamed
+            host = strategy.iterate_batches(self.data, self.batch_size, key, start=self.position)
         while self.position < self.num_batches:
             steps = self._length()
             if on_device:
@@ -199,8 +196,8 @@ class EpochRunner:
                 metrics = out[0] if len(out) == 1 else _stack(out, concat=True)
             else:
                 out = []
-                for b in range(self.position, self.position + steps):
-                    state, m = strategy.train_step(state, jax.tree.map(lambda a: a[idx[b]], self.data.data), mask[b])
+                for batch, mask in itertools.islice(host, steps):
+                    state, m = strategy.train_step(state, batch, mask)
                     out.append(m)
                 metrics = _stack(out, concat=False)
             self.position += steps
@@ -291,13 +288,11 @@ def evaluate(state: TrainState, data, batch_size: int = 1000,
     if isinstance(data, Batches):
         return summarize(_stack([strategy.eval_step(state, b, m) for b, m in data.epoch()], concat=False))
     batch_size = strategy.eval_batch_size(batch_size)
+    if not data.on_device:
+        return summarize(_stack([strategy.eval_step(state, b, m)
+                                 for b, m in strategy.iterate_batches(data, batch_size, None)], concat=False))
     nb = num_batches(len(data), batch_size)
     idx, mask = batch_indices(jax.random.key(0), len(data), batch_size, False)
-    if not data.on_device:
-        rows = strategy.process_rows(batch_size)
-        idx, mask = np.asarray(idx)[:, rows], np.asarray(mask)[:, rows]
-        return summarize(_stack([strategy.eval_step(state, jax.tree.map(lambda a: a[i], data.data), m)
-                                 for i, m in zip(idx, mask)], concat=False))
     data = strategy.prepare_data(data)
     k = steps_per_call or default_steps_per_call(state, nb)
     idx, mask = strategy.prepare_indices(idx, mask)

@@ -300,18 +300,20 @@ class Strategy:
         """The rows of a global batch that this process feeds (all of them in one process)."""
         return slice(0, batch_size)
 
-    def iterate_batches(self, data: ArrayDataset, batch_size: int, key: jax.Array | None) -> Iterator[tuple]:
+    def iterate_batches(self, data: ArrayDataset, batch_size: int, key: jax.Array | None,
+                        start: int = 0) -> Iterator[tuple]:
         """This process's part of each global batch, gathered from host memory: ``(batch, mask)``.
 
-        Same order as :func:`jaxlight.data.iterate_batches` (``key=None``: stored order). Only
-        the rows this process feeds are read from ``data``, so a leaf can be a
-        ``numpy.memmap`` of a dataset bigger than memory.
+        Same order as :func:`jaxlight.data.iterate_batches` (``key=None``: stored order), from
+        batch ``start`` on (a resumed epoch reads nothing before it). Only the rows this process
+        feeds are read from ``data``, so a leaf can be a ``numpy.memmap`` of a dataset bigger
+        than memory.
         """
         n = len(data)
         idx, mask = batch_indices(key if key is not None else jax.random.key(0), n, batch_size,
                                   key is not None)
         rows = self.process_rows(batch_size)
-        for bi, bm in zip(np.asarray(idx)[:, rows], np.asarray(mask)[:, rows]):
+        for bi, bm in zip(np.asarray(idx)[start:, rows], np.asarray(mask)[start:, rows]):
             yield jax.tree.map(lambda a: a[bi], data.data), bm
 
     def _checked(self, state, batch, mask):

@@ -184,6 +184,16 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def _model(state: TrainState, train: bool, params=None, rng_state=None):
+    """The live module inside a step: train- or eval-mode graph, ``params`` (default the
+    state's) cast to the compute dtype, fresh Variables at this trace level (``copy=True``, or
+    BatchNorm could not write its statistics under ``jax.grad``)."""
+    params = state.params if params is None else params
+    rng_state = state.rng_state if rng_state is None else rng_state
+    return nnx.merge(state.graphdef if train else state.eval_graphdef, _cast(params, state.compute_dtype),
+                     rng_state, state.model_state, copy=True)
+
+
 def _step_rng_state(state: TrainState, axis_name):
     """The model's RNG streams for this step: keys from (seed, step[, device]), counts 0."""
     leaves, treedef = jax.tree.flatten(state.rng_state)
@@ -220,8 +230,7 @@ def _reduce(losses, metrics, mask, axis_name):
 
 def _loss_for_grad(params, state: TrainState, batch, mask, axis_name):
     dtype = state.compute_dtype
-    model = nnx.merge(state.graphdef, _cast(params, dtype), _step_rng_state(state, axis_name),
-                      state.model_state, copy=True)
+    model = _model(state, True, params, _step_rng_state(state, axis_name))
     with _running_loss(mask, axis_name, dtype):
         losses, metrics = _call_loss(state, model, _cast(batch, dtype), mask)
     loss, metrics = _reduce(losses, metrics, mask, axis_name)
@@ -253,8 +262,7 @@ def apply_train_step(state: TrainState, batch, mask, axis_name: str | None = Non
 
 def apply_eval_step(state: TrainState, batch, mask, axis_name: str | None = None) -> dict:
     """The loss and metrics of the eval-mode model on one batch, pure; nothing is updated."""
-    model = state.module(train=False) if state.compute_dtype is None else nnx.merge(
-        state.eval_graphdef, _cast(state.params, state.compute_dtype), state.rng_state, state.model_state, copy=True)
+    model = _model(state, False)
     with _running_loss(mask, axis_name, state.compute_dtype):
         losses, metrics = _call_loss(state, model, _cast(batch, state.compute_dtype), mask)
     return _reduce(losses, metrics, mask, axis_name)[1]
@@ -268,7 +276,7 @@ def apply_predict(state: TrainState, batch, predict_fn=None):
     ``loss_fn`` must run on the batch: give ``predict_fn`` for batches without labels).
     """
     dtype = state.compute_dtype
-    model = nnx.merge(state.eval_graphdef, _cast(state.params, dtype), state.rng_state, state.model_state, copy=True)
+    model = _model(state, False)
     batch = _cast(batch, dtype)
     with _running_loss(jnp.ones((_batch_size(batch),), jnp.float32), None, dtype):
         if predict_fn is not None:
@@ -407,18 +415,14 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
     """
     for apply, mode in ((apply_train_step, "training"), (apply_eval_step, "evaluation")):
         try:
-            out = jax.eval_shape(lambda s, b, m: apply(s, b, m), state, batch, mask)
-        except BatchError:
+            jax.eval_shape(lambda s, b, m: apply(s, b, m), state, batch, mask)
+        except BatchError:  # the loss contract (_check_loss_outputs), already one line
             raise
         except Exception as exc:  # the user's model or loss: name it, do not bury it
-            complaint = _complaint(exc)
-            if "loss_fn returned" in complaint or "metric" in complaint and "loss_fn" in complaint:
-                raise BatchError(f"{where}: {complaint.split(': ', 1)[1]}") from None
             culprits = _culprits(batch, str(exc), "batch")
             leaves = "; ".join(culprits) if culprits else _describe(batch, "batch")
             raise BatchError(f"{where}: {leaves} does not fit the model or the loss (in {mode}). The model "
-                             f"said{_user_frame(exc)}: {complaint}") from None
-        del out
+                             f"said{_user_frame(exc)}: {_complaint(exc)}") from None
 
 
 def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
@@ -452,7 +456,7 @@ def _call_loss(state: TrainState, model, batch, mask):
 def _forward(params, state: TrainState, x):
     """``(outputs, model_state)`` of the train-mode model on inputs ``x`` (a built-in task's
     ``batch["x"]``), differentiable in ``params``: for parity checks that hold outputs."""
-    model = nnx.merge(state.graphdef, _cast(params, state.compute_dtype), state.rng_state, state.model_state, copy=True)
+    model = _model(state, True, params)
     with _running_loss(jnp.ones((x.shape[0],), jnp.float32), None, state.compute_dtype):
         outputs = state.loss_fn.predict(model, {"x": x})
     return outputs, nnx.state(model, MODEL_STATE)

@@ -108,14 +108,6 @@ class Task:
 
         return model(prepare_x(batch["x"], compute_dtype())).astype(jnp.float32)
 
-    def loss_and_metrics(self, outputs, y, mask):
-        """Masked means: ``(loss, {"loss", metric, "count"})`` (for code that holds outputs)."""
-        count = jnp.sum(mask)
-        denom = jnp.maximum(count, 1.0)
-        loss = jnp.sum(self.per_example_loss(outputs, y) * mask) / denom
-        score = jnp.sum(self.per_example_score(outputs, y) * mask) / denom
-        return loss, {"loss": loss, self.metric: score, "count": count}
-
     def check(self, batch, input_shape: tuple | None = None, where: str = "batch") -> None:
         """Shapes, dtypes and (for host numpy labels) label values, naming the culprit.
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import signal
 import sys
 import threading
@@ -157,11 +158,7 @@ def _first_batches(data, batches: int, batch_size: int):
     """The first ``batches`` batches of a source (``overfit_batches``, ``fast_dev_run``)."""
     if isinstance(data, ArrayDataset):
         return data.take(batches * batch_size)
-    import itertools
-
-    source = data.source
-    return Batches(lambda: itertools.islice(iter(source() if callable(source) and not hasattr(source, "__iter__")
-                                                 else source), batches), data.name)
+    return Batches(lambda: itertools.islice(data.iterator(), batches), data.name)
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
@@ -281,6 +278,12 @@ class Trainer:
             self._wrapped = (state.tx, tx)
             state = state.replace(tx=tx, opt_state=tx.init(state.params))
         return state.replace(compute_dtype=dtype)
+
+    def _for_evaluation(self, state: TrainState) -> TrainState:
+        """``state`` with the config's compute precision; unlike :meth:`prepare` it leaves the
+        optimizer alone (a trained state evaluates under any clipping/accumulation config)."""
+        check_not_donated(state)
+        return state.replace(compute_dtype=PRECISIONS[self.config.precision])
 
     def _select_data(self, train, val):
         cfg = self.config
@@ -485,15 +488,16 @@ class Trainer:
         ``ArrayDataset`` or a re-iterable of batches); runs the callbacks' ``on_validation_end``
         and the loggers, as during ``fit``."""
         data = as_source(data, "validation set")
-        check_data(self.prepare(state), data, "validation set", self.config.eval_batch_size)
+        state = self._for_evaluation(state)
+        check_data(state, data, "validation set", self.config.eval_batch_size)
         self._val = data
-        return self._validate(self.prepare(state))
+        return self._validate(state)
 
     def test(self, state: TrainState, data) -> dict:
         """``{"test_loss", "test_<metric>"...}`` of the eval-mode model over all of ``data``;
         logged, no hooks."""
         data = as_source(data, "test set")
-        state = self.prepare(state)
+        state = self._for_evaluation(state)
         check_data(state, data, "test set", self.config.eval_batch_size)
         metrics = self._evaluate(state, data, "test")
         self.log_metrics(metrics)
@@ -519,7 +523,7 @@ class Trainer:
         """
         check_not_donated(state)
         batch_size = batch_size or self.config.eval_batch_size
-        state = self.prepare(self.strategy.to_host_state(state))  # one device: no collectives needed
+        state = self._for_evaluation(self.strategy.to_host_state(state))  # one device: no collectives
         if isinstance(data, (np.ndarray, jax.Array)):
             data = ArrayDataset({"x": data}) if hasattr(state.loss_fn, "predict") else ArrayDataset(data)
         elif not isinstance(data, ArrayDataset) and not hasattr(data, "__iter__") and not callable(data):

@@ -160,6 +160,15 @@ def test_predict_does_not_depend_on_the_batch_size(data, batch_size):
     np.testing.assert_allclose(every, np.asarray(state.model(jnp.asarray(val.data["feats"]))), rtol=1e-5, atol=1e-5)
 
 
+def test_a_trained_state_evaluates_under_a_trainer_that_wraps_the_optimizer(data):
+    train, val = data
+    state = Trainer(quiet(max_epochs=1)).fit(new_state(), train)
+    wrapping = Trainer(quiet(gradient_clip_norm=1.0, accumulate_grad_batches=2))
+    assert wrapping.test(state, val) == pytest.approx(Trainer(quiet()).test(state, val))
+    assert wrapping.validate(state, val)["val_acc"] == pytest.approx(Trainer(quiet()).test(state, val)["test_acc"])
+    np.testing.assert_array_equal(wrapping.predict(state, val), Trainer(quiet()).predict(state, val))
+
+
 def test_predict_returns_any_pytree_and_takes_predict_fn(data):
     train, val = data
     state = new_state()

@@ -83,10 +83,6 @@ def gather_batch(x, y, idx, mask) -> dict:
     return {"x": x[idx], "y": y[idx], "mask": mask}
 
 
-def _leaf_names(data) -> list[str]:
-    return ["data" + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(data)[0]]
-
-
 class ArrayDataset:
     """Examples held in memory, on the host (numpy) or the device (jax): any pytree of arrays.
 

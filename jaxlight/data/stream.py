@@ -111,7 +111,7 @@ class Batches:
             self._pending = None
             iterator = itertools.chain([first], rest)
         else:
-            iterator = self._iterator()
+            iterator = self.iterator()
         for index, raw in enumerate(iterator):
             if index < skip:
                 continue
@@ -119,7 +119,8 @@ class Batches:
             self._check(batch, index)
             yield pad_batch(batch, self.batch_size)
 
-    def _iterator(self):
+    def iterator(self):
+        """A fresh iterator over the source's raw batches (one pass)."""
         return self.source() if callable(self.source) and not hasattr(self.source, "__iter__") else iter(self.source)
 
     def peek(self):
@@ -128,7 +129,7 @@ class Batches:
         was iterated (an epoch counter, a sampler) is not advanced by the check."""
         from jaxlight.step import BatchError
 
-        iterator = self._iterator()
+        iterator = self.iterator()
         for raw in iterator:
             self._pending = (raw, iterator)
             batch = to_numpy(raw)
