@@ -1,7 +1,7 @@
-"""The CNN and LSTM as they were before issue 12's speed work (commit 2f4a885), kept so that
-every speed change can be measured against its baseline in the same process
-(``python -m benchmarks.ab``). Same parameters, names and initialisation as the library's
-models; only the compiled code differs."""
+"""The CNN and LSTM as they were before each of issue 12's speed changes (commits 2f4a885 and
+0fffecc), kept so that every speed change can be measured against its baseline in the same
+process (``python -m benchmarks.ab``). Same parameters, names and initialisation as the
+library's models; only the compiled code differs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxlight.models import build_model
-from jaxlight.models.cnn import CNN, _conv, max_pool_2x2
+from jaxlight.models.cnn import CNN, _patches, max_pool_2x2
 from jaxlight.models.rnn import LSTMClassifier
 
 __all__ = ["STAGES", "build_baseline"]
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel, padding):
+    """XLA's convolution (the library's forward pass until the patches matmul replaced it)."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -62,6 +69,40 @@ class CNN0(CNN):
         x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)
         return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+# -- the CNN of 0fffecc: the kernel gradient as a matmul, forward and input gradient convolutions --
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_1(x, kernel, padding):
+    return _conv(x, kernel, padding)
+
+
+def _conv2d_1_bwd(padding, residuals, dy):
+    """0fffecc: the input gradient a flipped-kernel convolution, the kernel gradient
+    ``patches(x)^T @ dy``."""
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    back_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+    flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    dx = _conv(dy, flipped, back_pad)
+    dk = _patches(x, kh, kw, padding).T @ dy.reshape(-1, cout)
+    return dx, dk.reshape(kh, kw, cin, cout)
+
+
+_conv2d_1.defvjp(_conv2d_fwd, _conv2d_1_bwd)
+
+
+class CNN1(CNN):
+    """0fffecc's CNN: XLA's convolution forward and for the input gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for conv in (self.conv1, self.conv2):
+            conv.conv_general_dilated = (
+                lambda lhs, rhs, window_strides, padding, **kw:
+                _conv2d_1(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding)))
 
 
 # -- the LSTM of 2f4a885 -------------------------------------------------------------------------
@@ -130,7 +171,7 @@ class LSTM0(LSTMClassifier):
 
 # The intermediate versions of each model, oldest first: ``benchmarks.ab`` times each against
 # the current code, so every change's share is measured in the same run.
-STAGES = {"cnn": (("2f4a885", CNN0),), "lstm": (("2f4a885", LSTM0),)}
+STAGES = {"cnn": (("2f4a885", CNN0), ("0fffecc", CNN1)), "lstm": (("2f4a885", LSTM0),)}
 
 
 def build_baseline(name: str, seed: int = 0, stage: int = 0):

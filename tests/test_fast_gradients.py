@@ -63,6 +63,17 @@ def test_unsupported_arguments_fall_back_to_lax():
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
 
 
+def test_negative_padding_falls_back_to_lax():
+    """Negative padding crops the input: lax supports it, the patches path does not."""
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+    k = jax.random.normal(jax.random.key(2), (3, 3, 2, 4))
+    pad = ((-1, 1), (0, -1))
+    ours = jax.value_and_grad(lambda x, k: _loss(conv2d_nhwc, x, k, pad), argnums=(0, 1))(x, k)
+    ref = jax.value_and_grad(lambda x, k: _loss(jax.lax.conv_general_dilated, x, k, pad), argnums=(0, 1))(x, k)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 class PlainConv(nnx.Module):
     def __init__(self):
         self.conv = nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))

@@ -16,19 +16,6 @@ __all__ = ["CNN", "conv2d_nhwc", "max_pool_2x2"]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x, kernel, padding):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d(x, kernel, padding):
-    return _conv(x, kernel, padding)
-
-
-def _conv2d_fwd(x, kernel, padding):
-    return _conv(x, kernel, padding), (x, kernel)
-
-
 def _patches(x, kh, kw, padding):
     """im2col: ``x (B, H, W, C)`` -> ``(B*H'*W', kh*kw*C)``, the (i, j, c) order of an HWIO
     kernel reshaped to ``(kh*kw*C, Cout)``; one row per output pixel."""
@@ -39,23 +26,48 @@ def _patches(x, kh, kw, padding):
     return jnp.concatenate(cols, axis=-1).reshape(b * ho * wo, kh * kw * c)
 
 
+def _col2im(cols, x_shape, kh, kw, padding):
+    """The adjoint of ``_patches``: ``cols (B, H', W', kh*kw*C)`` -> ``(B, H, W, C)``, each
+    column block added back at the input pixels it was read from (padding dropped)."""
+    b, h, w, c = x_shape
+    hp, wp = h + sum(padding[0]), w + sum(padding[1])
+    ho, wo = hp - kh + 1, wp - kw + 1
+    cols = cols.reshape(b, ho, wo, kh * kw, c)
+    out = jnp.zeros((b, hp, wp, c), cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out = out.at[:, i:i + ho, j:j + wo, :].add(cols[:, :, :, i * kw + j, :])
+    return out[:, padding[0][0]:padding[0][0] + h, padding[1][0]:padding[1][0] + w, :]
+
+
+def _conv(x, kernel, padding):
+    """The convolution as patches @ kernel: one ``(B*H'*W', kh*kw*Cin) @ (kh*kw*Cin, Cout)``."""
+    kh, kw, cin, cout = kernel.shape
+    y = _patches(x, kh, kw, padding) @ kernel.reshape(kh * kw * cin, cout)
+    b, h, w, _ = x.shape
+    return y.reshape(b, h + sum(padding[0]) - kh + 1, w + sum(padding[1]) - kw + 1, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d(x, kernel, padding):
+    return _conv(x, kernel, padding)
+
+
+def _conv2d_fwd(x, kernel, padding):
+    # Only x is kept: the backward pass forms the patches again, which measured faster than
+    # keeping the 9x larger patches alive from the forward to the backward pass.
+    return _conv(x, kernel, padding), (x, kernel)
+
+
 def _conv2d_bwd(padding, residuals, dy):
     x, kernel = residuals
     kh, kw, cin, cout = kernel.shape
-    # Input gradient: dy convolved with the spatially flipped kernel, in/out channels swapped,
-    # padded so that the output is x's size again (what autodiff emits too).
-    back_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-    flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    dx = _conv(dy, flipped, back_pad)
-    # Kernel gradient as one matmul, patches(x)^T @ dy, contracting over every output pixel of
-    # the batch: (kh*kw*Cin, B*H*W) @ (B*H*W, Cout). Autodiff emits a convolution with
-    # dim_labels f01b_i01o->01bf, which XLA:CPU rewrites into its fast layout at top level but
-    # not inside a while loop (lax.scan), where it falls back to a naive loop nest 15-40x
-    # slower. Spelled as patches + dot it is an Eigen matmul in both places, the same code at
-    # top level and in a scan (so fused epochs equal single steps bit for bit), and about twice
-    # as fast as the transposed-layout convolution this replaced.
-    dk = _patches(x, kh, kw, padding).T @ dy.reshape(-1, cout)
+    dy2 = dy.reshape(-1, cout)
+    # Kernel gradient: patches(x)^T @ dy, contracting over every output pixel of the batch.
+    dk = _patches(x, kh, kw, padding).T @ dy2
+    # Input gradient: dy @ kernel^T gives each output pixel's contribution to its kh*kw*Cin
+    # input values, which col2im adds back in place.
+    dx = _col2im(dy2 @ kernel.reshape(kh * kw * cin, cout).T, x.shape, kh, kw, padding)
     return dx, dk.reshape(kh, kw, cin, cout)
 
 
@@ -64,15 +76,21 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``lax.conv_general_dilated`` with a hand-written gradient that stays fast inside ``lax.scan``.
+    """``lax.conv_general_dilated`` as matrix products, with a hand-written gradient that stays
+    fast inside ``lax.scan``.
 
-    A drop-in for ``nnx.Conv(conv_general_dilated=...)``. Same forward and the same input
-    gradient as autodiff; the kernel gradient is the same sum computed as one matmul of the
-    input's patches with ``dy`` (see ``_conv2d_bwd``), in a different float order (it lands
-    nearer the float64 value than autodiff's loop nest inside a scan), which lets a whole CNN
-    epoch run as one compiled ``lax.scan`` on the CPU.
-    Handles the case the models use (2-D, NHWC/HWIO, stride 1, explicit padding, no dilation,
-    no groups); anything else goes to ``lax.conv_general_dilated`` unchanged.
+    A drop-in for ``nnx.Conv(conv_general_dilated=...)``. The forward pass is the input's
+    patches (im2col) times the kernel, one matmul; the kernel gradient is ``patches^T @ dy``;
+    the input gradient is ``dy @ kernel^T`` added back in place (col2im). Same sums as
+    autodiff of ``lax.conv_general_dilated`` in a different float order (nearer the float64
+    value than autodiff's loop nest inside a scan). Why: on XLA:CPU a matmul runs faster
+    than the library's convolution and its transposes (the 2-core CPU's whole CNN step, in
+    a fused epoch: 1.2-1.3x, ``benchmarks/README.md``), and autodiff's kernel gradient falls
+    back to a naive loop nest inside a while loop, so a fused CNN epoch needs this.
+    Memory: the backward pass forms the patches again, ``kh*kw`` times the input, for one
+    layer at a time; nothing larger than the input is kept between the passes.
+    Handles the case the models use (2-D, NHWC/HWIO, stride 1, explicit non-negative padding,
+    no dilation, no groups); anything else goes to ``lax.conv_general_dilated`` unchanged.
 
     Args:
         lhs: ``(B, H, W, Cin)`` float32. rhs: ``(kh, kw, Cin, Cout)``.
@@ -88,6 +106,7 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
         == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
         and tuple(window_strides) == (1, 1)
         and not isinstance(padding, str)
+        and all(int(p) >= 0 for pair in padding for p in pair)
         and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
         and feature_group_count == 1
         and precision is None
