@@ -350,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tta", default=None, help="model:target:max_epochs:variant+variant;... overrides the mode's")
     parser.add_argument("--tta-batch-size", type=int, default=None)
     parser.add_argument("--tta-evals-per-epoch", type=int, default=None)
+    parser.add_argument("--tta-max-seconds", type=float, default=None,
+                        help="cap on one time-to-accuracy run's training seconds (0: no cap; full mode: 150)")
     parser.add_argument("--lr", default=None, help="learning rates instead of the recipes', e.g. mlp=0.001,cnn=0.002")
     parser.add_argument("--seeds", default=None, help="time to accuracy over these seeds, e.g. 0,1,2 (mean ± std)")
     parser.add_argument("--tta-only", action="store_true", help="skip the throughput tables: time to accuracy only")
@@ -386,6 +388,10 @@ def main(argv=None) -> int:
             parser.error(f"--seeds: cannot read {args.seeds!r}; expected e.g. 0,1,2")
     if args.tta_only:
         overrides["throughput"] = False
+    if args.tta_max_seconds is not None:
+        if args.tta_max_seconds < 0:
+            parser.error("--tta-max-seconds: must be >= 0 (0: no cap)")
+        overrides["tta_max_seconds"] = args.tta_max_seconds or None
     if args.allow_busy:
         overrides["allow_busy"] = True
     for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads",
