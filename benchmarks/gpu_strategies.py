@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         train, test = train.take(1024), test.take(500)
     env = {
+        "load_average_before": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"test acc {result['test_accuracy']:.4f}  "
                       f"max|dp| {result.get('max_abs_param_diff', float('nan')):.2e}  "
                       f"recompiles {result['compiles_after_first_epoch']}", flush=True)
+    env["load_average_after"] = os.getloadavg()
+    print(f"load average before {tuple(round(v, 2) for v in env['load_average_before'])}, after "
+          f"{tuple(round(v, 2) for v in env['load_average_after'])}, {env['cpu_count']} cores")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "strategies.json").write_text(json.dumps({"environment": env, "runs": runs}, indent=2))

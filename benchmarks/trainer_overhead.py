@@ -13,13 +13,19 @@ The three run interleaved, one epoch each in turn; a Trainer epoch is timed from
 the first epoch of each is dropped (compilation). Checkpoint
 writes are timed separately (``save_checkpoint`` of the same state), since they are I/O.
 
-    PYTHONPATH=. python benchmarks/trainer_overhead.py --model mlp --epochs 6
+    PYTHONPATH=. python benchmarks/trainer_overhead.py --model mlp --epochs 6 [--out results.json]
+
+The load average before and after is printed and, with ``--out``, written with every epoch time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -71,7 +77,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=6, help="timed epochs per loop (after one to compile)")
     p.add_argument("--steps-per-execution", type=int)
+    p.add_argument("--out", help="write the measurements and the load average to this JSON file")
     args = p.parse_args()
+    load_before = os.getloadavg()
 
     train, _ = load_mnist(args.data_dir)
     data = ArrayDataset(train.images, train.labels).to_device()
@@ -117,7 +125,10 @@ def main():
             save_checkpoint(d, state.replace(step=state.step + i))
         ckpt_s = (time.perf_counter() - t0) / 3
 
+    load_after = os.getloadavg()
     hand = statistics.median(results["hand"])
+    print(f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, after "
+          f"{tuple(round(v, 2) for v in load_after)}, {os.cpu_count()} cores")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), model {args.model}, "
           f"batch {args.batch_size}, {nb} steps/epoch, K = {k}")
     for name, times in results.items():
@@ -127,6 +138,20 @@ def main():
                  f"the compiled calls {1e3 * statistics.median(host[name][1:]):.1f} ms/epoch"))
     print(f"final parameters of the three loops bitwise identical: {identical}")
     print(f"checkpoint save (params + Adam state, manifest): {ckpt_s:.3f} s each")
+    if args.out:
+        record = {
+            "command": " ".join(["python", *sys.argv]),
+            "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})", "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "jax": jax.__version__,
+            "load_before": load_before, "load_after": load_after,
+            "model": args.model, "batch_size": args.batch_size, "steps_per_epoch": nb, "steps_per_call": k,
+            "epoch_seconds": results, "host_seconds": {n: h[1:] for n, h in host.items()},
+            "final_params_identical": identical, "checkpoint_save_seconds": ckpt_s,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

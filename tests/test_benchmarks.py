@@ -76,6 +76,7 @@ def test_tiny_run_reaches_the_tiny_accuracy_target(tiny_run, variant):
     (["--models", "mlp,resnet"], "resnet"),
     (["--variants", "jax_fused,tensorflow"], "tensorflow"),
     (["--tta", "mlp:0.97"], "mlp:0.97"),
+    (["--tta-max-seconds", "-5"], "--tta-max-seconds"),
 ])
 def test_bad_arguments_name_the_culprit(args, culprit, capsys):
     from benchmarks.run import main
