@@ -74,6 +74,22 @@ def test_negative_padding_falls_back_to_lax():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_other_backends_use_lax_and_autodiff(monkeypatch):
+    """On a GPU or TPU the vendor convolution runs, with autodiff's gradient: the patches path
+    is for XLA:CPU. Checked through the jaxpr, since this machine has only a CPU."""
+    x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    pad = ((1, 1), (1, 1))
+
+    def ops(backend):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda k: _loss(conv2d_nhwc, x, k, pad)))(k)
+        return {str(e.primitive) for e in jaxpr.eqns}
+
+    gpu, cpu = ops("gpu"), ops("cpu")
+    assert "conv_general_dilated" in gpu
+    assert "conv_general_dilated" not in cpu and "dot_general" in cpu
+
+
 class PlainConv(nnx.Module):
     def __init__(self):
         self.conv = nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))

@@ -33,10 +33,11 @@ def _col2im(cols, x_shape, kh, kw, padding):
     hp, wp = h + sum(padding[0]), w + sum(padding[1])
     ho, wo = hp - kh + 1, wp - kw + 1
     cols = cols.reshape(b, ho, wo, kh * kw, c)
-    out = jnp.zeros((b, hp, wp, c), cols.dtype)
+    out = None
     for i in range(kh):
         for j in range(kw):
-            out = out.at[:, i:i + ho, j:j + wo, :].add(cols[:, :, :, i * kw + j, :])
+            term = jnp.pad(cols[:, :, :, i * kw + j, :], ((0, 0), (i, hp - ho - i), (j, wp - wo - j), (0, 0)))
+            out = term if out is None else out + term
     return out[:, padding[0][0]:padding[0][0] + h, padding[1][0]:padding[1][0] + w, :]
 
 
@@ -90,7 +91,9 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     Memory: the backward pass forms the patches again, ``kh*kw`` times the input, for one
     layer at a time; nothing larger than the input is kept between the passes.
     Handles the case the models use (2-D, NHWC/HWIO, stride 1, explicit non-negative padding,
-    no dilation, no groups); anything else goes to ``lax.conv_general_dilated`` unchanged.
+    no dilation, no groups) on the CPU backend; anything else, and every call on a GPU or TPU
+    (whose vendor convolutions are fast, forward and backward, inside loops too), goes to
+    ``lax.conv_general_dilated`` unchanged, with autodiff's gradient.
 
     Args:
         lhs: ``(B, H, W, Cin)`` float32. rhs: ``(kh, kw, Cin, Cout)``.
@@ -100,7 +103,8 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
         ``(B, H', W', Cout)``.
     """
     simple = (
-        lhs.ndim == 4
+        jax.default_backend() == "cpu"
+        and lhs.ndim == 4
         and dimension_numbers is not None
         and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
