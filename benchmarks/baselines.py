@@ -25,44 +25,58 @@ def _conv(x, kernel, padding):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d(x, kernel, padding):
-    return _conv(x, kernel, padding)
-
-
 def _conv2d_fwd(x, kernel, padding):
     return _conv(x, kernel, padding), (x, kernel)
 
 
-def _conv2d_bwd(padding, residuals, dy):
-    """2f4a885: the kernel gradient as a convolution in XLA:CPU's fast layout (transposes
-    around it, kept apart by optimization barriers)."""
-    x, kernel = residuals
+def _flipped_kernel_dx(dy, kernel, padding):
+    """The input gradient as autodiff emits it: dy convolved with the spatially flipped kernel,
+    in/out channels swapped, padded back to x's size."""
     kh, kw = kernel.shape[:2]
     back_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
                 (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
     flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    dx = _conv(dy, flipped, back_pad)
+    return _conv(dy, flipped, back_pad)
+
+
+def _bwd_2f4a885(padding, residuals, dy):
+    """2f4a885: the kernel gradient as a convolution in XLA:CPU's fast layout (transposes
+    around it, kept apart by optimization barriers)."""
+    x, kernel = residuals
     xt, dyt = jax.lax.optimization_barrier((jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3))))
     dk = _conv(xt, dyt, padding)
-    return dx, jnp.transpose(dk, (1, 2, 0, 3))
+    return _flipped_kernel_dx(dy, kernel, padding), jnp.transpose(dk, (1, 2, 0, 3))
 
 
-_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+def _bwd_0fffecc(padding, residuals, dy):
+    """0fffecc: the kernel gradient ``patches(x)^T @ dy``."""
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    dk = _patches(x, kh, kw, padding).T @ dy.reshape(-1, cout)
+    return _flipped_kernel_dx(dy, kernel, padding), dk.reshape(kh, kw, cin, cout)
 
 
-def conv2d_transposed_layout(lhs, rhs, window_strides, padding, **kwargs):
-    """The 2f4a885 ``conv2d_nhwc`` for the CNN's case (stride 1, NHWC, explicit pads)."""
-    return _conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
+def _conv_general(bwd):
+    """A ``conv_general_dilated`` for ``nnx.Conv`` in the CNN's case (stride 1, NHWC, explicit
+    pads): XLA's convolution forward, ``bwd`` as its gradient."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def conv(x, kernel, padding):
+        return _conv(x, kernel, padding)
+
+    conv.defvjp(_conv2d_fwd, bwd)
+    return lambda lhs, rhs, window_strides, padding, **kwargs: conv(
+        lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
 
 
-class CNN0(CNN):
-    """2f4a885's CNN: ReLU before the pool, the transposed-layout kernel gradient."""
+class _FrozenCNN(CNN):
+    """The CNN with a frozen convolution and a frozen forward pass (ReLU before the pool)."""
+
+    conv_general = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for conv in (self.conv1, self.conv2):
-            conv.conv_general_dilated = conv2d_transposed_layout
+            conv.conv_general_dilated = self.conv_general
 
     def __call__(self, x):
         x = x[..., None]
@@ -72,38 +86,17 @@ class CNN0(CNN):
         return self.fc2(jax.nn.relu(self.fc1(x)))
 
 
-# -- the CNN of 0fffecc: the kernel gradient as a matmul, forward and input gradient convolutions --
+class CNN0(_FrozenCNN):
+    """2f4a885's CNN: the transposed-layout kernel gradient."""
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d_1(x, kernel, padding):
-    return _conv(x, kernel, padding)
-
-
-def _conv2d_1_bwd(padding, residuals, dy):
-    """0fffecc: the input gradient a flipped-kernel convolution, the kernel gradient
-    ``patches(x)^T @ dy``."""
-    x, kernel = residuals
-    kh, kw, cin, cout = kernel.shape
-    back_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-    flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    dx = _conv(dy, flipped, back_pad)
-    dk = _patches(x, kh, kw, padding).T @ dy.reshape(-1, cout)
-    return dx, dk.reshape(kh, kw, cin, cout)
+    conv_general = staticmethod(_conv_general(_bwd_2f4a885))
 
 
-_conv2d_1.defvjp(_conv2d_fwd, _conv2d_1_bwd)
+class CNN1(_FrozenCNN):
+    """0fffecc's CNN: XLA's convolution forward and for the input gradient, the kernel gradient
+    as a matmul."""
 
-
-class CNN1(CNN):
-    """0fffecc's CNN: XLA's convolution forward and for the input gradient."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for conv in (self.conv1, self.conv2):
-            conv.conv_general_dilated = (
-                lambda lhs, rhs, window_strides, padding, **kw:
-                _conv2d_1(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding)))
+    conv_general = staticmethod(_conv_general(_bwd_0fffecc))
 
 
 # -- the LSTM of 2f4a885 -------------------------------------------------------------------------
@@ -148,49 +141,47 @@ def _recurrence_bwd(residuals, cotangents):
     return d_gates, d_kernel_hh, d_gates.sum((0, 1)), dh0, dc0
 
 
-@jax.custom_vjp
-def _lstm_recurrence_0(gates_x, kernel_hh, bias_hh, h0, c0):
-    """2f4a885's ``lstm_recurrence``."""
-    (hs, c), _ = _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0)
-    return hs, c
+def _lstm_recurrence(bwd):
+    """A frozen ``lstm_recurrence``: 2f4a885's forward loop (one (B, H) @ (H, 4H) product per
+    step, bias_hh added inside the loop) with ``bwd`` as its backward pass."""
+    @jax.custom_vjp
+    def recurrence(gates_x, kernel_hh, bias_hh, h0, c0):
+        (hs, c), _ = _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0)
+        return hs, c
+
+    recurrence.defvjp(_recurrence_fwd, bwd)
+    return recurrence
 
 
-_lstm_recurrence_0.defvjp(_recurrence_fwd, _recurrence_bwd)
+class _FrozenLSTM(LSTMClassifier):
+    """The LSTM classifier with a frozen recurrence and input projection."""
+
+    recurrence = None
+    time_major_projection = False
+
+    def __call__(self, x):
+        lstm = self.lstm
+        if self.time_major_projection:
+            gates_x = jnp.swapaxes(x, 0, 1) @ lstm.kernel_ih[...] + lstm.bias_ih[...]
+        else:
+            gates_x = jnp.swapaxes(x @ lstm.kernel_ih[...] + lstm.bias_ih[...], 0, 1)
+        zeros = jnp.zeros((x.shape[0], lstm.hidden), x.dtype)
+        hs, _ = self.recurrence(gates_x, lstm.kernel_hh[...], lstm.bias_hh[...], zeros, zeros)
+        return self.fc(hs[-1])
 
 
-class LSTM0(LSTMClassifier):
+class LSTM0(_FrozenLSTM):
     """2f4a885's LSTM classifier: batch-major input projection, kernel transposed in the loop."""
 
-    def __call__(self, x):
-        lstm = self.lstm
-        gates_x = x @ lstm.kernel_ih[...] + lstm.bias_ih[...]
-        zeros = jnp.zeros((x.shape[0], lstm.hidden), x.dtype)
-        hs, _ = _lstm_recurrence_0(jnp.swapaxes(gates_x, 0, 1), lstm.kernel_hh[...], lstm.bias_hh[...], zeros, zeros)
-        return self.fc(hs[-1])
+    recurrence = staticmethod(_lstm_recurrence(_recurrence_bwd))
 
 
-# -- the LSTM of 0fffecc: time-major projection, the backward's kernel transposed once ----------
+class LSTM1(_FrozenLSTM):
+    """0fffecc's LSTM classifier: time-major projection, the backward's kernel transposed once
+    (the library's backward pass today)."""
 
-@jax.custom_vjp
-def _lstm_recurrence_1(gates_x, kernel_hh, bias_hh, h0, c0):
-    """0fffecc's ``lstm_recurrence``: one (B, H) @ (H, 4H) product per step and bias_hh added
-    inside the loop; the backward pass as the library's today."""
-    (hs, c), _ = _recurrence_fwd(gates_x, kernel_hh, bias_hh, h0, c0)
-    return hs, c
-
-
-_lstm_recurrence_1.defvjp(_recurrence_fwd, _recurrence_bwd_current)
-
-
-class LSTM1(LSTMClassifier):
-    """0fffecc's LSTM classifier."""
-
-    def __call__(self, x):
-        lstm = self.lstm
-        gates_x = jnp.swapaxes(x, 0, 1) @ lstm.kernel_ih[...] + lstm.bias_ih[...]
-        zeros = jnp.zeros((x.shape[0], lstm.hidden), x.dtype)
-        hs, _ = _lstm_recurrence_1(gates_x, lstm.kernel_hh[...], lstm.bias_hh[...], zeros, zeros)
-        return self.fc(hs[-1])
+    recurrence = staticmethod(_lstm_recurrence(_recurrence_bwd_current))
+    time_major_projection = True
 
 
 # The intermediate versions of each model, oldest first: ``benchmarks.ab`` times each against
