@@ -46,7 +46,8 @@ from jaxlight.step import (
 )
 from jaxlight.tasks import Task
 
-__all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "summarize", "train_epoch", "evaluate", "fit"]
+__all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "summarize", "train_epoch", "evaluate", "predict",
+           "fit"]
 
 
 @dataclass
@@ -123,10 +124,11 @@ def check_data(state: TrainState, data: ArrayDataset | Batches, name: str = "dat
 
 
 class EpochRunner:
-    """One epoch of training, chunk by chunk: what ``fit`` and the ``Trainer`` both iterate.
+    """One pass over the data, chunk by chunk: what ``fit``, ``evaluate``, ``predict``, the
+    ``Trainer`` and ``check_parity`` all iterate.
 
     Args:
-        state: donated to the first chunk.
+        state: donated to the first chunk (``mode="train"``).
         data: an ``ArrayDataset`` (on the device: fused chunks gathered there; on the host:
             streamed per step) or :class:`~jaxlight.data.stream.Batches`.
         epoch: which epoch (``ArrayDataset`` order: ``fold_in(state.rng, epoch)``).
@@ -134,20 +136,29 @@ class EpochRunner:
         strategy: the ``jaxlight.parallel`` strategy.
         steps_per_call: K, the steps of one compiled call.
         start: the batch to start from (a resumed epoch).
-        shuffle: False keeps the stored order (``overfit_batches``).
+        shuffle: False keeps the stored order (``overfit_batches``, evaluation, prediction).
         unroll: see ``jaxlight.step.train_chunk``.
+        mode: ``"train"`` (the pure train step), ``"eval"`` (the eval step: metrics, nothing
+            updated) or ``"predict"`` (the eval-mode outputs, one batch per call).
+        predict_fn: for ``mode="predict"``, see ``jaxlight.step.apply_predict``.
 
-    Iterating yields ``(state, metrics, steps)`` after each chunk, ``metrics`` the chunk's
-    per-step metrics (``(steps,)`` each, on the device). The caller may change the next chunk's
-    length by ``runner.next_length = n`` (validation and checkpoint steps) and may stop early.
+    Iterating yields ``(state, out, steps)`` after each chunk: ``out`` the chunk's per-step
+    metrics (``(steps,)`` each, on the device), or in predict mode ``(outputs, mask)`` of one
+    batch, padding rows included. The caller may change the next chunk's length by
+    ``runner.next_length = n`` (validation and checkpoint steps) and may stop early.
     ``finished`` turns True when the epoch's data is exhausted.
     """
 
     def __init__(self, state: TrainState, data, epoch: int, batch_size: int, strategy: Strategy,
-                 steps_per_call: int, start: int = 0, shuffle: bool = True, unroll: bool = False):
+                 steps_per_call: int, start: int = 0, shuffle: bool = True, unroll: bool = False,
+                 mode: str = "train", predict_fn=None):
+        if mode not in ("train", "eval", "predict"):
+            raise ValueError(f"mode must be 'train', 'eval' or 'predict', got {mode!r}")
         self.state, self.data, self.epoch = state, data, epoch
-        self.batch_size, self.strategy, self.k = batch_size, strategy, steps_per_call
+        self.batch_size, self.strategy = batch_size, strategy
+        self.k = 1 if mode == "predict" else steps_per_call
         self.position, self.shuffle, self.unroll = start, shuffle, unroll
+        self.mode, self.predict_fn = mode, predict_fn
         self.next_length: int | None = None
         self.finished = False
         if isinstance(data, ArrayDataset):
@@ -169,11 +180,23 @@ class EpochRunner:
             yield from self._stream()
         self.finished = True
 
+    def _chunk(self, state, data, idx, mask, steps: int, start: int):
+        if self.mode == "train":
+            return self.strategy.train_chunk(state, data, idx, mask, steps, start, unroll=self.unroll)
+        return state, self.strategy.eval_chunk(state, data, idx, mask, steps, start)
+
+    def _step(self, state, batch, mask):
+        if self.mode == "train":
+            return self.strategy.train_step(state, batch, mask)
+        if self.mode == "eval":
+            return state, self.strategy.eval_step(state, batch, mask)
+        return state, (self.strategy.predict_step(state, batch, mask, self.predict_fn), np.asarray(mask))
+
     def _arrays(self):
         key = jax.random.fold_in(self.state.rng, self.epoch) if self.shuffle else None
         strategy, state = self.strategy, self.state
-        on_device = self.data.on_device
-        if on_device:
+        fused = self.data.on_device and self.mode != "predict"
+        if fused:
             data = strategy.prepare_data(self.data).data
             idx, mask = strategy.prepare_indices(*batch_indices(
                 key if key is not None else jax.random.key(0), len(self.data), self.batch_size, self.shuffle))
@@ -181,7 +204,7 @@ class EpochRunner:
             host = strategy.iterate_batches(self.data, self.batch_size, key, start=self.position)
         while self.position < self.num_batches:
             steps = self._length()
-            if on_device:
+            if fused:
                 # ``steps`` is static in train_chunk: every new length compiles a new program. A
                 # length other than K (cut short by an epoch end, a requested step, a resume)
                 # runs as power-of-two pieces, so a run compiles at most ~log2(K) + 2 programs.
@@ -190,16 +213,16 @@ class EpochRunner:
                                                          if steps >> b & 1]
                 out, start = [], self.position
                 for n in pieces:
-                    state, m = strategy.train_chunk(state, data, idx, mask, n, start, unroll=self.unroll)
+                    state, m = self._chunk(state, data, idx, mask, n, start)
                     out.append(m)
                     start += n
                 metrics = out[0] if len(out) == 1 else _stack(out, concat=True)
             else:
                 out = []
-                for batch, mask in itertools.islice(host, steps):
-                    state, m = strategy.train_step(state, batch, mask)
+                for batch, mask_b in itertools.islice(host, steps):
+                    state, m = self._step(state, batch, mask_b)
                     out.append(m)
-                metrics = _stack(out, concat=False)
+                metrics = out[0] if self.mode == "predict" else _stack(out, concat=False)
             self.position += steps
             self.state = state
             yield state, metrics, steps
@@ -208,12 +231,12 @@ class EpochRunner:
         state, out = self.state, []
         steps = self._length()
         for batch, mask in self.data.epoch(skip=self.position):
-            state, m = self.strategy.train_step(state, batch, mask)
+            state, m = self._step(state, batch, mask)
             out.append(m)
             if len(out) == steps:
                 self.position += steps
                 self.state = state
-                yield state, _stack(out, concat=False), steps
+                yield state, out[0] if self.mode == "predict" else _stack(out, concat=False), steps
                 out, steps = [], self._length()
         if out:
             self.position += len(out)
@@ -285,19 +308,47 @@ def evaluate(state: TrainState, data, batch_size: int = 1000,
     strategy = get_strategy(strategy)
     data = as_source(data, "evaluation data")
     state = strategy.prepare_state(state)
-    if isinstance(data, Batches):
-        return summarize(_stack([strategy.eval_step(state, b, m) for b, m in data.epoch()], concat=False))
     batch_size = strategy.eval_batch_size(batch_size)
-    if not data.on_device:
-        return summarize(_stack([strategy.eval_step(state, b, m)
-                                 for b, m in strategy.iterate_batches(data, batch_size, None)], concat=False))
-    nb = num_batches(len(data), batch_size)
-    idx, mask = batch_indices(jax.random.key(0), len(data), batch_size, False)
-    data = strategy.prepare_data(data)
-    k = steps_per_call or default_steps_per_call(state, nb)
-    idx, mask = strategy.prepare_indices(idx, mask)
-    chunks = [strategy.eval_chunk(state, data.data, idx, mask, min(k, nb - s), s) for s in range(0, nb, k)]
+    if isinstance(data, ArrayDataset) and data.on_device:
+        k = steps_per_call or default_steps_per_call(state, num_batches(len(data), batch_size))
+    else:
+        k = 1
+    runner = EpochRunner(state, data, 0, batch_size, strategy, k, shuffle=False, mode="eval")
+    chunks = [metrics for _, metrics, _ in runner]
+    if not chunks:
+        raise BatchError("the evaluation data yielded no batches")
     return summarize(_stack(chunks, concat=True))
+
+
+def predict(state: TrainState, data, batch_size: int = 1000, strategy: Strategy | str | None = None,
+            predict_fn=None):
+    """The eval-mode model's outputs for every example of ``data``, in order, padding removed.
+
+    Args:
+        data: an ``ArrayDataset`` or any re-iterable of batches.
+        batch_size: rows per compiled call (an ``ArrayDataset``); the last batch is padded, so
+            one program serves any N, and the result does not depend on it.
+        strategy: ``jaxlight.parallel`` strategy or its name; under ``pmap``/``sharded`` the
+            batch is split over the devices and the outputs equal one device's.
+        predict_fn: see ``jaxlight.step.apply_predict``.
+
+    Returns:
+        The outputs, any pytree of ``(N, ...)`` numpy arrays.
+    """
+    check_not_donated(state)
+    strategy = get_strategy(strategy)
+    data = as_source(data, "prediction data")
+    state = strategy.prepare_state(state)
+    batch_size = strategy.eval_batch_size(batch_size)
+    runner = EpochRunner(state, data, 0, batch_size, strategy, 1, shuffle=False, mode="predict",
+                         predict_fn=predict_fn)
+    out = []
+    for _, (outputs, mask), _ in runner:
+        real = np.asarray(mask) > 0
+        out.append(jax.tree.map(lambda a: np.asarray(a)[real], outputs))
+    if not out:
+        return np.zeros((0,), np.float32)
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
 
 def fit(

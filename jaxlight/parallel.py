@@ -259,8 +259,8 @@ class Strategy:
     - ``prepare_indices(idx, mask)``: an epoch's ``(num_batches, B)`` order, once per epoch.
     - ``train_chunk`` / ``eval_chunk``: K fused steps, the signature of ``jaxlight.step``'s
       (``unroll`` too: see ``jaxlight.step.needs_unroll``).
-    - ``train_step(state, batch, mask)`` / ``eval_step``: the host-streamed path; in a
-      multi-process run each process passes only its own rows.
+    - ``train_step(state, batch, mask)`` / ``eval_step`` / ``predict_step``: the host-streamed
+      path; in a multi-process run each process passes only its own rows.
     - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
       ``state_shardings(state)``: the target shardings to restore a checkpoint into.
     """
@@ -316,9 +316,9 @@ class Strategy:
         for bi, bm in zip(np.asarray(idx)[start:, rows], np.asarray(mask)[start:, rows]):
             yield jax.tree.map(lambda a: a[bi], data.data), bm
 
-    def _checked(self, state, batch, mask):
+    def _checked(self, state, batch, mask, labels: bool = True):
         _step.check_not_donated(state)
-        batch, mask = _step.check_batch(state, batch, mask)
+        batch, mask = _step.check_batch(state, batch, mask, labels=labels)
         self.check_batch_size(len(mask) * jax.process_count())
         return self.prepare_state(state), batch, mask
 
@@ -363,6 +363,9 @@ class SingleDevice(Strategy):
 
     def eval_step(self, state, batch, mask=None):
         return _step.eval_step(state, batch, mask)
+
+    def predict_step(self, state, batch, mask=None, predict_fn=None):
+        return _step.predict_step(state, batch, mask, predict_fn)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -433,6 +436,16 @@ class _Replicated(Strategy):
         state, batch, mask = self._checked(state, batch, mask)
         return self._eval_step(state, *self._place_batch(batch, mask))
 
+    def predict_step(self, state, batch, mask=None, predict_fn=None):
+        """The global batch's outputs (every process gets all of them)."""
+        state, batch, mask = self._checked(state, batch, mask, labels=False)
+        outputs = self._predict_step(predict_fn)(state, *self._place_batch(batch, mask))
+        if is_multiprocess():
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(outputs, tiled=True)
+        return outputs
+
     def prepare_indices(self, idx, mask):
         """``(num_batches, B)`` -> each batch's columns split over the devices."""
         self.check_batch_size(idx.shape[1])
@@ -465,6 +478,16 @@ class Pmap(_Replicated):
     def _eval_step(self):
         step = self._pmap(functools.partial(_step.apply_eval_step, axis_name=AXIS), (None, 0, 0))
         return lambda state, batch, mask: step(state, *self._split((batch, mask)))
+
+    def _predict_step(self, predict_fn):
+        programs = self._chunk_programs
+        if ("predict", predict_fn) not in programs:
+            fn = functools.partial(_step.apply_predict, axis_name=AXIS, predict_fn=predict_fn)
+            step = jax.pmap(fn, axis_name=AXIS, devices=self.devices, in_axes=(None, 0, 0))
+            # (n, B/n, ...) per device -> (B, ...): device d held row block d.
+            programs[("predict", predict_fn)] = lambda state, batch, mask: jax.tree.map(
+                lambda a: a.reshape((-1,) + a.shape[2:]), step(state, *self._split((batch, mask))))
+        return programs[("predict", predict_fn)]
 
     def _split(self, tree):
         # (B, ...) split over the mesh -> (n, B/n, ...), device d holding row block d: the
@@ -531,25 +554,33 @@ class Sharded(_Replicated):
         return jax.jit(_step.apply_eval_step, out_shardings=self.replicated)
 
     @functools.cached_property
+    def _predict_jit(self):
+        return jax.jit(_step.apply_predict, static_argnames=("axis_name", "predict_fn", "train"))
+
+    def _predict_step(self, predict_fn):
+        return lambda state, batch, mask: self._predict_jit(state, batch, mask, predict_fn=predict_fn)
+
+    @functools.cached_property
     def _train_chunk_jit(self):
-        fn = lambda state, data, idx, mask, start, steps, unroll: _step.chunk(  # noqa: E731
+        # The argument order of ``jaxlight.step.train_chunk``; steps and unroll are static.
+        fn = lambda state, data, idx, mask, steps, start, unroll: _step.chunk(  # noqa: E731
             _step.apply_train_step, state, data, idx, mask, start, steps, unroll, self._constrain)
-        return jax.jit(fn, static_argnums=(5, 6), donate_argnums=0,
+        return jax.jit(fn, static_argnums=(4, 6), donate_argnums=0,
                        out_shardings=(self.replicated, self.replicated))
 
     @functools.cached_property
     def _eval_chunk_jit(self):
         body = _step._eval_body(_step.apply_eval_step)
-        fn = lambda state, data, idx, mask, start, steps: _step.chunk(  # noqa: E731
+        fn = lambda state, data, idx, mask, steps, start: _step.chunk(  # noqa: E731
             body, state, data, idx, mask, start, steps, False, self._constrain)[1]
-        return jax.jit(fn, static_argnums=5, out_shardings=self.replicated)
+        return jax.jit(fn, static_argnums=4, out_shardings=self.replicated)
 
     def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
-        return self._train_chunk_jit(state, data, idx, mask, start, steps, unroll)
+        return self._train_chunk_jit(state, data, idx, mask, steps, start, unroll)
 
     def eval_chunk(self, state, data, idx, mask, steps: int, start=0):
-        return self._eval_chunk_jit(state, data, idx, mask, start, steps)
+        return self._eval_chunk_jit(state, data, idx, mask, steps, start)
 
 
 _CLASSES = {"single": SingleDevice, "pmap": Pmap, "sharded": Sharded}

@@ -9,23 +9,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxlight.data.arrays import data_key
 from jaxlight.tasks import Task
 
 __all__ = ["TrainState", "create_train_state", "data_key", "model_key", "MODEL_STATE"]
 
-# Streams folded into the run's seed: one for the data order, one for the model's randomness
-# (dropout), so that changing one never changes the other.
-_DATA_STREAM = 1
+# The stream folded into the run's seed for the model's randomness (dropout); the data order
+# has its own (``jaxlight.data.arrays.data_key``), so that changing one never changes the other.
 _MODEL_STREAM = 2
 
 MODEL_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))
 """The NNX filter of ``TrainState.model_state``: every variable that is neither a parameter nor
 RNG state (batch statistics, a user's own ``nnx.Variable`` counters...)."""
-
-
-def data_key(seed: int) -> jax.Array:
-    """The key from which each epoch's shuffle is drawn (``fold_in(data_key, epoch)``)."""
-    return jax.random.fold_in(jax.random.key(seed), _DATA_STREAM)
 
 
 def model_key(seed: int) -> jax.Array:

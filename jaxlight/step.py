@@ -2,9 +2,11 @@
 
 Every path runs the same two functions:
 
-- :func:`apply_train_step` ``(state, batch, mask, axis_name=None) -> (state, metrics)`` and
-  :func:`apply_eval_step` ``(state, batch, mask, axis_name=None) -> metrics`` are pure and
-  unjitted, for users who wrap them in their own ``jit`` / ``shard_map`` / ``pmap``. With
+- :func:`apply_train_step` ``(state, batch, mask, axis_name=None) -> (state, metrics)``,
+  :func:`apply_eval_step` ``(state, batch, mask, axis_name=None) -> metrics`` and
+  :func:`apply_predict` ``(state, batch, mask, axis_name=None) -> outputs`` are pure and
+  unjitted, for users who wrap them in their own ``jit`` / ``shard_map`` / ``pmap``
+  (:func:`apply_grads` is the first half of the train step: the gradient and metrics). With
   ``axis_name`` every reduction (the masked means of the loss and metrics, the gradient,
   BatchNorm's batch statistics) is also summed over that mapped axis, so the result is the
   one device's result on the global batch.
@@ -26,8 +28,9 @@ What the step does around the user's ``loss_fn(model, batch)`` (``jaxlight.tasks
   and keeps its rows, so the masks are one device's; other random draws in a user's model get
   the same key on every device (fold in ``jax.lax.axis_index`` for per-device noise).
 - **Padding.** The padding mask never reaches the loss as data: the loss's ``(B,)`` values are
-  averaged under it, and every batch-statistics normalisation (``nnx.BatchNorm``, which
-  reduces over the batch axis) computes its statistics over the real rows only.
+  averaged under it, and every ``nnx.BatchNorm`` computes its statistics over the real rows
+  of the global batch only (``jaxlight.layers``: Flax's own arithmetic through its ``mask=``
+  argument; a BatchNorm whose input does not keep the batch axis first is an error).
 - **Mixed precision** (``state.compute_dtype``): parameters and floating batch leaves are cast
   inside the differentiated function; gradients and optimizer state stay float32.
 
@@ -38,7 +41,6 @@ Every compiled function donates the incoming state: do not use a state after pas
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import traceback
 
@@ -47,39 +49,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax.nnx.nn import normalization as _nnx_norm
-from flax.nnx.nn import stochastic as _nnx_stochastic
 
+from jaxlight.data.stream import check_structure, leaf_name
+from jaxlight.errors import BatchError, DonatedStateError
+from jaxlight.layers import LayerError, stand_ins
 from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import MODEL_STATE, TrainState
-from jaxlight.tasks import Task, takes_mask
+from jaxlight.tasks import _COMPUTE_DTYPE, Task, compute_dtype, takes_mask
 
 __all__ = [
     "BatchError",
     "DonatedStateError",
     "apply_train_step",
+    "apply_grads",
     "apply_eval_step",
     "apply_predict",
+    "model_outputs",
     "compute_dtype",
     "split_mask",
     "check_batch",
     "check_loss",
     "train_step",
     "eval_step",
+    "predict_step",
     "train_chunk",
     "eval_chunk",
     "gather",
     "default_steps_per_call",
     "needs_unroll",
 ]
-
-
-class BatchError(ValueError):
-    """A batch that does not fit the model or the loss; raised before XLA runs a step."""
-
-
-class DonatedStateError(RuntimeError):
-    """A TrainState that was donated to a compiled step was used again."""
 
 
 def check_not_donated(state: TrainState) -> None:
@@ -90,88 +88,19 @@ def check_not_donated(state: TrainState) -> None:
             "buffers are gone; use the state that call returned")
 
 
-# --------------------------------------------------------------------------------------------
-# Context the step sets while the user's loss runs (read at trace time only)
-
-_COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("jaxlight_compute_dtype", default=None)
-_BATCH_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("jaxlight_batch_context", default=None)
-
-
-def compute_dtype():
-    """The step's compute dtype while a loss is traced (None, or ``jnp.bfloat16`` under bf16).
-
-    A loss function that builds floats of its own (e.g. from integer inputs) casts them to it.
-    """
-    return _COMPUTE_DTYPE.get()
-
-
-_original_compute_stats = _nnx_norm._compute_stats
-
-
-def _masked_compute_stats(x, axes, dtype=None, axis_name=None, axis_index_groups=None, use_mean=True,
-                          use_fast_variance=True, mask=None):
-    """Flax's statistics, with the step's padding mask and mapped axis applied to batch stats.
-
-    Only normalisations that reduce over axis 0 (the batch axis: ``BatchNorm``) are changed;
-    ``LayerNorm``/``GroupNorm`` statistics are per example and stay as they are.
-    """
-    context = _BATCH_CONTEXT.get()
-    canonical = tuple(a % x.ndim for a in (axes if isinstance(axes, tuple) else (axes,)))
-    if context is None or 0 not in canonical or mask is not None or x.shape[0] != context[0].shape[0]:
-        return _original_compute_stats(x, axes, dtype, axis_name, axis_index_groups, use_mean,
-                                       use_fast_variance, mask)
-    pad_mask, mapped_axis = context
-    axis_name = axis_name or mapped_axis
-    if dtype is None:
-        dtype = jnp.result_type(x)
-    x = jnp.asarray(x, jnp.promote_types(dtype, jnp.float32))
-    weight = pad_mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-    # Sums, not means, so that devices holding different numbers of real rows combine exactly.
-    count = jnp.sum(jnp.broadcast_to(weight, x.shape), canonical)
-    sums = jnp.stack([jnp.sum(x * weight, canonical), jnp.sum(jnp.square(x) * weight, canonical), count])
-    if axis_name is not None:
-        sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-    n = jnp.maximum(sums[2], 1.0)
-    mean = sums[0] / n
-    if not use_mean:
-        return jnp.zeros_like(mean), sums[1] / n
-    return mean, jnp.maximum(0.0, sums[1] / n - jnp.square(mean))
-
-
-class _GlobalRowsRandom:
-    """``jax.random`` for ``nnx.Dropout`` inside a mapped step: each device draws the global
-    batch's mask from the (shared) key and keeps its own rows, so ``pmap`` drops exactly the
-    units one device would. Everything else is ``jax.random`` itself."""
-
-    def __init__(self, axis_name, rows: int):
-        self.axis_name, self.rows = axis_name, rows
-
-    def __getattr__(self, name):
-        return getattr(jax.random, name)
-
-    def bernoulli(self, key, p=0.5, shape=None, **_):
-        if not shape or shape[0] != self.rows:
-            return jax.random.bernoulli(key, p, shape)
-        devices = jax.lax.psum(1, self.axis_name)
-        every = jax.random.bernoulli(key, p, (devices * self.rows, *shape[1:]))
-        return jax.lax.dynamic_slice_in_dim(every, jax.lax.axis_index(self.axis_name) * self.rows, self.rows)
-
-
 @contextlib.contextmanager
-def _running_loss(mask, axis_name, dtype):
-    """While the user's loss is traced: the padding mask and mapped axis for batch statistics,
-    dropout masks of the global batch under a mapped axis, and the compute dtype."""
-    tokens = (_BATCH_CONTEXT.set((mask, axis_name)), _COMPUTE_DTYPE.set(dtype))
-    previous = _nnx_norm._compute_stats, _nnx_stochastic.random
-    _nnx_norm._compute_stats = _masked_compute_stats
-    if axis_name is not None:
-        _nnx_stochastic.random = _GlobalRowsRandom(axis_name, mask.shape[0])
+def _running_loss(model, mask, axis_name, dtype):
+    """While the user's loss is traced on ``model`` (the step's own merged copy): padding-aware
+    BatchNorm and, under a mapped axis, global-batch dropout (``jaxlight.layers``), and the
+    compute dtype (:func:`compute_dtype`)."""
+    token = _COMPUTE_DTYPE.set(dtype)
     try:
-        yield
+        with stand_ins(model, mask, axis_name):
+            yield
+    except LayerError as exc:
+        raise BatchError(str(exc)) from None
     finally:
-        _nnx_norm._compute_stats, _nnx_stochastic.random = previous
-        _BATCH_CONTEXT.reset(tokens[0])
-        _COMPUTE_DTYPE.reset(tokens[1])
+        _COMPUTE_DTYPE.reset(token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,11 +160,24 @@ def _reduce(losses, metrics, mask, axis_name):
 def _loss_for_grad(params, state: TrainState, batch, mask, axis_name):
     dtype = state.compute_dtype
     model = _model(state, True, params, _step_rng_state(state, axis_name))
-    with _running_loss(mask, axis_name, dtype):
+    with _running_loss(model, mask, axis_name, dtype):
         losses, metrics = _call_loss(state, model, _cast(batch, dtype), mask)
     loss, metrics = _reduce(losses, metrics, mask, axis_name)
     model_state = nnx.state(model, MODEL_STATE)
     return loss, (metrics, model_state)
+
+
+def apply_grads(state: TrainState, batch, mask, axis_name: str | None = None):
+    """The gradient of the masked mean loss, pure: ``-> (grads, metrics, model_state)``.
+
+    The first half of :func:`apply_train_step` (which adds the Optax update): ``grads`` is the
+    gradient of the global batch's mean loss (``psum``-ed over ``axis_name``), ``model_state``
+    the model's updated batch statistics.
+    """
+    grads, (metrics, model_state) = jax.grad(_loss_for_grad, has_aux=True)(state.params, state, batch, mask, axis_name)
+    if axis_name is not None:
+        grads = jax.lax.psum(grads, axis_name)
+    return grads, metrics, model_state
 
 
 def apply_train_step(state: TrainState, batch, mask, axis_name: str | None = None):
@@ -251,9 +193,7 @@ def apply_train_step(state: TrainState, batch, mask, axis_name: str | None = Non
         The new state and ``{"loss", <the loss's metrics>, "count"}``: masked means over the
         real rows of the global batch, ``count`` their number.
     """
-    grads, (metrics, model_state) = jax.grad(_loss_for_grad, has_aux=True)(state.params, state, batch, mask, axis_name)
-    if axis_name is not None:
-        grads = jax.lax.psum(grads, axis_name)
+    grads, metrics, model_state = apply_grads(state, batch, mask, axis_name)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
@@ -263,50 +203,65 @@ def apply_train_step(state: TrainState, batch, mask, axis_name: str | None = Non
 def apply_eval_step(state: TrainState, batch, mask, axis_name: str | None = None) -> dict:
     """The loss and metrics of the eval-mode model on one batch, pure; nothing is updated."""
     model = _model(state, False)
-    with _running_loss(mask, axis_name, state.compute_dtype):
+    with _running_loss(model, mask, axis_name, state.compute_dtype):
         losses, metrics = _call_loss(state, model, _cast(batch, state.compute_dtype), mask)
     return _reduce(losses, metrics, mask, axis_name)[1]
 
 
-def apply_predict(state: TrainState, batch, predict_fn=None):
-    """The eval-mode model's outputs on one batch (any pytree), pure.
+def apply_predict(state: TrainState, batch, mask=None, axis_name: str | None = None, predict_fn=None,
+                  train: bool = False):
+    """The model's outputs on one batch (any pytree whose leaves keep the batch axis), pure.
 
     ``predict_fn(model, batch)`` gives them; by default a built-in task's ``predict``, and for
     a user's loss the return value of the first call of the model inside ``loss_fn`` (so
     ``loss_fn`` must run on the batch: give ``predict_fn`` for batches without labels).
+    ``train=True`` runs the train-mode graph (dropout keys of this step, BatchNorm on the
+    batch's real rows; the statistics it computes are dropped), as the train step's forward.
+    Padding rows come out too; the caller drops them (``jaxlight.loop.predict``).
     """
     dtype = state.compute_dtype
-    model = _model(state, False)
+    mask = jnp.ones((_batch_size(batch),), jnp.float32) if mask is None else mask
+    model = _model(state, train, rng_state=_step_rng_state(state, axis_name) if train else None)
     batch = _cast(batch, dtype)
-    with _running_loss(jnp.ones((_batch_size(batch),), jnp.float32), None, dtype):
+    with _running_loss(model, mask, axis_name, dtype):
         if predict_fn is not None:
             return predict_fn(model, batch)
-        if isinstance(state.loss_fn, Task):
-            return state.loss_fn.predict(model, batch)
-        return _first_model_call(model, lambda m: _call_loss(state, m, batch, jnp.ones((_batch_size(batch),))))
+        return model_outputs(state.loss_fn, model, batch, mask)
+
+
+def model_outputs(loss_fn, model, batch, mask):
+    """What prediction returns by default: a built-in task's ``predict``, or the value of the
+    first ``model(...)`` call inside a user's ``loss_fn``."""
+    if isinstance(loss_fn, Task):
+        return loss_fn.predict(model, batch)
+    return _first_model_call(model, lambda m: _call_loss_fn(loss_fn, m, batch, mask))
+
+
+class _FirstCall:
+    """The model as a loss function sees it, recording what its first call returned; every
+    attribute is the model's own."""
+
+    def __init__(self, model):
+        self._model, self.outputs = model, []
+
+    def __call__(self, *args, **kwargs):
+        out = self._model(*args, **kwargs)
+        if not self.outputs:
+            self.outputs.append(out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def _first_model_call(model, run):
     """What ``model(...)`` returned the first time ``run(model)`` called it."""
-    cls, seen = type(model), []
-
-    class _Recording(cls):  # a per-call subclass: the class itself is never modified
-        def __call__(self, *args, **kwargs):
-            out = cls.__call__(self, *args, **kwargs)
-            if not seen:
-                seen.append(out)
-            return out
-
-    _Recording.__name__ = _Recording.__qualname__ = cls.__name__
-    model.__class__ = _Recording
-    try:
-        run(model)
-    finally:
-        model.__class__ = cls
-    if not seen:
+    recording = _FirstCall(model)
+    run(recording)
+    if not recording.outputs:
         raise BatchError("predict: loss_fn never called the model, so there are no outputs to return; "
                          "pass predict_fn=lambda model, batch: ...")
-    return seen[0]
+    return recording.outputs[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,11 +270,6 @@ def _first_model_call(model, run):
 
 def _batch_size(batch) -> int:
     return int(jax.tree.leaves(batch)[0].shape[0])
-
-
-def leaf_name(path, where: str = "batch") -> str:
-    """``batch['image']``, ``batch[0]``, ``batch.x`` for a pytree path."""
-    return where + jax.tree_util.keystr(path)
 
 
 def split_mask(state: TrainState, batch, mask=None):
@@ -343,33 +293,23 @@ def split_mask(state: TrainState, batch, mask=None):
     return batch, jnp.asarray(mask, jnp.float32) if isinstance(mask, jax.Array) else np.asarray(mask, np.float32)
 
 
-def check_structure(batch, where: str = "batch") -> int:
-    """Every leaf an array with the same leading (batch) size; returns that size."""
-    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
-    if not flat:
-        raise BatchError(f"{where} holds no arrays ({type(batch).__name__})")
-    size = None
-    for path, leaf in flat:
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise BatchError(f"{leaf_name(path, where)} must be an array, got {type(leaf).__name__}")
-        if leaf.ndim < 1:
-            raise BatchError(f"{leaf_name(path, where)} is a scalar; every leaf needs a leading batch axis")
-        if size is None:
-            size, first = leaf.shape[0], leaf_name(path, where)
-        elif leaf.shape[0] != size:
-            raise BatchError(f"{leaf_name(path, where)} has {leaf.shape[0]} rows but {first} has {size}: every "
-                             f"leaf of a batch shares the leading (batch) axis")
-    return size
-
-
-def check_batch(state: TrainState, batch, mask=None, where: str = "batch"):
+def check_batch(state: TrainState, batch, mask=None, where: str = "batch", labels: bool = True):
     """Validate one host batch cheaply (no device transfer, no tracing); returns ``(batch, mask)``.
 
     Checks the structure always, and for the built-in tasks the shapes, dtypes and (host numpy)
     label values. Whether the batch fits the model is :func:`check_loss`'s job (once per run).
+    ``labels=False`` (prediction) lets a built-in task's batch come without ``"y"``.
     """
     batch, mask = split_mask(state, batch, mask)
-    if isinstance(state.loss_fn, Task):
+    if isinstance(state.loss_fn, Task) and not labels and isinstance(batch, dict) and "y" not in batch:
+        x = batch.get("x")
+        if x is None or not hasattr(x, "shape"):
+            raise BatchError(f"{where}: the {state.loss_fn.name} task predicts from a batch dict with key 'x', "
+                             f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+        if state.input_shape is not None and tuple(x.shape[1:]) != tuple(state.input_shape):
+            raise BatchError(f"{where}['x'] has shape {tuple(x.shape)}; the model takes "
+                             f"(batch, {', '.join(map(str, state.input_shape))})")
+    elif isinstance(state.loss_fn, Task):
         state.loss_fn.check(batch, state.input_shape, where)
         batch = state.loss_fn.cast_labels(batch)
     check_structure(batch, where)
@@ -445,27 +385,16 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
 
 def _call_loss(state: TrainState, model, batch, mask):
     """``loss_fn(model, batch[, mask])``, its outputs checked against the contract (at trace time)."""
-    masked = takes_mask(state.loss_fn)
-    out = state.loss_fn(model, batch, mask=mask) if masked else state.loss_fn(model, batch)
+    return _call_loss_fn(state.loss_fn, model, batch, mask)
+
+
+def _call_loss_fn(loss_fn, model, batch, mask):
+    masked = takes_mask(loss_fn)
+    out = loss_fn(model, batch, mask=mask) if masked else loss_fn(model, batch)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise BatchError(f"loss_fn returned {type(out).__name__}; it must return (losses, metrics)")
     _check_loss_outputs(*out, mask.shape[0], masked)
     return out
-
-
-def _forward(params, state: TrainState, x):
-    """``(outputs, model_state)`` of the train-mode model on inputs ``x`` (a built-in task's
-    ``batch["x"]``), differentiable in ``params``: for parity checks that hold outputs."""
-    model = _model(state, True, params)
-    with _running_loss(jnp.ones((x.shape[0],), jnp.float32), None, state.compute_dtype):
-        outputs = state.loss_fn.predict(model, {"x": x})
-    return outputs, nnx.state(model, MODEL_STATE)
-
-
-def _loss_fn(params, state: TrainState, batch):
-    """``(loss, (metrics, model_state))`` of a batch dict with an optional ``"mask"``."""
-    batch, mask = split_mask(state, batch)
-    return _loss_for_grad(params, state, batch, jnp.asarray(mask, jnp.float32), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +428,17 @@ def eval_step(state: TrainState, batch, mask=None) -> dict:
     """Metrics of the eval-mode model on one batch, without updating anything."""
     check_not_donated(state)
     return _eval_step_jit(state, *check_batch(state, batch, mask))
+
+
+@functools.partial(jax.jit, static_argnames=("predict_fn",))
+def _predict_jit(state, batch, mask, predict_fn=None):
+    return apply_predict(state, batch, mask, predict_fn=predict_fn)
+
+
+def predict_step(state: TrainState, batch, mask=None, predict_fn=None):
+    """The eval-mode model's outputs on one batch, jit-compiled (padding rows included)."""
+    check_not_donated(state)
+    return _predict_jit(state, *check_batch(state, batch, mask, labels=False), predict_fn=predict_fn)
 
 
 def gather(data, rows):

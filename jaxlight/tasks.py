@@ -30,6 +30,7 @@ labels (:meth:`Task.check`).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,11 +39,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["LossFn", "Task", "regression", "binary", "multiclass", "TASKS", "loss_name", "takes_mask",
+from jaxlight.errors import BatchError
+
+__all__ = ["LossFn", "Task", "compute_dtype", "regression", "binary", "multiclass", "TASKS", "loss_name", "takes_mask",
            "prepare_x"]
 
 LossFn = Callable[..., tuple[Any, dict]]
 """``loss_fn(model, batch) -> (losses (B,), {name: (B,)})``, or with ``mask`` (see above)."""
+
+
+_COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("jaxlight_compute_dtype", default=None)
+
+
+def compute_dtype():
+    """The step's compute dtype while a loss is traced (None, or ``jnp.bfloat16`` under bf16).
+
+    A loss function that builds floats of its own (e.g. from integer inputs) casts them to it.
+    """
+    return _COMPUTE_DTYPE.get()
 
 
 def prepare_x(x, dtype=None):
@@ -104,8 +118,6 @@ class Task:
 
     def predict(self, model, batch):
         """The model's float32 outputs for ``batch["x"]`` (what ``Trainer.predict`` returns)."""
-        from jaxlight.step import compute_dtype
-
         return model(prepare_x(batch["x"], compute_dtype())).astype(jnp.float32)
 
     def check(self, batch, input_shape: tuple | None = None, where: str = "batch") -> None:
@@ -114,8 +126,6 @@ class Task:
         Raises:
             jaxlight.step.BatchError: what is wrong, e.g. ``batch['y'][2] = 10 is outside [0, 10)``.
         """
-        from jaxlight.step import BatchError
-
         if not isinstance(batch, dict) or not {"x", "y"} <= set(batch):
             raise BatchError(f"the {self.name} task takes a batch dict with keys 'x' and 'y', got "
                              f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))

@@ -51,12 +51,12 @@ from jaxlight import checkpoint as ckpt
 from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.data.arrays import ArrayDataset, num_batches
-from jaxlight.data.stream import Batches, pad_batch, to_numpy
+from jaxlight.data.stream import Batches
 from jaxlight.loggers import Logger
-from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, summarize
+from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, predict, summarize
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
-from jaxlight.step import BatchError, apply_predict, check_not_donated, default_steps_per_call, needs_unroll
+from jaxlight.step import check_not_donated, default_steps_per_call, needs_unroll
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
 
@@ -183,9 +183,6 @@ def _wrap(tx, clip_norm, accumulate, skip_nonfinite):
     if skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
     return tx
-
-
-_predict = jax.jit(apply_predict, static_argnums=2)
 
 
 class Trainer:
@@ -523,32 +520,15 @@ class Trainer:
         """
         check_not_donated(state)
         batch_size = batch_size or self.config.eval_batch_size
-        state = self._for_evaluation(self.strategy.to_host_state(state))  # one device: no collectives
+        state = self._for_evaluation(state)
         if isinstance(data, (np.ndarray, jax.Array)):
             data = ArrayDataset({"x": data}) if hasattr(state.loss_fn, "predict") else ArrayDataset(data)
-        elif not isinstance(data, ArrayDataset) and not hasattr(data, "__iter__") and not callable(data):
-            data = ArrayDataset(data)
-        elif isinstance(data, (dict, tuple)):
+        elif isinstance(data, (dict, tuple)) or (not isinstance(data, ArrayDataset) and not hasattr(data, "__iter__")
+                                                 and not callable(data)):
             data = ArrayDataset(data)
         if isinstance(data, ArrayDataset):
-            if state.input_shape is not None and isinstance(data.data, dict) and "x" in data.data:
-                x = data.data["x"]
-                if tuple(x.shape[1:]) != tuple(state.input_shape):
-                    raise BatchError(f"predict: x has shape {tuple(x.shape)}; the model takes "
-                                     f"(N, {', '.join(map(str, state.input_shape))})")
-            host = data.map(np.asarray)
-            pairs = (pad_batch(jax.tree.map(lambda a: a[i:i + batch_size], host.data), batch_size)
-                     for i in range(0, len(host), batch_size))
-        else:
-            pairs = as_source(data, "prediction data").epoch()
-        out = []
-        for batch, mask in pairs:
-            outputs = _predict(state, to_numpy(batch), predict_fn)
-            real = int(mask.sum())
-            out.append(jax.tree.map(lambda a: np.asarray(a)[:real], outputs))
-        if not out:
-            return np.zeros((0,), np.float32)
-        return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
+            data = data.map(np.asarray)
+        return predict(state, data, batch_size, self.strategy, predict_fn)
 
     # -- logging --------------------------------------------------------------------------------
 

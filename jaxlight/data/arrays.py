@@ -4,8 +4,9 @@ The data order is a contract shared by every path (fused epoch, per-step loop, h
 streaming, and the PyTorch reference through :func:`epoch_order`): epoch ``e`` of a run whose
 data key is ``k`` visits the examples in the order ``jax.random.permutation(fold_in(k, e), N)``,
 cut into batches of ``batch_size``. The last partial batch is **padded, not dropped**: it is
-filled with copies of example 0 whose ``mask`` is 0, so losses and metrics average over the real
-examples only. Every batch then has the same shape (one compiled program for the whole run)
+filled with copies of that batch's first example whose ``mask`` is 0, so losses and metrics average over the real
+examples only (``jaxlight.data.stream.pad_batch`` is the same rule for batches from an
+iterable). Every batch then has the same shape (one compiled program for the whole run)
 and an epoch sees every example exactly once, as PyTorch's ``DataLoader(drop_last=False)`` does.
 """
 
@@ -23,6 +24,7 @@ from jaxlight.tasks import prepare_x  # noqa: F401  (re-exported: where it used 
 __all__ = [
     "ArrayDataset",
     "batch_indices",
+    "data_key",
     "epoch_order",
     "prepare_x",
     "num_batches",
@@ -30,6 +32,16 @@ __all__ = [
     "iterate_batches",
     "iterate_masked",
 ]
+
+
+# The stream folded into the run's seed for the data order (``jaxlight.state`` folds another
+# for the model's randomness), so that changing one never changes the other.
+_DATA_STREAM = 1
+
+
+def data_key(seed: int) -> jax.Array:
+    """The key from which each epoch's shuffle is drawn (``fold_in(data_key, epoch)``)."""
+    return jax.random.fold_in(jax.random.key(seed), _DATA_STREAM)
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -55,7 +67,8 @@ def batch_indices(key: jax.Array, n: int, batch_size: int, shuffle: bool = True)
     order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
     nb = num_batches(n, batch_size)
     pad = nb * batch_size - n
-    idx = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).astype(jnp.int32)
+    # Padding repeats the last batch's first row, as ``stream.pad_batch`` does.
+    idx = jnp.concatenate([order, jnp.full((pad,), order[(nb - 1) * batch_size], order.dtype)]).astype(jnp.int32)
     mask = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
     return idx.reshape(nb, batch_size), mask.reshape(nb, batch_size)
 
@@ -71,8 +84,6 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndar
         >>> idx.shape, int(mask.sum())
         ((3, 4), 10)
     """
-    from jaxlight.state import data_key
-
     key = jax.random.fold_in(data_key(seed), epoch)
     idx, mask = batch_indices(key, n, batch_size, True)
     return np.asarray(idx), np.asarray(mask)

@@ -17,7 +17,33 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-__all__ = ["Batches", "to_numpy", "pad_batch"]
+from jaxlight.errors import BatchError
+
+__all__ = ["Batches", "to_numpy", "pad_batch", "check_structure", "leaf_name"]
+
+
+def leaf_name(path, where: str = "batch") -> str:
+    """``batch['image']``, ``batch[0]``, ``batch.x`` for a pytree path."""
+    return where + jax.tree_util.keystr(path)
+
+
+def check_structure(batch, where: str = "batch") -> int:
+    """Every leaf an array with the same leading (batch) size; returns that size."""
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not flat:
+        raise BatchError(f"{where} holds no arrays ({type(batch).__name__})")
+    size = None
+    for path, leaf in flat:
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise BatchError(f"{leaf_name(path, where)} must be an array, got {type(leaf).__name__}")
+        if leaf.ndim < 1:
+            raise BatchError(f"{leaf_name(path, where)} is a scalar; every leaf needs a leading batch axis")
+        if size is None:
+            size, first = leaf.shape[0], leaf_name(path, where)
+        elif leaf.shape[0] != size:
+            raise BatchError(f"{leaf_name(path, where)} has {leaf.shape[0]} rows but {first} has {size}: every "
+                             f"leaf of a batch shares the leading (batch) axis")
+    return size
 
 
 def to_numpy(batch):
@@ -31,7 +57,11 @@ def to_numpy(batch):
 
 
 def pad_batch(batch, size: int):
-    """``(batch padded to size rows, mask)``: padding rows copy row 0 and have mask 0."""
+    """``(batch padded to size rows, mask)``: padding rows copy row 0 and have mask 0.
+
+    This is the one padding rule: ``jaxlight.data.batch_indices`` pads an epoch's last batch
+    with the index of that batch's first row, so the device path builds the same batch.
+    """
     n = jax.tree.leaves(batch)[0].shape[0]
     mask = np.zeros((size,), np.float32)
     mask[:n] = 1.0
@@ -83,8 +113,6 @@ class Batches:
             return None
 
     def _check(self, batch, index: int):
-        from jaxlight.step import BatchError, check_structure
-
         size = check_structure(batch, f"{self.name}, batch {index}:")
         treedef, leaves = _signature(batch)
         if self._signature is None:
@@ -127,8 +155,6 @@ class Batches:
         """The first ``(batch, mask)`` (for checks before training). The pass it starts is the
         one the next :meth:`epoch` continues, so a source whose order depends on how often it
         was iterated (an epoch counter, a sampler) is not advanced by the check."""
-        from jaxlight.step import BatchError
-
         iterator = self.iterator()
         for raw in iterator:
             self._pending = (raw, iterator)
