@@ -155,7 +155,7 @@ def test_lr_schedule_is_followed_and_logged(small, accumulate):
     train, _ = small
     schedule = SCHEDULE
     monitor = LearningRateMonitor(schedule)
-    Trainer(_config(max_steps=5, steps_per_execution=1, accumulate_grad_batches=accumulate),
+    Trainer(_config(max_epochs=2, max_steps=5, steps_per_execution=1, accumulate_grad_batches=accumulate),
             callbacks=[monitor]).fit(_state(tx=ADAM_SCHEDULED), train)
     # A step is an optimizer update (a window of `accumulate` batches): after step s the
     # optimizer has made s updates, and the next one uses that count.
