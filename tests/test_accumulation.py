@@ -76,8 +76,9 @@ def _mean_loss(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def reference(tx, data, epochs, batch=64):
-    """Plain Optax on batches of 64 in the contract's order: (params, number of updates)."""
+def reference(tx, data, epochs, batch=64, skip=()):
+    """Plain Optax on batches of 64 in the contract's order: (params, number of updates). The
+    batches that hold an example in ``skip`` make no update."""
     params = as_dict(new_state(tx))
     opt_state, updates, n = tx.init(params), 0, len(data)
 
@@ -91,8 +92,9 @@ def reference(tx, data, epochs, batch=64):
         order = np.asarray(jax.random.permutation(jax.random.fold_in(data_key(SEED), epoch), n))
         for s in range(0, n, batch):
             rows = order[s:s + batch]
-            params, opt_state = step(params, opt_state, data.x[rows], data.y[rows])
             updates += 1
+            if not set(rows.tolist()) & set(skip):
+                params, opt_state = step(params, opt_state, data.x[rows], data.y[rows])
     return params, updates
 
 
@@ -168,6 +170,23 @@ def test_epoch_metrics_and_logged_steps_count_updates():
     assert trainer.history[0].metrics["count"] == 2040
     # max_steps counts updates.
     assert int(Trainer(quiet(max_steps=5, accumulate_grad_batches=4)).fit(new_state(SGD), data).step) == 5
+
+
+def test_a_non_finite_micro_batch_skips_its_window():
+    """nan_policy='skip': a NaN in one example makes its window's gradient non-finite, and that
+    window makes no update; the others are the batch-64 updates."""
+    clean = dataset(2040)
+    x = np.array(clean.x)
+    x[100, 2] = np.nan
+    data = ArrayDataset(x, clean.y)
+    expected, _ = reference(ADAM, clean, epochs=2, skip=[100])
+    trainer = Trainer(quiet(max_epochs=2, accumulate_grad_batches=4, nan_policy="skip", check_finite=False))
+    state = trainer.fit(new_state(ADAM), data)
+    windows_with_100 = [int(np.flatnonzero(np.asarray(jax.random.permutation(
+        jax.random.fold_in(data_key(SEED), e), 2040)) == 100)[0]) // 64 for e in (0, 1)]
+    assert trainer.skipped_steps == [windows_with_100[0] + 1, 32 + windows_with_100[1] + 1]
+    assert int(state.step) == 64
+    assert_close(state, expected)
 
 
 def test_an_all_padding_micro_batch_changes_nothing():
