@@ -46,7 +46,8 @@ from jaxlight.step import (
 )
 from jaxlight.tasks import Task
 
-__all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "summarize", "train_epoch", "evaluate", "fit"]
+__all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "steps_per_epoch", "summarize", "train_epoch", "evaluate",
+           "fit"]
 
 
 @dataclass
