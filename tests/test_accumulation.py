@@ -149,6 +149,19 @@ def test_16_by_4_is_batch_64_streamed(n):
     assert history[-1].metrics["count"] == n
 
 
+def test_accumulated_epochs_compile_once():
+    """The fused epoch with its padded last window is one program; the streamed windows, the
+    last one padded with an all-padding micro-batch, one more."""
+    from jaxlight.step import accumulated_chunk, accumulated_step
+
+    data = dataset(2040)
+    chunks, steps = accumulated_chunk._cache_size(), accumulated_step._cache_size()
+    state, _ = loop.fit(new_state(SGD), data, epochs=3, batch_size=16, accumulate=4)
+    assert accumulated_chunk._cache_size() == chunks + 1 and int(state.step) == 3 * 32
+    state, _ = loop.fit(new_state(SGD), data, epochs=2, batch_size=16, accumulate=4, on_device=False)
+    assert accumulated_step._cache_size() == steps + 1 and int(state.step) == 2 * 32
+
+
 def test_epoch_metrics_and_logged_steps_count_updates():
     """Per-update metrics are the window's example-weighted means; steps count updates."""
     data = dataset(2040)
