@@ -118,7 +118,12 @@ def markdown(res: dict) -> str:
                      f"{r['s_per_epoch']:.2f} | {_fmt(r.get('ratio_to_fused'), '.2f')} | "
                      f"{_fmt(100 * r['fraction_of_peak'], '.1f')} | {first} | {_fmt(r.get('compile_s'), '.2f')} | "
                      f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_load_range(r)} |")
-    if res["results"]:
+    if any(r.get("timing") == "whole epochs" for r in res["results"]):
+        lines += ["", "jaxlight: whole epochs of `loop.fit` (fused, per-step) and `Trainer.fit`, one per repeat; "
+                  "s/epoch is their median, first call s the first epoch (compilation included), compile s that "
+                  "minus a steady epoch. torch and Lightning: windows of steps; s/epoch is the median step time x "
+                  "steps per epoch, first call s the first window, compile s that minus as many steady steps."]
+    elif res["results"]:
         lines += ["", "First call: the variant's first window (jaxlight fused: one compiled chunk; the Trainer: its "
                   "whole first epoch), compilation included; compile s: that minus the same number of steady steps."]
     met = targets(res)

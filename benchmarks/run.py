@@ -1,12 +1,14 @@
 """One command for the whole suite: ``python -m benchmarks.run [--quick|--tiny] [--out DIR]``.
 
 For each model and batch size, every variant (``benchmarks.variants``) is built and warmed up
-(compilation timed), then timed ``--repeats`` times in an interleaved order (A B C ... A B C
-...), so that drift in the machine's load hits every variant alike; each timing is a window of
-synchronised steps. Reported: medians, samples/s, seconds per epoch (the median step time x
-steps per epoch), the ratio to ``jaxlight`` fused, the fraction of the matmul peak measured in
-the same run, and the process's peak resident memory growth while the variant warmed up.
-Then time to a target test accuracy for the variants named in the mode's settings.
+(compilation timed), then timed ``--repeats`` times in an interleaved order (A B C ... C B A
+...), so that drift in the machine's load hits every variant alike. jaxlight's variants are
+timed in whole epochs of what users run (``loop.fit``, ``Trainer.fit``), the first epoch
+(compilation) apart; the torch variants in windows of synchronised steps. Reported: medians,
+samples/s, seconds per epoch (jaxlight: the median epoch; torch: the median step time x steps
+per epoch), the ratio to ``jaxlight`` fused, the fraction of the matmul peak measured in the
+same run, and the process's peak resident memory growth while the variant warmed up. Then time
+to a target test accuracy for the variants named in the mode's settings.
 
 Writes ``results.json`` (hardware, versions, settings, every timing), ``results.md`` and
 ``throughput.png`` / ``time_to_accuracy.png`` into ``--out``.
@@ -57,7 +59,6 @@ class Settings:
     seed: int = 0
     tta_seeds: tuple = (0,)           # time to accuracy: one fresh run per seed, mean ± std
     throughput: bool = True           # False: time to accuracy only
-    trainer_epochs: int | None = None  # jax_trainer: timed epochs after the first (default: repeats)
     allow_busy: bool = False          # run on a busy machine anyway (tables marked BUSY MACHINE)
     torch_threads: int | None = None  # None: torch's default (one per core)
     # The recipes' learning rates (jaxlight.recipes: mlp 1e-2, cnn 1e-3, lstm 2e-3), Adam.
@@ -192,13 +193,13 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
                 t0 = time.perf_counter()
                 variant = make(name, ctx)
                 row["build_s"] = time.perf_counter() - t0
-                if hasattr(variant, "run_epochs"):
-                    # A whole-epoch runner (the Trainer) is measured in steady state: one fit
-                    # over 1 + n epochs, timed per epoch; the first (compilation) apart.
-                    epochs = variant.run_epochs(1 + (settings.trainer_epochs or settings.repeats))
-                    row.update(warmup_s=epochs[0], first_epoch_s=epochs[0], warmup_steps=ctx.num_batches,
-                               timed_steps=ctx.num_batches, load_during=[list(loadavg())], load_after=list(loadavg()))
-                    times[name] = [t / ctx.num_batches for t in epochs[1:]]
+                if hasattr(variant, "run_epoch"):
+                    # Whole epochs as users run them: the first one (compilation) apart, then
+                    # one steady epoch per repeat below.
+                    row["warmup_s"] = row["first_epoch_s"] = variant.run_epoch()
+                    row.update(window_steps=ctx.num_batches, warmup_steps=ctx.num_batches, timed_steps=ctx.num_batches,
+                               timing="whole epochs")
+                    live[name], times[name] = variant, []
                 else:
                     # Compilation and warm-up: the first steps (one window for the fused
                     # variant, which compiles the K it will be timed with).
@@ -208,6 +209,7 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
                     # Windows shorter than min_window_s are mostly scheduler noise on a loaded
                     # machine: time a whole multiple of the compiled window instead.
                     row["timed_steps"] = window * max(1, math.ceil(settings.min_window_s / max(settle_s, 1e-9)))
+                    row["timing"] = "windows of steps"
                     live[name], times[name] = variant, []
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else mem.mb
             row["peak_mem_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process RSS growth during warm-up"
@@ -226,7 +228,9 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
         for name in order:
             row = rows[name]
             try:
-                times[name].append(live[name].run(row["timed_steps"]) / row["timed_steps"])
+                variant = live[name]
+                seconds = variant.run_epoch() if hasattr(variant, "run_epoch") else variant.run(row["timed_steps"])
+                times[name].append(seconds / row["timed_steps"])
             except Exception as exc:
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
@@ -355,8 +359,6 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", default=None, help="learning rates instead of the recipes', e.g. mlp=0.001,cnn=0.002")
     parser.add_argument("--seeds", default=None, help="time to accuracy over these seeds, e.g. 0,1,2 (mean ± std)")
     parser.add_argument("--tta-only", action="store_true", help="skip the throughput tables: time to accuracy only")
-    parser.add_argument("--trainer-epochs", type=int, default=None,
-                        help="jax_trainer: epochs timed after its first (default: --repeats)")
     parser.add_argument("--allow-busy", action="store_true",
                         help=f"run although the 1-minute load average exceeds {BUSY_PER_CORE} per core; "
                              f"every table is then marked '{BUSY_MARK}'")
@@ -394,8 +396,7 @@ def main(argv=None) -> int:
         overrides["tta_max_seconds"] = args.tta_max_seconds or None
     if args.allow_busy:
         overrides["allow_busy"] = True
-    for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads",
-                "trainer_epochs"):
+    for key in ("repeats", "window_samples", "tta_batch_size", "tta_evals_per_epoch", "torch_threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.tta:

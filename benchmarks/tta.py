@@ -25,11 +25,9 @@ def time_to_accuracy(name: str, ctx: Context, target: float, max_epochs: float, 
     variant = make(name, ctx)
     nb = ctx.num_batches
     chunk = max(1, nb // evals_per_epoch)
-    if hasattr(variant, "fit_to_accuracy"):  # a trainer that owns its loop: evaluated from a callback
+    if hasattr(variant, "fit_to_accuracy"):  # a library that owns its loop (jaxlight, Lightning)
         return {"variant": name, "model": ctx.model, "batch_size": ctx.batch_size, "target": target,
                 **variant.fit_to_accuracy(target, max_epochs, chunk, max_seconds, t0)}
-    if hasattr(variant, "exact"):
-        variant.exact = True  # see every example of every epoch
     elapsed = build_s = time.perf_counter() - t0
     steps, curve, reached, chunk_seconds = 0, [], None, []
     while steps < max_epochs * nb:

@@ -5,21 +5,25 @@ initialisation) with Adam at the recipe's learning rate on MNIST, batch ``B``:
 
 | name | what runs |
 | --- | --- |
-| ``jax_fused`` | ``jaxlight.step.train_chunk`` with K = the timed window: K steps in one ``lax.scan`` |
-| ``jax_step`` | one compiled step per batch from a host loop (``train_chunk`` with K = 1, data on device) |
+| ``jax_fused`` | ``jaxlight.loop.fit`` on device data, default K (an epoch in one compiled program) |
+| ``jax_step`` | ``jaxlight.loop.fit(steps_per_call=1)``: one compiled call per batch from the host loop |
 | ``jax_trainer`` | ``jaxlight.trainer.Trainer.fit`` (skipped with the reason when it is not installed) |
 | ``torch_dataloader`` | the tutorial: ``DataLoader(torchvision.datasets.MNIST(ToTensor()), shuffle=True)`` |
 | ``torch_memory`` | in-memory float tensors, batches by index (``torch_ref.data.MemoryLoader``'s way) |
 | ``torch_compile`` | ``torch_memory`` with ``torch.compile(model)`` |
 | ``lightning`` | PyTorch Lightning's ``Trainer.fit`` on the ``torch_ref`` model, in-memory ``DataLoader`` |
 
-Interface: ``v = make(name, ctx)``; ``v.run(steps)`` trains ``steps`` steps and returns the
-synchronised wall time; ``v.accuracy()`` is the test accuracy now. The first ``run`` includes
-compilation. A variant that cannot run here raises :class:`Skip` with the reason.
+Interface: ``v = make(name, ctx)``; ``v.accuracy()`` is the test accuracy now. jaxlight's
+variants are timed as their users run them, in whole epochs: ``v.run_epoch()`` trains one epoch
+through the library's entry point and returns its synchronised seconds (the first includes
+compilation). The torch variants are timed in windows of steps: ``v.run(steps)`` returns the
+synchronised wall time of ``steps`` steps (the first call includes any compilation). A variant
+that cannot run here raises :class:`Skip` with the reason.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -61,7 +65,18 @@ class Context:
 
 # -- jaxlight -----------------------------------------------------------------------------------
 
-class _Jax:
+class _JaxEpochs:
+    """jaxlight as its users run it, timed in whole epochs: ``run_epoch()`` trains one more
+    epoch through the library's own entry point and returns its synchronised seconds. The
+    first call compiles (the harness reports it apart); later ones are steady epochs.
+
+    Time to accuracy (``fit_to_accuracy``) drives the library's epoch runner
+    (``jaxlight.loop.EpochRunner``, what ``loop.fit`` iterates) and evaluates between its
+    chunks with the clock paused.
+    """
+
+    steps_per_call: int | None = None  # K; None: the library's default (the whole epoch, mostly)
+
     def __init__(self, ctx: Context):
         import jax
         from jaxlight import ArrayDataset, build_model, create_train_state, make_optimizer, tasks
@@ -71,69 +86,87 @@ class _Jax:
                                         tasks.multiclass(), ctx.seed)
         self.train = ArrayDataset(ctx.train_x, ctx.train_y).to_device()
         self.test = ArrayDataset(ctx.test_x, ctx.test_y).to_device()
-        self.epoch, self.pos, self.idx, self.mask = -1, ctx.num_batches, None, None
-
-    def _next_epoch(self):
-        from jaxlight.data import batch_indices
-
-        self.epoch += 1
-        key = self.jax.random.fold_in(self.state.rng, self.epoch)
-        self.idx, self.mask = batch_indices(key, len(self.ctx.train_y), self.ctx.batch_size, True)
-        self.pos = 0
 
     def accuracy(self) -> float:
         from jaxlight.loop import evaluate
 
         return evaluate(self.state, self.test)["accuracy"]
 
+    def _check_epoch(self, done: int) -> None:
+        if int(self.state.step) != done + self.ctx.num_batches:
+            raise RuntimeError(f"{type(self).__name__} ran {int(self.state.step) - done} steps in an epoch of "
+                               f"{self.ctx.num_batches}")
 
-class JaxFused(_Jax):
-    """K steps per compiled program. A window that would cross the end of the epoch starts the
-    next epoch instead (timing windows keep one K, so one compilation); ``exact=True`` (time to
-    accuracy) runs the epoch's remaining batches first, so every example is seen."""
+    def run_epoch(self) -> float:
+        """One ``loop.fit`` epoch: ``EpochResult.seconds`` (the epoch's chunks and its metrics,
+        synchronised; ``fit``'s one-off data check before the first epoch is not in it)."""
+        from jaxlight import loop
 
-    exact = False
-    k = None  # the chunk length: set by the first call (the one that compiles), kept after
+        done = int(self.state.step)
+        self.state, history = loop.fit(self.state, self.train, epochs=1, batch_size=self.ctx.batch_size,
+                                       steps_per_call=self.steps_per_call)
+        self._check_epoch(done)
+        return history[-1].seconds
 
-    def run(self, steps: int) -> float:
-        from jaxlight.step import train_chunk
+    def fit_to_accuracy(self, target: float, max_epochs: float, every: int, max_seconds: float | None,
+                        t0: float) -> dict:
+        """Train until the test accuracy, measured every ``every`` steps and at epoch ends with
+        the clock paused, reaches ``target``. ``t0``: when the clock started (before the variant
+        was built, so compilation counts). Returns what ``benchmarks.tta.time_to_accuracy`` does."""
+        from jaxlight.loop import EpochRunner
+        from jaxlight.parallel import get_strategy
+        from jaxlight.step import default_steps_per_call, needs_unroll
 
-        self.k = self.k or steps
-        t0 = time.perf_counter()
-        while steps > 0:
-            k = min(self.k, steps)
-            if self.pos >= self.ctx.num_batches or (not self.exact and self.pos + k > self.ctx.num_batches):
-                self._next_epoch()
-            k = min(k, self.ctx.num_batches - self.pos)
-            self.state, metrics = train_chunk(self.state, self.train.data, self.idx, self.mask, k, self.pos)
-            self.pos += k
-            steps -= k
-        self.jax.block_until_ready(metrics)
-        return time.perf_counter() - t0
+        nb, strategy = self.ctx.num_batches, get_strategy(None)
+        k = min(self.steps_per_call or default_steps_per_call(self.state, nb), every)
+        state = strategy.prepare_state(self.state)
+        paused, curve, steps, reached, chunk_seconds = 0.0, [], 0, None, []
+        last, done, epoch = time.perf_counter(), False, 0
+        while not done:
+            runner = EpochRunner(state, self.train, epoch, self.ctx.batch_size, strategy, k,
+                                 unroll=k > 1 and needs_unroll(state))
+            for state, metrics, n in runner:
+                steps += n
+                if steps % every and runner.position < nb:  # evaluate every `every` steps and at epoch ends
+                    continue
+                self.jax.block_until_ready(metrics)
+                now = time.perf_counter()
+                chunk_seconds.append(now - last)
+                elapsed = now - t0 - paused  # training time so far: earlier evaluations excluded
+                self.state = state
+                acc = self.accuracy()
+                curve.append([elapsed, steps, acc])
+                reached = elapsed if acc >= target else None
+                done = (reached is not None or steps >= max_epochs * nb
+                        or (max_seconds is not None and elapsed > max_seconds))
+                if done:
+                    break
+                last = time.perf_counter()
+                paused += last - now
+            epoch += 1
+        typical = sorted(chunk_seconds[1:])[len(chunk_seconds[1:]) // 2] if len(chunk_seconds) > 1 else 0.0
+        compile_s = max(0.0, chunk_seconds[0] - typical) + (curve[0][0] - chunk_seconds[0] if curve else 0.0)
+        return {"reached": reached is not None, "seconds": reached, "compile_s": compile_s,
+                "train_s": None if reached is None else reached - compile_s, "steps": steps, "epochs": steps / nb,
+                "chunk_seconds": chunk_seconds, "curve": curve}
 
 
-class JaxStep(_Jax):
-    """One dispatch per step: the library's K = 1 path (batch gathered on the device)."""
-
-    def run(self, steps: int) -> float:
-        from jaxlight.step import train_chunk
-
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            if self.pos >= self.ctx.num_batches:
-                self._next_epoch()
-            self.state, metrics = train_chunk(self.state, self.train.data, self.idx, self.mask, 1, self.pos)
-            self.pos += 1
-        self.jax.block_until_ready(metrics)
-        return time.perf_counter() - t0
+class JaxFused(_JaxEpochs):
+    """``jaxlight.loop.fit`` on an ``ArrayDataset`` on the device, the default K (the whole
+    epoch in one compiled program, except where ``default_steps_per_call`` says otherwise)."""
 
 
-class JaxTrainer(_Jax):
-    """``Trainer.fit`` in steady state: one Trainer, one ``fit`` over whole epochs, each epoch
-    timed by a callback (``run_epochs``); no validation, no progress bar. What a user of the
-    Trainer pays per epoch on top of the fused chunks, with the first epoch (compilation)
-    reported apart. ``run(steps)`` (time to accuracy) fits ``steps`` more steps with a new
-    Trainer, setup included, as a user resuming would."""
+class JaxStep(_JaxEpochs):
+    """``jaxlight.loop.fit(..., steps_per_call=1)``: one compiled call per batch from the host
+    loop (the batch still gathered on the device)."""
+
+    steps_per_call = 1
+
+
+class JaxTrainer(_JaxEpochs):
+    """``jaxlight.trainer.Trainer.fit``, one epoch per call (no validation, no progress bar), timed
+    from its ``on_fit_start`` to its ``on_epoch_end`` (synchronised): the epoch with every hook,
+    NaN check and metric reduction, without ``fit``'s one-off data check and device transfer."""
 
     def __init__(self, ctx: Context):
         try:
@@ -148,38 +181,63 @@ class JaxTrainer(_Jax):
         return self.TrainerConfig(batch_size=self.ctx.batch_size, val_every_n_epochs=None,
                                   enable_progress_bar=False, handle_sigterm=False, **kw)
 
-    def run_epochs(self, epochs: int) -> list[float]:
-        """Seconds of each of ``epochs`` epochs of one ``fit`` (each ends synchronised)."""
+    def run_epoch(self) -> float:
         jax = self.jax
 
         class EpochClock(self.Callback):
-            def __init__(self):
-                self.stamps = []
-
             def on_fit_start(self, trainer, state):
-                self.stamps.append(time.perf_counter())
+                self.start = time.perf_counter()
 
             def on_epoch_end(self, trainer, state, metrics):
                 jax.block_until_ready(state.params)
-                self.stamps.append(time.perf_counter())
+                self.seconds = time.perf_counter() - self.start
 
-        clock = EpochClock()
-        done = int(self.state.step)
+        clock, done = EpochClock(), int(self.state.step)
+        epochs = done // self.ctx.num_batches + 1  # fit continues at epoch step // steps_per_epoch
         self.state = self.Trainer(self._config(max_epochs=epochs), callbacks=[clock]).fit(self.state, self.train)
-        if int(self.state.step) != done + epochs * self.ctx.num_batches or len(clock.stamps) != epochs + 1:
-            raise RuntimeError(f"Trainer.fit ran {int(self.state.step) - done} steps in {len(clock.stamps) - 1} "
-                               f"epochs, asked for {epochs} epochs of {self.ctx.num_batches}")
-        return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        self._check_epoch(done)
+        return clock.seconds
 
-    def run(self, steps: int) -> float:
-        done = int(self.state.step)
-        t0 = time.perf_counter()
-        self.state = self.Trainer(self._config(max_epochs=10 ** 6, max_steps=done + steps)).fit(self.state, self.train)
-        self.jax.block_until_ready(self.state.params)
-        elapsed = time.perf_counter() - t0
-        if int(self.state.step) != done + steps:
-            raise RuntimeError(f"Trainer.fit ran {int(self.state.step) - done} steps, asked for {steps}")
-        return elapsed
+    def fit_to_accuracy(self, target: float, max_epochs: float, every: int, max_seconds: float | None,
+                        t0: float) -> dict:
+        """One ``Trainer.fit`` whose callback evaluates every ``every`` steps (clock paused) and
+        stops it at ``target``."""
+        variant, nb = self, self.ctx.num_batches
+
+        class Eval(self.Callback):
+            def __init__(self):
+                self.paused, self.curve, self.reached, self.chunk_seconds = 0.0, [], None, []
+                self.last = None
+
+            def on_fit_start(self, trainer, state):
+                self.last = time.perf_counter()
+
+            def on_train_chunk_end(self, trainer, state, metrics):
+                if trainer.global_step % every and trainer.batch < nb:
+                    return
+                now = time.perf_counter()
+                self.chunk_seconds.append(now - self.last)
+                elapsed = now - t0 - self.paused
+                variant.state = state
+                acc = variant.accuracy()
+                self.curve.append([elapsed, trainer.global_step, acc])
+                if acc >= target:
+                    self.reached = elapsed
+                    trainer.should_stop = True
+                elif max_seconds is not None and elapsed > max_seconds:
+                    trainer.should_stop = True
+                self.last = time.perf_counter()
+                self.paused += self.last - now
+
+        cb = Eval()
+        self.state = self.Trainer(self._config(max_epochs=math.ceil(max_epochs), max_steps=int(max_epochs * nb),
+                                               steps_per_execution=every), callbacks=[cb]).fit(self.state, self.train)
+        steps = cb.curve[-1][1] if cb.curve else 0
+        typical = sorted(cb.chunk_seconds[1:])[len(cb.chunk_seconds[1:]) // 2] if len(cb.chunk_seconds) > 1 else 0.0
+        compile_s = max(0.0, cb.chunk_seconds[0] - typical) + (cb.curve[0][0] - cb.chunk_seconds[0] if cb.curve else 0.0)
+        return {"reached": cb.reached is not None, "seconds": cb.reached, "compile_s": compile_s,
+                "train_s": None if cb.reached is None else cb.reached - compile_s, "steps": steps, "epochs": steps / nb,
+                "chunk_seconds": cb.chunk_seconds, "curve": cb.curve}
 
 
 # -- torch --------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlight.data.arrays import ArrayDataset, batch_indices, num_batches
+from jaxlight.data.arrays import ArrayDataset, batch_indices, num_batches, windows
 from jaxlight.data.stream import Batches
 from jaxlight.parallel import Strategy, get_strategy
 from jaxlight.state import TrainState
@@ -46,7 +46,8 @@ from jaxlight.step import (
 )
 from jaxlight.tasks import Task
 
-__all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "summarize", "train_epoch", "evaluate", "predict",
+__all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "steps_per_epoch", "summarize", "train_epoch",
+           "evaluate", "predict",
            "fit"]
 
 
@@ -141,6 +142,14 @@ class EpochRunner:
         mode: ``"train"`` (the pure train step), ``"eval"`` (the eval step: metrics, nothing
             updated) or ``"predict"`` (the eval-mode outputs, one batch per call).
         predict_fn: for ``mode="predict"``, see ``jaxlight.step.apply_predict``.
+        accumulate: micro-batches per optimizer step (gradient accumulation,
+            ``jaxlight.step.apply_accumulated_step``). A step is then a window of that many
+            consecutive batches of the epoch; the last window of an epoch takes the batches
+            that are left (a window never crosses an epoch's end).
+
+    Steps count optimizer updates: ``steps_per_call``, ``start``, ``position`` and
+    ``num_batches`` (steps per epoch, None for a source of unknown length) are in windows
+    when ``accumulate > 1``.
 
     Iterating yields ``(state, out, steps)`` after each chunk: ``out`` the chunk's per-step
     metrics (``(steps,)`` each, on the device), or in predict mode ``(outputs, mask)`` of one
@@ -151,7 +160,7 @@ class EpochRunner:
 
     def __init__(self, state: TrainState, data, epoch: int, batch_size: int, strategy: Strategy,
                  steps_per_call: int, start: int = 0, shuffle: bool = True, unroll: bool = False,
-                 mode: str = "train", predict_fn=None):
+                 mode: str = "train", predict_fn=None, accumulate: int = 1):
         if mode not in ("train", "eval", "predict"):
             raise ValueError(f"mode must be 'train', 'eval' or 'predict', got {mode!r}")
         self.state, self.data, self.epoch = state, data, epoch
@@ -159,12 +168,10 @@ class EpochRunner:
         self.k = 1 if mode == "predict" else steps_per_call
         self.position, self.shuffle, self.unroll = start, shuffle, unroll
         self.mode, self.predict_fn = mode, predict_fn
+        self.accumulate = accumulate if mode == "train" else 1
         self.next_length: int | None = None
         self.finished = False
-        if isinstance(data, ArrayDataset):
-            self.num_batches = num_batches(len(data), batch_size)
-        else:
-            self.num_batches = data.num_batches
+        self.num_batches = steps_per_epoch(data, batch_size, accumulate)
 
     def _length(self) -> int:
         n = self.next_length or self.k
@@ -181,13 +188,19 @@ class EpochRunner:
         self.finished = True
 
     def _chunk(self, state, data, idx, mask, steps: int, start: int):
-        if self.mode == "train":
-            return self.strategy.train_chunk(state, data, idx, mask, steps, start, unroll=self.unroll)
-        return state, self.strategy.eval_chunk(state, data, idx, mask, steps, start)
+        if self.mode == "eval":
+            return state, self.strategy.eval_chunk(state, data, idx, mask, steps, start)
+        run = self.strategy.accumulated_chunk if self.accumulate > 1 else self.strategy.train_chunk
+        return run(state, data, idx, mask, steps, start, unroll=self.unroll)
 
-    def _step(self, state, batch, mask):
+    def _step(self, state, window: list):
+        """One step on the host-streamed path: a window of ``accumulate`` ``(batch, mask)``
+        pairs (one pair without accumulation, and always for eval and predict)."""
         if self.mode == "train":
-            return self.strategy.train_step(state, batch, mask)
+            if self.accumulate == 1:
+                return self.strategy.train_step(state, *window[0])
+            return self.strategy.train_window(state, window, unroll=self.unroll)
+        batch, mask = window[0]
         if self.mode == "eval":
             return state, self.strategy.eval_step(state, batch, mask)
         return state, (self.strategy.predict_step(state, batch, mask, self.predict_fn), np.asarray(mask))
@@ -195,13 +208,14 @@ class EpochRunner:
     def _arrays(self):
         key = jax.random.fold_in(self.state.rng, self.epoch) if self.shuffle else None
         strategy, state = self.strategy, self.state
-        fused = self.data.on_device and self.mode != "predict"
+        fused, a = self.data.on_device and self.mode != "predict", self.accumulate
         if fused:
             data = strategy.prepare_data(self.data).data
-            idx, mask = strategy.prepare_indices(*batch_indices(
-                key if key is not None else jax.random.key(0), len(self.data), self.batch_size, self.shuffle))
+            order = batch_indices(key if key is not None else jax.random.key(0), len(self.data), self.batch_size,
+                                  self.shuffle)
+            idx, mask = strategy.prepare_indices(*(windows(*order, a) if a > 1 else order))
         else:  # host-resident: this process's rows of each step, gathered and streamed
-            host = strategy.iterate_batches(self.data, self.batch_size, key, start=self.position)
+            host = _steps(strategy.iterate_batches(self.data, self.batch_size, key, start=self.position * a), a)
         while self.position < self.num_batches:
             steps = self._length()
             if fused:
@@ -219,8 +233,8 @@ class EpochRunner:
                 metrics = out[0] if len(out) == 1 else _stack(out, concat=True)
             else:
                 out = []
-                for batch, mask_b in itertools.islice(host, steps):
-                    state, m = self._step(state, batch, mask_b)
+                for window in itertools.islice(host, steps):
+                    state, m = self._step(state, window)
                     out.append(m)
                 metrics = out[0] if self.mode == "predict" else _stack(out, concat=False)
             self.position += steps
@@ -230,8 +244,8 @@ class EpochRunner:
     def _stream(self):
         state, out = self.state, []
         steps = self._length()
-        for batch, mask in self.data.epoch(skip=self.position):
-            state, m = self._step(state, batch, mask)
+        for window in _steps(self.data.epoch(skip=self.position * self.accumulate), self.accumulate):
+            state, m = self._step(state, window)
             out.append(m)
             if len(out) == steps:
                 self.position += steps
@@ -244,12 +258,42 @@ class EpochRunner:
             yield state, _stack(out, concat=False), len(out)
 
 
-def _steps_per_call(state: TrainState, data, batch_size: int, steps_per_call: int | None) -> int:
+def _steps(pairs, accumulate: int) -> Iterator[list]:
+    """``(batch, mask)`` pairs -> one list per optimizer step: ``accumulate`` consecutive pairs,
+    the last list of the epoch completed with all-padding copies of its last micro-batch (so
+    every window has one shape and the streamed and fused paths compute the same update)."""
+    window = []
+    for pair in pairs:
+        window.append(pair)
+        if len(window) == accumulate:
+            yield window
+            window = []
+    if window:
+        batch, mask = window[-1]
+        yield window + [(batch, np.zeros_like(np.asarray(mask, np.float32)))] * (accumulate - len(window))
+
+
+def steps_per_epoch(data, batch_size: int, accumulate: int = 1) -> int | None:
+    """Optimizer steps in one epoch of ``data``: ``ceil(batches / accumulate)``; None for a
+    source that does not know its length."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate (batches per optimizer step) must be an int >= 1, got {accumulate!r}")
+    nb = num_batches(len(data), batch_size) if isinstance(data, ArrayDataset) else data.num_batches
+    return None if nb is None else num_batches(nb, accumulate)
+
+
+def _unroll(state: TrainState, k: int, accumulate: int) -> bool:
+    """Whether compiled loops (K steps, A micro-batches) must unroll (``step.needs_unroll``)."""
+    return (k > 1 or accumulate > 1) and needs_unroll(state)
+
+
+def _steps_per_call(state: TrainState, data, batch_size: int, steps_per_call: int | None,
+                    accumulate: int = 1) -> int:
     if steps_per_call:
         return steps_per_call
     if not isinstance(data, ArrayDataset):
         return 1
-    return default_steps_per_call(state, num_batches(len(data), batch_size))
+    return default_steps_per_call(state, steps_per_epoch(data, batch_size, accumulate))
 
 
 def train_epoch(
@@ -260,6 +304,7 @@ def train_epoch(
     steps_per_call: int | None = None,
     on_chunk: Callable[[int, dict], None] | None = None,
     strategy: Strategy | str | None = None,
+    accumulate: int = 1,
 ) -> tuple[TrainState, dict]:
     """One epoch: ``ArrayDataset`` in the order ``fold_in(state.rng, epoch)`` fixes, or one pass
     over a re-iterable of batches.
@@ -274,6 +319,8 @@ def train_epoch(
         on_chunk: called after each compiled call with ``(steps_done, chunk_metrics)``.
         strategy: ``jaxlight.parallel`` strategy or its name (default: one device). The state
             comes back in the strategy's layout (``parallel.to_host_state`` undoes it).
+        accumulate: batches per optimizer step (gradient accumulation; see
+            :class:`EpochRunner`); ``steps_per_call`` then counts windows.
 
     Returns:
         The new state and the epoch's stacked per-step metrics.
@@ -284,8 +331,9 @@ def train_epoch(
     if isinstance(data, ArrayDataset):
         strategy.check_batch_size(batch_size)
     state = strategy.prepare_state(state)
-    k = _steps_per_call(state, data, batch_size, steps_per_call)
-    runner = EpochRunner(state, data, epoch, batch_size, strategy, k, unroll=k > 1 and needs_unroll(state))
+    k = _steps_per_call(state, data, batch_size, steps_per_call, accumulate)
+    runner = EpochRunner(state, data, epoch, batch_size, strategy, k, unroll=_unroll(state, k, accumulate),
+                         accumulate=accumulate)
     chunks = []
     for state, metrics, _ in runner:
         chunks.append(metrics)
@@ -361,6 +409,7 @@ def fit(
     on_epoch: Callable[[EpochResult], None] | None = None,
     progress: Callable | None = None,
     strategy: Strategy | str | None = None,
+    accumulate: int = 1,
 ) -> tuple[TrainState, list[EpochResult]]:
     """Train for ``epochs`` epochs; returns the final state and one ``EpochResult`` per epoch.
 
@@ -373,6 +422,9 @@ def fit(
             ``set_postfix(**kw)`` and ``close()`` (a tqdm bar fits).
         strategy: ``jaxlight.parallel`` strategy or its name (default: one device); the state
             comes back in its layout.
+        accumulate: gradient accumulation: one optimizer step per ``accumulate`` batches, with
+            the example-weighted mean gradient of their real rows (the last window of an epoch
+            takes the batches left; see :class:`EpochRunner`). ``state.step`` counts updates.
     """
     strategy = get_strategy(strategy)
     train = as_source(train, "training data")
@@ -382,10 +434,10 @@ def fit(
         if on_device is None:
             on_device = train.fits_on_device(jax.local_devices()[0])  # (another process's can't be asked)
         train = strategy.prepare_data(train) if on_device else train.map(np.asarray)
-        per_epoch = num_batches(len(train), batch_size)
+        per_epoch = steps_per_epoch(train, batch_size, accumulate)
         start_epoch = int(state.step) // per_epoch
     else:
-        per_epoch, start_epoch = train.num_batches, 0
+        per_epoch, start_epoch = steps_per_epoch(train, batch_size, accumulate), 0
     results = []
     for epoch in range(start_epoch, start_epoch + epochs):
         bar = progress(per_epoch, epoch) if progress else None
@@ -398,7 +450,7 @@ def fit(
                 done[0] = steps_done
 
         t0 = time.perf_counter()
-        state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk, strategy)
+        state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk, strategy, accumulate)
         metrics = summarize(stacked)  # device_get synchronises, so the time below is real
         result = EpochResult(epoch, metrics, time.perf_counter() - t0)
         if bar is not None:

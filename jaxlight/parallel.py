@@ -261,6 +261,11 @@ class Strategy:
       (``unroll`` too: see ``jaxlight.step.needs_unroll``).
     - ``train_step(state, batch, mask)`` / ``eval_step`` / ``predict_step``: the host-streamed
       path; in a multi-process run each process passes only its own rows.
+    - ``accumulated_chunk`` / ``train_window(state, window)``: the same two paths with gradient
+      accumulation, one optimizer update per window of micro-batches
+      (``jaxlight.step.apply_accumulated_step``); ``idx``/``mask`` are then
+      ``(num_windows, A, B)`` (``jaxlight.data.windows``) and ``window`` a list of ``A``
+      ``(batch, mask)`` pairs.
     - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
       ``state_shardings(state)``: the target shardings to restore a checkpoint into.
     """
@@ -322,6 +327,16 @@ class Strategy:
         self.check_batch_size(len(mask) * jax.process_count())
         return self.prepare_state(state), batch, mask
 
+    def _checked_window(self, state, window):
+        """Each micro-batch checked as :meth:`train_step` checks a batch, then stacked to
+        ``(A, B, ...)`` and masks ``(A, B)``."""
+        if not window:
+            raise _step.BatchError("a gradient-accumulation window holds no micro-batches")
+        pairs = [self._checked(state, batch, mask)[1:] for batch, mask in window]
+        batches = jax.tree.map(lambda *m: np.stack([np.asarray(a) for a in m]), *[b for b, _ in pairs])
+        masks = np.stack([np.asarray(m, np.float32) for _, m in pairs])
+        return self.prepare_state(state), batches, masks
+
 
 @dataclass(frozen=True, eq=False, repr=False)
 class SingleDevice(Strategy):
@@ -360,6 +375,13 @@ class SingleDevice(Strategy):
 
     def train_step(self, state, batch, mask=None):
         return _step.train_step(state, batch, mask)
+
+    def accumulated_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
+        return _step.accumulated_chunk(state, data, idx, mask, steps, start, unroll=unroll)
+
+    def train_window(self, state, window, unroll: bool = False):
+        state, batches, masks = self._checked_window(state, window)
+        return _step.accumulated_step(state, batches, masks, unroll=unroll)
 
     def eval_step(self, state, batch, mask=None):
         return _step.eval_step(state, batch, mask)
@@ -421,12 +443,22 @@ class _Replicated(Strategy):
                                 "batch; order the devices by process")
         return slice(starts[0], stops[-1])
 
-    def _place_batch(self, batch, mask):
+    def _place_batch(self, batch, mask, sharding=None):
         """This process's rows -> global arrays split over the mesh."""
+        sharding = sharding or self.batch_sharding
         local = (jax.tree.map(np.asarray, batch), np.asarray(mask, np.float32))
         if is_multiprocess():
-            return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v), local)
-        return jax.device_put(local, self.batch_sharding)
+            return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local)
+        return jax.device_put(local, sharding)
+
+    @functools.cached_property
+    def window_sharding(self) -> NamedSharding:
+        """A window's ``(A, B, ...)`` micro-batches, each one's rows split over the devices."""
+        return NamedSharding(self.mesh, P(None, AXIS))
+
+    def train_window(self, state, window, unroll: bool = False):
+        state, batches, masks = self._checked_window(state, window)
+        return self._window_step(unroll)(state, *self._place_batch(batches, masks, self.window_sharding))
 
     def train_step(self, state, batch, mask=None):
         state, batch, mask = self._checked(state, batch, mask)
@@ -447,9 +479,10 @@ class _Replicated(Strategy):
         return outputs
 
     def prepare_indices(self, idx, mask):
-        """``(num_batches, B)`` -> each batch's columns split over the devices."""
-        self.check_batch_size(idx.shape[1])
-        sharding = NamedSharding(self.mesh, P(None, AXIS))
+        """``(num_batches, B)`` (or windows ``(num_windows, A, B)``) -> each batch's columns
+        split over the devices."""
+        self.check_batch_size(idx.shape[-1])
+        sharding = NamedSharding(self.mesh, P(*([None] * (idx.ndim - 1)), AXIS))
         return _put_global(np.asarray(idx), sharding), _put_global(np.asarray(mask), sharding)
 
 
@@ -489,6 +522,16 @@ class Pmap(_Replicated):
                 lambda a: a.reshape((-1,) + a.shape[2:]), step(state, *self._split((batch, mask))))
         return programs[("predict", predict_fn)]
 
+    @functools.lru_cache(maxsize=None)
+    def _window_step(self, unroll: bool):
+        step = self._pmap(functools.partial(_step.apply_accumulated_step, axis_name=AXIS, unroll=unroll),
+                          (None, 1, 1), donate=(0,))
+        n = self.num_devices
+        # (A, B, ...) -> (A, n, B/n, ...), mapped over axis 1: device d holds row block d of
+        # every micro-batch.
+        split = lambda a: a.reshape(a.shape[:1] + (n, a.shape[1] // n) + a.shape[2:])  # noqa: E731
+        return lambda state, batches, masks: step(state, *jax.tree.map(split, (batches, masks)))
+
     def _split(self, tree):
         # (B, ...) split over the mesh -> (n, B/n, ...), device d holding row block d: the
         # same rows the sharded strategy gives it (the reshape of a sharded array is free).
@@ -503,8 +546,9 @@ class Pmap(_Replicated):
     def _program(self, kind: str, steps: int, unroll: bool = False):
         key = (kind, steps, unroll)
         if key not in self._chunk_programs:
-            if kind == "train":
-                body = functools.partial(_step.apply_train_step, axis_name=AXIS)
+            if kind in ("train", "accumulate"):
+                body = (functools.partial(_step.apply_train_step, axis_name=AXIS) if kind == "train" else
+                        functools.partial(_step.apply_accumulated_step, axis_name=AXIS, unroll=unroll))
                 fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
                     body, state, data, idx, mask, start, steps, unroll)
                 self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None), donate=(0,))
@@ -516,16 +560,24 @@ class Pmap(_Replicated):
         return self._chunk_programs[key]
 
     def prepare_indices(self, idx, mask):
-        """``(num_batches, B)`` -> ``(n, num_batches, B/n)``: device d's columns of each batch."""
-        self.check_batch_size(idx.shape[1])
+        """``(num_batches, B)`` -> ``(n, num_batches, B/n)``: device d's columns of each batch
+        (windows ``(num_windows, A, B)`` -> ``(n, num_windows, A, B/n)``)."""
+        self.check_batch_size(idx.shape[-1])
         n = self.num_devices
-        nb, b = idx.shape
-        split = lambda a: np.ascontiguousarray(np.asarray(a).reshape(nb, n, b // n).transpose(1, 0, 2))  # noqa: E731
+
+        def split(a):
+            a = np.asarray(a)
+            return np.ascontiguousarray(np.moveaxis(a.reshape(a.shape[:-1] + (n, a.shape[-1] // n)), -2, 0))
+
         return (_put_global(split(idx), self.batch_sharding), _put_global(split(mask), self.batch_sharding))
 
     def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
         return self._program("train", steps, unroll)(state, data, idx, mask, start)
+
+    def accumulated_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
+        """K fused windows (``idx``/``mask`` windows from :meth:`prepare_indices`)."""
+        return self._program("accumulate", steps, unroll)(state, data, idx, mask, start)
 
     def eval_chunk(self, state, data, idx, mask, steps: int, start=0):
         return self._program("eval", steps)(state, data, idx, mask, start)
@@ -553,6 +605,21 @@ class Sharded(_Replicated):
     def _eval_step(self):
         return jax.jit(_step.apply_eval_step, out_shardings=self.replicated)
 
+    def _constrain_window(self, tree):
+        return jax.lax.with_sharding_constraint(tree, self.window_sharding)
+
+    @functools.lru_cache(maxsize=None)
+    def _window_step(self, unroll: bool):
+        return jax.jit(functools.partial(_step.apply_accumulated_step, unroll=unroll),
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    @functools.cached_property
+    def _accumulated_chunk_jit(self):
+        def fn(state, data, idx, mask, start, steps, unroll):
+            body = functools.partial(_step.apply_accumulated_step, unroll=unroll)
+            return _step.chunk(body, state, data, idx, mask, start, steps, unroll, self._constrain_window)
+        return jax.jit(fn, static_argnums=(5, 6), donate_argnums=0, out_shardings=(self.replicated, self.replicated))
+
     @functools.cached_property
     def _predict_jit(self):
         return jax.jit(_step.apply_predict, static_argnames=("axis_name", "predict_fn", "train"))
@@ -578,6 +645,10 @@ class Sharded(_Replicated):
     def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
         return self._train_chunk_jit(state, data, idx, mask, steps, start, unroll)
+
+    def accumulated_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
+        """K fused windows (``idx``/``mask`` windows from :meth:`prepare_indices`)."""
+        return self._accumulated_chunk_jit(state, data, idx, mask, start, steps, unroll)
 
     def eval_chunk(self, state, data, idx, mask, steps: int, start=0):
         return self._eval_chunk_jit(state, data, idx, mask, steps, start)

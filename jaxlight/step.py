@@ -62,6 +62,7 @@ __all__ = [
     "DonatedStateError",
     "apply_train_step",
     "apply_grads",
+    "apply_accumulated_step",
     "apply_eval_step",
     "apply_predict",
     "model_outputs",
@@ -73,6 +74,8 @@ __all__ = [
     "eval_step",
     "predict_step",
     "train_chunk",
+    "accumulated_step",
+    "accumulated_chunk",
     "eval_chunk",
     "gather",
     "default_steps_per_call",
@@ -194,10 +197,72 @@ def apply_train_step(state: TrainState, batch, mask, axis_name: str | None = Non
         real rows of the global batch, ``count`` their number.
     """
     grads, metrics, model_state = apply_grads(state, batch, mask, axis_name)
+    return _apply_gradients(state, grads, model_state), metrics
+
+
+def _apply_gradients(state: TrainState, grads, model_state) -> TrainState:
+    """The optimizer update every train step ends with: one ``tx.update``, ``step + 1``."""
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-    return new_state, metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+
+
+def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | None = None,
+                           unroll: bool = False):
+    """One optimizer step over a window of ``A`` micro-batches (gradient accumulation), pure.
+
+    The update uses the example-weighted mean gradient over the real rows of the window: each
+    micro-batch's gradient of its masked mean loss, weighted by its real rows, summed and
+    divided by the window's real rows. Without batch-coupled layers that is exactly the
+    gradient one batch of those rows would give (to float32 rounding of the summation order),
+    whatever padding the micro-batches hold; an all-padding micro-batch (one that fills the
+    last window of an epoch) adds nothing. Then one ``tx.update``: ``state.step`` counts
+    optimizer updates, one per window.
+
+    BatchNorm (any batch-statistics normalisation) sees each micro-batch on its own, as in
+    PyTorch Lightning: its statistics are those of the micro-batch's real rows, and the running
+    averages are updated once per micro-batch that has real rows, in order. Dropout draws for
+    micro-batch ``j`` from ``fold_in(state.key, j)`` folded with the step, so the micro-batches
+    of a window draw different masks.
+
+    Args:
+        state: the current state.
+        batches: any pytree of arrays with leading axes ``(A, B)``: ``A`` micro-batches of
+            ``B`` rows (``jax.tree.map(lambda *m: np.stack(m), *micro_batches)``).
+        masks: ``(A, B)`` float32: 1.0 for real rows, 0.0 for padding.
+        axis_name: inside ``pmap``/``shard_map``, the mapped axis each micro-batch is split over.
+        unroll: unroll the loop over micro-batches (see ``train_chunk``'s ``unroll``).
+
+    Returns:
+        The new state and ``{"loss", <the loss's metrics>, "count"}``: example-weighted means
+        over the real rows of the window, ``count`` their number.
+
+    Example:
+        >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)  # doctest: +SKIP
+    """
+    def micro(carry, xs):
+        grads, model_state = carry
+        j, batch, mask = xs
+        micro_state = state.replace(model_state=model_state, key=jax.random.fold_in(state.key, j))
+        g, (metrics, new_model_state) = jax.grad(_loss_for_grad, has_aux=True)(
+            state.params, micro_state, batch, mask, axis_name)
+        count = metrics["count"]  # real rows of this micro-batch (over every device)
+        grads = jax.tree.map(lambda total, x: total + x * count, grads, g)
+        model_state = jax.tree.map(lambda new, old: jnp.where(count > 0, new, old), new_model_state, model_state)
+        return (grads, model_state), metrics
+
+    a = jnp.shape(masks)[0]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, model_state), stacked = jax.lax.scan(
+        micro, (zeros, state.model_state), (jnp.arange(a), batches, masks), unroll=unroll)
+    counts = stacked["count"]
+    total = jnp.sum(counts)
+    denom = jnp.maximum(total, 1.0)
+    grads = jax.tree.map(lambda x: x / denom, grads)
+    if axis_name is not None:
+        grads = jax.lax.psum(grads, axis_name)
+    metrics = {k: jnp.sum(v * counts) / denom for k, v in stacked.items() if k != "count"}
+    return _apply_gradients(state, grads, model_state), {**metrics, "count": total}
 
 
 def apply_eval_step(state: TrainState, batch, mask, axis_name: str | None = None) -> dict:
@@ -494,6 +559,25 @@ def train_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll:
         The new state and per-step metrics, each stacked to ``(steps,)``.
     """
     return chunk(apply_train_step, state, data, idx, mask, start, steps, unroll)
+
+
+@functools.partial(jax.jit, static_argnames=("unroll",), donate_argnums=(0,))
+def accumulated_step(state: TrainState, batches, masks, unroll: bool = False):
+    """:func:`apply_accumulated_step` jit-compiled, state donated: one optimizer update over a
+    window of host micro-batches ``(A, B, ...)``, masks ``(A, B)``."""
+    return apply_accumulated_step(state, batches, masks, unroll=unroll)
+
+
+@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
+def accumulated_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll: bool = False):
+    """``steps`` optimizer updates with gradient accumulation in one compiled program.
+
+    As :func:`train_chunk`, but ``idx``/``mask`` are ``(num_windows, A, B)``
+    (``jaxlight.data.windows``) and each step is :func:`apply_accumulated_step` over the ``A``
+    micro-batches of a window; ``start`` and ``steps`` count windows.
+    """
+    body = functools.partial(apply_accumulated_step, unroll=unroll)
+    return chunk(body, state, data, idx, mask, start, steps, unroll)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))

@@ -50,10 +50,10 @@ import optax
 from jaxlight import checkpoint as ckpt
 from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
-from jaxlight.data.arrays import ArrayDataset, num_batches
+from jaxlight.data.arrays import ArrayDataset
 from jaxlight.data.stream import Batches
 from jaxlight.loggers import Logger
-from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, predict, summarize
+from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, predict, steps_per_epoch, summarize
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
 from jaxlight.step import check_not_donated, default_steps_per_call, needs_unroll
@@ -73,10 +73,10 @@ class TrainerConfig:
 
     Attributes:
         max_epochs: epochs to run (an epoch visits every example once, last batch padded).
-        max_steps: stop after this many steps (micro-batches) in total; None: no limit.
-        batch_size: examples per step.
+        max_steps: stop after this many steps (optimizer updates) in total; None: no limit.
+        batch_size: examples per batch (per micro-batch with ``accumulate_grad_batches``).
         eval_batch_size: examples per validation/test step.
-        steps_per_execution: K steps per compiled call; None picks
+        steps_per_execution: K steps (optimizer updates) per compiled call; None picks
             ``jaxlight.step.default_steps_per_call`` (1 for convolutions on the CPU, else the
             whole epoch). Results do not depend on it, only speed and hook frequency.
         val_every_n_epochs: validate after every n-th epoch (None: not at epoch ends).
@@ -84,13 +84,18 @@ class TrainerConfig:
         log_every_n_steps: send every n-th step's metrics to the loggers.
         gradient_clip_norm: clip the (accumulated) gradient to this global norm
             (``optax.clip_by_global_norm``); None: no clipping.
-        accumulate_grad_batches: average gradients over n steps before each update
-            (``optax.MultiSteps``); the step counter still counts every micro-batch.
+        accumulate_grad_batches: one optimizer update per n consecutive batches, with the
+            example-weighted mean gradient over their real rows
+            (``jaxlight.step.apply_accumulated_step``): the update one batch of those rows
+            would give. A window never crosses an epoch's end; the last one takes the batches
+            left. Steps (``max_steps``, ``global_step``, logged steps, ``val_every_n_steps``,
+            K) count updates. BatchNorm computes its statistics per micro-batch (as in
+            Lightning).
         precision: "float32", or "bf16" to compute the forward and backward pass in bfloat16
             while parameters, gradients and optimizer state stay float32.
         nan_policy: "raise" stops with :class:`NonFiniteLossError` naming the step; "skip"
-            drops updates whose gradients are not finite (``optax.apply_if_finite``) and
-            keeps going.
+            drops updates whose gradients are not finite (``optax.apply_if_finite``; with
+            accumulation, the whole window's update) and keeps going.
         fast_dev_run: n > 0 runs n training and n validation batches, then stops; no
             checkpoints, no loggers (a smoke test of the whole pipeline).
         overfit_batches: n > 0 trains on the first n batches only, unshuffled, and validates
@@ -162,24 +167,24 @@ def _first_batches(data, batches: int, batch_size: int):
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
-    """``tx`` with the config's clipping, accumulation and NaN skipping, all through Optax.
+    """``tx`` with the config's clipping and NaN skipping, through Optax.
 
-    Order: ``apply_if_finite(MultiSteps(chain(clip_by_global_norm, tx)))``: clipping sees the
-    accumulated gradient (as Lightning clips before ``optimizer.step``), and a non-finite
-    micro-batch gradient is dropped before it reaches the accumulator.
+    Order: ``apply_if_finite(chain(clip_by_global_norm, tx))``. Gradient accumulation is not an
+    optimizer wrapper: the step itself averages a window's micro-batch gradients
+    (``jaxlight.step.apply_accumulated_step``), so clipping sees the accumulated gradient (as
+    Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
+    its window's update non-finite (skipped under ``nan_policy="skip"``).
 
     The same ``tx`` and settings give the same (identical) object back: the optimizer is a
     static field of the TrainState, so a new object would make every ``fit`` recompile.
     """
-    return _wrap(tx, config.gradient_clip_norm, config.accumulate_grad_batches, config.nan_policy == "skip")
+    return _wrap(tx, config.gradient_clip_norm, config.nan_policy == "skip")
 
 
 @functools.lru_cache(maxsize=64)
-def _wrap(tx, clip_norm, accumulate, skip_nonfinite):
+def _wrap(tx, clip_norm, skip_nonfinite):
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    if accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
     if skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
     return tx
@@ -194,10 +199,12 @@ class Trainer:
         loggers: :class:`~jaxlight.loggers.Logger` instances.
 
     Attributes (what callbacks read):
-        global_step: steps taken (== ``int(state.step)``).
+        global_step: steps (optimizer updates) taken (== ``int(state.step)``).
         epoch: the current epoch, 0-based; at ``on_epoch_end`` the number of finished epochs.
-        batch: the next batch of the current epoch (the data position saved in checkpoints).
-        num_batches, max_epochs: of this fit.
+        batch: the next step of the current epoch (the data position saved in checkpoints;
+            with ``accumulate_grad_batches=n`` each step is n batches).
+        num_batches: steps per epoch (batches / ``accumulate_grad_batches``, rounded up).
+        max_epochs: of this fit.
         callback_metrics: the latest of every metric (``loss``, ``accuracy`` of the last
             epoch, ``val_loss``...).
         history: one :class:`~jaxlight.loop.EpochResult` per finished epoch (train and
@@ -269,7 +276,7 @@ class Trainer:
         if tx is not state.tx:
             if int(state.step) != 0:
                 raise ValueError(
-                    "gradient_clip_norm / accumulate_grad_batches / nan_policy='skip' wrap the optimizer, "
+                    "gradient_clip_norm / nan_policy='skip' wrap the optimizer, "
                     f"which resets its state, but this state has taken {int(state.step)} steps; pass a fresh "
                     "state (and ckpt_path to resume), or build the optimizer with jaxlight.trainer.wrap_optimizer")
             self._wrapped = (state.tx, tx)
@@ -329,12 +336,12 @@ class Trainer:
         self._val = self._to_device(val)
         arrays = isinstance(train, ArrayDataset)
         self._num_examples = len(train) if arrays else None
-        self.num_batches = nb = num_batches(len(train), cfg.batch_size) if arrays else train.num_batches
+        self.num_batches = nb = steps_per_epoch(train, cfg.batch_size, cfg.accumulate_grad_batches)
         self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
         self._max_steps = cfg.fast_dev_run if self._fast_dev else cfg.max_steps
         fused = arrays and self._train.on_device
         self._k = cfg.steps_per_execution or (default_steps_per_call(state, nb) if fused else 1)
-        self._unroll = self._k > 1 and needs_unroll(state)
+        self._unroll = (self._k > 1 or cfg.accumulate_grad_batches > 1) and needs_unroll(state)
         self.global_step = int(state.step)
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
@@ -381,7 +388,8 @@ class Trainer:
         """The rest of epoch ``self.epoch`` from batch ``self.batch``, in chunks of the one
         epoch runner (``jaxlight.loop.EpochRunner``)."""
         runner = EpochRunner(state, self._train, self.epoch, self.config.batch_size, self.strategy, self._k,
-                             start=self.batch, shuffle=self._shuffle, unroll=self._unroll)
+                             start=self.batch, shuffle=self._shuffle, unroll=self._unroll,
+                             accumulate=self.config.accumulate_grad_batches)
         runner.next_length = self._chunk_length()
         t0 = time.perf_counter()
         for state, metrics, _ in runner:
@@ -613,6 +621,12 @@ class Trainer:
                 f"{path} was saved with batch_size {saved_cfg['batch_size']} on {meta['num_examples']} training "
                 f"examples; this fit has batch_size {self.config.batch_size} on {self._num_examples}: the saved "
                 f"data position would not mean the same batches")
+        saved_accumulate = saved_cfg.get("accumulate_grad_batches", 1)
+        if saved_accumulate != self.config.accumulate_grad_batches:
+            raise ckpt.CheckpointError(
+                f"{path} was saved with accumulate_grad_batches {saved_accumulate}; this fit has "
+                f"{self.config.accumulate_grad_batches}: its step count and data position count windows of "
+                f"{saved_accumulate} batches")
         self._check_run(path, meta, state)
         self.global_step = int(state.step)
         self.epoch, self.batch = meta["epoch"], meta["batch"]

@@ -86,6 +86,34 @@ def test_bad_arguments_name_the_culprit(args, culprit, capsys):
     assert exc.value.code == 2 and culprit in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_ab_times_two_checkouts_through_their_own_loop_fit(tmp_path, data_dir):
+    """This tree against itself (a folder) and against its own HEAD (a git revision, exported):
+    each worker imports its own checkout; both sides train the same epochs."""
+    out = tmp_path / "ab.json"
+    proc = run_module("benchmarks.ab", "--base", "HEAD", "--models", "mlp", "--epochs", "2", "--subset", "192",
+                      "--data-dir", str(data_dir), "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["workers"]["head"]["jaxlight"] == str(ROOT / "jaxlight")
+    assert res["workers"]["base"]["jaxlight"] != res["workers"]["head"]["jaxlight"]  # the exported copy
+    assert res["hardware"]["cpu"] and len(res["load_before"]) == 3
+    (row,) = res["models"]
+    for side in ("base", "head"):
+        epochs = row["epochs"][side]
+        assert len(epochs) == 2 and all(e["seconds"] > 0 and len(e["load"]) == 3 for e in epochs)
+        assert [e["step"] for e in epochs] == [6, 9]  # 192 / 64 = 3 steps an epoch, after the first
+    assert row["ratio_head_to_base"] == pytest.approx(row["median_s"]["head"] / row["median_s"]["base"])
+    assert "head/base" in proc.stdout
+
+
+def test_ab_names_a_base_that_is_neither_folder_nor_revision():
+    from benchmarks.ab import main
+
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        main(["--base", "no-such-revision", "--models", "mlp"])
+
+
 def test_gpu_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
 

@@ -7,6 +7,8 @@ cut by validation steps, resumes mid-epoch, host-streamed batches, gradient accu
 NaN checks); each of those is compared here with the same run on one device.
 """
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -15,8 +17,9 @@ from _support import assert_params_close
 from jaxlight import build_model, create_train_state, optim, parallel, tasks
 from jaxlight.callbacks import ModelCheckpoint
 from jaxlight.checkpoint import list_checkpoints
-from jaxlight.data import ArrayDataset
+from jaxlight.data import ArrayDataset, batch_indices
 from jaxlight.parallel import ParallelError
+from jaxlight.state import data_key
 from jaxlight.trainer import NonFiniteLossError, Trainer, TrainerConfig
 
 # 200 examples in batches of 32: 7 steps an epoch, the last with 8 real rows, so with 8 devices
@@ -123,12 +126,31 @@ def test_checkpoint_resumes_under_another_strategy_and_device_count(first, then,
         assert a.metrics["loss"] == pytest.approx(e.metrics["loss"], abs=1e-5)
 
 
-def test_accumulation_and_clipping_match_single_device(data):
-    """The Optax wrappers see the gradient already averaged over the devices."""
-    kw = dict(accumulate_grad_batches=2, gradient_clip_norm=0.05)
-    expected = Trainer(config(**kw)).fit(new_state(), data[0])
-    state = Trainer(config(strategy="pmap", devices=4, **kw)).fit(new_state(), data[0])
-    assert_params_close(state, expected)
+@pytest.fixture(scope="module")
+def accumulated(data):
+    """One device, 3 batches per update: 7 batches an epoch make windows of 3, 3 and 1."""
+    trainer = Trainer(config(accumulate_grad_batches=3, gradient_clip_norm=0.05))
+    return trainer.fit(new_state(), data[0]), trainer
+
+
+@pytest.mark.parametrize("strategy, devices, streamed", [("pmap", 4, False), ("sharded", 8, False),
+                                                         ("pmap", 8, True), ("sharded", 4, True)])
+def test_accumulation_and_clipping_match_single_device(data, accumulated, strategy, devices, streamed):
+    """Each micro-batch's gradient is reduced over the devices before the window's mean, which
+    clipping then sees; the fused and the host-streamed windows alike."""
+    train = data[0]
+    if streamed:  # the batches of the fused run's order, from the host, the last one short
+        epochs, arrays = itertools.count(), train
+
+        def train():
+            idx, mask = batch_indices(jax.random.fold_in(data_key(0), next(epochs)), N_TRAIN, BATCH, True)
+            return iter([{"x": arrays.x[i[m > 0]], "y": arrays.y[i[m > 0]]}
+                         for i, m in zip(np.asarray(idx), np.asarray(mask))])
+    trainer = Trainer(config(strategy=strategy, devices=devices, accumulate_grad_batches=3, gradient_clip_norm=0.05))
+    state = trainer.fit(new_state(), train)
+    assert int(state.step) == trainer.global_step == int(accumulated[0].step) == 6
+    assert_params_close(state, accumulated[0])
+    assert_history_close(trainer.history, accumulated[1].history)
 
 
 def test_nan_loss_is_named_on_the_right_step(data):

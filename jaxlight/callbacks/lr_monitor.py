@@ -28,8 +28,8 @@ def current_lr(opt_state, schedule: Callable | float | None = None) -> float:
     Optax keeps no learning rate in its state unless asked to, so this looks for, in order:
     ``optax.inject_hyperparams`` state (its ``learning_rate``); the step count of an optax
     schedule (``ScaleByScheduleState.count``, evaluated with ``schedule``); a constant
-    ``schedule``. Gradient accumulation (``optax.MultiSteps``) advances the count once per
-    accumulated update, so the value is per optimizer update, not per micro-batch.
+    ``schedule``. With gradient accumulation the count advances once per optimizer update
+    (a window of micro-batches), as ``trainer.global_step`` does.
 
     Raises:
         ValueError: none of these is available.

@@ -9,6 +9,7 @@ from jaxlight.data.arrays import (
     iterate_masked,
     num_batches,
     prepare_x,
+    windows,
 )
 from jaxlight.data.stream import Batches
 from jaxlight.data.mnist import MNISTError, MNISTSplit, download_mnist, find_mnist, load_mnist, read_idx
@@ -34,4 +35,5 @@ __all__ = [
     "num_batches",
     "prepare_x",
     "read_idx",
+    "windows",
 ]

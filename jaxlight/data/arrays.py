@@ -25,6 +25,7 @@ __all__ = [
     "ArrayDataset",
     "batch_indices",
     "data_key",
+    "windows",
     "epoch_order",
     "prepare_x",
     "num_batches",
@@ -71,6 +72,34 @@ def batch_indices(key: jax.Array, n: int, batch_size: int, shuffle: bool = True)
     idx = jnp.concatenate([order, jnp.full((pad,), order[(nb - 1) * batch_size], order.dtype)]).astype(jnp.int32)
     mask = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
     return idx.reshape(nb, batch_size), mask.reshape(nb, batch_size)
+
+
+def windows(idx, mask, accumulate: int):
+    """An epoch's batches grouped into windows of ``accumulate`` micro-batches (one optimizer
+    update each, ``jaxlight.step.apply_accumulated_step``).
+
+    A window never crosses the epoch's end: when the batches do not divide evenly, the last
+    window is completed with all-padding micro-batches (index 0, mask 0), which add nothing to
+    its gradient.
+
+    Args:
+        idx, mask: ``(num_batches, B)`` from :func:`batch_indices` (numpy or jax).
+        accumulate: micro-batches per window.
+
+    Returns:
+        ``(idx, mask)`` of shape ``(ceil(num_batches / accumulate), accumulate, B)``.
+
+    Example:
+        >>> idx, mask = batch_indices(jax.random.key(0), 10, 4, False)
+        >>> [a.shape for a in windows(idx, mask, 2)], windows(idx, mask, 2)[1].sum(axis=(1, 2)).tolist()
+        ([(2, 2, 4), (2, 2, 4)], [8.0, 2.0])
+    """
+    xp = jnp if isinstance(idx, jax.Array) else np
+    nb, b = idx.shape
+    extra = num_batches(nb, accumulate) * accumulate - nb
+    idx = xp.concatenate([idx, xp.zeros((extra, b), idx.dtype)])
+    mask = xp.concatenate([mask, xp.zeros((extra, b), mask.dtype)])
+    return idx.reshape(-1, accumulate, b), mask.reshape(-1, accumulate, b)
 
 
 def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
