@@ -129,7 +129,10 @@ class PaddedBatchNorm:
             keep = keep & jnp.broadcast_to(mask, x.shape)
         axis_name = bn.axis_name or self.axis_name
         if axis_name is None or bn.axis_name is not None:
-            # Flax's own arithmetic through its public mask argument.
+            # Flax's own arithmetic through its public mask argument. A batch of padding only
+            # (the filler of an accumulation window) would divide by zero rows: its statistics
+            # are then those of its padding rows, finite, and nothing of it counts anyway.
+            keep = keep | ~jnp.any(keep)
             return bn(x, use_running_average, mask=keep)
         if mask is not None:
             raise LayerError(f"BatchNorm {self.path!r}: a mask= of your own is not supported under pmap; use the "

@@ -53,9 +53,13 @@ __all__ = ["EpochResult", "EpochRunner", "as_source", "check_data", "steps_per_e
 
 @dataclass
 class EpochResult:
+    """One epoch of ``fit``: its index, the example-weighted mean metrics, the wall time of its
+    steps, and (``fit``) each step's metrics as host arrays ``(steps,)``."""
+
     epoch: int
     metrics: dict
     seconds: float
+    step_metrics: dict | None = None
 
 
 def summarize(stacked: dict) -> dict:
@@ -451,8 +455,9 @@ def fit(
 
         t0 = time.perf_counter()
         state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk, strategy, accumulate)
-        metrics = summarize(stacked)  # device_get synchronises, so the time below is real
-        result = EpochResult(epoch, metrics, time.perf_counter() - t0)
+        stacked = jax.device_get(stacked)  # synchronises, so the time below is real
+        result = EpochResult(epoch, summarize(stacked), time.perf_counter() - t0,
+                             {k: np.asarray(v) for k, v in stacked.items()})
         if bar is not None:
             bar.close()
         results.append(result)

@@ -203,7 +203,10 @@ def _put_global(x, sharding: NamedSharding):
 
 def layout_of(state: TrainState) -> str:
     """``"single"`` when the state lives on one device, ``"replicated"`` when it is replicated
-    over several (the layout of both ``pmap`` and ``sharded``)."""
+    over several (the layout of both ``pmap`` and ``sharded``), ``"host"`` for numpy arrays
+    (``jax.device_get`` of a state)."""
+    if not isinstance(state.step, jax.Array):
+        return "host"
     devices = state.step.sharding.device_set
     return "single" if len(devices) == 1 else "replicated"
 
@@ -350,6 +353,8 @@ class SingleDevice(Strategy):
 
     def prepare_state(self, state: TrainState) -> TrainState:
         device = self.devices[0]
+        if layout_of(state) == "host":
+            return jax.device_put(state, device)
         if layout_of(state) == "single" and state.step.sharding.device_set == {device}:
             if state.step.committed:
                 return state

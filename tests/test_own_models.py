@@ -393,3 +393,20 @@ def test_dropout_under_every_strategy_equals_one_device(data, strategy, devices)
     expected, _ = loop.fit(new_state(dropout=0.5), train, 1, B)
     got, _ = loop.fit(new_state(dropout=0.5), train, 1, B, strategy=parallel.make_strategy(strategy, devices))
     assert_params_close(got, expected)
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("strategy", ["pmap", "sharded"])
+def test_predict_under_every_strategy_equals_one_device(data, strategy, devices):
+    """Trainer.predict splits the batch over the devices and gives one device's outputs, in
+    order and without padding (120 rows in batches of 48: a padded last batch)."""
+    train, val = data
+    state, _ = loop.fit(new_state(), train, 1, B)
+    host = jax.device_get(state)
+    expected = Trainer(quiet(eval_batch_size=48)).predict(state, val.data)
+    got = Trainer(quiet(eval_batch_size=48, strategy=strategy, devices=devices)).predict(host, val.data)
+    assert got.shape == (len(val), 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # An independent reference: the eval-mode model on all rows at once.
+    model = state.model
+    np.testing.assert_allclose(expected, np.asarray(model(val.data["feats"])), rtol=1e-5, atol=1e-5)
