@@ -19,7 +19,8 @@ class ModelCheckpoint(Callback):
     ``keep_last`` most recent ones (at least 2, so that a corrupt latest checkpoint always has a
     good predecessor to fall back to; see ``jaxlight.checkpoint``). The other checkpoints this
     run wrote are deleted after each successful save; checkpoints it did not write are never
-    touched. The Trainer also saves through this callback on SIGTERM and SIGINT, and
+    touched: a save at the step of another run's checkpoint stops with a ``CheckpointWriteError``
+    naming it instead of replacing it. The Trainer also saves through this callback on SIGTERM and SIGINT, and
     ``Trainer.fit(..., ckpt_path="last")`` resumes from its folder.
 
     Safe folders: while ``fit`` runs, the folder is locked (``jaxlight.checkpoint.lock_folder``;
@@ -110,6 +111,7 @@ class ModelCheckpoint(Callback):
         """Save now and prune; the bookkeeping is updated first so the checkpoint records itself."""
         step = trainer.global_step
         before = (list(self.saved), dict(self.scores))
+        replace = step in set(self.saved) | self._foreign  # (a folder this run wrote, or --overwrite's)
         owned = set(self.saved) | {step} | self._foreign
         if self.monitor is not None:
             value = trainer.callback_metrics.get(self.monitor)
@@ -120,7 +122,7 @@ class ModelCheckpoint(Callback):
         self.saved = [s for s in self.saved if s in keep]
         self.scores = {s: v for s, v in self.scores.items() if s in keep}
         try:
-            path = trainer.save_checkpoint(state, self.dirpath)
+            path = trainer.save_checkpoint(state, self.dirpath, replace=replace)
         except Exception:
             self.saved, self.scores = before
             raise
