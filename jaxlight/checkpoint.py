@@ -492,18 +492,21 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState,
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     try:
         saved = [_spec(meta, i) for i in range(len(meta["leaves"]))]
-        if check_meta is not None:
-            check_meta(meta)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{path}: meta.json is malformed ({type(exc).__name__}: {exc})") from None
     if len(saved) != len(flat):
-        raise _incompatible(path, meta, template, flat, f"{path} holds {len(saved)} arrays but the state has {len(flat)}: "
-                                              f"was it saved with another model or optimizer chain?")
+        raise _incompatible(path, meta, template, flat, f"{path} holds {len(saved)} arrays but the state has "
+                                                        f"{len(flat)}: was it saved with another model or optimizer chain?")
     for (key_path, ref), spec in zip(flat, meta["leaves"]):
         try:
             _check_leaf(path, spec, jax.tree_util.keystr(key_path), ref, "state")
         except IncompatibleCheckpointError as exc:
             raise _incompatible(path, meta, template, flat, str(exc)) from None
+    try:  # (after the arrays' fit: another model's checkpoint is named as such)
+        if check_meta is not None:
+            check_meta(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{path}: meta.json is malformed ({type(exc).__name__}: {exc})") from None
     arrays = _restore_arrays(path, listed)
     leaves = []
     for i, (_, ref) in enumerate(flat):

@@ -258,10 +258,11 @@ class Interrupted(Exception):
         super().__init__(signal.Signals(self.signum).name)
 
 
-def install_signal_handlers(program: str) -> None:
+def install_signal_handlers(program: str) -> dict:
     """SIGINT and SIGTERM end the process at once with exit 128 + signal and one line; called
     first thing by both command lines. ``Trainer.fit`` replaces these handlers while it runs
-    (it saves first) and puts them back."""
+    (it saves first) and puts them back. Returns the previous handlers (``main`` restores them
+    when it returns, for callers that run it in their own process)."""
     def handler(signum, frame):
         try:
             sys.stdout.flush()
@@ -271,8 +272,12 @@ def install_signal_handlers(program: str) -> None:
         os.write(2, f"{program}: stopped by {name}; nothing more was saved\n".encode())
         os._exit(128 + signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -464,7 +469,14 @@ def check_parallel_flags(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_signal_handlers("jaxlight")
+    previous = install_signal_handlers("jaxlight")
+    try:
+        return _main(argv)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_trainer_flags(train_parser(sub, "JAX"))

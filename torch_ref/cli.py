@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from jaxlight.cli import (EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, _log_details, _prepare_outputs,
-                          install_signal_handlers, recipe_from_args, run_cli, summary_payload, train_parser,
-                          warn_batch_size)
+                          install_signal_handlers, recipe_from_args, restore_signal_handlers, run_cli,
+                          summary_payload, train_parser, warn_batch_size)
 
 __all__ = ["main"]
 
@@ -57,7 +57,14 @@ def run_train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_signal_handlers("torch-ref")
+    previous = install_signal_handlers("torch-ref")
+    try:
+        return _main(argv)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="torch-ref", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = train_parser(sub, "PyTorch")
