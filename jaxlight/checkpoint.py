@@ -32,8 +32,9 @@ when complete (``rename`` is atomic on POSIX), so a process killed mid-save leav
 folder (removed by the next save) and never a half checkpoint that looks whole. A failed save
 (full disk, unwritable folder) raises :class:`CheckpointError` and leaves earlier checkpoints
 untouched; old checkpoints are deleted only after a new one is complete. ``ModelCheckpoint``
-saves with ``replace=False`` for steps it did not write, so another run's checkpoint (or a
-``step_*`` symlink) at the same step is never replaced: the save stops with a message naming it.
+saves with ``replace=False`` at a step whose folder it cannot show to be its own run's (see its
+docstring), so another run's checkpoint (or a ``step_*`` symlink) at the same step is never
+replaced: the save stops with a message naming it.
 
 Example:
     >>> path = save_checkpoint("runs/ckpt", state, {"epoch": 1, "batch": 0})  # doctest: +SKIP
@@ -222,6 +223,8 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
             a file.
     """
     path = Path(path)
+    if (path / "manifest.json").is_symlink():
+        raise CorruptCheckpointError(f"{path}: manifest.json is a symlink; a checkpoint holds only its own files")
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         files = manifest["files"]

@@ -272,6 +272,8 @@ def install_signal_handlers(program: str) -> dict:
         os.write(2, f"{program}: stopped by {name}; nothing more was saved\n".encode())
         os._exit(128 + signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # (only the main thread may set handlers; a caller in a thread keeps its own)
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 

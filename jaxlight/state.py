@@ -55,9 +55,19 @@ _MAX_DEPTH = 64
 _MAX_ARRAY_ELEMENTS = 1 << 16
 
 
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` (and the functions defined inside it) may read as globals."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
 def _fingerprint(obj, depth: int = 0, active: frozenset = frozenset()):
     """A hashable value equal for two objects that compute the same thing: functions by their
-    code, defaults and closure contents (recursively), containers by their items, numbers,
+    code, defaults, closure contents and the globals they read (recursively), containers by
+    their items, numbers,
     strings and small arrays by value; anything else (and anything too deep, too large or
     recursive) by identity, which can only cost a recompilation, never share a program
     between two different computations."""
@@ -84,8 +94,11 @@ def _fingerprint(obj, depth: int = 0, active: frozenset = frozenset()):
                 cells.append(inner(cell.cell_contents))
             except ValueError:  # an empty cell
                 cells.append("empty cell")
+        # The globals it reads, by value too: a function that reads a rebound global computes
+        # something else although its code and closure are the same.
+        names = sorted(n for n in _global_names(obj.__code__) if n in obj.__globals__)
         return ("function", obj.__code__, id(obj.__globals__), inner(obj.__defaults__),
-                inner(obj.__kwdefaults__), tuple(cells))
+                inner(obj.__kwdefaults__), tuple(cells), tuple((n, inner(obj.__globals__[n])) for n in names))
     if isinstance(obj, functools.partial):
         return functools.partial, inner(obj.func), inner(obj.args), inner(obj.keywords)
     if isinstance(obj, types.MethodType):

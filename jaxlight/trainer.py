@@ -679,25 +679,25 @@ class Trainer:
         """Refuse a checkpoint written with another configuration or already past max_epochs."""
         saved = {k: meta.get(k) for k in ("run", "trainer", "optimizer_chain")}
         diffs = runconfig.differences(saved, {**self.run_record(), "optimizer_chain": ckpt.optimizer_chain(state.opt_state)})
+        saved_batch = meta["config"]["batch_size"]
+        # The saved position counts batches of the saved size over the saved examples: it means
+        # the same batches again only at an epoch's start, where it is (epoch, 0).
+        moved = saved_batch != self.config.batch_size or meta["num_examples"] != self._num_examples
+        what = (f"batch_size {saved_batch} on {meta['num_examples']} training examples; this fit has batch_size "
+                f"{self.config.batch_size} on {self._num_examples}" + (f" ({'; '.join(diffs)})" if diffs else ""))
+        if moved and not self.allow_config_change:
+            raise runconfig.ConfigMismatchError(
+                f"{path} was saved with {what}: the saved data position would not mean the same batches. Resume "
+                f"with the same settings, or accept the change at an epoch's end (--allow-config-change)")
         if diffs and not self.allow_config_change:
             raise runconfig.ConfigMismatchError(
                 f"{path} was written by a run configured differently: {'; '.join(diffs)}. Resume with the "
                 f"same settings, or accept the change (--allow-config-change, Trainer.allow_config_change)")
-        saved_batch = meta["config"]["batch_size"]
-        if saved_batch != self.config.batch_size or meta["num_examples"] != self._num_examples:
-            # The saved position counts batches of the saved size over the saved examples: it
-            # means the same batches again only at an epoch's start, where it is (epoch, 0).
-            what = (f"batch_size {saved_batch} on {meta['num_examples']} training examples in the checkpoint, "
-                    f"{self.config.batch_size} on {self._num_examples} now (a --batch-size or --val-split change)")
-            if not self.allow_config_change:
-                raise ckpt.CheckpointError(f"{path} was saved with {what}: resume with the same settings, or accept "
-                                           f"the change at an epoch's end (--allow-config-change)")
-            if meta["batch"] != 0:
-                raise runconfig.ConfigMismatchError(
-                    f"{path} stopped inside epoch {meta['epoch'] + 1} (batch {meta['batch']}) and was saved with "
-                    f"{what}: --allow-config-change accepts that only at an epoch's end, since a position inside "
-                    f"an epoch would not mean the same batches; resume from an epoch-end checkpoint or with the "
-                    f"same settings")
+        if moved and meta["batch"] != 0:
+            raise runconfig.ConfigMismatchError(
+                f"{path} stopped inside epoch {meta['epoch'] + 1} (batch {meta['batch']}) and was saved with {what}: "
+                f"--allow-config-change accepts that only at an epoch's end, since a position inside an epoch "
+                f"would not mean the same batches; resume from an epoch-end checkpoint or with the same settings")
         if diffs:
             warnings.warn(f"resuming {path} with a changed configuration: {'; '.join(diffs)}", RuntimeWarning,
                           stacklevel=3)

@@ -489,6 +489,16 @@ def test_200_fits_with_new_optimizers_stay_within_50_mb():
     assert rss_mb() - start < 50, (start, rss_mb())
 
 
+SCALE = 1.0
+
+
+def _scaled_by_global():
+    def update(updates, state, params=None):
+        return {k: -SCALE * v for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def test_keyed_transformations_compare_by_what_they_compute():
     from jaxlight.state import keyed_transformation as keyed
 
@@ -499,6 +509,13 @@ def test_keyed_transformations_compare_by_what_they_compute():
                  (optax.adam(optax.exponential_decay(1e-3, 100, 0.9)), optax.adam(optax.exponential_decay(1e-3, 100, 0.8))),
                  (optax.adam(np.float32(1e-3)), optax.adam(np.float32(1e-3) * 2))]:
         assert keyed(a) != keyed(b)
+    global SCALE
+    first = keyed(_scaled_by_global())
+    SCALE = 2.0  # a rebound global that the update reads: the same code computes something else
+    try:
+        assert keyed(_scaled_by_global()) != first
+    finally:
+        SCALE = 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         params = {"w": np.ones(3, np.float32)}
