@@ -29,23 +29,25 @@ Every error is one line on stderr; the details (tracebacks, background threads' 
 
 from __future__ import annotations
 
-import argparse
-import logging
+# Only what main() needs to install its signal handlers is imported here; the rest (argparse,
+# logging, the recipes, then JAX) is imported where it is used, behind those handlers.
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
-import traceback
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jaxlight.recipes import RECIPES, Recipe, recipe_for
+if TYPE_CHECKING:
+    import argparse
+
+    from jaxlight.recipes import Recipe
 
 __all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "train_parser", "recipe_from_args",
            "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer", "prepare_output_dir",
-           "run_config", "run_cli", "install_signal_handlers", "check_parallel_flags"]
+           "run_config", "run_cli", "install_signal_handlers", "restore_signal_handlers", "check_parallel_flags"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 MAX_SEED = 2**63  # jax.random.key takes a signed 64-bit int; numpy's default_rng no negatives
@@ -57,6 +59,10 @@ class UsageError(ValueError):
 
 def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.ArgumentParser:
     """The ``train`` flags both command lines share."""
+    import argparse
+
+    from jaxlight.recipes import RECIPES
+
     p = sub.add_parser("train", help=f"train a model with {framework} and write <out>/metrics.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=sorted(RECIPES), default="mlp")
@@ -102,6 +108,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise UsageError(f"--lr must be > 0 and finite, got {args.lr}")
     if not 0 <= args.seed < MAX_SEED:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    from jaxlight.recipes import recipe_for
+
     return recipe_for(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       optimizer=args.optimizer, seed=args.seed)
 
@@ -139,6 +147,8 @@ def summary_payload(framework: str, recipe: Recipe, results, test_metrics: dict,
     payload["history"] = [{"epoch": r.epoch + 1, **{k: v for k, v in r.metrics.items() if k != "count"}}
                           for r in results]
     payload.update(extra)
+    import argparse
+
     payload.setdefault("segments", [{"run": run_config(recipe, argparse.Namespace()), "from_step": 0}])
     payload["versions"] = versions
     return payload
@@ -157,6 +167,8 @@ def prepare_output_dir(path: str | os.PathLike, flag: str) -> Path:
         if p.exists() and not p.is_dir():
             raise UsageError(f"{flag} {p} is a file, not a folder")
         p.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as exc:
@@ -175,7 +187,7 @@ def _prepare_outputs(args: argparse.Namespace, framework: str, lock: bool = True
     if lock:
         from jaxlight.checkpoint import lock_folder
 
-        lock_folder(out, "output folder --out")
+        args.out_lock = lock_folder(out, "output folder --out")  # (released when run_cli returns)
     if (out / "metrics.json").is_dir():
         raise UsageError(f"--out {out}: {out / 'metrics.json'} is a folder, metrics.json cannot be written")
     if getattr(args, "ckpt_dir", None):
@@ -278,6 +290,7 @@ def install_signal_handlers(program: str) -> dict:
 
 
 def restore_signal_handlers(previous: dict) -> None:
+    """Put back the handlers :func:`install_signal_handlers` returned."""
     for sig, handler in previous.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
@@ -400,6 +413,8 @@ def _log_details(out: Path, verbose: bool) -> Path | None:
     """Send library logs and background threads' tracebacks (Orbax writes its own on a full
     disk) to ``<out>/train.log``, or to stderr with --verbose, so that stderr holds the one
     error line."""
+    import logging
+
     root = logging.getLogger()
     path = None
     if verbose:
@@ -431,6 +446,9 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
     """Run ``run(args)`` and turn every expected failure into one line on stderr and its exit
     code (``errors``: exception class -> code; see the module docstring). Details go to the log
     (``--verbose``: stderr)."""
+    import logging
+    import traceback
+
     # Outside fit, the handlers of install_signal_handlers stop at once; inside, the Trainer's
     # finish the chunk and save first.
     shown, warnings.showwarning = warnings.showwarning, _warning_line
@@ -462,6 +480,8 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
         return code
     finally:
         warnings.showwarning = shown
+        if getattr(args, "out_lock", None) is not None:
+            args.out_lock.release()
 
 
 def check_parallel_flags(args: argparse.Namespace) -> None:
@@ -479,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_trainer_flags(train_parser(sub, "JAX"))

@@ -8,12 +8,15 @@ handling is ``jaxlight.cli``'s (docs/reliability.md).
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from jaxlight.cli import (EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, _log_details, _prepare_outputs,
                           install_signal_handlers, recipe_from_args, restore_signal_handlers, run_cli,
                           summary_payload, train_parser, warn_batch_size)
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["main"]
 
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="torch-ref", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = train_parser(sub, "PyTorch")
