@@ -308,8 +308,10 @@ def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="start a new run in a --ckpt-dir that holds checkpoints; they are deleted once this "
                         "run has saved its first one")
     g.add_argument("--allow-config-change", action="store_true",
-                   help="resume although the checkpoint was written with other settings (optimizer, lr, seed...); "
-                        "the change is recorded in metrics.json's segments")
+                   help="resume although the checkpoint was written with other settings: lr, seed, the "
+                        "optimizer's hyperparameters, adam<->adamw; --batch-size and --val-split only from an "
+                        "epoch-end checkpoint (inside an epoch the saved position would mean other batches); never "
+                        "an optimizer whose state holds other arrays (adam->sgd). Recorded in metrics.json's segments")
     g.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none")
     g.add_argument("--log-dir", help="where the logger writes (default: <out>/logs)")
     g.add_argument("--steps-per-execution", type=int,
