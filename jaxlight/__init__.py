@@ -3,23 +3,42 @@
 The public surface, in the order data flows: data -> model -> state -> step -> loop.
 """
 
-from jaxlight import callbacks, checkpoint, data, loggers, loop, models, optim, recipes, tasks, trainer
-from jaxlight.data import ArrayDataset, Batches, load_mnist, load_task_data
-from jaxlight.loop import EpochRunner, evaluate, fit, train_epoch
-from jaxlight.models import MODELS, build_model, count_params
-from jaxlight.optim import make_optimizer
-from jaxlight.recipes import Recipe, recipe_for
-from jaxlight.state import TrainState, create_train_state
-from jaxlight.step import (
-    BatchError,
-    DonatedStateError,
-    apply_eval_step,
-    apply_train_step,
-    eval_step,
-    train_chunk,
-    train_step,
-)
-from jaxlight.trainer import Trainer, TrainerConfig
+import importlib
+
+# Imported on first use (PEP 562), so that ``import jaxlight.cli`` loads no JAX: the command
+# lines install their signal handlers before any heavy import (see jaxlight/cli.py).
+_SUBMODULES = ("callbacks", "checkpoint", "data", "loggers", "loop", "models", "optim", "recipes", "tasks",
+               "trainer")
+_NAMES = {
+    "ArrayDataset": "jaxlight.data", "Batches": "jaxlight.data", "load_mnist": "jaxlight.data",
+    "load_task_data": "jaxlight.data",
+    "EpochRunner": "jaxlight.loop", "evaluate": "jaxlight.loop", "fit": "jaxlight.loop",
+    "train_epoch": "jaxlight.loop",
+    "MODELS": "jaxlight.models", "build_model": "jaxlight.models", "count_params": "jaxlight.models",
+    "make_optimizer": "jaxlight.optim",
+    "Recipe": "jaxlight.recipes", "recipe_for": "jaxlight.recipes",
+    "TrainState": "jaxlight.state", "create_train_state": "jaxlight.state",
+    "BatchError": "jaxlight.step", "DonatedStateError": "jaxlight.step", "apply_eval_step": "jaxlight.step",
+    "apply_train_step": "jaxlight.step", "eval_step": "jaxlight.step", "train_chunk": "jaxlight.step",
+    "train_step": "jaxlight.step",
+    "Trainer": "jaxlight.trainer", "TrainerConfig": "jaxlight.trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"jaxlight.{name}")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'jaxlight' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

@@ -11,10 +11,16 @@ A checkpoint is one directory ``<root>/step_000000120/``::
 Why a manifest: Orbax restores a checkpoint whose bytes were flipped with wrong values and no
 error. Every file is hashed on save and verified on restore; a checkpoint that fails (corrupt,
 truncated, manifest missing, unreadable or not a file) is skipped with a
-:class:`CheckpointWarning` naming it, and the previous good one is used. Only the files the
-manifest lists decide: a stray file (``.DS_Store``, an editor's backup) is ignored with a
-warning. A checkpoint saved from another model (its arrays do not fit the state) is skipped the
-same way, so ``restore_latest`` returns the newest checkpoint that fits.
+:class:`CheckpointWarning` naming it, and the previous good one is used. The manifest is
+trusted only as far as it covers: each entry must name a plain file inside the checkpoint
+folder (no ``..``, no absolute path, no symlink), so verification reads nothing outside it;
+``meta.json`` must be listed; Orbax restores from a private view that holds only the listed,
+verified files, so nothing unverified is ever read. A file under ``arrays/`` that the manifest
+does not list makes the checkpoint corrupt; a stray file elsewhere (``.DS_Store``, an editor's
+backup ``name~``) is ignored with a warning. A ``meta.json`` that verifies but does not hold
+what the loader needs (``restore_checkpoint(check_meta=...)``) is corrupt too. A checkpoint
+saved from another model or optimizer (its arrays do not fit the state) is skipped the same
+way, so ``restore_latest`` returns the newest checkpoint that fits.
 
 Why a lock: two runs writing one folder delete each other's temp folders and checkpoints.
 :func:`lock_folder` takes an OS lock (``fcntl.flock`` on ``<root>/.lock``) that the kernel drops
@@ -25,7 +31,10 @@ Why atomic: everything is written into ``<root>/.tmp-step_.../`` and renamed int
 when complete (``rename`` is atomic on POSIX), so a process killed mid-save leaves a stray temp
 folder (removed by the next save) and never a half checkpoint that looks whole. A failed save
 (full disk, unwritable folder) raises :class:`CheckpointError` and leaves earlier checkpoints
-untouched; old checkpoints are deleted only after a new one is complete.
+untouched; old checkpoints are deleted only after a new one is complete. ``ModelCheckpoint``
+saves with ``replace=False`` at a step whose folder it cannot show to be its own run's (see its
+docstring), so another run's checkpoint (or a ``step_*`` symlink) at the same step is never
+replaced: the save stops with a message naming it.
 
 Example:
     >>> path = save_checkpoint("runs/ckpt", state, {"epoch": 1, "batch": 0})  # doctest: +SKIP
@@ -41,6 +50,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -84,7 +95,14 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class IncompatibleCheckpointError(CheckpointError):
-    """A checkpoint's arrays do not fit the state (saved from another model or optimizer chain)."""
+    """A checkpoint's arrays do not fit the state (saved from another model or optimizer chain).
+
+    Attributes:
+        saved_optimizer: when the model's arrays fit and only the optimizer state does not, the
+            optimizer the checkpoint's ``run`` record names (``"?"`` when it names none); else None.
+    """
+
+    saved_optimizer: str | None = None
 
 
 class CheckpointWriteError(CheckpointError):
@@ -123,7 +141,48 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    """Every file and symlink under ``folder`` but the manifest; symlinked folders are not entered."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        found += [Path(parent) / n for n in names]
+        found += [Path(parent) / d for d in dirs if os.path.islink(os.path.join(parent, d))]
+    return sorted(p for p in found if p != folder / "manifest.json")
+
+
+def _listed_file(folder: Path, rel) -> Path:
+    """``folder / rel`` when ``rel`` names a plain file inside ``folder``: a relative path without
+    ``.``/``..`` parts, no symlink on the way. Checked with ``lstat`` before anything is read.
+
+    Raises:
+        CorruptCheckpointError: naming the entry and what is wrong with it.
+    """
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not parts or os.path.isabs(rel) or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise CorruptCheckpointError(f"{folder}: manifest.json lists {rel!r}, which is not a plain path inside "
+                                     f"the checkpoint folder")
+    here = folder
+    for i, part in enumerate(parts):
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{folder}: {rel} is missing") from None
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{folder}: {rel} is unreadable ({exc.strerror or exc})") from None
+        last = i == len(parts) - 1
+        if stat.S_ISLNK(mode):
+            raise CorruptCheckpointError(f"{folder}: {'/'.join(parts[:i + 1])} is a symlink; a checkpoint holds "
+                                         f"only its own files")
+        if (last and not stat.S_ISREG(mode)) or (not last and not stat.S_ISDIR(mode)):
+            raise CorruptCheckpointError(f"{folder}: {rel} is missing (not a plain file)")
+    return here
+
+
+def _is_stray(rel: str) -> bool:
+    """A file no part of jaxlight or Orbax reads: outside ``arrays/``, or a hidden file or an
+    editor's backup (``.DS_Store``, ``name~``) anywhere."""
+    name = rel.rsplit("/", 1)[-1]
+    return not rel.startswith("arrays/") or name.startswith(".") or name.endswith("~")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,10 +194,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    from jaxlight.report import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
 
 
 def _write_manifest(folder: Path) -> None:
@@ -147,18 +205,26 @@ def _write_manifest(folder: Path) -> None:
     _write_json(folder / "manifest.json", {"format": FORMAT_VERSION, "files": files})
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     """Check every file a checkpoint's manifest lists against its size and sha256.
 
-    Files the manifest does not list (``.DS_Store``, an editor's backup) do not take part: they
-    are ignored with a :class:`CheckpointWarning`.
+    Each entry must name a plain file inside ``path`` (no ``..``, absolute path or symlink);
+    nothing outside the folder is read. ``meta.json`` must be listed. An unlisted file under
+    ``arrays/`` (which Orbax could read) makes the checkpoint corrupt; other unlisted files
+    (``.DS_Store``, an editor's backup) are ignored with a :class:`CheckpointWarning`.
+
+    Returns:
+        The verified files, as paths relative to ``path``.
 
     Raises:
-        CorruptCheckpointError: naming the first listed file that is missing, unreadable, has
-            the wrong size (truncated) or the wrong hash (corrupt), or a manifest that is
-            missing, unreadable or not a file.
+        CorruptCheckpointError: naming the first listed file that is missing, unreadable, not a
+            plain file inside the folder, has the wrong size (truncated) or the wrong hash
+            (corrupt); an unlisted array file; or a manifest that is missing, unreadable or not
+            a file.
     """
     path = Path(path)
+    if (path / "manifest.json").is_symlink():
+        raise CorruptCheckpointError(f"{path}: manifest.json is a symlink; a checkpoint holds only its own files")
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         files = manifest["files"]
@@ -169,10 +235,10 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CorruptCheckpointError(f"{path}: manifest.json is unreadable ({type(exc).__name__}: {exc})") from None
     if not entries:
         raise CorruptCheckpointError(f"{path}: manifest.json lists no files")
-    for rel, size, sha in entries:
-        f = path / rel
-        if not f.is_file():
-            raise CorruptCheckpointError(f"{path}: {rel} is missing")
+    if "meta.json" not in files:
+        raise CorruptCheckpointError(f"{path}: manifest.json does not list meta.json")
+    checked = [(_listed_file(path, rel), rel, size, sha) for rel, size, sha in entries]  # (before any read)
+    for f, rel, size, sha in checked:
         try:
             actual = f.stat().st_size
             if actual != size:
@@ -183,10 +249,15 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
                                              f"(corrupted bytes)")
         except OSError as exc:
             raise CorruptCheckpointError(f"{path}: {rel} is unreadable ({exc.strerror or exc})") from None
-    extra = sorted(set(str(p.relative_to(path)) for p in _files(path)) - set(files))
+    extra = sorted(set(p.relative_to(path).as_posix() for p in _files(path)) - set(files))
+    unverified = [rel for rel in extra if not _is_stray(rel)]
+    if unverified:
+        raise CorruptCheckpointError(f"{path}: {unverified[0]} is not in manifest.json ({len(unverified)} array "
+                                     f"file(s) unlisted): its bytes cannot be verified")
     if extra:
         warnings.warn(f"{path}: ignoring {len(extra)} file(s) not in its manifest: {extra[:3]}",
                       CheckpointWarning, stacklevel=3)
+    return [rel for rel, _, _ in entries]
 
 
 def _is_key(leaf) -> bool:
@@ -212,21 +283,25 @@ def _checkpointer():
                             multiprocessing_options=options)
 
 
-def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | None = None) -> Path:
+def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | None = None, *,
+                    replace: bool = True) -> Path:
     """Write ``state`` and ``meta`` to ``<root>/step_<state.step>/`` atomically.
 
     Args:
         root: the run's checkpoint folder (created if missing).
         state: the TrainState; its parameters and optimizer state must be finite.
         meta: JSON-serialisable extras (data position, callback state, config, versions).
+        replace: whether a checkpoint already there for the same step (one this caller wrote
+            earlier) is replaced once the new one is complete. ``ModelCheckpoint`` passes False
+            for steps it did not write: another run's checkpoint is never replaced.
 
     Returns:
-        The checkpoint's folder. One already there for the same step is replaced once the new
-        one is complete.
+        The checkpoint's folder.
 
     Raises:
         CheckpointError: the state holds NaN/Inf (a NaN checkpoint is never written), or the
             folder cannot be written (unwritable, full disk); earlier checkpoints are intact.
+        CheckpointWriteError: ``replace=False`` and the step's folder exists (naming it).
     """
     root = Path(root)
     leaves = _leaves(state)
@@ -239,6 +314,10 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
                                       f"NaN or Inf")
     step = int(np.asarray(state.step))
     final = step_dir(root, step)
+    if not replace and (final.exists() or final.is_symlink()):
+        what = "a symlink" if final.is_symlink() else "a checkpoint this run did not write"
+        raise CheckpointWriteError(f"could not write checkpoint {final}: it is {what} (another run's?), which a "
+                                   f"save never replaces; move it out of {root} to continue")
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -287,14 +366,24 @@ def _short_cause(exc: BaseException) -> str:
 
 
 def _remove(path: Path) -> None:
-    """Delete a folder so that a kill half way never leaves something that looks like a checkpoint."""
+    """Delete a folder so that a kill half way never leaves something that looks like a
+    checkpoint: renamed to a ``.tmp-`` name first (unless it has one), then removed. A symlink
+    is unlinked; what it points to is never touched."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
     if not path.exists():
         return
-    trash = path.with_name(f".tmp-trash-{path.name}-{os.getpid()}")
-    try:
-        os.rename(path, trash)
-    except OSError:
-        trash = path
+    trash = path
+    if not path.name.startswith(".tmp-"):
+        trash = path.with_name(f".tmp-trash-{path.name}-{os.getpid()}")
+        try:
+            os.rename(path, trash)
+        except OSError:
+            trash = path
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -303,20 +392,70 @@ def prune_checkpoints(root: str | os.PathLike, keep_steps: set[int], owned: set[
 
     Args:
         owned: when given, only these steps may be deleted: a run prunes the checkpoints it
-            wrote itself, never another run's.
+            wrote itself, never another run's. A ``step_*`` symlink is never a checkpoint this
+            module wrote, so it is never pruned.
     """
     for path in list_checkpoints(root):
         step = int(_STEP_DIR.match(path.name).group(1))
-        if step not in keep_steps and (owned is None or step in owned):
+        if step not in keep_steps and (owned is None or step in owned) and not path.is_symlink():
             _remove(path)
 
 
-def _verified_meta(path: Path) -> dict:
-    verify_checkpoint(path)
+def _verified_meta(path: Path) -> tuple[dict, list[str]]:
+    """``(meta.json's contents, the verified files)``."""
+    listed = verify_checkpoint(path)
     try:
-        return json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as exc:  # (a meta.json outside the manifest: never ours)
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
         raise CorruptCheckpointError(f"{path}: meta.json is unreadable ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("leaves"), list):
+        raise CorruptCheckpointError(f"{path}: meta.json is malformed (no list of leaves)")
+    return meta, listed
+
+
+def _restore_arrays(path: Path, listed: list[str]) -> dict:
+    """Orbax's restore of ``path/arrays`` through a private folder of symlinks to the verified
+    files alone, so that Orbax reads nothing the manifest did not cover."""
+    view = Path(tempfile.mkdtemp(prefix="jaxlight-restore-"))
+    try:
+        for rel in listed:
+            if rel.startswith("arrays/"):
+                (view / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink((path / rel).absolute(), view / rel)
+        try:
+            return _checkpointer().restore((view / "arrays").absolute())
+        except Exception as exc:  # noqa: BLE001 - whatever Orbax raises for missing or bad files
+            raise CorruptCheckpointError(f"{path}: its arrays cannot be read from the files manifest.json lists "
+                                         f"({_short_cause(exc)})") from exc
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _spec(meta: dict, i: int) -> tuple[str, tuple, str]:
+    spec = meta["leaves"][i]
+    return str(spec["path"]), tuple(spec["shape"]), str(spec["dtype"])
+
+
+def _incompatible(path: Path, meta: dict, template, flat, message: str) -> IncompatibleCheckpointError:
+    """The error for arrays that do not fit; it says so when only the optimizer state differs."""
+    def model_leaves(specs):
+        return [s for s in specs if not s[0].startswith(".opt_state")]
+
+    mine = []
+    for key_path, ref in flat:
+        data = jax.random.key_data(ref) if _is_key(ref) else ref
+        mine.append((jax.tree_util.keystr(key_path), tuple(np.shape(data)), str(np.dtype(data.dtype))))
+    saved = [_spec(meta, i) for i in range(len(meta["leaves"]))]
+    if model_leaves(saved) == model_leaves(mine):
+        run = meta.get("run") if isinstance(meta.get("run"), dict) else {}
+        name = run.get("optimizer") or "?"
+        error = IncompatibleCheckpointError(
+            f"{path} was saved with another optimizer ({name if name != '?' else 'unnamed'}, optimizer state "
+            f"{meta.get('optimizer_chain', '?')}); this state's is {optimizer_chain(template.opt_state)}: "
+            f"the optimizer state does not carry over")
+        error.saved_optimizer = name
+        return error
+    return IncompatibleCheckpointError(message)
 
 
 def _check_leaf(path: Path, spec: dict, name: str, ref, what: str) -> None:
@@ -329,32 +468,49 @@ def _check_leaf(path: Path, spec: dict, name: str, ref, what: str) -> None:
             f"{what}{name} {shape} {dtype}")
 
 
-def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[TrainState, dict]:
+def restore_checkpoint(path: str | os.PathLike, template: TrainState,
+                       check_meta=None) -> tuple[TrainState, dict]:
     """Verify and load one checkpoint folder into the structure of ``template``.
 
     Args:
         path: a ``step_...`` folder.
         template: a TrainState built the same way as the saved one (same model, optimizer
             chain, precision); only its structure, shapes and dtypes are used.
+        check_meta: ``check_meta(meta)`` raises ``KeyError``/``TypeError``/``ValueError`` when
+            ``meta.json`` (which verified) lacks what the caller will read from it: the
+            checkpoint is then corrupt, like one whose bytes do not match.
 
     Returns:
         ``(state, meta)``: the restored state (bit-identical arrays) and the saved ``meta.json``.
 
     Raises:
-        CorruptCheckpointError: the files do not match the manifest.
+        CorruptCheckpointError: the files do not match the manifest, or ``meta.json`` is
+            malformed.
         IncompatibleCheckpointError: the checkpoint was saved from a differently shaped state;
-            the message names the first leaf that differs.
+            the message names the first leaf that differs, or the optimizer when only the
+            optimizer state differs.
     """
     path = Path(path)
-    meta = _verified_meta(path)
+    meta, listed = _verified_meta(path)
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    saved = meta["leaves"]
+    try:
+        saved = [_spec(meta, i) for i in range(len(meta["leaves"]))]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{path}: meta.json is malformed ({type(exc).__name__}: {exc})") from None
     if len(saved) != len(flat):
-        raise IncompatibleCheckpointError(f"{path} holds {len(saved)} arrays but the state has {len(flat)}: "
-                                          f"was it saved with another model or optimizer chain?")
-    for (key_path, ref), spec in zip(flat, saved):
-        _check_leaf(path, spec, jax.tree_util.keystr(key_path), ref, "state")
-    arrays = _checkpointer().restore((path / "arrays").absolute())
+        raise _incompatible(path, meta, template, flat, f"{path} holds {len(saved)} arrays but the state has "
+                                                        f"{len(flat)}: was it saved with another model or optimizer chain?")
+    for (key_path, ref), spec in zip(flat, meta["leaves"]):
+        try:
+            _check_leaf(path, spec, jax.tree_util.keystr(key_path), ref, "state")
+        except IncompatibleCheckpointError as exc:
+            raise _incompatible(path, meta, template, flat, str(exc)) from None
+    try:  # (after the arrays' fit: another model's checkpoint is named as such)
+        if check_meta is not None:
+            check_meta(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{path}: meta.json is malformed ({type(exc).__name__}: {exc})") from None
+    arrays = _restore_arrays(path, listed)
     leaves = []
     for i, (_, ref) in enumerate(flat):
         value = jnp.asarray(np.asarray(arrays[f"{i:06d}"]))
@@ -364,12 +520,14 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState) -> tuple[T
     return jax.tree_util.tree_unflatten(treedef, leaves), meta
 
 
-def restore_latest(root: str | os.PathLike, template: TrainState) -> tuple[TrainState, dict, Path]:
+def restore_latest(root: str | os.PathLike, template: TrainState,
+                   check_meta=None) -> tuple[TrainState, dict, Path]:
     """The newest checkpoint under ``root`` that verifies, falling back past corrupt ones.
 
-    Corrupt checkpoints and checkpoints of another model (whose arrays do not fit
-    ``template``) are skipped, each with a :class:`CheckpointWarning` that names it and why, so
-    the newest checkpoint that verifies and fits is returned.
+    Corrupt checkpoints (``check_meta``: see :func:`restore_checkpoint`) and checkpoints of
+    another model or optimizer (whose arrays do not fit ``template``) are skipped, each with a
+    :class:`CheckpointWarning` that names it and why, so the newest checkpoint that verifies and
+    fits is returned.
 
     Raises:
         CheckpointError: no checkpoint under ``root`` verifies and fits (or there is none); an
@@ -382,20 +540,22 @@ def restore_latest(root: str | os.PathLike, template: TrainState) -> tuple[Train
     errors = []
     for path in reversed(candidates):
         try:
-            state, meta = restore_checkpoint(path, template)
+            state, meta = restore_checkpoint(path, template, check_meta)
             return state, meta, path
         except CorruptCheckpointError as exc:
             errors.append(exc)
             why = "corrupt checkpoint"
         except IncompatibleCheckpointError as exc:
             errors.append(exc)
-            why = "checkpoint of another model"
+            why = "checkpoint of another " + ("optimizer" if exc.saved_optimizer else "model")
         older = [p for p in candidates if p < path]
         then = f"falling back to {older[-1].name}" if older else "no older checkpoint left"
         warnings.warn(f"skipping {why}: {errors[-1]}; {then}", CheckpointWarning, stacklevel=2)
     if all(isinstance(e, IncompatibleCheckpointError) for e in errors):
-        raise IncompatibleCheckpointError(f"no checkpoint under {root} fits this state ({len(candidates)} "
-                                          f"tried); the newest: {errors[0]}")
+        error = IncompatibleCheckpointError(f"no checkpoint under {root} fits this state ({len(candidates)} "
+                                            f"tried); the newest: {errors[0]}")
+        error.saved_optimizer = errors[0].saved_optimizer
+        raise error
     raise CheckpointError(f"every checkpoint under {root} is corrupt or does not fit ({len(candidates)} tried)")
 
 
@@ -456,7 +616,7 @@ def load_model(path: str | os.PathLike, model):
                 errors.append(exc)
                 warnings.warn(f"load_model: skipping {candidate.name}: {exc}", CheckpointWarning, stacklevel=2)
         raise errors[0]
-    meta = _verified_meta(path)
+    meta, listed = _verified_meta(path)
     _, params, _rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)  # as TrainState splits it
     saved = {spec["path"]: (i, spec) for i, spec in enumerate(meta["leaves"])}
     wanted = []
@@ -475,7 +635,7 @@ def load_model(path: str | os.PathLike, model):
         if extra:
             raise IncompatibleCheckpointError(f"{path}: the checkpoint's {extra[0]} has no place in the "
                                               f"model (saved from another model?)")
-    arrays = _checkpointer().restore((path / "arrays").absolute())
+    arrays = _restore_arrays(path, listed)
 
     def value(i, ref):
         v = jnp.asarray(np.asarray(arrays[f"{i:06d}"]))
@@ -513,8 +673,11 @@ class FolderLock:
 _LOCKS: dict[str, FolderLock] = {}
 
 
-def lock_folder(root: str | os.PathLike) -> FolderLock:
+def lock_folder(root: str | os.PathLike, what: str = "checkpoint folder") -> FolderLock:
     """Lock the checkpoint folder ``root`` (created if missing) for this process.
+
+    ``what`` names the folder in messages: the command lines lock their ``--out`` folder the
+    same way ("output folder"), so that two runs never write one ``metrics.json``.
 
     ``fcntl.flock`` on ``<root>/.lock``: the kernel releases it when the process exits in any
     way (``kill -9`` included), so there is never a stale lock to clean up. Re-entrant within a
@@ -534,13 +697,13 @@ def lock_folder(root: str | os.PathLike) -> FolderLock:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise CheckpointError(f"cannot use checkpoint folder {root}: {exc.strerror or exc}") from None
+        raise CheckpointError(f"cannot use {what} {root}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is starting up"
         os.close(fd)
-        raise CheckpointLockedError(f"checkpoint folder {root} is in use by another run ({holder}); wait for "
+        raise CheckpointLockedError(f"{what} {root} is in use by another run ({holder}); wait for "
                                     f"it to finish or choose another folder") from None
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     info = f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}\n".encode()

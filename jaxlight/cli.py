@@ -16,29 +16,38 @@ Exit codes (both command lines; docs/reliability.md says which failure gives whi
 143   stopped by SIGTERM: likewise
 ====  =====================================================================================
 
+Signals at any moment: :func:`main` installs its SIGINT/SIGTERM handlers before anything heavy
+is imported (``jaxlight/__init__.py`` imports lazily), also where the parent left SIGINT
+ignored (``nohup cmd &``). Outside ``Trainer.fit`` they print one line and end the process at
+once with ``os._exit`` (nothing is half-written: every file a run writes is renamed into
+place), so a signal during imports, data loading or compilation never unwinds through a
+half-initialised library; inside ``fit`` the Trainer's handlers finish the chunk and save.
+
 Every error is one line on stderr; the details (tracebacks, background threads' logs) go to
 ``<out>/train.log``, or to stderr with ``--verbose``.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+# Only what main() needs to install its signal handlers is imported here; the rest (argparse,
+# logging, the recipes, then JAX) is imported where it is used, behind those handlers.
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
-import traceback
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jaxlight.recipes import RECIPES, Recipe, recipe_for
+if TYPE_CHECKING:
+    import argparse
+
+    from jaxlight.recipes import Recipe
 
 __all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "train_parser", "recipe_from_args",
            "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer", "prepare_output_dir",
-           "run_config", "run_cli"]
+           "run_config", "run_cli", "install_signal_handlers", "restore_signal_handlers", "check_parallel_flags"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 MAX_SEED = 2**63  # jax.random.key takes a signed 64-bit int; numpy's default_rng no negatives
@@ -50,6 +59,10 @@ class UsageError(ValueError):
 
 def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.ArgumentParser:
     """The ``train`` flags both command lines share."""
+    import argparse
+
+    from jaxlight.recipes import RECIPES
+
     p = sub.add_parser("train", help=f"train a model with {framework} and write <out>/metrics.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=sorted(RECIPES), default="mlp")
@@ -95,6 +108,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise UsageError(f"--lr must be > 0 and finite, got {args.lr}")
     if not 0 <= args.seed < MAX_SEED:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    from jaxlight.recipes import recipe_for
+
     return recipe_for(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       optimizer=args.optimizer, seed=args.seed)
 
@@ -132,6 +147,8 @@ def summary_payload(framework: str, recipe: Recipe, results, test_metrics: dict,
     payload["history"] = [{"epoch": r.epoch + 1, **{k: v for k, v in r.metrics.items() if k != "count"}}
                           for r in results]
     payload.update(extra)
+    import argparse
+
     payload.setdefault("segments", [{"run": run_config(recipe, argparse.Namespace()), "from_step": 0}])
     payload["versions"] = versions
     return payload
@@ -150,6 +167,8 @@ def prepare_output_dir(path: str | os.PathLike, flag: str) -> Path:
         if p.exists() and not p.is_dir():
             raise UsageError(f"{flag} {p} is a file, not a folder")
         p.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as exc:
@@ -161,8 +180,14 @@ def _default_out(args: argparse.Namespace, framework: str) -> Path:
     return Path(args.out or f"runs/{framework}-{args.model}")
 
 
-def _prepare_outputs(args: argparse.Namespace, framework: str) -> Path:
+def _prepare_outputs(args: argparse.Namespace, framework: str, lock: bool = True) -> Path:
+    """Check and create the output folders; lock ``--out`` (``lock``: process 0 of a run) as a
+    checkpoint folder is locked, so that two runs never write one ``metrics.json``."""
     out = prepare_output_dir(_default_out(args, framework), "--out")
+    if lock:
+        from jaxlight.checkpoint import lock_folder
+
+        args.out_lock = lock_folder(out, "output folder --out")  # (released when run_cli returns)
     if (out / "metrics.json").is_dir():
         raise UsageError(f"--out {out}: {out / 'metrics.json'} is a folder, metrics.json cannot be written")
     if getattr(args, "ckpt_dir", None):
@@ -188,7 +213,7 @@ def run_train(args: argparse.Namespace) -> dict:
     recipe = recipe_from_args(args)
     if getattr(args, "distributed", False):
         parallel.initialize()
-    out = _prepare_outputs(args, "jaxlight")
+    out = _prepare_outputs(args, "jaxlight", lock=jax.process_index() == 0)
     args.log_file = _log_details(out, args.verbose)
     if args.ckpt_dir and jax.process_index() == 0:  # (one lock per run: process 0's)
         _claim_checkpoint_folder(args)
@@ -245,8 +270,29 @@ class Interrupted(Exception):
         super().__init__(signal.Signals(self.signum).name)
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum, reported=False)
+def install_signal_handlers(program: str) -> dict:
+    """SIGINT and SIGTERM end the process at once with exit 128 + signal and one line; called
+    first thing by both command lines. ``Trainer.fit`` replaces these handlers while it runs
+    (it saves first) and puts them back. Returns the previous handlers (``main`` restores them
+    when it returns, for callers that run it in their own process)."""
+    def handler(signum, frame):
+        try:
+            sys.stdout.flush()
+        except (OSError, RuntimeError, ValueError):  # (a flush interrupted by this very signal)
+            pass
+        name = signal.Signals(signum).name
+        os.write(2, f"{program}: stopped by {name}; nothing more was saved\n".encode())
+        os._exit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # (only the main thread may set handlers; a caller in a thread keeps its own)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    """Put back the handlers :func:`install_signal_handlers` returned."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -262,8 +308,10 @@ def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="start a new run in a --ckpt-dir that holds checkpoints; they are deleted once this "
                         "run has saved its first one")
     g.add_argument("--allow-config-change", action="store_true",
-                   help="resume although the checkpoint was written with other settings (optimizer, lr, seed...); "
-                        "the change is recorded in metrics.json's segments")
+                   help="resume although the checkpoint was written with other settings: lr, seed, the "
+                        "optimizer's hyperparameters, adam<->adamw; --batch-size and --val-split only from an "
+                        "epoch-end checkpoint (inside an epoch the saved position would mean other batches); never "
+                        "an optimizer whose state holds other arrays (adam->sgd). Recorded in metrics.json's segments")
     g.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none")
     g.add_argument("--log-dir", help="where the logger writes (default: <out>/logs)")
     g.add_argument("--steps-per-execution", type=int,
@@ -298,8 +346,11 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
     class EpochLines(Callback):  # the report's epoch line, the format torch-ref prints too
         def on_fit_start(self, trainer, state):
             if trainer.restored_from is not None:
-                print(f"resumed from {trainer.restored_from} (epoch {trainer.epoch + 1}, batch "
-                      f"{trainer.batch}, step {trainer.global_step})", flush=True)
+                where = (f"after epoch {trainer.epoch}" if trainer.batch == 0 else
+                         f"epoch {trainer.epoch + 1}, batch {trainer.batch}")
+                done = "; all epochs are done, nothing to train" if trainer.epoch >= recipe.epochs else ""
+                print(f"resumed from {trainer.restored_from} ({where}, step {trainer.global_step}){done}",
+                      flush=True)
 
         def on_epoch_end(self, trainer, state, metrics):
             if not trainer.is_global_zero:  # (one process of a multi-process run speaks)
@@ -332,6 +383,9 @@ def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, trainer, state, t
     val = None
     if args.val_split:
         train, val = train.split(args.val_split, recipe.seed)
+        if not len(val) or not len(train):
+            raise UsageError(f"--val-split {args.val_split} of {len(train) + len(val)} examples leaves "
+                             f"{len(train)} for training and {len(val)} for validation: the dataset would be empty")
     warn_batch_size(recipe.batch_size, len(train))
     resume = args.resume and any(Path(args.ckpt_dir).glob("step_*"))
     if args.resume and not resume:
@@ -361,6 +415,8 @@ def _log_details(out: Path, verbose: bool) -> Path | None:
     """Send library logs and background threads' tracebacks (Orbax writes its own on a full
     disk) to ``<out>/train.log``, or to stderr with --verbose, so that stderr holds the one
     error line."""
+    import logging
+
     root = logging.getLogger()
     path = None
     if verbose:
@@ -392,9 +448,11 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
     """Run ``run(args)`` and turn every expected failure into one line on stderr and its exit
     code (``errors``: exception class -> code; see the module docstring). Details go to the log
     (``--verbose``: stderr)."""
-    # Outside fit (loading data, evaluating) SIGTERM stops at once, as Ctrl-C does; inside, the
-    # Trainer's handlers finish the chunk and save first.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    import logging
+    import traceback
+
+    # Outside fit, the handlers of install_signal_handlers stop at once; inside, the Trainer's
+    # finish the chunk and save first.
     shown, warnings.showwarning = warnings.showwarning, _warning_line
     warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
     try:
@@ -417,16 +475,34 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
         elif log is not None:
             logging.getLogger(program).error("%s", exc, exc_info=True)
         where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
-        print(f"{program}: error: {exc}{where}", file=sys.stderr, flush=True)
+        message = " ".join(str(exc).split("\n"))  # (one line, whatever the exception holds)
+        print(f"{program}: error: {message}{where}", file=sys.stderr, flush=True)
         if isinstance(exc, UsageError):
             raise SystemExit(EXIT_USAGE) from None  # (as argparse does for the flags it checks)
         return code
     finally:
-        signal.signal(signal.SIGTERM, previous)
         warnings.showwarning = shown
+        if getattr(args, "out_lock", None) is not None:
+            args.out_lock.release()
+
+
+def check_parallel_flags(args: argparse.Namespace) -> None:
+    """Reject bad ``--devices`` before JAX starts."""
+    if getattr(args, "devices", None) is not None and args.devices < 1:
+        raise UsageError(f"--devices must be >= 1, got {args.devices}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = install_signal_handlers("jaxlight")
+    try:
+        return _main(argv)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_trainer_flags(train_parser(sub, "JAX"))
@@ -444,11 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     def run(args):
         if args.command == "train":
             check_trainer_flags(args)
+            check_parallel_flags(args)
             return run_train(args)
         return run_compare(args)
 
     return run_cli("jaxlight", run, args, {
         NonFiniteLossError: EXIT_DIVERGED,
+        FloatingPointError: EXIT_DIVERGED,  # (compare: either framework's run diverged)
         CheckpointWriteError: EXIT_FAILED,
         OSError: EXIT_FAILED,  # (metrics.json or a log could not be written)
         UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,

@@ -16,6 +16,12 @@ The torch side uses ``torch_ref.data.MemoryLoader`` (tensors in memory, the same
 first epoch includes compilation, so "s/epoch" is the mean over later epochs (the first when
 there is only one) and "first epoch s" is shown beside it; ``epoch_seconds`` lists them all.
 
+Exit codes (``jaxlight.cli``'s): 0 the comparison ran and its files are written (whether or not
+the frameworks agree: the table says); 2 a usage error (``--seeds 0``, ``--torch-threads 0``...)
+or a bad ``--out``/``--data-dir``, found before any training; 3 a run of either framework
+diverged (its loss became NaN or Inf; the message names the framework, seed and step); 1 a
+failure while running (the files could not be written); 130/143 stopped by SIGINT/SIGTERM.
+
 Example:
     $ jaxlight compare --model mlp --seeds 3 --epochs 2 --lr 0.001 --out runs/compare-mlp
 """
@@ -81,7 +87,12 @@ def run_jaxlight(recipe: Recipe, seed: int, train, test) -> RunResult:
         # test accuracy is taken between epochs, outside the timed steps.
         state, (epoch,) = fit(state, train_d, 1, recipe.batch_size)
         result.epoch_seconds.append(epoch.seconds)
-        result.step_losses.extend(float(v) for v in epoch.step_metrics["loss"])
+        losses = epoch.step_metrics["loss"]
+        if not np.isfinite(losses).all():
+            bad = int(np.argmax(~np.isfinite(losses)))
+            raise FloatingPointError(f"jaxlight, seed {seed}: training diverged: the loss is {losses[bad]} at step "
+                                     f"{len(result.step_losses) + bad + 1} (epoch {epoch.epoch + 1})")
+        result.step_losses.extend(float(v) for v in losses)
         result.test_history.append(evaluate(state, test_d)[task.metric])
     result.final = result.test_history[-1]
     return result
@@ -109,7 +120,10 @@ def run_torch(recipe: Recipe, seed: int, train, test) -> RunResult:
     for _ in range(recipe.epochs):
         losses: list = []
         t0 = time.perf_counter()
-        train_epoch(model, optimizer, loader, task, on_step=lambda m: losses.append(m["loss"]))
+        try:
+            train_epoch(model, optimizer, loader, task, on_step=lambda m: losses.append(m["loss"]))
+        except FloatingPointError as exc:  # (torch_ref.loop.NonFiniteLossError)
+            raise FloatingPointError(f"torch, seed {seed}: training diverged: {exc}") from None
         result.epoch_seconds.append(time.perf_counter() - t0)
         result.step_losses.extend(losses)
         result.test_history.append(evaluate(model, test_loader, task)[task.metric])
@@ -315,22 +329,22 @@ def compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_compare(args: argparse.Namespace) -> dict:
     """Run the comparison for parsed ``compare`` flags; print the table, write the files."""
     from jaxlight import report
-    from jaxlight.cli import recipe_from_args
+    from jaxlight.cli import UsageError, prepare_output_dir, recipe_from_args
 
     if args.seeds < 1:
-        raise SystemExit(f"error: --seeds must be >= 1, got {args.seeds}")
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise UsageError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     recipe = recipe_from_args(args)
+    out = prepare_output_dir(args.out or f"runs/compare-{recipe.model}", "--out")  # (before any training)
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"compare: {recipe.model} on {recipe.dataset}, {recipe.optimizer} lr {recipe.lr}, batch "
           f"{recipe.batch_size}, {recipe.epochs} epoch(s), seeds {seeds}", flush=True)
-    if args.torch_threads is not None and args.torch_threads < 1:
-        raise SystemExit(f"error: --torch-threads must be >= 1, got {args.torch_threads}")
     payload = compare(recipe, seeds, args.data_dir, log=lambda line: print(line, flush=True),
                       torch_threads=args.torch_threads)
     print(render_table(payload))
-    out = Path(args.out or f"runs/compare-{recipe.model}")
     print(f"wrote {report.write_json(out / 'compare.json', payload)}")
-    (out / "compare.md").write_text(render_markdown(payload))
+    report.write_text_atomic(out / "compare.md", render_markdown(payload))
     print(f"wrote {out / 'compare.md'}")
     print(f"wrote {plot_curves(payload, out / 'compare.png')}")
     return payload

@@ -108,6 +108,8 @@ def check_data(state: TrainState, data: ArrayDataset | Batches, name: str = "dat
     """
     check_not_donated(state)
     if isinstance(data, ArrayDataset):
+        if len(data) == 0:
+            raise BatchError(f"{name} is empty (0 examples)")
         if isinstance(state.loss_fn, Task):
             try:
                 state.loss_fn.check(data.data, state.input_shape, "data")

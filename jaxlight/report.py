@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 from pathlib import Path
 
-__all__ = ["library_versions", "epoch_line", "final_line", "progress_bar", "write_json"]
+__all__ = ["library_versions", "epoch_line", "final_line", "progress_bar", "write_json", "write_text_atomic"]
 
 
 def library_versions(*packages: str) -> dict:
@@ -44,8 +45,33 @@ def progress_bar(epochs: int):
     return make
 
 
-def write_json(path: str | Path, payload: dict) -> Path:
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+
+    A write that fails part way (full disk, ``RLIMIT_FSIZE``, a kill) leaves the previous file
+    whole and no half-written one under its name; the temporary file is removed on an error
+    (a ``kill -9`` may leave one, named ``.<name>.tmp-<pid>``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_json(path: str | Path, payload: dict, **dump_kw) -> Path:
+    """``payload`` as JSON (indent 2 unless ``dump_kw`` says otherwise), written atomically
+    (:func:`write_text_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(payload, **{"indent": 2, **dump_kw}) + "\n")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
 from jaxlight.data.arrays import data_key
 from jaxlight.tasks import Task
 
-__all__ = ["TrainState", "create_train_state", "data_key", "model_key", "MODEL_STATE"]
+__all__ = ["TrainState", "create_train_state", "data_key", "model_key", "MODEL_STATE", "keyed_transformation"]
 
 # The stream folded into the run's seed for the model's randomness (dropout); the data order
 # has its own (``jaxlight.data.arrays.data_key``), so that changing one never changes the other.
@@ -26,6 +29,136 @@ RNG state (batch statistics, a user's own ``nnx.Variable`` counters...)."""
 def model_key(seed: int) -> jax.Array:
     """The key from which each step's dropout keys are drawn (``fold_in(model_key, step)``)."""
     return jax.random.fold_in(jax.random.key(seed), _MODEL_STREAM)
+
+
+class _Identity:
+    """Part of a fingerprint that stands for one object: equal only to itself."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+_MAX_DEPTH = 64
+_MAX_ARRAY_ELEMENTS = 1 << 16
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` (and the functions defined inside it) may read as globals."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _fingerprint(obj, depth: int = 0, active: frozenset = frozenset()):
+    """A hashable value equal for two objects that compute the same thing: functions by their
+    code, defaults, closure contents and the globals they read (recursively), containers by
+    their items, numbers,
+    strings and small arrays by value; anything else (and anything too deep, too large or
+    recursive) by identity, which can only cost a recompilation, never share a program
+    between two different computations."""
+    if isinstance(obj, (bool, int, str, bytes, type(None))):
+        return type(obj), obj
+    if isinstance(obj, (float, complex)):
+        return type(obj), repr(obj)  # (repr: nan equals nan, -0.0 differs from 0.0)
+    if depth > _MAX_DEPTH or id(obj) in active:
+        return _Identity(obj)
+    inner = functools.partial(_fingerprint, depth=depth + 1, active=active | {id(obj)})
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+        if isinstance(obj, jax.core.Tracer) or np.size(obj) > _MAX_ARRAY_ELEMENTS:
+            return _Identity(obj)
+        host = np.asarray(obj)
+        return "array", type(obj), host.dtype.str, host.shape, host.tobytes()
+    if isinstance(obj, (tuple, list)):
+        return type(obj), tuple(inner(e) for e in obj)
+    if isinstance(obj, dict) and type(obj) is dict:
+        return dict, tuple((inner(k), inner(v)) for k, v in obj.items())
+    if isinstance(obj, types.FunctionType):
+        cells = []
+        for cell in obj.__closure__ or ():
+            try:
+                cells.append(inner(cell.cell_contents))
+            except ValueError:  # an empty cell
+                cells.append("empty cell")
+        # The globals it reads, by value too: a function that reads a rebound global computes
+        # something else although its code and closure are the same.
+        names = sorted(n for n in _global_names(obj.__code__) if n in obj.__globals__)
+        return ("function", obj.__code__, id(obj.__globals__), inner(obj.__defaults__),
+                inner(obj.__kwdefaults__), tuple(cells), tuple((n, inner(obj.__globals__[n])) for n in names))
+    if isinstance(obj, functools.partial):
+        return functools.partial, inner(obj.func), inner(obj.args), inner(obj.keywords)
+    if isinstance(obj, types.MethodType):
+        return types.MethodType, inner(obj.__func__), inner(obj.__self__)
+    if isinstance(obj, np.dtype):
+        return np.dtype, obj.str
+    return _Identity(obj)  # (classes, builtins, modules and other objects: themselves)
+
+
+class _Keyed:
+    """Equality and hash by fingerprint, for :func:`keyed_transformation`'s classes."""
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, _Keyed):
+            return NotImplemented
+        return self.__dict__["_hash"] == other.__dict__["_hash"] and self.__dict__["_key"] == other.__dict__["_key"]
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self):
+        return self.__dict__["_hash"]
+
+    def __reduce__(self):
+        return keyed_transformation, (optax.GradientTransformationExtraArgs(*self) if
+                                      isinstance(self, optax.GradientTransformationExtraArgs) else
+                                      optax.GradientTransformation(*self),)
+
+
+class KeyedTransformation(_Keyed, optax.GradientTransformation):
+    """An Optax transformation that equals another built the same way (see :func:`keyed_transformation`)."""
+
+
+class KeyedTransformationExtraArgs(_Keyed, optax.GradientTransformationExtraArgs):
+    """:class:`KeyedTransformation` for an ``optax.GradientTransformationExtraArgs``."""
+
+
+def keyed_transformation(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` as an equal Optax transformation whose equality and hash follow what it computes.
+
+    The optimizer is a static field of :class:`TrainState`, so it is part of every jitted
+    step's cache key. Optax transformations compare by identity: every ``optax.adam(1e-3)``
+    built anew (one per trial of a sweep) would compile the step again and keep the program.
+    The keyed form compares by a structural fingerprint (the ``init``/``update`` functions'
+    code, defaults and closure contents, recursively: learning rates and other
+    hyperparameters by value, schedules by their own code and constants), so two
+    transformations built the same way share one compiled program and two with different
+    hyperparameters do not. What cannot be fingerprinted counts by identity.
+
+    Example:
+        >>> keyed_transformation(optax.adam(1e-3)) == keyed_transformation(optax.adam(1e-3))
+        True
+        >>> keyed_transformation(optax.adam(1e-3)) == keyed_transformation(optax.adam(2e-3))
+        False
+    """
+    if isinstance(tx, _Keyed) or not isinstance(tx, optax.GradientTransformation):
+        return tx
+    cls = KeyedTransformationExtraArgs if isinstance(tx, optax.GradientTransformationExtraArgs) else KeyedTransformation
+    keyed = tuple.__new__(cls, (tx.init, tx.update))
+    key = ("optax", cls, _fingerprint(tx.init), _fingerprint(tx.update))
+    keyed.__dict__.update(_key=key, _hash=hash(key))
+    return keyed
 
 
 @struct.dataclass
@@ -99,7 +232,8 @@ def create_train_state(
     Args:
         model: an NNX module (it is not modified: train and eval modes are views of it). A
             ``input_shape`` attribute, when present, is used to check batches before XLA.
-        tx: the Optax transformation.
+        tx: the Optax transformation; kept as :func:`keyed_transformation` gives it, so that a
+            new optimizer built with the same hyperparameters reuses the compiled steps.
         loss_fn: ``loss_fn(model, batch) -> (losses (B,), {name: (B,)})`` or a built-in task
             (``jaxlight.tasks.multiclass()`` and friends); see ``jaxlight.tasks``.
         seed: the run's seed for the data order and for dropout (the model's initial weights
@@ -130,7 +264,7 @@ def create_train_state(
         key=model_key(seed),
         graphdef=graphdef,
         eval_graphdef=eval_graphdef,
-        tx=tx,
+        tx=keyed_transformation(tx),
         loss_fn=loss_fn,
         input_shape=tuple(getattr(model, "input_shape", None) or ()) or None,
     )

@@ -190,6 +190,27 @@ def _wrap(tx, clip_norm, skip_nonfinite):
     return tx
 
 
+def _parse_meta(meta: dict) -> dict:
+    """What a resume reads from a checkpoint's ``meta.json``, parsed; ``KeyError``/``TypeError``/
+    ``ValueError`` when it is malformed (``jaxlight.checkpoint`` then treats it as corrupt)."""
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"]["batch_size"], int):
+        raise ValueError("no config with a batch_size")
+    parsed = {
+        "epoch": int(meta["epoch"]), "batch": int(meta["batch"]), "step": int(meta["step"]),
+        "num_examples": meta["num_examples"],
+        "epoch_steps": [{k: np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]],
+        "epoch_seconds": float(meta["epoch_seconds"]),
+        "callback_metrics": dict(meta["callback_metrics"]),
+        "history": [EpochResult(**r) for r in meta["history"]],
+        "skipped_steps": list(meta["skipped_steps"]),
+        "callbacks": dict(meta["callbacks"]),
+    }
+    for key in ("run", "trainer", "segments"):
+        if meta.get(key) is not None and not isinstance(meta[key], (dict, list)):
+            raise TypeError(f"{key} is a {type(meta[key]).__name__}")
+    return parsed
+
+
 class Trainer:
     """Fit, validate, test and predict with hooks, logging and exact-resume checkpoints.
 
@@ -587,17 +608,18 @@ class Trainer:
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 
-    def save_checkpoint(self, state: TrainState, directory: str | Path) -> Path:
+    def save_checkpoint(self, state: TrainState, directory: str | Path, replace: bool = True) -> Path:
         """Save ``state`` and the trainer's position now (see ``jaxlight.checkpoint``).
 
         The arrays are saved as one plain single-device state whatever the strategy (they are
         replicated), so the checkpoint restores under any strategy and device count. In a
         multi-process run every process must call this; process 0 writes (the folder must be
         on a file system all processes see to resume) and the others wait until it has.
+        ``replace``: see ``jaxlight.checkpoint.save_checkpoint``.
         """
         path = ckpt.step_dir(directory, self.global_step)
         if self.is_global_zero:
-            path = ckpt.save_checkpoint(directory, state, self.checkpoint_meta())
+            path = ckpt.save_checkpoint(directory, state, self.checkpoint_meta(), replace=replace)
         parallel.barrier(f"jaxlight-checkpoint-{self.global_step}")  # (a no-op in one process)
         return path
 
@@ -611,33 +633,37 @@ class Trainer:
                 raise ValueError("ckpt_path='last' needs a ModelCheckpoint callback (its folder is searched)")
             ckpt_path = cb.dirpath
         path = Path(ckpt_path)
-        if (path / "manifest.json").exists() or (path / "meta.json").exists():
-            state, meta = ckpt.restore_checkpoint(path, state)
-        else:
-            state, meta, path = ckpt.restore_latest(path, state)
-        saved_cfg = meta["config"]
-        if saved_cfg["batch_size"] != self.config.batch_size or meta["num_examples"] != self._num_examples:
-            raise ckpt.CheckpointError(
-                f"{path} was saved with batch_size {saved_cfg['batch_size']} on {meta['num_examples']} training "
-                f"examples; this fit has batch_size {self.config.batch_size} on {self._num_examples}: the saved "
-                f"data position would not mean the same batches")
-        saved_accumulate = saved_cfg.get("accumulate_grad_batches", 1)
+        try:
+            if (path / "manifest.json").exists() or (path / "meta.json").exists():
+                state, meta = ckpt.restore_checkpoint(path, state, _parse_meta)
+            else:
+                state, meta, path = ckpt.restore_latest(path, state, _parse_meta)
+        except ckpt.IncompatibleCheckpointError as exc:
+            if not exc.saved_optimizer:
+                raise
+            now = (self.run_config or {}).get("optimizer", "another one")
+            raise runconfig.ConfigMismatchError(
+                f"{path} was saved with optimizer {exc.saved_optimizer}, this run uses {now}: their optimizer "
+                f"states hold different arrays, so --allow-config-change cannot accept this change (the saved state "
+                f"has no place in the new one); resume with the checkpoint's optimizer, or start a new run") from None
+        saved_accumulate = meta["config"].get("accumulate_grad_batches", 1)
         if saved_accumulate != self.config.accumulate_grad_batches:
             raise ckpt.CheckpointError(
                 f"{path} was saved with accumulate_grad_batches {saved_accumulate}; this fit has "
                 f"{self.config.accumulate_grad_batches}: its step count and data position count windows of "
                 f"{saved_accumulate} batches")
         self._check_run(path, meta, state)
+        parsed = _parse_meta(meta)
         self.global_step = int(state.step)
-        self.epoch, self.batch = meta["epoch"], meta["batch"]
-        self._epoch_steps = [{k: np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]]
-        self._epoch_seconds = meta["epoch_seconds"]
-        self.callback_metrics = dict(meta["callback_metrics"])
-        self.history = [EpochResult(**r) for r in meta["history"]]
-        self.skipped_steps = list(meta["skipped_steps"])
+        self.epoch, self.batch = parsed["epoch"], parsed["batch"]
+        self._epoch_steps = parsed["epoch_steps"]
+        self._epoch_seconds = parsed["epoch_seconds"]
+        self.callback_metrics = parsed["callback_metrics"]
+        self.history = parsed["history"]
+        self.skipped_steps = parsed["skipped_steps"]
         for cb in self.callbacks:
-            if cb.state_key in meta["callbacks"]:
-                cb.load_state_dict(meta["callbacks"][cb.state_key])
+            if cb.state_key in parsed["callbacks"]:
+                cb.load_state_dict(parsed["callbacks"][cb.state_key])
         for logger in self.active_loggers:
             logger.resume(self.global_step)
         self.restored_from = path
@@ -647,10 +673,25 @@ class Trainer:
         """Refuse a checkpoint written with another configuration or already past max_epochs."""
         saved = {k: meta.get(k) for k in ("run", "trainer", "optimizer_chain")}
         diffs = runconfig.differences(saved, {**self.run_record(), "optimizer_chain": ckpt.optimizer_chain(state.opt_state)})
+        saved_batch = meta["config"]["batch_size"]
+        # The saved position counts batches of the saved size over the saved examples: it means
+        # the same batches again only at an epoch's start, where it is (epoch, 0).
+        moved = saved_batch != self.config.batch_size or meta["num_examples"] != self._num_examples
+        what = (f"batch_size {saved_batch} on {meta['num_examples']} training examples; this fit has batch_size "
+                f"{self.config.batch_size} on {self._num_examples}" + (f" ({'; '.join(diffs)})" if diffs else ""))
+        if moved and not self.allow_config_change:
+            raise runconfig.ConfigMismatchError(
+                f"{path} was saved with {what}: the saved data position would not mean the same batches. Resume "
+                f"with the same settings, or accept the change at an epoch's end (--allow-config-change)")
         if diffs and not self.allow_config_change:
             raise runconfig.ConfigMismatchError(
                 f"{path} was written by a run configured differently: {'; '.join(diffs)}. Resume with the "
                 f"same settings, or accept the change (--allow-config-change, Trainer.allow_config_change)")
+        if moved and meta["batch"] != 0:
+            raise runconfig.ConfigMismatchError(
+                f"{path} stopped inside epoch {meta['epoch'] + 1} (batch {meta['batch']}) and was saved with {what}: "
+                f"--allow-config-change accepts that only at an epoch's end, since a position inside an epoch "
+                f"would not mean the same batches; resume from an epoch-end checkpoint or with the same settings")
         if diffs:
             warnings.warn(f"resuming {path} with a changed configuration: {'; '.join(diffs)}", RuntimeWarning,
                           stacklevel=3)

@@ -5,7 +5,22 @@ grew from (``DataLoader`` over ``torchvision.datasets.MNIST`` with ``ToTensor``)
 in-memory path only for fair speed comparisons.
 """
 
-from torch_ref import data, loop, models, optim, tasks
-from torch_ref.models import MODELS, build_model, count_params
+import importlib
+
+# Imported on first use (PEP 562), so that ``torch-ref train`` installs its signal handlers
+# before torch is imported (see torch_ref/cli.py).
+_SUBMODULES = ("data", "loop", "models", "optim", "tasks")
+_NAMES = {"MODELS": "torch_ref.models", "build_model": "torch_ref.models", "count_params": "torch_ref.models"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"torch_ref.{name}")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'torch_ref' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 __all__ = ["MODELS", "build_model", "count_params", "data", "loop", "models", "optim", "tasks"]

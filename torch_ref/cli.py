@@ -1,16 +1,22 @@
 """``torch-ref train``: the same flags, output and exit codes as ``jaxlight train``, plus ``--loader``.
 
 torch-ref has no checkpoints: SIGINT and SIGTERM stop it at once (exit 130 / 143) with one
-line saying so; the rest of the failure handling is ``jaxlight.cli``'s (docs/reliability.md).
+line saying so, through its own handlers (``jaxlight.cli.install_signal_handlers``), also when
+it was started with SIGINT ignored (``nohup torch-ref train &``); the rest of the failure
+handling is ``jaxlight.cli``'s (docs/reliability.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from jaxlight.cli import (EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, _log_details, _prepare_outputs,
-                          recipe_from_args, run_cli, summary_payload, train_parser, warn_batch_size)
+                          install_signal_handlers, recipe_from_args, restore_signal_handlers, run_cli,
+                          summary_payload, train_parser, warn_batch_size)
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["main"]
 
@@ -54,18 +60,30 @@ def run_train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = install_signal_handlers("torch-ref")
+    try:
+        return _main(argv)
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="torch-ref", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = train_parser(sub, "PyTorch")
     p.add_argument("--loader", choices=["dataloader", "memory"], default="dataloader",
                    help="dataloader: the tutorial's torchvision DataLoader; memory: tensors in memory")
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
+    from jaxlight.checkpoint import CheckpointError
     from jaxlight.data import MNISTError
 
     return run_cli("torch-ref", run_train, args, {
         FloatingPointError: EXIT_DIVERGED,  # (torch_ref.loop.NonFiniteLossError; importing it imports torch)
         OSError: EXIT_FAILED,
         UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE,
+        CheckpointError: EXIT_USAGE,  # (the --out folder is locked by another run)
     })
 
 

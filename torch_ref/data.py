@@ -1,7 +1,7 @@
 """Data for the reference: the tutorial's ``DataLoader`` and an in-memory loader.
 
-Both read the same files as ``jaxlight.data`` (found and checksum-verified by it), so one copy
-of MNIST serves both frameworks.
+Both read the same files as ``jaxlight.data`` (found by it), so one copy of MNIST serves both
+frameworks, and both read only bytes that were checksum-verified in the same run.
 
 - ``loader="dataloader"``: the tutorial, faithfully: ``torchvision.datasets.MNIST`` with
   ``transforms.ToTensor()`` and ``DataLoader(batch_size, shuffle=True)``; one PIL image per
@@ -13,7 +13,10 @@ of MNIST serves both frameworks.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,19 +24,45 @@ import numpy as np
 import torch
 
 from jaxlight.data import ArrayDataset, find_mnist, load_task_data
-from jaxlight.data.mnist import MNIST_FILES, default_cache_dir, _read_bytes
+from jaxlight.data.mnist import MNIST_FILES, _md5, _read_bytes, _verify_checksum, default_cache_dir
 
 __all__ = ["LOADERS", "MemoryLoader", "make_loaders", "torchvision_root"]
 
 LOADERS = ("dataloader", "memory")
 
 
-def torchvision_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """A root that ``torchvision.datasets.MNIST(root, download=False)`` reads.
+def _decompressed_copy(source: Path, name: str) -> Path:
+    """A verified uncompressed copy of ``source`` (a ``.gz`` or a flat file) in
+    ``<cache>/torchvision/MNIST/raw/``: checked against the published MD5 on every use, rebuilt
+    from ``source`` when it is missing or differs, and written through a temporary file and a
+    rename, so that a kill while writing never leaves a truncated copy under its name."""
+    target = default_cache_dir() / "torchvision" / "MNIST" / "raw" / name
+    if target.is_file() and _md5(target.read_bytes()) == MNIST_FILES[name][0]:
+        return target
+    _verify_checksum(source, name, verify=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{name}.", delete=False) as tmp:
+        tmp.write(_read_bytes(source))
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, target)
+    return target
 
-    torchvision wants uncompressed files in ``<root>/MNIST/raw/``. When the copy jaxlight found
-    is laid out differently (flat, or ``.gz``), the files are decompressed once into
-    ``<cache>/torchvision/MNIST/raw/``.
+
+def torchvision_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """A root that ``torchvision.datasets.MNIST(root, download=False)`` reads, holding only
+    files verified now.
+
+    torchvision wants uncompressed files in ``<root>/MNIST/raw/``, and it prefers a
+    ``<root>/MNIST/processed/training.pt`` (its old format, which no checksum covers) when one
+    exists. So the root is a private folder made for this process (removed at exit) whose
+    ``MNIST/raw/`` holds symlinks to the four files, each checked against its published MD5
+    here: the files jaxlight found when they are uncompressed, else verified decompressed
+    copies in ``<cache>/torchvision/MNIST/raw/`` (see :func:`_decompressed_copy`). A
+    ``processed/`` folder beside the data is never read.
+
+    Raises:
+        MNISTError: a file is missing or does not match its checksum (naming it).
     """
     folder = find_mnist(data_dir)
     if folder is None:
@@ -41,15 +70,18 @@ def torchvision_root(data_dir: str | os.PathLike | None = None) -> Path:
 
         load_mnist(data_dir)  # downloads (or raises the clear not-found error)
         folder = find_mnist(data_dir)
-    if folder.name == "raw" and folder.parent.name == "MNIST" and all((folder / n).is_file() for n in MNIST_FILES):
-        return folder.parent.parent
-    target = default_cache_dir() / "torchvision" / "MNIST" / "raw"
-    target.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="torch-ref-mnist-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
     for name in MNIST_FILES:
-        if not (target / name).is_file():
-            source = folder / name if (folder / name).is_file() else folder / (name + ".gz")
-            (target / name).write_bytes(_read_bytes(source))
-    return target.parent.parent
+        if (folder / name).is_file():
+            source = (folder / name).resolve()
+            _verify_checksum(source, name, verify=True)
+        else:
+            source = _decompressed_copy(folder / (name + ".gz"), name)
+        os.symlink(source.resolve(), raw / name)
+    return root
 
 
 class MemoryLoader:
@@ -111,13 +143,14 @@ def make_loaders(dataset: str, loader: str, batch_size: int, seed: int,
         raise ValueError(f"unknown loader {loader!r}; choose one of {LOADERS}")
     generator = torch.Generator().manual_seed(seed)
     if loader == "dataloader" and dataset.startswith("mnist"):
-        # The files are verified by jaxlight's reader before torchvision reads them.
-        load_task_data(dataset, data_dir)
-        root = torchvision_root(data_dir)
+        root = torchvision_root(data_dir)  # (verified here, read whole by torchvision below)
         binary = dataset == "mnist-zero"
-        train = torch.utils.data.DataLoader(_tutorial_mnist(root, True, binary), batch_size=batch_size,
-                                            shuffle=True, generator=generator)
-        test = torch.utils.data.DataLoader(_tutorial_mnist(root, False, binary), batch_size=1000)
+        try:
+            train_set, test_set = _tutorial_mnist(root, True, binary), _tutorial_mnist(root, False, binary)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        train = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
+        test = torch.utils.data.DataLoader(test_set, batch_size=1000)
         return train, test, {}
     train, test, truth = load_task_data(dataset, data_dir, seed)
     if loader == "dataloader":  # synthetic data: the tutorial's loader over tensors

@@ -20,7 +20,6 @@ Run without torchrun (no ``WORLD_SIZE``) it is one process on the same global ba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jaxlight.report import write_json
 from torch_ref.tasks import Task
 
 __all__ = ["initialize", "process_rows", "train_epoch", "fit", "main"]
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         module = model.module if world_size > 1 else model
         np.savez(out / "params.npz", **{k: v.detach().numpy() for k, v in module.state_dict().items()})
-        (out / "metrics.json").write_text(json.dumps({"history": history, "world_size": world_size}))
+        write_json(out / "metrics.json", {"history": history, "world_size": world_size})
         print(f"rank 0 of {world_size}: {history[-1]}", flush=True)
     if world_size > 1:
         dist.destroy_process_group()

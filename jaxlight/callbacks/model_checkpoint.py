@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import uuid
+import warnings
 from pathlib import Path
 
 from jaxlight.callbacks.base import Callback
-from jaxlight.checkpoint import CheckpointError, list_checkpoints, lock_folder, prune_checkpoints
+from jaxlight.checkpoint import (CheckpointError, CheckpointWarning, CorruptCheckpointError, list_checkpoints,
+                                 lock_folder, prune_checkpoints, step_dir, verify_checkpoint)
 
 __all__ = ["ModelCheckpoint"]
 
@@ -19,7 +24,10 @@ class ModelCheckpoint(Callback):
     ``keep_last`` most recent ones (at least 2, so that a corrupt latest checkpoint always has a
     good predecessor to fall back to; see ``jaxlight.checkpoint``). The other checkpoints this
     run wrote are deleted after each successful save; checkpoints it did not write are never
-    touched. The Trainer also saves through this callback on SIGTERM and SIGINT, and
+    touched. Each run carries a ``run_id`` (kept across resumes), so a checkpoint already at a
+    step being saved is replaced only when it is this run's; an intact checkpoint of another
+    run (or a ``step_*`` symlink) stops the save with a ``CheckpointWriteError`` naming it, and
+    a corrupt one is moved aside to ``corrupt-step_...`` (with a warning), never deleted. The Trainer also saves through this callback on SIGTERM and SIGINT, and
     ``Trainer.fit(..., ckpt_path="last")`` resumes from its folder.
 
     Safe folders: while ``fit`` runs, the folder is locked (``jaxlight.checkpoint.lock_folder``;
@@ -65,9 +73,12 @@ class ModelCheckpoint(Callback):
         self.scores: dict[int, float] = {}  # step -> monitored value
         self._lock = None
         self._foreign: set[int] = set()     # checkpoints of another run that overwrite=True replaces
+        self.run_id: str | None = None      # this run's, across resumes (in every checkpoint it writes)
 
     def on_fit_start(self, trainer, state):
         self._foreign = set()
+        if trainer.restored_from is None or self.run_id is None:
+            self.run_id = uuid.uuid4().hex
         if trainer.is_global_zero and self._lock is None:
             self._lock = lock_folder(self.dirpath)
         found = {_step(p) for p in list_checkpoints(self.dirpath)} - set(self.saved)
@@ -110,6 +121,9 @@ class ModelCheckpoint(Callback):
         """Save now and prune; the bookkeeping is updated first so the checkpoint records itself."""
         step = trainer.global_step
         before = (list(self.saved), dict(self.scores))
+        replace = step in set(self.saved) | self._foreign  # (a folder this run wrote, or --overwrite's)
+        if not replace and trainer.is_global_zero:
+            replace = self._may_replace(step_dir(self.dirpath, step))
         owned = set(self.saved) | {step} | self._foreign
         if self.monitor is not None:
             value = trainer.callback_metrics.get(self.monitor)
@@ -120,7 +134,7 @@ class ModelCheckpoint(Callback):
         self.saved = [s for s in self.saved if s in keep]
         self.scores = {s: v for s, v in self.scores.items() if s in keep}
         try:
-            path = trainer.save_checkpoint(state, self.dirpath)
+            path = trainer.save_checkpoint(state, self.dirpath, replace=replace)
         except Exception:
             self.saved, self.scores = before
             raise
@@ -128,6 +142,29 @@ class ModelCheckpoint(Callback):
             prune_checkpoints(self.dirpath, keep, owned=owned)
         self._foreign = set()
         return path
+
+    def _may_replace(self, final: Path) -> bool:
+        """Whether the save may replace ``final``, a folder its bookkeeping does not list: yes
+        when it is this run's (the same ``run_id``: written after the checkpoint this fit resumed
+        from) or when nothing is there; a corrupt one is moved aside first. No for an intact
+        checkpoint of another run and for a symlink (``save_checkpoint`` then refuses)."""
+        if final.is_symlink() or not final.exists():
+            return not final.is_symlink()
+        try:
+            verify_checkpoint(final)
+            meta = json.loads((final / "meta.json").read_text())
+            return meta["callbacks"][self.state_key]["run_id"] == self.run_id
+        except CorruptCheckpointError:
+            n, aside = 0, final.with_name(f"corrupt-{final.name}")
+            while aside.exists() or aside.is_symlink():
+                n += 1
+                aside = final.with_name(f"corrupt-{final.name}.{n}")
+            os.rename(final, aside)
+            warnings.warn(f"{final} is corrupt and stands where this run saves: moved aside to {aside.name} "
+                          f"(not deleted)", CheckpointWarning, stacklevel=3)
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     @property
     def best_model_path(self) -> Path | None:
@@ -140,11 +177,12 @@ class ModelCheckpoint(Callback):
         return found[-1] if found else None
 
     def state_dict(self) -> dict:
-        return {"saved": self.saved, "scores": {str(k): v for k, v in self.scores.items()}}
+        return {"saved": self.saved, "scores": {str(k): v for k, v in self.scores.items()}, "run_id": self.run_id}
 
     def load_state_dict(self, state: dict) -> None:
         self.saved = list(state["saved"])
         self.scores = {int(k): v for k, v in state["scores"].items()}
+        self.run_id = state.get("run_id")
 
 
 def _step(path: Path) -> int:

@@ -315,9 +315,8 @@ def download_mnist(
                 continue
             break
         else:
-            raise MNISTError(
-                f"could not download {name}.gz from any mirror:\n  " + "\n  ".join(errors)
-                + "\n" + _where_to_put_it(root)
+            raise MNISTError(  # (one line: the command lines print errors as one line)
+                f"could not download {name}.gz from any mirror ({'; '.join(errors)}). ".replace("\n", " ") + _where_to_put_it(root)
             )
         # Decompress to a temporary file first so an interrupted run never leaves a half file
         # under the final name.

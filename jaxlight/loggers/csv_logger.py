@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
 from jaxlight.loggers.base import Logger
+from jaxlight.report import write_json
 
 __all__ = ["CSVLogger"]
 
@@ -37,7 +37,7 @@ class CSVLogger(Logger):
 
     def log_hyperparams(self, params):
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        (self.save_dir / "hparams.json").write_text(json.dumps(params, indent=1, default=str) + "\n")
+        write_json(self.save_dir / "hparams.json", params, indent=1, default=str)
 
     def resume(self, step):
         """Keep the rows of an earlier run up to ``step``; later ones are about to be redone."""
