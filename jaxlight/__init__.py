@@ -3,7 +3,10 @@
 The public surface, in the order data flows: data -> model -> state -> step -> loop.
 """
 
-from jaxlight import callbacks, checkpoint, data, loggers, loop, models, optim, recipes, tasks, trainer
+from jaxlight import callbacks, checkpoint, data, hparams, loggers, loop, models, optim, recipes, tasks, trainer
+from jaxlight.hparams import load_from_checkpoint, save_hyperparameters
+from jaxlight.models.init import init_params, init_torch
+from jaxlight.optim import freeze
 from jaxlight.data import ArrayDataset, Batches, load_mnist, load_task_data
 from jaxlight.loop import EpochRunner, evaluate, fit, train_epoch
 from jaxlight.models import MODELS, build_model, count_params
@@ -45,6 +48,11 @@ __all__ = [
     "eval_step",
     "evaluate",
     "fit",
+    "freeze",
+    "hparams",
+    "init_params",
+    "init_torch",
+    "load_from_checkpoint",
     "load_mnist",
     "load_task_data",
     "loggers",
@@ -54,6 +62,7 @@ __all__ = [
     "optim",
     "recipe_for",
     "recipes",
+    "save_hyperparameters",
     "tasks",
     "train_chunk",
     "train_epoch",

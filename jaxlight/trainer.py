@@ -52,6 +52,7 @@ from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.data.arrays import ArrayDataset, num_batches
 from jaxlight.data.stream import Batches, pad_batch, to_numpy
+from jaxlight.hparams import resolve_checkpoint, run_record
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, summarize
 from jaxlight.report import library_versions
@@ -343,10 +344,11 @@ class Trainer:
         if ckpt_path is not None:
             state = self._restore(state, ckpt_path)
         state = self.strategy.prepare_state(state)
+        self._hparams = run_record(self.hparams, state)
         if self.global_step == 0:
-            hparams = {k: v for k, v in dataclasses.asdict(cfg).items()}
             for logger in self.active_loggers:
-                logger.log_hyperparams(hparams)
+                logger.log_hyperparams({**self._hparams, "trainer": {**dataclasses.asdict(cfg),
+                                                                     **self._hparams.get("trainer", {})}})
         previous = self._install_sigterm()
         try:
             for cb in self.active_callbacks:
@@ -483,19 +485,24 @@ class Trainer:
             cb.on_validation_end(self, state, metrics)
         return metrics
 
-    def validate(self, state: TrainState, data) -> dict:
+    def validate(self, state: TrainState, data, ckpt_path: str | Path | None = None) -> dict:
         """``{"val_loss", "val_<metric>"...}`` of the eval-mode model over all of ``data`` (an
         ``ArrayDataset`` or a re-iterable of batches); runs the callbacks' ``on_validation_end``
-        and the loggers, as during ``fit``."""
+        and the loggers, as during ``fit``. ``ckpt_path``: as in :meth:`test`."""
+        if ckpt_path is not None:
+            state = self.load_weights(state, ckpt_path)
         data = as_source(data, "validation set")
         state = self._for_evaluation(state)
         check_data(state, data, "validation set", self.config.eval_batch_size)
         self._val = data
         return self._validate(state)
 
-    def test(self, state: TrainState, data) -> dict:
+    def test(self, state: TrainState, data, ckpt_path: str | Path | None = None) -> dict:
         """``{"test_loss", "test_<metric>"...}`` of the eval-mode model over all of ``data``;
-        logged, no hooks."""
+        logged, no hooks. ``ckpt_path``: evaluate a checkpoint's weights instead of ``state``'s
+        (see :meth:`load_weights`)."""
+        if ckpt_path is not None:
+            state = self.load_weights(state, ckpt_path)
         data = as_source(data, "test set")
         state = self._for_evaluation(state)
         check_data(state, data, "test set", self.config.eval_batch_size)
@@ -505,7 +512,8 @@ class Trainer:
             logger.flush()
         return metrics
 
-    def predict(self, state: TrainState, data, batch_size: int | None = None, predict_fn=None):
+    def predict(self, state: TrainState, data, batch_size: int | None = None, predict_fn=None,
+                ckpt_path: str | Path | None = None):
         """The eval-mode model's outputs for every example of ``data``, padding removed.
 
         Args:
@@ -517,11 +525,15 @@ class Trainer:
             predict_fn: ``predict_fn(model, batch) -> outputs``; default: the built-in task's
                 model outputs, or for a user's loss the value of the first ``model(...)`` call
                 inside ``loss_fn`` (which then must run on the batch).
+            ckpt_path: predict with a checkpoint's weights instead of ``state``'s (see
+                :meth:`load_weights`).
 
         Returns:
             The outputs, any pytree of ``(N, ...)`` numpy arrays.
         """
         check_not_donated(state)
+        if ckpt_path is not None:
+            state = self.load_weights(state, ckpt_path)
         batch_size = batch_size or self.config.eval_batch_size
         state = self._for_evaluation(self.strategy.to_host_state(state))  # one device: no collectives
         if isinstance(data, (np.ndarray, jax.Array)):
@@ -550,6 +562,29 @@ class Trainer:
             return np.zeros((0,), np.float32)
         return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
 
+    def load_weights(self, state: TrainState, ckpt_path: str | Path) -> TrainState:
+        """``state`` with the parameters and model statistics of a checkpoint (no optimizer
+        state, no trainer position): what ``test``/``predict``/``validate`` evaluate.
+
+        Args:
+            ckpt_path: "best" (the best checkpoint of the first ModelCheckpoint's folder, by its
+                monitored metric), "last" (its newest good one), a folder of ``step_*``
+                checkpoints (its newest good one) or one ``step_*`` folder.
+        """
+        if str(ckpt_path) in ("best", "last"):
+            cb = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+            if cb is None:
+                raise ValueError(f"ckpt_path={str(ckpt_path)!r} needs a ModelCheckpoint callback (its folder is searched)")
+            path = resolve_checkpoint(cb.dirpath, str(ckpt_path))
+        else:
+            path = resolve_checkpoint(ckpt_path, "last")
+        from flax import nnx
+
+        model = ckpt.load_model(path, state.module(train=False))
+        _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        self.loaded_from = path
+        return state.replace(params=params, model_state=model_state)
+
     # -- logging --------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
@@ -565,6 +600,11 @@ class Trainer:
     # ``allow_config_change`` to resume a checkpoint whose configuration differs (recorded).
     run_config: dict | None = None
     allow_config_change: bool = False
+    # The run's resolved config (``jaxlight fit`` sets it; ``jaxlight.hparams.run_record``): kept
+    # in every checkpoint (``meta.json``'s ``hparams``) and sent to every logger. Without it the
+    # model's own record (``jaxlight.save_hyperparameters``) is kept.
+    hparams: dict | None = None
+    _hparams: dict | None = None
 
     def run_record(self) -> dict:
         """This fit's configuration as a checkpoint records it (see ``jaxlight.runconfig``)."""
@@ -596,6 +636,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks},
             "config": dataclasses.asdict(self.config),
+            "hparams": self._hparams if self._hparams is not None else run_record(self.hparams),
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 
