@@ -205,6 +205,18 @@ def _is_transformation_type(annotation) -> bool | None:
         return None
 
 
+def _check_optimizer_annotation(fn, path: str) -> None:
+    """Refuse, before any call, a function whose return annotation is not an optax transformation."""
+    try:
+        returns = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        return
+    if _is_transformation_type(returns) is False:
+        name = getattr(returns, "__name__", str(returns))
+        raise ConfigError(f"optimizer.class_path: {path} does not return an optax transformation (it returns "
+                          f"{name}); expected e.g. optax.adamw")
+
+
 def _loose(annotation) -> bool:
     """Parameters jsonargparse should not type-check: ones that take a schedule, a callable or
     an array (a ``{class_path, init_args}`` call spec is resolved here instead)."""
@@ -245,7 +257,10 @@ def make_parser(command: str, paths: dict):
                        ("optimizer", "a function returning an optax transformation, e.g. optax.adamw")):
         p.add_argument(f"--{part}.class_path", type=str, required=True, help=what)
         if paths.get(part):
-            _add_function(p, _resolve_function(paths[part], f"{part}.class_path"), f"{part}.init_args")
+            fn = _resolve_function(paths[part], f"{part}.class_path")
+            if part == "optimizer":
+                _check_optimizer_annotation(fn, paths[part])
+            _add_function(p, fn, f"{part}.init_args")
     p.add_class_arguments(TrainerConfig, "trainer")
     for name, (typ, default, help_) in TRAINER_EXTRAS.items():
         p.add_argument(f"--trainer.{name}", type=typ, default=default, help=help_)
@@ -281,7 +296,7 @@ def _add_function(p, fn, key: str) -> None:
 def one_line(message: str, paths: dict) -> str:
     """jsonargparse's error text as ``<key>: <what was expected>``."""
     text = str(message).strip()
-    m = re.search(r'Key "([^"]+)" is required', text)
+    m = re.search(r'Key "([^"]+)" is required', text) or re.search(r"arguments are required: ([\w.]+)", text)
     if m:
         key = m.group(1)
         owner = next((paths[p] for p in CALLED if key.startswith(f"{p}.init_args.") and paths.get(p)), None)
@@ -492,9 +507,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     # Optimizer: checked before it is called when its annotation tells, and after otherwise.
     opt_path = cfg["optimizer"]["class_path"]
     opt_fn = _resolve_function(opt_path, "optimizer.class_path")
-    if _is_transformation_type(inspect.signature(opt_fn).return_annotation) is False:
-        raise ConfigError(f"optimizer.class_path: {opt_path} does not return an optax transformation "
-                          f"(it returns {inspect.signature(opt_fn).return_annotation}); expected e.g. optax.adamw")
+    _check_optimizer_annotation(opt_fn, opt_path)
     opt_args = {k: call_spec(v, f"optimizer.init_args.{k}") for k, v in (cfg["optimizer"].get("init_args") or {}).items()}
     opt_args = {k: v for k, v in opt_args.items() if not (v is None and _required(opt_fn, k))}
     _bind(opt_fn, opt_args, "optimizer", opt_path)
