@@ -52,6 +52,8 @@ TRAINER_EXTRAS = {
                                      "when there is a validation set, else loss)"),
     "monitor_mode": (str, "min", "min or max for monitor"),
     "overwrite": (bool, False, "start a new run in a ckpt_dir that holds checkpoints (they are replaced)"),
+    "allow_config_change": (bool, False, "resume (--ckpt_path) although the checkpoint was written with another "
+                                         "config; the change is recorded"),
     "logger": (Optional[str], None, "csv or tensorboard (null: none)"),
     "log_dir": (Optional[str], None, "where the logger writes (default: <out>/logs)"),
     "callbacks": (Any, [], "a list of {class_path, init_args} of jaxlight.callbacks.Callback subclasses"),

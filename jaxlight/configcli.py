@@ -77,8 +77,30 @@ def build_trainer(run, command: str):
     except ValueError as exc:
         raise ConfigError(f"trainer: {exc}") from None
     trainer.hparams = run.config
-    trainer.run_config = {"config": run.config}
+    trainer.run_config = resume_fields(run.config)
+    trainer.allow_config_change = ex["allow_config_change"]
     return trainer
+
+
+# Config keys a resumed fit may change: where things are written, how long it runs, what it
+# prints. The TrainerConfig fields that change the numbers are compared by jaxlight.runconfig.
+_FREE = ("trainer.",)
+_COMPARED_TRAINER = ("trainer.freeze",)
+
+
+def resume_fields(config: dict) -> dict:
+    """The config as dotted keys (``model.init_args.width``) that a resume must match
+    (``jaxlight.runconfig``): everything but the trainer section, plus ``trainer.freeze``."""
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict) and tree:
+            out = {}
+            for k, v in tree.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: tree}
+
+    fields = flat(config)
+    return {k: v for k, v in fields.items() if not k.startswith(_FREE) or k in _COMPARED_TRAINER}
 
 
 def run_command(command: str, argv: list[str]) -> dict | None:
@@ -106,6 +128,15 @@ def run_command(command: str, argv: list[str]) -> dict | None:
         raise ConfigError(f"data: {plain['data']['class_path']} returned no test set; test needs one")
     from jaxlight.state import create_train_state
 
+    ckpt_dir = run.trainer_extras["ckpt_dir"]
+    if command == "fit" and ckpt_dir and ckpt_path is None and not run.trainer_extras["overwrite"]:
+        from jaxlight.checkpoint import list_checkpoints
+
+        found = list_checkpoints(ckpt_dir)
+        if found:
+            raise ConfigError(f"trainer.ckpt_dir: {ckpt_dir} already holds checkpoints ({found[-1].name}...): add "
+                              f"--ckpt_path last to continue that run, --trainer.overwrite true to replace it, or "
+                              f"choose another folder")
     state = create_train_state(run.model, run.tx, run.loss_fn, run.seed)
     out = _out_dir(run)
     from jaxlight.cli import prepare_output_dir

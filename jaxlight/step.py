@@ -29,7 +29,9 @@ What the step does around the user's ``loss_fn(model, batch)`` (``jaxlight.tasks
   averaged under it, and every batch-statistics normalisation (``nnx.BatchNorm``, which
   reduces over the batch axis) computes its statistics over the real rows only.
 - **Mixed precision** (``state.compute_dtype``): parameters and floating batch leaves are cast
-  inside the differentiated function; gradients and optimizer state stay float32.
+  inside the differentiated function; gradients and optimizer state stay float32. The model's
+  outputs reach the loss as float32, so losses, metrics and their means are float32 whatever
+  the compute dtype.
 
 Every compiled function donates the incoming state: do not use a state after passing it in
 (:class:`DonatedStateError` says so if you do).
@@ -443,10 +445,32 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
             raise BatchError(f"loss_fn returned a metric named {reserved!r}; jaxlight fills that one, pick another name")
 
 
+def _float32_outputs(model):
+    """``model`` whose calls return float32 (its floating outputs cast): under mixed precision
+    the loss, its log-softmax and every reduction then run in float32, as ``torch.autocast``
+    runs them (a bf16 cross-entropy rounds small losses to multiples of 1/16). A per-call
+    subclass of the step's own copy of the module; the class itself is never modified."""
+    cls = type(model)
+
+    class _Float32(cls):
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, out)
+
+    _Float32.__name__ = _Float32.__qualname__ = cls.__name__
+    model.__class__ = _Float32
+    return cls
+
+
 def _call_loss(state: TrainState, model, batch, mask):
     """``loss_fn(model, batch[, mask])``, its outputs checked against the contract (at trace time)."""
     masked = takes_mask(state.loss_fn)
-    out = state.loss_fn(model, batch, mask=mask) if masked else state.loss_fn(model, batch)
+    cls = _float32_outputs(model) if state.compute_dtype is not None else None
+    try:
+        out = state.loss_fn(model, batch, mask=mask) if masked else state.loss_fn(model, batch)
+    finally:
+        if cls is not None:
+            model.__class__ = cls
     if not (isinstance(out, tuple) and len(out) == 2):
         raise BatchError(f"loss_fn returned {type(out).__name__}; it must return (losses, metrics)")
     _check_loss_outputs(*out, mask.shape[0], masked)
