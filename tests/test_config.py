@@ -393,3 +393,19 @@ def test_the_learning_rate_is_logged_per_update_labelled_with_its_step(run_yaml,
     assert recorded["class_path"] == "optax.linear_schedule"
     assert recorded["init_args"] == {**schedule["init_args"], "transition_begin": 0}
     assert hparams["model"]["init_args"]["width"] == 16 and "flax" in hparams["versions"]
+
+
+def test_fit_resumes_from_last_bit_for_bit_and_refuses_a_changed_config(run_yaml, tmp_path, capsys):
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "a")[0] == 0
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--trainer.max_epochs", "2")[0] == 0
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--ckpt_path", "last")
+    assert code == 0, err
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--ckpt_path", "last",
+                        "--trainer.max_epochs", "4", "--model.init_args.dropout", "0.3")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "configured differently: model.init_args.dropout: 0.2 in the checkpoint, 0.3 now" in err
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b")
+    assert code == 2 and err.startswith("jaxlight: error: trainer.ckpt_dir: b already holds checkpoints")
