@@ -309,6 +309,13 @@ def one_line(message: str, paths: dict) -> str:
         group = m.group(1)
         owner = next((paths[p] for p in CALLED if group.startswith(p) and paths.get(p)), None)
         return f"{group}.{m.group(2)}: unknown key" + (f" (not a parameter of {owner})" if owner else "")
+    m = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text)
+    if m:
+        key = m.group(1)
+        part = key.split(".")[0]
+        if part not in PARTS:
+            return f"{part}: unknown part (expected {', '.join(PARTS)})"
+        return f"{key}: unknown key"
     m = re.search(r"unrecognized arguments: (\S+)", text)
     if m:
         return f"{m.group(1).lstrip('-').split('=')[0]}: unknown key (not a parameter of the class or function named)"
@@ -419,12 +426,18 @@ def _loss(value, key: str = "loss"):
         if "." not in value:
             raise ConfigError(f"{key}: {value!r} is not a built-in task ({', '.join(TASK_NAMES)}) nor a dotted path")
         fn = _import(value, key)
+        if inspect.isfunction(fn) and _required_positional(fn) < 2:  # a factory: multiclass, or one of yours
+            try:
+                fn = fn()
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(f"{key}: {value}() raised {type(exc).__name__}: {_first(exc)}") from None
     elif isinstance(value, dict):
         fn = call_spec(value, key)
     else:
         raise ConfigError(f"{key}: expected a task name or a dotted path, got {value!r}")
     if not callable(fn) or inspect.isclass(fn):
-        raise ConfigError(f"{key}: {value} is a {type(fn).__name__}, expected a function loss_fn(model, batch)")
+        raise ConfigError(f"{key}: {value} gave a {type(fn).__name__}, expected a function loss_fn(model, batch) "
+                          f"(or a factory returning one)")
     return fn
 
 
@@ -464,7 +477,14 @@ def _initializer(spec, key: str):
 def _data(fn, args: dict, path: str):
     from jaxlight.data import ArrayDataset
 
-    out = fn(**args)
+    from jaxlight.data import MNISTError
+
+    try:
+        out = fn(**args)
+    except MNISTError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's data function failed: one line, not a traceback
+        raise ConfigError(f"data: {path}(...) raised {type(exc).__name__}: {_first(exc)}") from None
     if isinstance(out, dict) and "train" in out:
         parts = (out.get("train"), out.get("val"), out.get("test"))
     elif isinstance(out, (tuple, list)) and 1 <= len(out) <= 3 and not isinstance(out, ArrayDataset):
@@ -566,6 +586,12 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
         _bind(data_fn, data_args, "data", data_path)
         train, val, test = _data(data_fn, data_args, data_path)
     return Run(cfg, seed, model, loss_fn, train, val, test, tx, schedule, trainer_config, extras, callbacks)
+
+
+def _required_positional(fn) -> int:
+    params = inspect.signature(fn).parameters.values()
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params)
 
 
 def _required(fn, name: str) -> bool:

@@ -70,7 +70,8 @@ def build_trainer(run, command: str):
             loggers.append(LOGGERS[ex["logger"]](ex["log_dir"] or _out_dir(run) / "logs"))
         except ImportError as exc:
             raise ConfigError(f"trainer.logger: {exc}") from None
-        if command == "fit" and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        if command == "fit" and run.schedule is not None and not any(
+                isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(run.schedule))
     try:
         trainer = Trainer(run.trainer_config, callbacks=callbacks, loggers=loggers)
@@ -138,6 +139,15 @@ def run_command(command: str, argv: list[str]) -> dict | None:
                               f"--ckpt_path last to continue that run, --trainer.overwrite true to replace it, or "
                               f"choose another folder")
     state = create_train_state(run.model, run.tx, run.loss_fn, run.seed)
+    # The loss on the first batch of each split, before anything is written (BatchError names
+    # the leaf); the Trainer's own check in fit then finds it done.
+    from jaxlight.loop import as_source, check_data
+
+    for name, part, size in (("training set", run.train, run.trainer_config.batch_size),
+                             ("validation set", run.val, run.trainer_config.eval_batch_size),
+                             ("test set", run.test, run.trainer_config.eval_batch_size)):
+        if part is not None and (command != "predict" or name == "test set"):
+            check_data(state, as_source(part, name), name, size, check_finite=False)
     out = _out_dir(run)
     from jaxlight.cli import prepare_output_dir
 

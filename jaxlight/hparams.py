@@ -181,7 +181,10 @@ def run_record(config: dict | None, state=None) -> dict:
         from jaxlight.tasks import loss_name
 
         record["loss"] = loss_name(state.loss_fn)
-    paths = sorted({v["class_path"] for v in _specs(record)})
+    paths = {v["class_path"] for v in _specs(record)}
+    if isinstance(record.get("loss"), str) and "." in record["loss"]:
+        paths.add(record["loss"])
+    paths = sorted(paths)
     return {**record, "class_paths": paths, "versions": versions()}
 
 

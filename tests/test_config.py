@@ -409,3 +409,21 @@ def test_fit_resumes_from_last_bit_for_bit_and_refuses_a_changed_config(run_yaml
     assert "configured differently: model.init_args.dropout: 0.2 in the checkpoint, 0.3 now" in err
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b")
     assert code == 2 and err.startswith("jaxlight: error: trainer.ckpt_dir: b already holds checkpoints")
+
+
+def test_tensorboard_gets_the_resolved_config_as_hparams(run_yaml, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.max_epochs", "1",
+                        "--trainer.logger", "tensorboard", "--model.init_args.width", "12")
+    assert code == 0, err
+    acc = EventAccumulator(str(tmp_path / "runs" / "net" / "logs"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = next(plugin_data_pb2.HParamsPluginData.FromString(c).session_start_info for c in content.values()
+                 if plugin_data_pb2.HParamsPluginData.FromString(c).HasField("session_start_info"))
+    hp = {k: v.ListFields()[0][1] for k, v in start.hparams.items()}
+    assert hp["model.class_path"] == "userpkg.nets.Net" and hp["model.init_args.width"] == 12
+    assert hp["optimizer.init_args.learning_rate"] == pytest.approx(0.01) and "versions.flax" in hp
+    assert [int(e.step) for e in acc.Scalars("lr")] == list(range(1, 7))
