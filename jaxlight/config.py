@@ -208,7 +208,13 @@ def _is_transformation_type(annotation) -> bool | None:
 
 
 def _check_optimizer_annotation(fn, path: str) -> None:
-    """Refuse, before any call, a function whose return annotation is not an optax transformation."""
+    """Refuse, before any call, a class or a function whose return annotation is not an optax
+    transformation."""
+    import optax
+
+    if inspect.isclass(fn) and not issubclass(fn, optax.GradientTransformation):
+        raise ConfigError(f"optimizer.class_path: {path} is a class that is not an optax transformation; expected "
+                          f"a function returning one, e.g. optax.adamw")
     try:
         returns = inspect.signature(fn).return_annotation
     except (TypeError, ValueError):
@@ -366,6 +372,26 @@ def call_spec(value, key: str):
     return value
 
 
+def _resolve_args(fn, raw: dict, key: str) -> dict:
+    """``init_args`` for ``fn``: call specs called, and for a parameter that takes a schedule or
+    a callable, a dotted path imported; any other string there is refused."""
+    try:
+        params = _signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    out = {}
+    for name, value in (raw or {}).items():
+        value = call_spec(value, f"{key}.init_args.{name}")
+        p = params.get(name)
+        if isinstance(value, str) and p is not None and _loose(p.annotation) and p.annotation is not Any:
+            if "." not in value:
+                raise ConfigError(f"{key}.init_args.{name}: expected a number or {{class_path, init_args}} of a "
+                                  f"function returning one (an optax schedule), got {value!r}")
+            value = _import(value, f"{key}.init_args.{name}")
+        out[name] = value
+    return out
+
+
 def _first(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -511,7 +537,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     seed = cfg["seed"]
     # Model: its class is checked in the parser already; the arguments are jsonargparse's.
     cls = _resolve_model_class(cfg["model"]["class_path"])
-    init_args = {k: call_spec(v, f"model.init_args.{k}") for k, v in (cfg["model"].get("init_args") or {}).items()}
+    init_args = _resolve_args(cls, cfg["model"].get("init_args"), "model")
     _bind(cls, init_args, "model", cfg["model"]["class_path"])
     kwargs = dict(init_args)
     if "rngs" in inspect.signature(cls.__init__).parameters:
@@ -530,7 +556,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     opt_path = cfg["optimizer"]["class_path"]
     opt_fn = _resolve_function(opt_path, "optimizer.class_path")
     _check_optimizer_annotation(opt_fn, opt_path)
-    opt_args = {k: call_spec(v, f"optimizer.init_args.{k}") for k, v in (cfg["optimizer"].get("init_args") or {}).items()}
+    opt_args = _resolve_args(opt_fn, cfg["optimizer"].get("init_args"), "optimizer")
     opt_args = {k: v for k, v in opt_args.items() if not (v is None and _required(opt_fn, k))}
     _bind(opt_fn, opt_args, "optimizer", opt_path)
     try:
@@ -582,7 +608,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     if load_data:
         data_path = cfg["data"]["class_path"]
         data_fn = _resolve_function(data_path, "data.class_path")
-        data_args = {k: call_spec(v, f"data.init_args.{k}") for k, v in (cfg["data"].get("init_args") or {}).items()}
+        data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
         _bind(data_fn, data_args, "data", data_path)
         train, val, test = _data(data_fn, data_args, data_path)
     return Run(cfg, seed, model, loss_fn, train, val, test, tx, schedule, trainer_config, extras, callbacks)

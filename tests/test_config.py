@@ -192,6 +192,10 @@ BAD = [
      "optimizer.class_path: userpkg.nets.not_an_optimizer(...) returned a dict, not an optax transformation"),
     ("optimizer annotated otherwise", ["--optimizer", "optax.softmax_cross_entropy"],
      "optimizer.class_path: optax.softmax_cross_entropy does not return an optax transformation"),
+    ("optimizer class that is not optax", [{"optimizer": {"class_path": "userpkg.nets.NotAModule"}}],
+     "optimizer.class_path: userpkg.nets.NotAModule is a class that is not an optax transformation"),
+    ("learning rate that is no number", ["--optimizer.init_args.learning_rate", "fast"],
+     "optimizer.init_args.learning_rate: expected a number or {class_path, init_args}"),
     ("model that is not an nnx.Module", ["--model", "userpkg.nets.NotAModule"],
      "model.class_path: userpkg.nets.NotAModule is a class that is not a flax.nnx.Module subclass"),
     ("function as a model", ["--model", "userpkg.data.blobs"],
@@ -201,6 +205,12 @@ BAD = [
     ("freeze pattern matching nothing", ["--trainer.freeze", "[backbon.*]"],
      "trainer.freeze: pattern 'backbon.*' matches no parameter of Net"),
     ("missing config file", ["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+    ("unknown part", [{"modle": {"class_path": "userpkg.nets.Net"}}],
+     "modle: unknown part (expected seed, model, init, loss, data, optimizer, trainer)"),
+    ("data function that raises", ["--data.init_args.n_train", "-5"],
+     "data: userpkg.data.blobs(...) raised ValueError: negative dimensions are not allowed"),
+    ("loss that does not fit the data", ["--loss", "multiclass"],
+     "training set: the multiclass task takes a batch dict with keys 'x' and 'y'"),
 ]
 
 
