@@ -322,6 +322,9 @@ def one_line(message: str, paths: dict) -> str:
         if part not in PARTS:
             return f"{part}: unknown part (expected {', '.join(PARTS)})"
         return f"{key}: unknown key"
+    m = re.search(r"argument (--[\w.]+): expected one argument", text)
+    if m:
+        return f"{m.group(1)[2:]}: expected a value after {m.group(1)}"
     m = re.search(r"unrecognized arguments: (\S+)", text)
     if m:
         return f"{m.group(1).lstrip('-').split('=')[0]}: unknown key (not a parameter of the class or function named)"
@@ -331,6 +334,12 @@ def one_line(message: str, paths: dict) -> str:
     m2 = re.search(r"No action for key \"([^\"]+)\"", text)
     if m2:
         return f"{m2.group(1)}: unknown key (not a parameter of the class or function named)"
+    if key and "Union subtypes" in text:
+        kinds = [re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", t).replace("NoneType", "null")
+                 for t in re.findall(r"- Expected an? (.+?)(?::.*)?$", text, re.M)]
+        given = re.search(r"Given value: (.*)", text)
+        if kinds:
+            return f"{key}: expected {' or '.join(dict.fromkeys(kinds))}, got {given.group(1).strip() if given else '?'}"
     m3 = re.search(r"Expected a (<class '([\w.]+)'>|[\w.\[\] |]+)\.? ?Got value: (.*)", text)
     if key and m3:
         expected = m3.group(2) or m3.group(1)
@@ -340,12 +349,6 @@ def one_line(message: str, paths: dict) -> str:
         detail = next((ln for ln in lines[1:] if not ln.startswith("Parser key")), lines[0])
         return f"{key}: {detail}"
     return lines[0] if lines else "invalid config"
-
-
-def _unknown_keys(cfg: dict, known_prefixes: set[str]) -> None:
-    for part in cfg:
-        if part not in PARTS and part not in ("config", "print_config", "ckpt_path", "__path__"):
-            raise ConfigError(f"{part}: unknown part (expected {', '.join(PARTS)})")
 
 
 # -- building --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _epoch_lines(max_epochs: int):
-    from jaxlight import report
+    """A callback printing ``epoch 2/5  loss 0.3120  accuracy 0.91  val_loss 0.35  1.20 s``."""
     from jaxlight.callbacks import Callback
 
     class EpochLines(Callback):
@@ -38,7 +38,6 @@ def _epoch_lines(max_epochs: int):
             print(f"epoch {r.epoch + 1}/{max_epochs}  loss {r.metrics['loss']:.4f}  {extra}  {r.seconds:.2f} s",
                   flush=True)
 
-    del report
     return EpochLines()
 
 

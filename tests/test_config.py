@@ -186,6 +186,7 @@ BAD = [
      "model.init_args.width: missing init argument (required by userpkg.nets.Net"),
     ("wrong type", ["--model.init_args.width", "wide"], "model.init_args.width: expected int, got wide"),
     ("wrong type in the trainer", ["--trainer.max_epochs", "1.5"], "trainer.max_epochs: expected int, got 1.5"),
+    ("wrong type for an optional", ["--trainer.max_steps", "many"], "trainer.max_steps: expected int or null, got many"),
     ("unknown key", ["--model.init_args.widht", "3"], "model.init_args.widht: unknown key"),
     ("optimizer that is not optax", [{"optimizer": {"class_path": "userpkg.nets.not_an_optimizer",
                                                     "init_args": {"learning_rate": 0.1}}}],
