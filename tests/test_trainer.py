@@ -163,8 +163,10 @@ def test_lr_schedule_is_followed_and_logged(small, accumulate):
     monitor = LearningRateMonitor(schedule)
     Trainer(_config(max_steps=5, steps_per_execution=1, accumulate_grad_batches=accumulate),
             callbacks=[monitor]).fit(_state(tx=ADAM_SCHEDULED), train)
-    # After step s the optimizer has made s // accumulate updates; the next one uses that count.
-    assert monitor.history == [(s, pytest.approx(float(schedule(s // accumulate)))) for s in range(1, 6)]
+    # The optimizer updates on every accumulate-th step; the u-th update (u = 0, 1, ...) applies
+    # schedule(u) and is logged at the step that made it.
+    updates = [s for s in range(1, 6) if s % accumulate == 0]
+    assert monitor.history == [(s, pytest.approx(float(schedule(u)))) for u, s in enumerate(updates)]
 
 
 def test_bf16_computes_in_bf16_and_keeps_float32_params(small):
