@@ -217,10 +217,12 @@ def _good(candidates: list[Path]) -> Path | None:
 
 
 def best_checkpoint(root: str | os.PathLike) -> Path:
-    """The best checkpoint under ``root`` by the metric its ``ModelCheckpoint`` monitored.
+    """The best checkpoint under ``root`` by the metric its ``ModelCheckpoint`` monitored; with
+    no metric monitored, the newest good one (as Lightning's ``best_model_path`` then is).
 
     Raises:
-        CheckpointError: no checkpoint, none monitored a metric, or the best one is gone.
+        CheckpointError: no good checkpoint, the monitored metric was never computed, or the
+            best one is gone.
     """
     root = Path(root)
     newest = _good(ckpt.list_checkpoints(root))
@@ -230,8 +232,10 @@ def best_checkpoint(root: str | os.PathLike) -> Path:
     state = (meta.get("callbacks") or {}).get("ModelCheckpoint") or {}
     scores = {int(k): v for k, v in (state.get("scores") or {}).items()}
     if not scores:
-        raise ckpt.CheckpointError(f"{root}: no best checkpoint, the run monitored no metric (ModelCheckpoint("
-                                   f"monitor=...), trainer.monitor); use 'last' or a step_* folder")
+        if state.get("monitor") is None:
+            return newest
+        raise ckpt.CheckpointError(f"{root}: no best checkpoint: the monitored {state['monitor']} was never "
+                                   f"computed (no validation run?); use 'last' or a step_* folder")
     sign = -1.0 if state.get("mode", "min") == "max" else 1.0
     step = min(scores, key=lambda s: (sign * scores[s], -s))
     path = ckpt.step_dir(root, step)

@@ -438,3 +438,17 @@ def test_tensorboard_gets_the_resolved_config_as_hparams(run_yaml, tmp_path, cap
     assert hp["model.class_path"] == "userpkg.nets.Net" and hp["model.init_args.width"] == 12
     assert hp["optimizer.init_args.learning_rate"] == pytest.approx(0.01) and "versions.flax" in hp
     assert [int(e.step) for e in acc.Scalars("lr")] == list(range(1, 7))
+
+
+def test_best_without_a_monitored_metric_is_the_newest_checkpoint(tmp_path):
+    from userpkg.data import blobs
+    from userpkg.nets import Net, loss_fn
+
+    train, _, _ = blobs()
+    state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64, enable_progress_bar=False),
+                               callbacks=[jaxlight.callbacks.ModelCheckpoint(tmp_path)])
+    trainer.fit(state, train)
+    assert jaxlight.hparams.resolve_checkpoint(tmp_path, "best").name == "step_000000009"
+    model, _ = jaxlight.load_from_checkpoint(tmp_path)
+    assert model.head.kernel[...].shape == (8, 3)
