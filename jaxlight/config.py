@@ -522,7 +522,12 @@ def _data(fn, args: dict, path: str):
         parts = (out, None, None)
     if parts[0] is None:
         raise ConfigError(f"data: {path}(...) returned no training set; expected train[, val[, test]]")
+    import numpy as np
+
     for name, part in zip(("train", "val", "test"), parts):
+        if isinstance(part, np.ndarray) or (hasattr(part, "shape") and hasattr(part, "dtype")):
+            raise ConfigError(f"data: {path}(...) returned a bare array as {name}; expected an ArrayDataset "
+                              f"(ArrayDataset(x, y) or ArrayDataset({{...}})) or a re-iterable of batches")
         if part is not None and not (isinstance(part, ArrayDataset) or hasattr(part, "__iter__") or callable(part)):
             raise ConfigError(f"data: {path}(...) returned a {type(part).__name__} as {name}; expected an "
                               f"ArrayDataset or a re-iterable of batches")

@@ -210,6 +210,8 @@ BAD = [
      "modle: unknown part (expected seed, model, init, loss, data, optimizer, trainer)"),
     ("data function that raises", ["--data.init_args.n_train", "-5"],
      "data: userpkg.data.blobs(...) raised ValueError: negative dimensions are not allowed"),
+    ("data that are bare arrays", [{"data": {"class_path": "userpkg.data.arrays"}}],
+     "data: userpkg.data.arrays(...) returned a bare array as train; expected an ArrayDataset"),
     ("loss that does not fit the data", ["--loss", "multiclass"],
      "training set: the multiclass task takes a batch dict with keys 'x' and 'y'"),
 ]

@@ -28,3 +28,9 @@ def blobs(n_train: int = 192, n_val: int = 64, n_test: int = 64, in_features: in
         return ArrayDataset({"features": x.astype(np.float32), "label": y.astype(np.int32)})
 
     return make(n_train), make(n_val), make(n_test)
+
+
+def arrays(n: int = 64):
+    """Returns bare arrays ``(x, y)``, not datasets: refused, naming the fix."""
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 8)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)
