@@ -636,6 +636,48 @@ def _required(fn, name: str) -> bool:
     return p is not None and p.default is inspect.Parameter.empty
 
 
+def _split_nested(argv: list[str], paths: dict) -> tuple[list[str], list[tuple[str, list[str], str]]]:
+    """Take out the flags that set a key inside a call spec held by a schedule-like parameter
+    (``--optimizer.init_args.learning_rate.init_args.peak_value 0.01``): jsonargparse would
+    replace the whole spec with them, so they are applied to the parsed config instead."""
+    loose = {}
+    for part in ("data", "optimizer", "model"):
+        try:
+            fn = import_path(paths[part]) if paths.get(part) else None
+            params = _signature(fn).parameters if fn is not None else {}
+        except (ImportError, TypeError, ValueError):
+            continue
+        loose[part] = {n for n, p in params.items() if _loose(p.annotation)}
+    out, nested, i = [], [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        keys = name[2:].split(".") if name.startswith("--") else []
+        if len(keys) > 3 and keys[1] == "init_args" and keys[2] in loose.get(keys[0], ()):
+            value, i = _flag_value(argv, i)
+            if value is None:
+                raise ConfigError(f"{name[2:]}: expected a value after {name}")
+            nested.append((name[2:], keys, value))
+            continue
+        out.append(argv[i])
+        i += 1
+    return out, nested
+
+
+def _apply_nested(plain: dict, nested) -> None:
+    import yaml
+
+    for flag, keys, value in nested:
+        target = plain[keys[0]]["init_args"].get(keys[2])
+        if not isinstance(target, dict):
+            raise ConfigError(f"{flag}: {'.'.join(keys[:3])} is {target!r}, not a {{class_path, init_args}} to set "
+                              f"a key in")
+        for k in keys[3:-1]:
+            target = target.setdefault(k, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{flag}: {k} is not a mapping")
+        target[keys[-1]] = yaml.safe_load(value)
+
+
 def parse(command: str, argv: list[str]):
     """``(parser, namespace, config dict, class paths)`` for ``jaxlight <command> <argv>``.
 
@@ -646,6 +688,7 @@ def parse(command: str, argv: list[str]):
     import argparse
 
     argv, paths = prescan(list(argv))
+    argv, nested = _split_nested(argv, paths)
     parser = make_parser(command, paths)
     try:
         ns = parser.parse_args(argv)
@@ -661,7 +704,14 @@ def parse(command: str, argv: list[str]):
     for part in ("init", "loss"):
         plain.setdefault(part, None)
     for part in CALLED:
-        plain[part] = {"class_path": plain[part]["class_path"], "init_args": plain[part].get("init_args") or {}}
+        args = plain[part].get("init_args") or {}
+        try:  # (in the signature's order, as the docs list them)
+            order = list(_signature(import_path(plain[part]["class_path"])).parameters)
+            args = dict(sorted(args.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        except (ImportError, TypeError, ValueError):
+            pass
+        plain[part] = {"class_path": plain[part]["class_path"], "init_args": args}
+    _apply_nested(plain, nested)
     return parser, ns, plain, paths
 
 

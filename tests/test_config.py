@@ -403,6 +403,7 @@ def test_the_learning_rate_is_logged_per_update_labelled_with_its_step(run_yaml,
     assert [float(r["lr"]) for r in rows] == pytest.approx([min(0.002 * (s - 1), 0.02) for s in steps], rel=1e-6, abs=1e-9)
     hparams = yaml.safe_load((tmp_path / "runs" / "net" / "logs" / "hparams.yaml").read_text())
     recorded = hparams["optimizer"]["init_args"]["learning_rate"]  # (with the schedule's defaults spelled out)
+    assert list(hparams["optimizer"]["init_args"])[:3] == ["learning_rate", "b1", "b2"]  # adamw's order
     assert recorded["class_path"] == "optax.linear_schedule"
     assert recorded["init_args"] == {**schedule["init_args"], "transition_begin": 0}
     assert hparams["model"]["init_args"]["width"] == 16 and "flax" in hparams["versions"]
@@ -454,3 +455,15 @@ def test_best_without_a_monitored_metric_is_the_newest_checkpoint(tmp_path):
     assert jaxlight.hparams.resolve_checkpoint(tmp_path, "best").name == "step_000000009"
     model, _ = jaxlight.load_from_checkpoint(tmp_path)
     assert model.head.kernel[...].shape == (8, 3)
+
+
+def test_a_key_inside_a_schedule_is_overridden_by_its_dotted_flag(run_yaml, capsys):
+    schedule = {"class_path": "optax.linear_schedule",
+                "init_args": {"init_value": 0.0, "end_value": 0.02, "transition_steps": 10}}
+    _write(run_yaml, dict(RUN, optimizer={"class_path": "optax.adamw", "init_args": {"learning_rate": schedule}}))
+    code, printed, err = _run(capsys, "fit", "--config", str(run_yaml), "--print_config",
+                              "--optimizer.init_args.learning_rate.init_args.end_value", "0.5")
+    assert code == 0, err
+    lr = yaml.safe_load(printed)["optimizer"]["init_args"]["learning_rate"]
+    assert lr == {"class_path": "optax.linear_schedule",
+                  "init_args": {"init_value": 0.0, "end_value": 0.5, "transition_steps": 10, "transition_begin": 0}}
