@@ -208,18 +208,14 @@ def _checkpoint(trainer, run, ckpt_path):
 
 def main(command: str, argv: list[str]) -> int:
     """Run ``jaxlight <command> <argv>``; returns the exit code (see the module docstring)."""
-    from jaxlight.cli import EXIT_USAGE, run_cli
+    from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
+    from jaxlight.cli import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, run_cli
     from jaxlight.config import ConfigError
+    from jaxlight.data import MNISTError
+    from jaxlight.parallel import ParallelError
+    from jaxlight.step import BatchError
+    from jaxlight.trainer import NonFiniteLossError
 
-    try:
-        from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
-        from jaxlight.data import MNISTError
-        from jaxlight.parallel import ParallelError
-        from jaxlight.step import BatchError
-        from jaxlight.trainer import NonFiniteLossError
-        from jaxlight.cli import EXIT_DIVERGED, EXIT_FAILED, UsageError
-    except ImportError:  # pragma: no cover
-        raise
     errors = {
         ConfigError: EXIT_USAGE, UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE,
         ParallelError: EXIT_USAGE, NonFiniteLossError: EXIT_DIVERGED, CheckpointWriteError: EXIT_FAILED,
