@@ -343,8 +343,8 @@ class Trainer:
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
             state = self._restore(state, ckpt_path)
+        self._hparams = run_record(self.hparams, state)  # (read from the single-device state)
         state = self.strategy.prepare_state(state)
-        self._hparams = run_record(self.hparams, state)
         if self.global_step == 0:
             for logger in self.active_loggers:
                 logger.log_hyperparams({**self._hparams, "trainer": {**dataclasses.asdict(cfg),
