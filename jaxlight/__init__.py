@@ -7,13 +7,15 @@ import importlib
 
 # Imported on first use (PEP 562), so that ``import jaxlight.cli`` loads no JAX: the command
 # lines install their signal handlers before any heavy import (see jaxlight/cli.py).
-_SUBMODULES = ("callbacks", "checkpoint", "data", "loggers", "loop", "models", "optim", "recipes", "tasks",
-               "trainer")
+_SUBMODULES = ("callbacks", "checkpoint", "data", "hparams", "loggers", "loop", "models", "optim", "recipes",
+               "tasks", "trainer")
 _NAMES = {
     "ArrayDataset": "jaxlight.data", "Batches": "jaxlight.data", "load_mnist": "jaxlight.data",
     "load_task_data": "jaxlight.data",
     "EpochRunner": "jaxlight.loop", "evaluate": "jaxlight.loop", "fit": "jaxlight.loop",
-    "train_epoch": "jaxlight.loop",
+    "predict": "jaxlight.loop", "train_epoch": "jaxlight.loop",
+    "load_from_checkpoint": "jaxlight.hparams", "save_hyperparameters": "jaxlight.hparams",
+    "init_params": "jaxlight.models.init", "init_torch": "jaxlight.models.init", "freeze": "jaxlight.optim",
     "MODELS": "jaxlight.models", "build_model": "jaxlight.models", "count_params": "jaxlight.models",
     "make_optimizer": "jaxlight.optim",
     "Recipe": "jaxlight.recipes", "recipe_for": "jaxlight.recipes",
@@ -64,15 +66,22 @@ __all__ = [
     "eval_step",
     "evaluate",
     "fit",
+    "freeze",
+    "hparams",
+    "init_params",
+    "init_torch",
+    "load_from_checkpoint",
     "load_mnist",
     "load_task_data",
     "loggers",
     "loop",
     "make_optimizer",
     "models",
+    "predict",
     "optim",
     "recipe_for",
     "recipes",
+    "save_hyperparameters",
     "tasks",
     "train_chunk",
     "train_epoch",

@@ -580,18 +580,22 @@ def optimizer_chain(opt_state) -> str:
     return walk(opt_state)
 
 
-def load_model(path: str | os.PathLike, model):
+def load_model(path: str | os.PathLike, model, which: str = "last"):
     """The NNX ``model`` with a checkpoint's parameters and other model variables (batch
-    statistics, RNG state): for inference or fine-tuning, with no optimizer and no Trainer.
+    statistics, RNG state), in eval mode: for inference, with no optimizer and no Trainer.
 
     Args:
-        path: one ``step_*`` folder, or a folder of them (its newest good checkpoint that fits
-            ``model``, as :func:`restore_latest` picks).
+        path: one ``step_*`` folder, or a folder of them.
         model: a freshly built module of the same architecture (``build_model("mlp")``); only
             its structure, shapes and dtypes are used.
+        which: in a folder of checkpoints, "last" (the newest good checkpoint that fits
+            ``model``, as :func:`restore_latest` picks) or "best" (by the metric its
+            ``ModelCheckpoint`` monitored; ``jaxlight.hparams.best_checkpoint``).
 
     Returns:
-        ``model`` with the saved values (the same object, updated in place).
+        ``model`` with the saved values, switched to eval mode (``model.eval()``: Dropout off,
+        BatchNorm on its running statistics); the same object, updated in place. Call
+        ``model.train()`` to fine-tune it.
 
     Raises:
         CorruptCheckpointError: the files do not match the manifest.
@@ -599,11 +603,15 @@ def load_model(path: str | os.PathLike, model):
             the path and the first leaf that differs.
 
     Example:
-        >>> model = load_model("runs/ckpt", build_model("mlp"))   # doctest: +SKIP
+        >>> model = load_model("runs/ckpt", build_model("mlp"), which="best")   # doctest: +SKIP
     """
-    from flax import nnx
-
+    if which not in ("best", "last"):
+        raise ValueError(f"load_model: which must be 'best' or 'last', got {which!r}")
     path = Path(path)
+    if which == "best" and not (path / "manifest.json").exists() and not (path / "meta.json").exists():
+        from jaxlight.hparams import best_checkpoint
+
+        path = best_checkpoint(path)
     if not (path / "manifest.json").exists() and not (path / "meta.json").exists():
         found = list_checkpoints(path)
         if not found:
@@ -616,6 +624,15 @@ def load_model(path: str | os.PathLike, model):
                 errors.append(exc)
                 warnings.warn(f"load_model: skipping {candidate.name}: {exc}", CheckpointWarning, stacklevel=2)
         raise errors[0]
+    _load_weights(path, model)
+    model.eval()
+    return model
+
+
+def _load_weights(path: Path, model) -> None:
+    """Put one checkpoint's parameters and model state into ``model`` (in place)."""
+    from flax import nnx
+
     meta, listed = _verified_meta(path)
     _, params, _rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)  # as TrainState splits it
     saved = {spec["path"]: (i, spec) for i, spec in enumerate(meta["leaves"])}
@@ -645,7 +662,6 @@ def load_model(path: str | os.PathLike, model):
     new_params = jax.tree.map(lambda ref: value(next(it), ref), params)
     new_model_state = jax.tree.map(lambda ref: value(next(it), ref), model_state)
     nnx.update(model, new_params, new_model_state)
-    return model
 
 
 class FolderLock:

@@ -492,6 +492,9 @@ def check_parallel_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--devices must be >= 1, got {args.devices}")
 
 
+CONFIG_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
     previous = install_signal_handlers("jaxlight")
     try:
@@ -503,7 +506,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in CONFIG_COMMANDS:  # a run from a config file (jaxlight.configcli)
+        from jaxlight.configcli import main as config_main
+
+        return config_main(argv[0], argv[1:])
+    parser = argparse.ArgumentParser(prog="jaxlight", description=__doc__.splitlines()[0],
+                                     epilog="also: jaxlight fit|validate|test|predict --config run.yaml "
+                                            "(a model from a config file; jaxlight fit --help, docs/config.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_trainer_flags(train_parser(sub, "JAX"))
     parallel_flags(sub.choices["train"])

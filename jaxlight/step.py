@@ -32,7 +32,9 @@ What the step does around the user's ``loss_fn(model, batch)`` (``jaxlight.tasks
   of the global batch only (``jaxlight.layers``: Flax's own arithmetic through its ``mask=``
   argument; a BatchNorm whose input does not keep the batch axis first is an error).
 - **Mixed precision** (``state.compute_dtype``): parameters and floating batch leaves are cast
-  inside the differentiated function; gradients and optimizer state stay float32.
+  inside the differentiated function; gradients and optimizer state stay float32. The model's
+  outputs reach the loss as float32, so losses, metrics and their means are float32 whatever
+  the compute dtype.
 
 Every compiled function donates the incoming state: do not use a state after passing it in
 (:class:`DonatedStateError` says so if you do).
@@ -448,9 +450,27 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
             raise BatchError(f"loss_fn returned a metric named {reserved!r}; jaxlight fills that one, pick another name")
 
 
+class _Float32Outputs:
+    """The model as the loss sees it under mixed precision: its calls return float32 (floating
+    outputs cast), so the loss, its log-softmax and every reduction run in float32, as
+    ``torch.autocast`` runs them (a bf16 cross-entropy rounds small losses to multiples of
+    1/16). Every attribute is the model's own; only ``model(...)`` is cast."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        out = self._model(*args, **kwargs)
+        return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, out)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 def _call_loss(state: TrainState, model, batch, mask):
     """``loss_fn(model, batch[, mask])``, its outputs checked against the contract (at trace time)."""
-    return _call_loss_fn(state.loss_fn, model, batch, mask)
+    return _call_loss_fn(state.loss_fn, _Float32Outputs(model) if state.compute_dtype is not None else model,
+                         batch, mask)
 
 
 def _call_loss_fn(loss_fn, model, batch, mask):

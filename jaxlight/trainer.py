@@ -52,6 +52,7 @@ from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.data.arrays import ArrayDataset
 from jaxlight.data.stream import Batches
+from jaxlight.hparams import resolve_checkpoint, run_record
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, predict, steps_per_epoch, summarize
 from jaxlight.report import library_versions
@@ -367,11 +368,12 @@ class Trainer:
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
             state = self._restore(state, ckpt_path)
+        self._hparams = run_record(self.hparams, state)  # (read from the single-device state)
         state = self.strategy.prepare_state(state)
         if self.global_step == 0:
-            hparams = {k: v for k, v in dataclasses.asdict(cfg).items()}
             for logger in self.active_loggers:
-                logger.log_hyperparams(hparams)
+                logger.log_hyperparams({**self._hparams, "trainer": {**dataclasses.asdict(cfg),
+                                                                     **self._hparams.get("trainer", {})}})
         previous = self._install_sigterm()
         try:
             for cb in self.active_callbacks:
@@ -509,19 +511,24 @@ class Trainer:
             cb.on_validation_end(self, state, metrics)
         return metrics
 
-    def validate(self, state: TrainState, data) -> dict:
+    def validate(self, state: TrainState, data, ckpt_path: str | Path | None = None) -> dict:
         """``{"val_loss", "val_<metric>"...}`` of the eval-mode model over all of ``data`` (an
         ``ArrayDataset`` or a re-iterable of batches); runs the callbacks' ``on_validation_end``
-        and the loggers, as during ``fit``."""
+        and the loggers, as during ``fit``. ``ckpt_path``: as in :meth:`test`."""
+        if ckpt_path is not None:
+            state = self.load_weights(state, ckpt_path)
         data = as_source(data, "validation set")
         state = self._for_evaluation(state)
         check_data(state, data, "validation set", self.config.eval_batch_size)
         self._val = data
         return self._validate(state)
 
-    def test(self, state: TrainState, data) -> dict:
+    def test(self, state: TrainState, data, ckpt_path: str | Path | None = None) -> dict:
         """``{"test_loss", "test_<metric>"...}`` of the eval-mode model over all of ``data``;
-        logged, no hooks."""
+        logged, no hooks. ``ckpt_path``: evaluate a checkpoint's weights instead of ``state``'s
+        (see :meth:`load_weights`)."""
+        if ckpt_path is not None:
+            state = self.load_weights(state, ckpt_path)
         data = as_source(data, "test set")
         state = self._for_evaluation(state)
         check_data(state, data, "test set", self.config.eval_batch_size)
@@ -531,7 +538,8 @@ class Trainer:
             logger.flush()
         return metrics
 
-    def predict(self, state: TrainState, data, batch_size: int | None = None, predict_fn=None):
+    def predict(self, state: TrainState, data, batch_size: int | None = None, predict_fn=None,
+                ckpt_path: str | Path | None = None):
         """The eval-mode model's outputs for every example of ``data``, padding removed.
 
         Args:
@@ -543,11 +551,15 @@ class Trainer:
             predict_fn: ``predict_fn(model, batch) -> outputs``; default: the built-in task's
                 model outputs, or for a user's loss the value of the first ``model(...)`` call
                 inside ``loss_fn`` (which then must run on the batch).
+            ckpt_path: predict with a checkpoint's weights instead of ``state``'s (see
+                :meth:`load_weights`).
 
         Returns:
             The outputs, any pytree of ``(N, ...)`` numpy arrays.
         """
         check_not_donated(state)
+        if ckpt_path is not None:
+            state = self.load_weights(state, ckpt_path)
         batch_size = batch_size or self.config.eval_batch_size
         state = self._for_evaluation(state)
         if isinstance(data, (np.ndarray, jax.Array)):
@@ -558,6 +570,29 @@ class Trainer:
         if isinstance(data, ArrayDataset):
             data = data.map(np.asarray)
         return predict(state, data, batch_size, self.strategy, predict_fn)
+
+    def load_weights(self, state: TrainState, ckpt_path: str | Path) -> TrainState:
+        """``state`` with the parameters and model statistics of a checkpoint (no optimizer
+        state, no trainer position): what ``test``/``predict``/``validate`` evaluate.
+
+        Args:
+            ckpt_path: "best" (the best checkpoint of the first ModelCheckpoint's folder, by its
+                monitored metric), "last" (its newest good one), a folder of ``step_*``
+                checkpoints (its newest good one) or one ``step_*`` folder.
+        """
+        if str(ckpt_path) in ("best", "last"):
+            cb = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+            if cb is None:
+                raise ValueError(f"ckpt_path={str(ckpt_path)!r} needs a ModelCheckpoint callback (its folder is searched)")
+            path = resolve_checkpoint(cb.dirpath, str(ckpt_path))
+        else:
+            path = resolve_checkpoint(ckpt_path, "last")
+        from flax import nnx
+
+        model = ckpt.load_model(path, state.module(train=False))
+        _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        self.loaded_from = path
+        return state.replace(params=params, model_state=model_state)
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -574,6 +609,11 @@ class Trainer:
     # ``allow_config_change`` to resume a checkpoint whose configuration differs (recorded).
     run_config: dict | None = None
     allow_config_change: bool = False
+    # The run's resolved config (``jaxlight fit`` sets it; ``jaxlight.hparams.run_record``): kept
+    # in every checkpoint (``meta.json``'s ``hparams``) and sent to every logger. Without it the
+    # model's own record (``jaxlight.save_hyperparameters``) is kept.
+    hparams: dict | None = None
+    _hparams: dict | None = None
 
     def run_record(self) -> dict:
         """This fit's configuration as a checkpoint records it (see ``jaxlight.runconfig``)."""
@@ -605,6 +645,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks},
             "config": dataclasses.asdict(self.config),
+            "hparams": self._hparams if self._hparams is not None else run_record(self.hparams),
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 

@@ -62,7 +62,7 @@ def test_every_step_and_every_epoch_is_logged_even_inside_fused_chunks(data, tmp
     tb_losses = [e.value for e in acc.Scalars("train_loss_step")]
     csv_losses = [float(r["train_loss_step"]) for r in step_rows]
     assert tb_losses == pytest.approx(csv_losses)
-    assert (tmp_path / "csv" / "hparams.json").is_file()
+    assert (tmp_path / "csv" / "hparams.yaml").is_file()
 
 
 def test_resume_drops_the_interrupted_runs_later_points(data, tmp_path):

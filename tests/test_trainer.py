@@ -157,9 +157,9 @@ def test_lr_schedule_is_followed_and_logged(small, accumulate):
     monitor = LearningRateMonitor(schedule)
     Trainer(_config(max_epochs=2, max_steps=5, steps_per_execution=1, accumulate_grad_batches=accumulate),
             callbacks=[monitor]).fit(_state(tx=ADAM_SCHEDULED), train)
-    # A step is an optimizer update (a window of `accumulate` batches): after step s the
-    # optimizer has made s updates, and the next one uses that count.
-    assert monitor.history == [(s, pytest.approx(float(schedule(s)))) for s in range(1, 6)]
+    # A step is an optimizer update (a window of `accumulate` batches); step s applies the
+    # rate of update s - 1 and is logged at s.
+    assert monitor.history == [(s, pytest.approx(float(schedule(s - 1)))) for s in range(1, 6)]
 
 
 def test_bf16_computes_in_bf16_and_keeps_float32_params(small):

@@ -68,7 +68,7 @@ def main(argv=None):
 
     logits = t.predict(state, test)                                    # eval mode, padding removed
     model = load_model(ckpt, Net(nnx.Rngs(1)))                         # fresh weights, then loaded
-    model.eval()
+    assert model.drop.deterministic                                   # load_model returns eval mode
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(test.data["image"]))), logits, rtol=1e-5, atol=1e-5)
     print(f"load_model: predictions match; test accuracy {metrics['test_accuracy']:.4f}")
     return metrics

@@ -28,7 +28,7 @@ def current_lr(opt_state, schedule: Callable | float | None = None) -> float:
     Optax keeps no learning rate in its state unless asked to, so this looks for, in order:
     ``optax.inject_hyperparams`` state (its ``learning_rate``); the step count of an optax
     schedule (``ScaleByScheduleState.count``, evaluated with ``schedule``); a constant
-    ``schedule``. With gradient accumulation the count advances once per optimizer update
+    ``schedule``. The count advances once per optimizer update
     (a window of micro-batches), as ``trainer.global_step`` does.
 
     Raises:
@@ -50,13 +50,34 @@ def current_lr(opt_state, schedule: Callable | float | None = None) -> float:
                      "with optax.inject_hyperparams")
 
 
+def _counts(opt_state) -> int | None:
+    """Updates applied so far, from a schedule's or ``inject_hyperparams``'s step count."""
+    found = _find(opt_state, optax.ScaleByScheduleState) or _find(opt_state, _INJECTED)
+    return int(np.asarray(found[0].count)) if found else None
+
+
+def _evaluate(schedule, counts: list[int]) -> list[float]:
+    if not counts:
+        return []
+    values = np.asarray(schedule(np.asarray(counts, np.int32)), np.float64)
+    if values.shape != (len(counts),):  # a schedule that is not elementwise
+        values = np.array([float(np.asarray(schedule(c))) for c in counts])
+    return values.tolist()
+
+
 class LearningRateMonitor(Callback):
-    """Log ``lr`` at every chunk end (``logging_interval="step"``) or epoch end ("epoch").
+    """Log ``lr``, the learning rate each optimizer update used, at the step that made it.
+
+    Every update is logged, also the ones inside a fused chunk of K steps (with ``schedule``,
+    or an ``optax.inject_hyperparams`` optimizer run one step per call): the row for step ``s``
+    holds the rate step ``s`` applied. A step is one optimizer update, a whole window of
+    micro-batches under gradient accumulation.
 
     Args:
         schedule: the schedule given to the optimizer, or its constant learning rate; not
-            needed for an ``optax.inject_hyperparams`` optimizer.
-        logging_interval: "step" or "epoch".
+            needed for an ``optax.inject_hyperparams`` optimizer (which then gives the rate of
+            the last update of each chunk).
+        logging_interval: "step" (every update) or "epoch" (the last update of each epoch).
     """
 
     def __init__(self, schedule: Callable | float | None = None, logging_interval: str = "step"):
@@ -68,15 +89,41 @@ class LearningRateMonitor(Callback):
     def on_fit_start(self, trainer, state):
         current_lr(state.opt_state, self.schedule)  # fail before training, not after an epoch
 
-    def _log(self, trainer, state):
-        lr = current_lr(state.opt_state, self.schedule)
-        self.history.append((trainer.global_step, lr))
-        trainer.log_metrics({"lr": lr})
+    def used_rates(self, trainer, state, steps: int) -> list[tuple[int, float]]:
+        """``[(step, lr)]`` for the updates made by the last ``steps`` steps (ending at
+        ``trainer.global_step``)."""
+        last = trainer.global_step
+        skipped = set(trainer.skipped_steps)
+        updated = [s for s in range(last - steps + 1, last + 1) if s not in skipped]
+        if not updated:
+            return []
+        if callable(self.schedule):
+            count = _counts(state.opt_state)
+            if count is None:
+                current_lr(state.opt_state, self.schedule)  # raises, naming what is missing
+            first = count - len(updated)
+            return list(zip(updated, _evaluate(self.schedule, list(range(first, count)))))
+        injected = _find(state.opt_state, _INJECTED)
+        if injected and "learning_rate" in injected[0].hyperparams:
+            # inject_hyperparams keeps the rate its latest update used.
+            return [(updated[-1], float(np.asarray(injected[0].hyperparams["learning_rate"])))]
+        return [(s, current_lr(state.opt_state, self.schedule)) for s in updated]
+
+    def _log(self, rates):
+        for step, lr in rates:
+            self.history.append((step, lr))
+            self._trainer.log_metrics({"lr": lr}, step)
 
     def on_train_chunk_end(self, trainer, state, metrics):
+        self._trainer = trainer
+        rates = self.used_rates(trainer, state, len(metrics["loss"]))
         if self.logging_interval == "step":
-            self._log(trainer, state)
+            self._log(rates)
+        elif rates:
+            self._last = rates[-1]
 
     def on_epoch_end(self, trainer, state, metrics):
-        if self.logging_interval == "epoch":
-            self._log(trainer, state)
+        self._trainer = trainer
+        if self.logging_interval == "epoch" and getattr(self, "_last", None) is not None:
+            self._log([self._last])
+            self._last = None

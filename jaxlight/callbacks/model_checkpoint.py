@@ -177,7 +177,8 @@ class ModelCheckpoint(Callback):
         return found[-1] if found else None
 
     def state_dict(self) -> dict:
-        return {"saved": self.saved, "scores": {str(k): v for k, v in self.scores.items()}, "run_id": self.run_id}
+        return {"saved": self.saved, "scores": {str(k): v for k, v in self.scores.items()}, "run_id": self.run_id,
+                "monitor": self.monitor, "mode": self.mode}
 
     def load_state_dict(self, state: dict) -> None:
         self.saved = list(state["saved"])

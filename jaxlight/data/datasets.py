@@ -10,7 +10,7 @@ from jaxlight.data.arrays import ArrayDataset
 from jaxlight.data.mnist import load_mnist
 from jaxlight.data.synthetic import make_regression
 
-__all__ = ["DATASETS", "load_task_data"]
+__all__ = ["DATASETS", "load_task_data", "mnist", "task_data"]
 
 
 def _mnist(data_dir, seed):
@@ -49,3 +49,32 @@ def load_task_data(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     return DATASETS[name](data_dir, seed)
+
+
+def task_data(dataset: str = "mnist", data_dir: str | None = None, val_split: float = 0.0, seed: int = 0):
+    """``(train, val, test)`` of a built-in dataset, for a run config's ``data`` part.
+
+    Args:
+        dataset: "mnist" (digits 0-9), "mnist-zero" (is it a zero: the binary task) or
+            "synthetic-regression" (``y = xW + b + noise``; ``seed`` draws it).
+        data_dir: a folder holding ``MNIST/raw/`` (default: ``$JAXLIGHT_DATA``, then the cache).
+        val_split: hold out this fraction of the training set as the validation set (shuffled
+            by ``seed``; ``ArrayDataset.split``); 0 gives no validation set.
+        seed: the validation split's (and the synthetic data's) seed.
+
+    Returns:
+        Three ``ArrayDataset`` of ``{"x", "y"}`` (``val`` is None when ``val_split`` is 0).
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+    train, test, _ = load_task_data(dataset, data_dir, seed)
+    val = None
+    if val_split:
+        train, val = train.split(val_split, seed)
+    return train, val, test
+
+
+def mnist(data_dir: str | None = None, val_split: float = 0.0, seed: int = 0):
+    """MNIST's ``(train, val, test)``: ``x`` uint8 ``(N, 28, 28)``, ``y`` int32 labels 0-9
+    (:func:`task_data` with ``dataset="mnist"``)."""
+    return task_data("mnist", data_dir, val_split, seed)

@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 
 from jaxlight.loggers.base import Logger
-from jaxlight.report import write_json
+from jaxlight.report import write_json, write_text_atomic
 
 __all__ = ["CSVLogger"]
 
 
 class CSVLogger(Logger):
     """Write ``<save_dir>/metrics.csv`` (columns ``step`` then metric names, blank where a row
-    lacks one, as Lightning's CSVLogger) and ``hparams.json``.
+    lacks one, as Lightning's CSVLogger) and ``hparams.yaml``.
 
     Rows are buffered and written at each ``flush`` (epoch ends, fit end): appended while the
     columns stay the same, the file rewritten (atomically) when a new metric appears.
@@ -36,8 +36,12 @@ class CSVLogger(Logger):
         self.rows.append(row)
 
     def log_hyperparams(self, params):
+        """``<save_dir>/hparams.yaml`` (Lightning's file): the run's config as it was resolved."""
+        import yaml
+
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.save_dir / "hparams.json", params, indent=1, default=str)
+        plain = json.loads(json.dumps(params, default=str))
+        write_text_atomic(self.save_dir / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
 
     def resume(self, step):
         """Keep the rows of an earlier run up to ``step``; later ones are about to be redone."""

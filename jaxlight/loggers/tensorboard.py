@@ -22,6 +22,10 @@ class TensorBoardLogger(Logger):
     """
 
     def __init__(self, save_dir: str | os.PathLike):
+        try:
+            import tensorboard  # noqa: F401  (checked now, not at the first log line)
+        except ImportError:
+            raise ImportError('TensorBoardLogger needs the tensorboard package: pip install "jaxlight[tensorboard]"') from None
         self.save_dir = Path(save_dir)
         self._writer = None
 
@@ -42,9 +46,17 @@ class TensorBoardLogger(Logger):
                                               summary=summary_pb2.Summary(value=values)))
 
     def log_hyperparams(self, params):
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        """The run's config in TensorBoard's HPARAMS tab (each leaf a dotted key:
+        ``model.init_args.width``), and as text under the tag ``hparams``."""
+        import json
 
-        text = "\n".join(f"{k}: {v}" for k, v in params.items())
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.plugins.hparams import summary_v2
+
+        flat = _flatten(json.loads(json.dumps(params, default=str)))
+        values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()}
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary_v2.hparams_pb(values)))
+        text = "\n".join(f"{k}: {v}" for k, v in flat.items())
         value = summary_pb2.Summary.Value(tag="hparams", metadata=summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")))
         value.tensor.dtype = 7  # DT_STRING
@@ -67,3 +79,13 @@ class TensorBoardLogger(Logger):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    """``{"model": {"init_args": {"width": 8}}}`` -> ``{"model.init_args.width": 8}`` (None kept)."""
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree if tree is not None else "null"}

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlight.hparams import save_hyperparameters
 from jaxlight.models.init import torch_bias_init, torch_kernel_init
 from jaxlight.models.linear import dense
 
@@ -196,6 +197,7 @@ class CNN(nnx.Module):
     """
 
     def __init__(self, num_classes: int = 10, *, rngs: nnx.Rngs):
+        save_hyperparameters(self)  # (load_from_checkpoint rebuilds it from a checkpoint)
         self.input_shape = (28, 28)
         self.conv1 = conv3x3(1, 32, rngs)
         self.conv2 = conv3x3(32, 64, rngs)

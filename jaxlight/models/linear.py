@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from jaxlight.hparams import save_hyperparameters
 from jaxlight.models.init import torch_bias_init, torch_kernel_init
 
 __all__ = ["dense", "LinearRegression", "LogisticRegression", "SoftmaxRegression"]
@@ -25,6 +26,7 @@ class LinearRegression(nnx.Module):
     """``y = x @ W + b``. Input ``x: (B, in_features) float32``; output ``(B, out_features)``."""
 
     def __init__(self, in_features: int = 8, out_features: int = 1, *, rngs: nnx.Rngs):
+        save_hyperparameters(self)  # (load_from_checkpoint rebuilds it from a checkpoint)
         self.input_shape = (in_features,)
         self.linear = dense(in_features, out_features, rngs)
 
@@ -36,6 +38,7 @@ class LogisticRegression(nnx.Module):
     """One logit per image. Input ``(B, 28, 28) float32``; output ``(B, 1)`` logits."""
 
     def __init__(self, in_features: int = 784, *, rngs: nnx.Rngs):
+        save_hyperparameters(self)  # (load_from_checkpoint rebuilds it from a checkpoint)
         self.input_shape = (28, 28)
         self.linear = dense(in_features, 1, rngs)
 
@@ -47,6 +50,7 @@ class SoftmaxRegression(nnx.Module):
     """784 -> 10 logits. Input ``(B, 28, 28) float32``; output ``(B, 10)``."""
 
     def __init__(self, in_features: int = 784, num_classes: int = 10, *, rngs: nnx.Rngs):
+        save_hyperparameters(self)  # (load_from_checkpoint rebuilds it from a checkpoint)
         self.input_shape = (28, 28)
         self.linear = dense(in_features, num_classes, rngs)
 

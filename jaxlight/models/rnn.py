@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlight.hparams import save_hyperparameters
 from jaxlight.models.init import uniform_init
 from jaxlight.models.linear import dense
 
@@ -138,6 +139,7 @@ class LSTMClassifier(nnx.Module):
     from the last hidden state."""
 
     def __init__(self, in_features: int = 28, hidden: int = 128, num_classes: int = 10, *, rngs: nnx.Rngs):
+        save_hyperparameters(self)  # (load_from_checkpoint rebuilds it from a checkpoint)
         self.input_shape = (28, in_features)
         self.lstm = LSTM(in_features, hidden, rngs=rngs)
         self.fc = dense(hidden, num_classes, rngs)

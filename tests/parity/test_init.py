@@ -75,3 +75,53 @@ def test_ks_checks_can_fail():
     lecun = rng.standard_normal(784 * 256) / 28
     assert ks_uniform(lecun, b) > KS_C / math.sqrt(lecun.size)
     assert ks_two_sample(lecun, rng.uniform(-b, b, lecun.size)) > KS_C * math.sqrt(2 / lecun.size)
+
+
+def test_init_torch_gives_any_models_layers_torchs_distributions():
+    """A user's model of Flax layers (``jaxlight.init_torch``) against torch's own layers of the
+    same shapes: Embed ~ N(0, 1); Conv, Linear ~ U(+-1/sqrt(fan_in)); LSTMCell kernels ~
+    U(+-1/sqrt(H)) and its one bias per gate ~ torch's b_ih + b_hh."""
+    import torch
+    from userpkg.nets import Mixed
+
+    import jaxlight
+
+    model = jaxlight.init_torch(Mixed(rngs=nnx.Rngs(0)), seed=3)
+    torch.manual_seed(0)
+    t_embed, t_conv = torch.nn.Embedding(50, 40), torch.nn.Conv2d(6, 30, 3)
+    t_cell, t_out = torch.nn.LSTMCell(24, 32), torch.nn.Linear(64, 20)
+    w = lambda t: t.detach().numpy()  # noqa: E731
+    h = 32
+    gates = lambda a: np.split(a, 4)  # noqa: E731  (torch's i, f, g, o row blocks)
+    cases = [  # (name, jaxlight values, torch values, bound or None for the normal)
+        ("embed", model.embed.embedding[...], w(t_embed.weight), None),
+        ("conv.kernel", model.conv.kernel[...], w(t_conv.weight), 1 / math.sqrt(6 * 9)),
+        ("conv.bias", model.conv.bias[...], w(t_conv.bias), 1 / math.sqrt(6 * 9)),
+        ("out.kernel", model.out.kernel[...], w(t_out.weight), 1 / 8),
+        ("out.bias", model.out.bias[...], w(t_out.bias), 1 / 8),
+        ("cell.ii.kernel", model.cell.ii.kernel[...], gates(w(t_cell.weight_ih))[0], 1 / math.sqrt(h)),
+        ("cell.hf.kernel", model.cell.hf.kernel[...], gates(w(t_cell.weight_hh))[1], 1 / math.sqrt(h)),
+    ]
+    for name, ours, theirs, b in cases:
+        ours = np.asarray(ours, np.float64)
+        if b is None:
+            assert abs(ours.mean()) < 4 / math.sqrt(ours.size) and ours.std() == pytest.approx(1.0, rel=0.1), name
+        else:
+            assert np.abs(ours).max() <= b, name
+            if ours.size >= MIN_KS:
+                assert ks_uniform(ours, b) < KS_C / math.sqrt(ours.size), name
+        if min(ours.size, theirs.size) >= MIN_KS:
+            n = min(ours.size, theirs.size)
+            assert ks_two_sample(ours.ravel()[:n], theirs.ravel()[:n]) < KS_C * math.sqrt(2 / n), name
+    # The bias: our one bias per gate against torch's two summed, all four gates pooled (128 each side
+    # is too few for KS at alpha 1e-3, so many cells are drawn).
+    ours = np.concatenate([np.concatenate([np.asarray(getattr(jaxlight.init_torch(Mixed(rngs=nnx.Rngs(0)), seed=s).cell, g)
+                                                                .bias[...]) for g in ("hi", "hf", "hg", "ho")])
+                           for s in range(8)])
+    theirs = np.concatenate([w(c.bias_ih) + w(c.bias_hh) for c in (torch.nn.LSTMCell(24, 32) for _ in range(8))])
+    assert np.abs(ours).max() <= 2 / math.sqrt(h)
+    assert ks_two_sample(ours, theirs) < KS_C * math.sqrt(2 / ours.size)
+    assert ks_uniform(ours, 1 / math.sqrt(h)) > KS_C / math.sqrt(ours.size)  # not one uniform: the sum of two
+    # Flax's own init of the same model is what init_torch replaces: the KS test sees it.
+    flax_kernel = np.asarray(Mixed(rngs=nnx.Rngs(0)).conv.kernel[...], np.float64)
+    assert ks_uniform(flax_kernel, 1 / math.sqrt(6 * 9)) > KS_C / math.sqrt(flax_kernel.size)

@@ -1,0 +1,723 @@
+"""A run from a config file: five parts, each a class or function path with its arguments.
+
+``jaxlight fit --config run.yaml`` (``jaxlight.configcli``) reads a run as::
+
+    seed: 0
+    model: {class_path: mypkg.nets.Net, init_args: {width: 128}}   # an nnx.Module; rngs from seed
+    init: null                      # or torch, or {"encoder.*.kernel": jax.nn.initializers.orthogonal}
+    loss: multiclass                # a built-in task, or mypkg.nets.loss_fn
+    data: {class_path: mypkg.data.digits, init_args: {}}            # -> train[, val[, test]]
+    optimizer: {class_path: optax.adamw, init_args: {learning_rate: 1.0e-3}}
+    trainer: {max_epochs: 5, batch_size: 64, ckpt_dir: ckpt, logger: csv, callbacks: [], freeze: []}
+
+Parsing, overrides, ``--print_config`` and ``--help`` are jsonargparse's (what LightningCLI is
+built on): the classes and functions named are read for their parameters, types, defaults and
+docstrings. What jsonargparse does not know is here: a function as a ``class_path`` (the data
+function, an optax optimizer or schedule; a ``{class_path, init_args}`` value anywhere inside
+``init_args`` is called too), the checks that a model is an ``nnx.Module`` and an optimizer an
+optax transformation, and :class:`ConfigError`: one line naming the key and what was expected.
+
+Parsing is two passes: the first reads the class paths (from the config files and the flags,
+the later winning), the second parses everything with those classes' and functions'
+signatures. Nothing is built or written before the whole config is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from jaxlight.hparams import import_path
+
+__all__ = ["BUILTIN_CONFIGS", "ConfigError", "Run", "build_run", "builtin_config", "parse", "PARTS"]
+
+PARTS = ("seed", "model", "init", "loss", "data", "optimizer", "trainer")
+CALLED = ("model", "data", "optimizer")  # the parts given as {class_path, init_args}
+TASK_NAMES = ("multiclass", "binary", "regression")
+BUILTIN_CONFIGS = ("linear", "logistic", "softmax", "mlp", "cnn", "lstm")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Trainer settings a config adds to TrainerConfig's fields (what the Trainer is built with).
+TRAINER_EXTRAS = {
+    "out": (Optional[str], None, "folder for config.yaml, metrics.json and predictions (default: "
+                                 "runs/<model class name>)"),
+    "ckpt_dir": (Optional[str], None, "save a checkpoint at every epoch end here (ModelCheckpoint); "
+                                      "--ckpt_path best|last reads it"),
+    "ckpt_every": (Optional[int], None, "also checkpoint every N steps"),
+    "monitor": (Optional[str], None, "the metric that decides the best checkpoint (default: val_loss "
+                                     "when there is a validation set, else loss)"),
+    "monitor_mode": (str, "min", "min or max for monitor"),
+    "overwrite": (bool, False, "start a new run in a ckpt_dir that holds checkpoints (they are replaced)"),
+    "allow_config_change": (bool, False, "resume (--ckpt_path) although the checkpoint was written with another "
+                                         "config; the change is recorded"),
+    "logger": (Optional[str], None, "csv or tensorboard (null: none)"),
+    "log_dir": (Optional[str], None, "where the logger writes (default: <out>/logs)"),
+    "callbacks": (Any, [], "a list of {class_path, init_args} of jaxlight.callbacks.Callback subclasses"),
+    "freeze": (list[str], [], "parameter path patterns to freeze (fnmatch over dotted paths, "
+                              "e.g. backbone.*): no updates, no optimizer state"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key and what was expected."""
+
+
+def builtin_config(name: str) -> Path:
+    """The packaged config file of a built-in recipe (``jaxlight/configs/<name>.yaml``)."""
+    if name not in BUILTIN_CONFIGS:
+        raise ConfigError(f"--config {name}: no such file and no built-in config of that name "
+                          f"(built-in: {', '.join(BUILTIN_CONFIGS)})")
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+# -- pass 1: the class paths -------------------------------------------------------------------
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        p = builtin_config(path) if "/" not in path and not path.endswith((".yaml", ".yml")) else p
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--config {path}: not readable YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of the parts {', '.join(PARTS)}, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def _class_path_of(value, key: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        path = value.get("class_path")
+        if path is not None and not isinstance(path, str):
+            raise ConfigError(f"{key}.class_path: expected a dotted import path string, got {path!r}")
+        return path
+    raise ConfigError(f"{key}: expected {{class_path: ..., init_args: {{...}}}}, got {value!r}")
+
+
+def _flag_value(argv: list[str], i: int) -> tuple[str | None, int]:
+    arg = argv[i]
+    if "=" in arg:
+        return arg.split("=", 1)[1], i + 1
+    return (argv[i + 1] if i + 1 < len(argv) else None), i + 2
+
+
+def prescan(argv: list[str]) -> tuple[list[str], dict]:
+    """The arguments with built-in config names expanded and ``--model X`` written as
+    ``--model.class_path X``, and the class path of each called part (later sources win)."""
+    import yaml
+
+    out, paths, i = [], {part: None for part in CALLED}, 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name == "--config":
+            value, i = _flag_value(argv, i)
+            if value is None:
+                raise ConfigError("--config: expected a YAML file or a built-in config name")
+            data = _load_yaml(value)
+            for part in CALLED:
+                if part in data:
+                    found = _class_path_of(data[part], part)
+                    if found is not None:
+                        paths[part] = found
+            path = Path(value) if Path(value).is_file() else builtin_config(value)
+            out += ["--config", str(path)]
+            continue
+        part = name[2:].split(".")[0] if name.startswith("--") else None
+        if part in CALLED and name in (f"--{part}", f"--{part}.class_path"):
+            value, i = _flag_value(argv, i)
+            if value is None:
+                raise ConfigError(f"{name}: expected a class path")
+            if name == f"--{part}":
+                try:
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    parsed = value
+                if isinstance(parsed, dict):
+                    found = _class_path_of(parsed, part)
+                    paths[part] = found or paths[part]
+                    if found:
+                        out += [f"--{part}.class_path", found]
+                    for k, v in (parsed.get("init_args") or {}).items():
+                        out += [f"--{part}.init_args.{k}", yaml.safe_dump(v, default_flow_style=True).strip()
+                                .removesuffix("\n...").strip()]
+                    continue
+            paths[part] = value
+            out += [f"--{part}.class_path", value]
+            continue
+        out.append(arg)
+        i += 1
+    return out, paths
+
+
+# -- what each part must be ----------------------------------------------------------------------
+
+
+def _resolve_model_class(path: str):
+    from flax import nnx
+
+    obj = _import(path, "model.class_path")
+    if not (inspect.isclass(obj) and issubclass(obj, nnx.Module)):
+        kind = "class" if inspect.isclass(obj) else type(obj).__name__
+        raise ConfigError(f"model.class_path: {path} is a {kind} that is not a flax.nnx.Module subclass; "
+                          f"expected an nnx.Module class")
+    return obj
+
+
+def _import(path: str, key: str):
+    try:
+        return import_path(path)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: unknown class path: {exc}") from None
+
+
+def _resolve_function(path: str, key: str):
+    obj = _import(path, key)
+    if not callable(obj):
+        raise ConfigError(f"{key}: {path} is a {type(obj).__name__}, expected a function or class to call")
+    return obj
+
+
+def _is_transformation_type(annotation) -> bool | None:
+    """Whether a return annotation promises an optax transformation (None: cannot tell)."""
+    import optax
+
+    if annotation is inspect.Signature.empty or isinstance(annotation, str):
+        return None
+    try:
+        return inspect.isclass(annotation) and issubclass(annotation, optax.GradientTransformation)
+    except TypeError:
+        return None
+
+
+def _check_optimizer_annotation(fn, path: str) -> None:
+    """Refuse, before any call, a class or a function whose return annotation is not an optax
+    transformation."""
+    import optax
+
+    if inspect.isclass(fn) and not issubclass(fn, optax.GradientTransformation):
+        raise ConfigError(f"optimizer.class_path: {path} is a class that is not an optax transformation; expected "
+                          f"a function returning one, e.g. optax.adamw")
+    try:
+        returns = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        return
+    if _is_transformation_type(returns) is False:
+        name = getattr(returns, "__name__", str(returns))
+        raise ConfigError(f"optimizer.class_path: {path} does not return an optax transformation (it returns "
+                          f"{name}); expected e.g. optax.adamw")
+
+
+def _loose(annotation) -> bool:
+    """Parameters jsonargparse should not type-check: ones that take a schedule, a callable or
+    an array (a ``{class_path, init_args}`` call spec is resolved here instead)."""
+    text = str(annotation)
+    return any(word in text for word in ("Callable", "Array", "ndarray", "Schedule")) or annotation is Any
+
+
+# -- pass 2: the parser --------------------------------------------------------------------------
+
+
+def make_parser(command: str, paths: dict):
+    """The jsonargparse parser of ``jaxlight <command>`` for the given class paths."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from jaxlight.trainer import TrainerConfig
+
+    p = ArgumentParser(prog=f"jaxlight {command}", exit_on_error=False, print_config=None,
+                       description=f"{command} a model from a config: seed, model, init, loss, data, optimizer, "
+                                   f"trainer (docs/config.md)")
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="a YAML file of the run (or a built-in: " + ", ".join(BUILTIN_CONFIGS) + "); flags after it override it")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the full resolved config (re-running it reproduces the run) and exit")
+    p.add_argument("--ckpt_path", type=Optional[str], default=None,
+                   help="best, last or a checkpoint folder: fit resumes from it; validate, test and predict "
+                        "evaluate its weights (best/last: in trainer.ckpt_dir)")
+    p.add_argument("--seed", type=int, default=0, help="the model's nnx.Rngs, the data order and dropout")
+    p.add_argument("--model.class_path", type=str, required=True,
+                   help="an nnx.Module class, e.g. mypkg.nets.Net (its arguments: --model.init_args.*)")
+    if paths.get("model"):
+        cls = _resolve_model_class(paths["model"])
+        p.add_class_arguments(cls, "model.init_args", skip={"rngs"}, fail_untyped=False, sub_configs=True)
+    p.add_argument("--init", type=Any, default=None,
+                   help="null (the model's own), torch (PyTorch's defaults), or {pattern: initializer}, or a list of these")
+    p.add_argument("--loss", type=Any, default=None,
+                   help="multiclass, binary, regression, or a dotted path to loss_fn(model, batch)")
+    for part, what in (("data", "a function returning train[, val[, test]]"),
+                       ("optimizer", "a function returning an optax transformation, e.g. optax.adamw")):
+        p.add_argument(f"--{part}.class_path", type=str, required=True, help=what)
+        if paths.get(part):
+            fn = _resolve_function(paths[part], f"{part}.class_path")
+            if part == "optimizer":
+                _check_optimizer_annotation(fn, paths[part])
+            _add_function(p, fn, f"{part}.init_args")
+    p.add_class_arguments(TrainerConfig, "trainer")
+    for name, (typ, default, help_) in TRAINER_EXTRAS.items():
+        p.add_argument(f"--trainer.{name}", type=typ, default=default, help=help_)
+    return p
+
+
+def _add_function(p, fn, key: str) -> None:
+    """The parameters of ``fn`` as ``--<key>.<name>``: typed where jsonargparse can check the type,
+    free (a number, a string, a call spec) where the parameter takes a schedule or a callable."""
+    try:
+        params = _signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    loose = [name for name, prm in params.items() if _loose(prm.annotation)]
+    group = p.add_argument_group(f"{key} ({getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', fn)})")
+    if inspect.isclass(fn):
+        p.add_class_arguments(fn, key, skip=set(loose), fail_untyped=False, sub_configs=True)
+    else:
+        p.add_function_arguments(fn, key, skip=set(loose), fail_untyped=False, sub_configs=True)
+    for name in loose:
+        prm = params[name]
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+            continue
+        required = prm.default is inspect.Parameter.empty
+        group.add_argument(f"--{key}.{name}", type=Any, default=None if required else prm.default,
+                           help=f"a number, or {{class_path, init_args}} of a function returning one "
+                                f"(an optax schedule){' (required)' if required else ''}")
+
+
+# -- errors: jsonargparse's messages as one line -------------------------------------------------
+
+
+def one_line(message: str, paths: dict) -> str:
+    """jsonargparse's error text as ``<key>: <what was expected>``."""
+    text = str(message).strip()
+    m = re.search(r'Key "([^"]+)" is required', text) or re.search(r"arguments are required: ([\w.]+)", text)
+    if m:
+        key = m.group(1)
+        owner = next((paths[p] for p in CALLED if key.startswith(f"{p}.init_args.") and paths.get(p)), None)
+        return (f"{key}: missing init argument (required by {owner}, which has no default for it)" if owner
+                else f"{key}: missing (required)")
+    m = re.search(r"Group '([^']+)' does not accept (?:option|nested key) '([^']+)'", text)
+    if m:
+        group = m.group(1)
+        owner = next((paths[p] for p in CALLED if group.startswith(p) and paths.get(p)), None)
+        return f"{group}.{m.group(2)}: unknown key" + (f" (not a parameter of {owner})" if owner else "")
+    m = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text)
+    if m:
+        key = m.group(1)
+        part = key.split(".")[0]
+        if part not in PARTS:
+            return f"{part}: unknown part (expected {', '.join(PARTS)})"
+        return f"{key}: unknown key"
+    m = re.search(r"argument (--[\w.]+): expected one argument", text)
+    if m:
+        return f"{m.group(1)[2:]}: expected a value after {m.group(1)}"
+    m = re.search(r"unrecognized arguments: (\S+)", text)
+    if m:
+        return f"{m.group(1).lstrip('-').split('=')[0]}: unknown key (not a parameter of the class or function named)"
+    m = re.search(r'(?:Problem with given class_path|No action for key|Key) "([^"]+)"', text)
+    keys = re.findall(r'[Pp]arser key "([^"]+)"', text)
+    key = keys[-1] if keys else (m.group(1) if m else None)
+    m2 = re.search(r"No action for key \"([^\"]+)\"", text)
+    if m2:
+        return f"{m2.group(1)}: unknown key (not a parameter of the class or function named)"
+    if key and "Union subtypes" in text:
+        kinds = [re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", t).replace("NoneType", "null")
+                 for t in re.findall(r"- Expected an? (.+?)(?::.*)?$", text, re.M)]
+        given = re.search(r"Given value: (.*)", text)
+        if kinds:
+            return f"{key}: expected {' or '.join(dict.fromkeys(kinds))}, got {given.group(1).strip() if given else '?'}"
+    m3 = re.search(r"Expected a (<class '([\w.]+)'>|[\w.\[\] |]+)\.? ?Got value: (.*)", text)
+    if key and m3:
+        expected = m3.group(2) or m3.group(1)
+        return f"{key}: expected {expected}, got {m3.group(3).strip()}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if key:
+        detail = next((ln for ln in lines[1:] if not ln.startswith("Parser key")), lines[0])
+        return f"{key}: {detail}"
+    return lines[0] if lines else "invalid config"
+
+
+# -- building --------------------------------------------------------------------------------------
+
+
+def call_spec(value, key: str):
+    """Resolve ``{class_path, init_args}`` values (recursively, inside lists and dicts): import
+    and call them. Everything else is returned as it is."""
+    if isinstance(value, dict) and "class_path" in value:
+        extra = set(value) - {"class_path", "init_args"}
+        if extra:
+            raise ConfigError(f"{key}.{sorted(extra)[0]}: unknown key (a call spec has class_path and init_args)")
+        fn = _resolve_function(value["class_path"], f"{key}.class_path")
+        args = {k: call_spec(v, f"{key}.init_args.{k}") for k, v in (value.get("init_args") or {}).items()}
+        _bind(fn, args, key, value["class_path"])
+        try:
+            return fn(**args)
+        except Exception as exc:  # noqa: BLE001 - the user's function refused its arguments
+            raise ConfigError(f"{key}: {value['class_path']}(...) raised {type(exc).__name__}: {_first(exc)}") from None
+    if isinstance(value, dict):
+        return {k: call_spec(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [call_spec(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _resolve_args(fn, raw: dict, key: str) -> dict:
+    """``init_args`` for ``fn``: call specs called, and for a parameter that takes a schedule or
+    a callable, a dotted path imported; any other string there is refused."""
+    try:
+        params = _signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    out = {}
+    for name, value in (raw or {}).items():
+        value = call_spec(value, f"{key}.init_args.{name}")
+        p = params.get(name)
+        if isinstance(value, str) and p is not None and _loose(p.annotation) and p.annotation is not Any:
+            if "." not in value:
+                raise ConfigError(f"{key}.init_args.{name}: expected a number or {{class_path, init_args}} of a "
+                                  f"function returning one (an optax schedule), got {value!r}")
+            value = _import(value, f"{key}.init_args.{name}")
+        out[name] = value
+    return out
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _signature(fn):
+    """The parameters a call takes (a class: its ``__init__``'s, without ``self``; NNX's
+    metaclass hides them from ``inspect.signature(cls)``)."""
+    if inspect.isclass(fn):
+        params = list(inspect.signature(fn.__init__).parameters.values())[1:]
+        return inspect.Signature(params)
+    return inspect.signature(fn)
+
+
+def _bind(fn, args: dict, key: str, path: str) -> None:
+    try:
+        sig = _signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for name in args:
+        if name not in params and not takes_kwargs:
+            raise ConfigError(f"{key}.init_args.{name}: unknown argument of {path}")
+    for name, p in params.items():
+        if (p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and name not in args and name != "rngs"):
+            raise ConfigError(f"{key}.init_args.{name}: missing init argument (required by {path})")
+
+
+@dataclass
+class Run:
+    """A config turned into objects: what ``jaxlight fit`` trains."""
+
+    config: dict                       # the resolved config (plain data; what --print_config prints)
+    seed: int
+    model: Any
+    loss_fn: Any
+    train: Any
+    val: Any
+    test: Any
+    tx: Any
+    schedule: Any                      # the learning rate (a float or an optax schedule), for the LR monitor
+    trainer_config: Any
+    trainer_extras: dict
+    callbacks: list
+
+
+def _loss(value, key: str = "loss"):
+    from jaxlight.tasks import TASKS
+
+    if value is None:
+        raise ConfigError(f"{key}: missing; expected a built-in task ({', '.join(TASK_NAMES)}) or a dotted path "
+                          f"to loss_fn(model, batch)")
+    if isinstance(value, str) and value in TASKS:
+        return TASKS[value]()
+    if isinstance(value, str):
+        if "." not in value:
+            raise ConfigError(f"{key}: {value!r} is not a built-in task ({', '.join(TASK_NAMES)}) nor a dotted path")
+        fn = _import(value, key)
+        if inspect.isfunction(fn) and _required_positional(fn) < 2:  # a factory: multiclass, or one of yours
+            try:
+                fn = fn()
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(f"{key}: {value}() raised {type(exc).__name__}: {_first(exc)}") from None
+    elif isinstance(value, dict):
+        fn = call_spec(value, key)
+    else:
+        raise ConfigError(f"{key}: expected a task name or a dotted path, got {value!r}")
+    if not callable(fn) or inspect.isclass(fn):
+        raise ConfigError(f"{key}: {value} gave a {type(fn).__name__}, expected a function loss_fn(model, batch) "
+                          f"(or a factory returning one)")
+    return fn
+
+
+def _init(model, value, seed: int, key: str = "init"):
+    from jaxlight.models.init import init_params, init_torch
+
+    if value is None:
+        return model
+    for i, item in enumerate(value if isinstance(value, list) else [value]):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if item == "torch":
+            init_torch(model, seed)
+        elif isinstance(item, dict) and "class_path" not in item:
+            inits = {pattern: _initializer(spec, f"{where}.{pattern}") for pattern, spec in item.items()}
+            try:
+                init_params(model, inits, seed)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        else:
+            raise ConfigError(f"{where}: expected torch or {{pattern: initializer}}, got {item!r}")
+    return model
+
+
+def _initializer(spec, key: str):
+    """``"torch"``-free initialiser specs: a dotted path to ``init(key, shape, dtype)`` or to a
+    factory (called with no arguments), or ``{class_path, init_args}`` of a factory."""
+    if isinstance(spec, dict):
+        return call_spec(spec, key)
+    if not isinstance(spec, str):
+        raise ConfigError(f"{key}: expected an initializer path (jax.nn.initializers.orthogonal), got {spec!r}")
+    fn = _resolve_function(spec, key)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty
+              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return fn if params else fn()
+
+
+def _data(fn, args: dict, path: str):
+    from jaxlight.data import ArrayDataset
+
+    from jaxlight.data import MNISTError
+
+    try:
+        out = fn(**args)
+    except MNISTError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's data function failed: one line, not a traceback
+        raise ConfigError(f"data: {path}(...) raised {type(exc).__name__}: {_first(exc)}") from None
+    if isinstance(out, dict) and "train" in out:
+        parts = (out.get("train"), out.get("val"), out.get("test"))
+    elif isinstance(out, (tuple, list)) and 1 <= len(out) <= 3 and not isinstance(out, ArrayDataset):
+        parts = tuple(out) + (None,) * (3 - len(out))
+    else:
+        parts = (out, None, None)
+    if parts[0] is None:
+        raise ConfigError(f"data: {path}(...) returned no training set; expected train[, val[, test]]")
+    import numpy as np
+
+    for name, part in zip(("train", "val", "test"), parts):
+        if isinstance(part, np.ndarray) or (hasattr(part, "shape") and hasattr(part, "dtype")):
+            raise ConfigError(f"data: {path}(...) returned a bare array as {name}; expected an ArrayDataset "
+                              f"(ArrayDataset(x, y) or ArrayDataset({{...}})) or a re-iterable of batches")
+        if part is not None and not (isinstance(part, ArrayDataset) or hasattr(part, "__iter__") or callable(part)):
+            raise ConfigError(f"data: {path}(...) returned a {type(part).__name__} as {name}; expected an "
+                              f"ArrayDataset or a re-iterable of batches")
+    return parts
+
+
+def build_run(cfg: dict, load_data: bool = True) -> Run:
+    """Objects from a parsed config (plain dict); raises :class:`ConfigError` naming the key."""
+    import optax
+    from flax import nnx
+
+    from jaxlight.callbacks import Callback
+    from jaxlight.trainer import TrainerConfig
+
+    seed = cfg["seed"]
+    # Model: its class is checked in the parser already; the arguments are jsonargparse's.
+    cls = _resolve_model_class(cfg["model"]["class_path"])
+    init_args = _resolve_args(cls, cfg["model"].get("init_args"), "model")
+    _bind(cls, init_args, "model", cfg["model"]["class_path"])
+    kwargs = dict(init_args)
+    if "rngs" in inspect.signature(cls.__init__).parameters:
+        kwargs["rngs"] = nnx.Rngs(seed)
+    try:
+        model = cls(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's constructor refused its arguments
+        raise ConfigError(f"model: {cfg['model']['class_path']}(...) raised {type(exc).__name__}: {_first(exc)}") from None
+    from jaxlight.hparams import HParams
+
+    model.hparams = HParams(class_path=cfg["model"]["class_path"], init_args=cfg["model"].get("init_args") or {})
+    _init(model, cfg.get("init"), seed)
+    loss_fn = _loss(cfg.get("loss"))
+
+    # Optimizer: checked before it is called when its annotation tells, and after otherwise.
+    opt_path = cfg["optimizer"]["class_path"]
+    opt_fn = _resolve_function(opt_path, "optimizer.class_path")
+    _check_optimizer_annotation(opt_fn, opt_path)
+    opt_args = _resolve_args(opt_fn, cfg["optimizer"].get("init_args"), "optimizer")
+    opt_args = {k: v for k, v in opt_args.items() if not (v is None and _required(opt_fn, k))}
+    _bind(opt_fn, opt_args, "optimizer", opt_path)
+    try:
+        tx = opt_fn(**opt_args)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"optimizer: {opt_path}(...) raised {type(exc).__name__}: {_first(exc)}") from None
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ConfigError(f"optimizer.class_path: {opt_path}(...) returned a {type(tx).__name__}, not an optax "
+                          f"transformation; expected e.g. optax.adamw")
+    schedule = next((opt_args[k] for k in ("learning_rate", "lr") if k in opt_args), None)
+
+    trainer_cfg = dict(cfg["trainer"])
+    extras = {k: trainer_cfg.pop(k) for k in TRAINER_EXTRAS}
+    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    try:
+        trainer_config = TrainerConfig(**{k: v for k, v in trainer_cfg.items() if k in fields})
+    except ValueError as exc:
+        m = re.match(r"TrainerConfig\.(\w+) (.*)", str(exc))
+        raise ConfigError(f"trainer.{m.group(1)}: {m.group(2)}" if m else f"trainer: {exc}") from None
+    if extras["logger"] not in (None, "none", "csv", "tensorboard"):
+        raise ConfigError(f"trainer.logger: expected csv, tensorboard or null, got {extras['logger']!r}")
+    if extras["monitor_mode"] not in ("min", "max"):
+        raise ConfigError(f"trainer.monitor_mode: expected min or max, got {extras['monitor_mode']!r}")
+    if extras["ckpt_every"] is not None and extras["ckpt_every"] < 1:
+        raise ConfigError(f"trainer.ckpt_every: must be >= 1, got {extras['ckpt_every']}")
+    if extras["freeze"]:
+        from jaxlight.models.init import param_paths
+        import fnmatch
+
+        names = param_paths(model)
+        for pattern in extras["freeze"]:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ConfigError(f"trainer.freeze: pattern {pattern!r} matches no parameter of "
+                                  f"{type(model).__name__} ({', '.join(names[:6])}{'...' if len(names) > 6 else ''})")
+        from jaxlight.optim import freeze
+
+        tx = freeze(tx, extras["freeze"])
+    callbacks = []
+    raw = extras["callbacks"] or []
+    if not isinstance(raw, list):
+        raise ConfigError(f"trainer.callbacks: expected a list of {{class_path, init_args}}, got {raw!r}")
+    for i, spec in enumerate(raw):
+        cb = call_spec({"class_path": spec} if isinstance(spec, str) else spec, f"trainer.callbacks[{i}]")
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"trainer.callbacks[{i}]: {type(cb).__name__} is not a jaxlight.callbacks.Callback")
+        callbacks.append(cb)
+
+    train = val = test = None
+    if load_data:
+        data_path = cfg["data"]["class_path"]
+        data_fn = _resolve_function(data_path, "data.class_path")
+        data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
+        _bind(data_fn, data_args, "data", data_path)
+        train, val, test = _data(data_fn, data_args, data_path)
+    return Run(cfg, seed, model, loss_fn, train, val, test, tx, schedule, trainer_config, extras, callbacks)
+
+
+def _required_positional(fn) -> int:
+    params = inspect.signature(fn).parameters.values()
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params)
+
+
+def _required(fn, name: str) -> bool:
+    try:
+        p = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.default is inspect.Parameter.empty
+
+
+def _split_nested(argv: list[str], paths: dict) -> tuple[list[str], list[tuple[str, list[str], str]]]:
+    """Take out the flags that set a key inside a call spec held by a schedule-like parameter
+    (``--optimizer.init_args.learning_rate.init_args.peak_value 0.01``): jsonargparse would
+    replace the whole spec with them, so they are applied to the parsed config instead."""
+    loose = {}
+    for part in ("data", "optimizer", "model"):
+        try:
+            fn = import_path(paths[part]) if paths.get(part) else None
+            params = _signature(fn).parameters if fn is not None else {}
+        except (ImportError, TypeError, ValueError):
+            continue
+        loose[part] = {n for n, p in params.items() if _loose(p.annotation)}
+    out, nested, i = [], [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        keys = name[2:].split(".") if name.startswith("--") else []
+        if len(keys) > 3 and keys[1] == "init_args" and keys[2] in loose.get(keys[0], ()):
+            value, i = _flag_value(argv, i)
+            if value is None:
+                raise ConfigError(f"{name[2:]}: expected a value after {name}")
+            nested.append((name[2:], keys, value))
+            continue
+        out.append(argv[i])
+        i += 1
+    return out, nested
+
+
+def _apply_nested(plain: dict, nested) -> None:
+    import yaml
+
+    for flag, keys, value in nested:
+        target = plain[keys[0]]["init_args"].get(keys[2])
+        if not isinstance(target, dict):
+            raise ConfigError(f"{flag}: {'.'.join(keys[:3])} is {target!r}, not a {{class_path, init_args}} to set "
+                              f"a key in")
+        for k in keys[3:-1]:
+            target = target.setdefault(k, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{flag}: {k} is not a mapping")
+        target[keys[-1]] = yaml.safe_load(value)
+
+
+def parse(command: str, argv: list[str]):
+    """``(parser, namespace, config dict, class paths)`` for ``jaxlight <command> <argv>``.
+
+    Raises:
+        ConfigError: one line naming the key and what was expected.
+        SystemExit: ``--help`` (exit code 0).
+    """
+    import argparse
+
+    argv, paths = prescan(list(argv))
+    argv, nested = _split_nested(argv, paths)
+    parser = make_parser(command, paths)
+    try:
+        ns = parser.parse_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(one_line(str(exc), paths)) from None
+    except TypeError as exc:  # (jsonargparse on a value it cannot hold)
+        raise ConfigError(one_line(str(exc), paths)) from None
+    cfg = ns.clone()
+    for key in ("config", "print_config", "ckpt_path", "__path__"):
+        if key in cfg:
+            del cfg[key]
+    plain = cfg.as_dict()
+    for part in ("init", "loss"):
+        plain.setdefault(part, None)
+    for part in CALLED:
+        args = plain[part].get("init_args") or {}
+        try:  # (in the signature's order, as the docs list them)
+            order = list(_signature(import_path(plain[part]["class_path"])).parameters)
+            args = dict(sorted(args.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        except (ImportError, TypeError, ValueError):
+            pass
+        plain[part] = {"class_path": plain[part]["class_path"], "init_args": args}
+    _apply_nested(plain, nested)
+    return parser, ns, plain, paths
+
+
+def dump(plain: dict) -> str:
+    """The resolved config as YAML, parts in their order (what ``--print_config`` prints)."""
+    import yaml
+
+    ordered = {k: plain[k] for k in PARTS if k in plain}
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)

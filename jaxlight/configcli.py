@@ -1,0 +1,231 @@
+"""``jaxlight fit | validate | test | predict --config run.yaml``: a run from a config file.
+
+The config's parts, parsing and checks are in :mod:`jaxlight.config`; this module runs them:
+
+- ``fit`` trains (``--ckpt_path last|PATH`` resumes), tests on the data's test set when there
+  is one, and writes ``<out>/config.yaml`` (the resolved config) and ``<out>/metrics.json``;
+- ``validate`` / ``test`` evaluate the data's validation / test set and write
+  ``<out>/<command>_metrics.json``; ``predict`` writes the model's outputs on the test set (the
+  validation set when there is none) to ``<out>/predictions.npz``. With ``--ckpt_path
+  best|last|PATH`` they evaluate that checkpoint (best/last: in ``trainer.ckpt_dir``), else
+  the freshly built model.
+
+Exit codes are ``jaxlight train``'s (``jaxlight.cli``): 0 done, 1 failed while running, 2 a
+config refused before anything was written (one line naming the key), 3 diverged.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+__all__ = ["COMMANDS", "main", "run_command"]
+
+COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _epoch_lines(max_epochs: int):
+    """A callback printing ``epoch 2/5  loss 0.3120  accuracy 0.91  val_loss 0.35  1.20 s``."""
+    from jaxlight.callbacks import Callback
+
+    class EpochLines(Callback):
+        def on_epoch_end(self, trainer, state, metrics):
+            if not trainer.is_global_zero:
+                return
+            r = trainer.history[-1]
+            extra = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()
+                              if k not in ("loss", "count") and isinstance(v, float))
+            print(f"epoch {r.epoch + 1}/{max_epochs}  loss {r.metrics['loss']:.4f}  {extra}  {r.seconds:.2f} s",
+                  flush=True)
+
+    return EpochLines()
+
+
+def _out_dir(run) -> Path:
+    out = run.trainer_extras["out"]
+    return Path(out) if out else Path("runs") / type(run.model).__name__.lower()
+
+
+def build_trainer(run, command: str):
+    """The Trainer a config asks for: its TrainerConfig, checkpoints, logger, LR monitor and
+    callbacks. Raises ``ConfigError`` for a logger whose package is missing."""
+    from jaxlight.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+    from jaxlight.config import ConfigError
+    from jaxlight.loggers import LOGGERS
+    from jaxlight.trainer import Trainer
+
+    ex = run.trainer_extras
+    callbacks = [*run.callbacks]
+    if command == "fit":
+        callbacks.append(_epoch_lines(run.trainer_config.max_epochs))
+        callbacks.append(ProgressBar(print_epochs=False))
+    if ex["ckpt_dir"]:
+        monitor = ex["monitor"] or ("val_loss" if run.val is not None else "loss")
+        callbacks.insert(0, ModelCheckpoint(ex["ckpt_dir"], monitor=monitor, mode=ex["monitor_mode"],
+                                            every_n_steps=ex["ckpt_every"], overwrite=ex["overwrite"]))
+    loggers = []
+    if ex["logger"] not in (None, "none"):
+        try:
+            loggers.append(LOGGERS[ex["logger"]](ex["log_dir"] or _out_dir(run) / "logs"))
+        except ImportError as exc:
+            raise ConfigError(f"trainer.logger: {exc}") from None
+        if command == "fit" and run.schedule is not None and not any(
+                isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(run.schedule))
+    try:
+        trainer = Trainer(run.trainer_config, callbacks=callbacks, loggers=loggers)
+    except ValueError as exc:
+        raise ConfigError(f"trainer: {exc}") from None
+    trainer.hparams = run.config
+    trainer.run_config = resume_fields(run.config)
+    trainer.allow_config_change = ex["allow_config_change"]
+    return trainer
+
+
+# Config keys a resumed fit may change: where things are written, how long it runs, what it
+# prints. The TrainerConfig fields that change the numbers are compared by jaxlight.runconfig.
+_FREE = ("trainer.",)
+_COMPARED_TRAINER = ("trainer.freeze",)
+
+
+def resume_fields(config: dict) -> dict:
+    """The config as dotted keys (``model.init_args.width``) that a resume must match
+    (``jaxlight.runconfig``): everything but the trainer section, plus ``trainer.freeze``."""
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict) and tree:
+            out = {}
+            for k, v in tree.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: tree}
+
+    fields = flat(config)
+    return {k: v for k, v in fields.items() if not k.startswith(_FREE) or k in _COMPARED_TRAINER}
+
+
+def run_command(command: str, argv: list[str]) -> dict | None:
+    """Parse, build and run one command; returns its metrics (None for ``--print_config``)."""
+    import numpy as np
+
+    from jaxlight import config as config_mod
+    from jaxlight import report
+    from jaxlight.config import ConfigError
+
+    parser, ns, plain, paths = config_mod.parse(command, argv)
+    if ns.print_config:
+        # Every class and function is checked before the config is printed: what prints runs.
+        config_mod.build_run(plain, load_data=False)
+        sys.stdout.write(config_mod.dump(plain))
+        return None
+    run = config_mod.build_run(plain)
+    trainer = build_trainer(run, command)
+    ckpt_path = ns.ckpt_path
+    if ckpt_path in ("best", "last") and not run.trainer_extras["ckpt_dir"]:
+        raise ConfigError(f"--ckpt_path {ckpt_path}: needs trainer.ckpt_dir (the folder it searches)")
+    if command in ("validate",) and run.val is None:
+        raise ConfigError(f"data: {plain['data']['class_path']} returned no validation set; validate needs one")
+    if command in ("test",) and run.test is None:
+        raise ConfigError(f"data: {plain['data']['class_path']} returned no test set; test needs one")
+    from jaxlight.state import create_train_state
+
+    ckpt_dir = run.trainer_extras["ckpt_dir"]
+    if command == "fit" and ckpt_dir and ckpt_path is None and not run.trainer_extras["overwrite"]:
+        from jaxlight.checkpoint import list_checkpoints
+
+        found = list_checkpoints(ckpt_dir)
+        if found:
+            raise ConfigError(f"trainer.ckpt_dir: {ckpt_dir} already holds checkpoints ({found[-1].name}...): add "
+                              f"--ckpt_path last to continue that run, --trainer.overwrite true to replace it, or "
+                              f"choose another folder")
+    state = create_train_state(run.model, run.tx, run.loss_fn, run.seed)
+    # The loss on the first batch of each split, before anything is written (BatchError names
+    # the leaf); the Trainer's own check in fit then finds it done.
+    from jaxlight.loop import as_source, check_data
+
+    for name, part, size in (("training set", run.train, run.trainer_config.batch_size),
+                             ("validation set", run.val, run.trainer_config.eval_batch_size),
+                             ("test set", run.test, run.trainer_config.eval_batch_size)):
+        if part is not None and (command != "predict" or name == "test set"):
+            check_data(state, as_source(part, name), name, size, check_finite=False)
+    out = _out_dir(run)
+    from jaxlight.cli import prepare_output_dir
+
+    prepare_output_dir(out, "trainer.out")
+    if command == "fit":
+        (out / "config.yaml").write_text(config_mod.dump(plain))
+        print(f"jaxlight fit: {plain['model']['class_path']}, {plain['optimizer']['class_path']}, batch "
+              f"{run.trainer_config.batch_size}, {run.trainer_config.max_epochs} epochs", flush=True)
+        resume = None
+        if ckpt_path is not None:
+            resume = ckpt_path if ckpt_path != "best" else None
+            if ckpt_path == "best":
+                raise ConfigError("--ckpt_path best: fit resumes from last or a checkpoint folder, not best")
+        state = trainer.fit(state, run.train, run.val, ckpt_path=resume)
+        summary = {"config": plain, "history": [
+            {"epoch": r.epoch + 1, **{k: v for k, v in r.metrics.items() if k != "count"}} for r in trainer.history],
+            "epoch_seconds": [r.seconds for r in trainer.history]}
+        if run.test is not None and not trainer.interrupted:
+            summary.update(trainer.test(state, run.test))
+            print("  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_")), flush=True)
+        summary["versions"] = report.library_versions("jax", "jaxlib", "flax", "optax", "numpy")
+        print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
+        if trainer.interrupted:
+            from jaxlight.cli import Interrupted
+
+            raise Interrupted(trainer.stop_signal)
+        return summary
+    resolved = _checkpoint(trainer, run, ckpt_path)
+    if command == "validate":
+        metrics = trainer.validate(state, run.val, ckpt_path=resolved)
+    elif command == "test":
+        metrics = trainer.test(state, run.test, ckpt_path=resolved)
+    else:
+        data = run.test if run.test is not None else (run.val if run.val is not None else run.train)
+        outputs = trainer.predict(state, data, ckpt_path=resolved)
+        import jax
+
+        flat = jax.tree_util.tree_flatten_with_path(outputs)[0]
+        arrays = {(jax.tree_util.keystr(p) or "outputs"): np.asarray(a) for p, a in flat}
+        path = out / "predictions.npz"
+        np.savez(path, **arrays)
+        print(f"wrote {path} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})")
+        return {"predictions": str(path)}
+    metrics = {**metrics, "ckpt_path": str(resolved) if resolved else None}
+    print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+    print(f"wrote {report.write_json(out / f'{command}_metrics.json', metrics)}")
+    return metrics
+
+
+def _checkpoint(trainer, run, ckpt_path):
+    from jaxlight.hparams import resolve_checkpoint
+
+    if ckpt_path is None:
+        return None
+    if ckpt_path in ("best", "last"):
+        return resolve_checkpoint(run.trainer_extras["ckpt_dir"], ckpt_path)
+    return resolve_checkpoint(ckpt_path, "last")
+
+
+def main(command: str, argv: list[str]) -> int:
+    """Run ``jaxlight <command> <argv>``; returns the exit code (see the module docstring)."""
+    from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
+    from jaxlight.cli import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, run_cli
+    from jaxlight.config import ConfigError
+    from jaxlight.data import MNISTError
+    from jaxlight.parallel import ParallelError
+    from jaxlight.step import BatchError
+    from jaxlight.trainer import NonFiniteLossError
+
+    errors = {
+        ConfigError: EXIT_USAGE, UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE,
+        ParallelError: EXIT_USAGE, NonFiniteLossError: EXIT_DIVERGED, CheckpointWriteError: EXIT_FAILED,
+        CheckpointError: EXIT_USAGE, OSError: EXIT_FAILED,
+    }
+    import argparse
+
+    args = argparse.Namespace(verbose="--verbose" in argv, log_file=None)
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        return run_cli("jaxlight", lambda _: run_command(command, argv), args, errors)
+    except SystemExit as exc:  # (run_cli exits 2 on a UsageError, as argparse does)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
