@@ -31,14 +31,27 @@ from __future__ import annotations
 
 # Only what main() needs to install its signal handlers is imported here; the rest (argparse,
 # logging, the recipes, then JAX) is imported where it is used, behind those handlers.
-import math
 import os
 import signal
 import sys
-import threading
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from jaxlight.commands import (  # noqa: F401  (re-exported: the command lines' shared pieces)
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    MAX_SEED,
+    Interrupted,
+    UsageError,
+    _log_details,
+    _warning_line,
+    install_signal_handlers,
+    prepare_output_dir,
+    recipe_from_args,
+    restore_signal_handlers,
+    run_cli,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -48,13 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "train_parser", "recipe_from_args",
            "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer", "prepare_output_dir",
            "run_config", "run_cli", "install_signal_handlers", "restore_signal_handlers", "check_parallel_flags"]
-
-EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
-MAX_SEED = 2**63  # jax.random.key takes a signed 64-bit int; numpy's default_rng no negatives
-
-
-class UsageError(ValueError):
-    """A flag or path the command line refuses before any work; exit code 2."""
 
 
 def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.ArgumentParser:
@@ -98,22 +104,6 @@ def _fake_cpu_devices(count: int | None) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The recipe the flags ask for. Raises :class:`UsageError` naming the flag."""
-    for flag in ("epochs", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr must be > 0 and finite, got {args.lr}")
-    if not 0 <= args.seed < MAX_SEED:
-        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
-    from jaxlight.recipes import recipe_for
-
-    return recipe_for(args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      optimizer=args.optimizer, seed=args.seed)
-
-
 def run_config(recipe: Recipe, args: argparse.Namespace) -> dict:
     """What a checkpoint records about the run and a resume must match (``jaxlight.runconfig``):
     everything in the recipe but the epoch count (a resume may extend a run), plus the schedule
@@ -152,28 +142,6 @@ def summary_payload(framework: str, recipe: Recipe, results, test_metrics: dict,
     payload.setdefault("segments", [{"run": run_config(recipe, argparse.Namespace()), "from_step": 0}])
     payload["versions"] = versions
     return payload
-
-
-def prepare_output_dir(path: str | os.PathLike, flag: str) -> Path:
-    """Create ``path`` (a folder the run writes into) now, and check that it takes files.
-
-    Called before any data loads, so that a bad ``--out``/``--ckpt-dir`` fails in a second, not
-    after hours of training. Raises :class:`UsageError` naming the flag and the cause.
-    """
-    p = Path(path)
-    try:
-        if p.is_symlink() and not p.exists():
-            raise UsageError(f"{flag} {p} is a broken symlink or a symlink loop")
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"{flag} {p} is a file, not a folder")
-        p.mkdir(parents=True, exist_ok=True)
-        import tempfile
-
-        with tempfile.TemporaryFile(dir=p):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{flag} {p}: cannot create or write there ({exc.strerror or exc})") from None
-    return p
 
 
 def _default_out(args: argparse.Namespace, framework: str) -> Path:
@@ -259,40 +227,6 @@ def _claim_checkpoint_folder(args: argparse.Namespace) -> None:
     if found and not (args.resume or args.overwrite):
         raise UsageError(f"--ckpt-dir {args.ckpt_dir} already holds checkpoints ({found[-1].name}...): add "
                          f"--resume to continue that run, --overwrite to replace it, or choose another folder")
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run (after saving, when it could)."""
-
-    def __init__(self, signum: int | None, reported: bool = True):
-        self.signum = signum or signal.SIGTERM
-        self.reported = reported  # (the message saying what was saved is out already)
-        super().__init__(signal.Signals(self.signum).name)
-
-
-def install_signal_handlers(program: str) -> dict:
-    """SIGINT and SIGTERM end the process at once with exit 128 + signal and one line; called
-    first thing by both command lines. ``Trainer.fit`` replaces these handlers while it runs
-    (it saves first) and puts them back. Returns the previous handlers (``main`` restores them
-    when it returns, for callers that run it in their own process)."""
-    def handler(signum, frame):
-        try:
-            sys.stdout.flush()
-        except (OSError, RuntimeError, ValueError):  # (a flush interrupted by this very signal)
-            pass
-        name = signal.Signals(signum).name
-        os.write(2, f"{program}: stopped by {name}; nothing more was saved\n".encode())
-        os._exit(128 + signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}  # (only the main thread may set handlers; a caller in a thread keeps its own)
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    """Put back the handlers :func:`install_signal_handlers` returned."""
-    for sig, handler in previous.items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -409,81 +343,6 @@ def warn_batch_size(batch_size: int, examples: int) -> None:
     if batch_size > examples:
         print(f"warning: --batch-size {batch_size} is larger than the training set ({examples} examples): "
               f"every epoch is one padded batch", file=sys.stderr, flush=True)
-
-
-def _log_details(out: Path, verbose: bool) -> Path | None:
-    """Send library logs and background threads' tracebacks (Orbax writes its own on a full
-    disk) to ``<out>/train.log``, or to stderr with --verbose, so that stderr holds the one
-    error line."""
-    import logging
-
-    root = logging.getLogger()
-    path = None
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        path = out / "train.log"
-        handler = logging.FileHandler(path, delay=True)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root.handlers[:] = [handler]
-    logging.raiseExceptions = False  # (a log that cannot be written, on a full disk, stays quiet)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        threading.excepthook = lambda hook: logging.getLogger("thread").error(
-            "exception in thread %s", hook.thread.name if hook.thread else "?",
-            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
-        sys.unraisablehook = lambda hook: logging.getLogger("unraisable").error(
-            "%s: %s", hook.err_msg or "exception ignored", hook.object,
-            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
-    return path
-
-
-def _warning_line(message, category, filename, lineno, file=None, line=None):
-    """Warnings (a skipped corrupt checkpoint, a stray file, an accepted config change) as one
-    line each, without the source line Python adds."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
-    """Run ``run(args)`` and turn every expected failure into one line on stderr and its exit
-    code (``errors``: exception class -> code; see the module docstring). Details go to the log
-    (``--verbose``: stderr)."""
-    import logging
-    import traceback
-
-    # Outside fit, the handlers of install_signal_handlers stop at once; inside, the Trainer's
-    # finish the chunk and save first.
-    shown, warnings.showwarning = warnings.showwarning, _warning_line
-    warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
-    try:
-        run(args)
-        return 0
-    except Interrupted as exc:
-        if not exc.reported:
-            print(f"{program}: stopped by {exc}; nothing more was saved", file=sys.stderr, flush=True)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print(f"{program}: aborted by Ctrl-C; nothing more was saved", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
-    except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised
-        code = next((c for cls, c in errors.items() if isinstance(exc, cls)), None)
-        if code is None:
-            raise
-        log = getattr(args, "log_file", None)
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        elif log is not None:
-            logging.getLogger(program).error("%s", exc, exc_info=True)
-        where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
-        message = " ".join(str(exc).split("\n"))  # (one line, whatever the exception holds)
-        print(f"{program}: error: {message}{where}", file=sys.stderr, flush=True)
-        if isinstance(exc, UsageError):
-            raise SystemExit(EXIT_USAGE) from None  # (as argparse does for the flags it checks)
-        return code
-    finally:
-        warnings.showwarning = shown
-        if getattr(args, "out_lock", None) is not None:
-            args.out_lock.release()
 
 
 def check_parallel_flags(args: argparse.Namespace) -> None:

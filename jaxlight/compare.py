@@ -329,7 +329,7 @@ def compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_compare(args: argparse.Namespace) -> dict:
     """Run the comparison for parsed ``compare`` flags; print the table, write the files."""
     from jaxlight import report
-    from jaxlight.cli import UsageError, prepare_output_dir, recipe_from_args
+    from jaxlight.commands import UsageError, prepare_output_dir, recipe_from_args
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")

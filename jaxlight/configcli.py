@@ -148,7 +148,7 @@ def run_command(command: str, argv: list[str]) -> dict | None:
         if part is not None and (command != "predict" or name == "test set"):
             check_data(state, as_source(part, name), name, size, check_finite=False)
     out = _out_dir(run)
-    from jaxlight.cli import prepare_output_dir
+    from jaxlight.commands import prepare_output_dir
 
     prepare_output_dir(out, "trainer.out")
     if command == "fit":
@@ -170,7 +170,7 @@ def run_command(command: str, argv: list[str]) -> dict | None:
         summary["versions"] = report.library_versions("jax", "jaxlib", "flax", "optax", "numpy")
         print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
         if trainer.interrupted:
-            from jaxlight.cli import Interrupted
+            from jaxlight.commands import Interrupted
 
             raise Interrupted(trainer.stop_signal)
         return summary
@@ -209,7 +209,7 @@ def _checkpoint(trainer, run, ckpt_path):
 def main(command: str, argv: list[str]) -> int:
     """Run ``jaxlight <command> <argv>``; returns the exit code (see the module docstring)."""
     from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
-    from jaxlight.cli import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, run_cli
+    from jaxlight.commands import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, run_cli
     from jaxlight.config import ConfigError
     from jaxlight.data import MNISTError
     from jaxlight.parallel import ParallelError
