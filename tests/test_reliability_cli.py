@@ -1,5 +1,7 @@
-"""Issue 11 through both command lines, each run in a subprocess: refusals, locks, signals, exit
-codes, bad paths, strict resume. The library side is tests/test_reliability_checkpoint.py.
+"""Both command lines as a user runs them, each in its own process: refusals, locks held by
+another process, signals sent from outside, exit codes, bad paths, strict resume, a full disk.
+The library side is tests/test_reliability_checkpoint.py; the same behaviours in-process (the
+fast tier) are in tests/test_cli_errors.py.
 
 The runs train the linear model on its synthetic data (about 5 s a run, most of it imports); none
 needs MNIST except the --data-dir cases, which fail before reading it.
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from _support import ROOT
+
+pytestmark = pytest.mark.integration
 
 MODULES = {"jaxlight": "jaxlight.cli", "torch-ref": "torch_ref.cli"}
 LINEAR = ["train", "--model", "linear"]
