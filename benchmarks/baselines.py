@@ -1,6 +1,5 @@
-"""The CNN and LSTM as they were before each of issue 12's speed changes (commits 2f4a885 and
-0fffecc), kept so that every speed change can be measured against its baseline in the same
-process (``python -m benchmarks.ab``). Same parameters, names and initialisation as the
+"""Two frozen versions of the CNN and LSTM (as of commits 2f4a885 and 0fffecc), so that the
+current models can be timed against them in the same process (``python -m benchmarks.ab``). Same parameters, names and initialisation as the
 library's models; only the compiled code differs."""
 
 from __future__ import annotations

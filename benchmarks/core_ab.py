@@ -5,8 +5,8 @@ one copied as the package ``jaxlight_old`` (``PYTHONPATH`` must reach it).
 
 Times ``train_chunk`` over the same K batches (one compiled ``lax.scan``, as a fused epoch
 runs it) for each model in both versions, alternating A B B A, and prints the median ms per
-step, the ratio new/old and the load average: the issue-10 check that the general core costs
-the fused path nothing.
+step, the ratio new/old and the load average: a check that a change to the core costs the
+fused path nothing.
 """
 
 from __future__ import annotations

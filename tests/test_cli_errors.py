@@ -54,7 +54,7 @@ def test_a_folder_with_checkpoints_needs_resume_or_overwrite(cli_main, tmp_path)
     assert _steps(ckpt) == ["step_000000128"]
 
 
-def test_a_locked_folder_is_refused_naming_the_holder(cli_main, tmp_path):
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(cli_main, tmp_path):
     """Another process's lock, as the kernel sees it: an ``flock`` on ``<ckpt>/.lock`` through
     another open file (flock locks belong to the open file, so this process's own lock_folder
     meets it as it would meet another process's)."""

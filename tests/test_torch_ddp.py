@@ -31,6 +31,7 @@ def single_process(mnist):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}, history[0].metrics
 
 
+@pytest.mark.integration
 def test_ddp_on_two_processes_matches_one_process(tmp_path, data_dir, single_process):
     result = run_module("torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "torch_ref.parallel", "--subset", str(N), "--batch-size", str(BATCH),
