@@ -54,9 +54,14 @@ def single_runs(subsets):
     return out
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("name", ["pmap", "sharded"])
-@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+# The fast tier runs three points of the sweep (both strategies, both models, 2 to 8 devices);
+# the whole sweep is in the slow tier.
+FAST_SWEEP = {(8, "pmap", "mlp"), (4, "sharded", "mlp"), (2, "sharded", "cnn")}
+
+
+@pytest.mark.parametrize(("devices", "name", "model"), [
+    pytest.param(d, n, m, id=f"{d}-{n}-{m}", marks=() if (d, n, m) in FAST_SWEEP else pytest.mark.slow)
+    for d in DEVICE_COUNTS for n in ["pmap", "sharded"] for m in ["mlp", "cnn"]])
 def test_strategy_matches_single_device(model, name, devices, subsets, single_runs):
     train, test = subsets[model]
     strategy = parallel.make_strategy(name, devices)

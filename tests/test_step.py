@@ -18,8 +18,13 @@ from jaxlight.step import (
 )
 
 
-def mlp_state(seed=0, lr=1e-3):
-    return create_train_state(build_model("mlp", seed), optim.adam(lr), tasks.multiclass(), seed)
+# One optimizer object for the module: the optimizer is a static field of the state, so a new
+# object compiles the steps again (the compile-once tests pass their own, to start afresh).
+ADAM = optim.adam(1e-3)
+
+
+def mlp_state(seed=0, tx=None):
+    return create_train_state(build_model("mlp", seed), tx or ADAM, tasks.multiclass(), seed)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,7 @@ def params_of(state):
 
 def test_train_step_compiles_once_across_steps_epochs_and_the_partial_batch(small):
     train, _ = small
-    state = mlp_state()
+    state = mlp_state(tx=optim.adam(1e-3))
     from jaxlight.step import _train_step_jit
 
     before = _train_step_jit._cache_size()
@@ -55,7 +60,7 @@ def test_train_step_compiles_once_across_steps_epochs_and_the_partial_batch(smal
 def test_fused_epochs_compile_once(small):
     train, _ = small
     before = train_chunk._cache_size()
-    state, results = fit(mlp_state(seed=3), train, epochs=3, batch_size=64)
+    state, results = fit(mlp_state(seed=3, tx=optim.adam(1e-3)), train, epochs=3, batch_size=64)
     assert train_chunk._cache_size() == before + 1
     assert int(state.step) == 3 * 16 and [r.metrics["count"] for r in results] == [1000] * 3
 

@@ -105,12 +105,12 @@ class Recorder(Callback):
 
 
 @pytest.mark.parametrize("model, k, extra", [
-    ("softmax", None, {}),                       # K = the epoch: one compiled call per epoch
-    ("softmax", 1, {}),                          # step by step, at top level (no scan)
+    pytest.param("softmax", None, {}, marks=pytest.mark.slow),  # K = the epoch: one compiled call per epoch
+    pytest.param("softmax", 1, {}, marks=pytest.mark.slow),     # step by step, at top level (no scan)
     ("softmax", 2, {}),                          # chunks of 2, the last one short
     ("softmax", None, {"val_every_n_steps": 3}),  # chunks cut on the validation steps
     ("mlp", 1, {}),
-    ("mlp", None, {}),
+    pytest.param("mlp", None, {}, marks=pytest.mark.slow),
 ])
 def test_fit_is_bitwise_the_hand_written_loop_for_every_k(small, model, k, extra):
     train, val = small
