@@ -75,12 +75,16 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(cli_main, 
 # --- SIGINT saves like SIGTERM; exit 130 / 143; nothing to save is not a success ----------------
 
 @pytest.fixture
-def signal_after_epoch(monkeypatch):
+def signal_after_epoch(monkeypatch, request):
     """``signal_after_epoch(n, signum, ...)``: the process sends itself each ``signum`` right
     after it prints epoch ``n``'s line, mid-run, as ``kill`` from a shell would;
     ``signal_after_epoch(None)`` stops that."""
 
     real = report.epoch_line
+    # As in a terminal: Ctrl-C raises KeyboardInterrupt, whatever this process inherited (a
+    # background start leaves SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
 
     def arm(epoch, *signums):
         def line_then_signal(index, total, *args, **kwargs):
