@@ -21,12 +21,13 @@ def run_example(name, *args):
 
 
 @pytest.mark.parametrize("name, args", [
-    ("dropout_batchnorm", ["--epochs", "1"]),
-    ("sequence_classifier", ["--epochs", "1", "--examples", "300"]),
+    ("dropout_batchnorm", ["--epochs", "2"]),
+    ("sequence_classifier", ["--epochs", "2", "--examples", "300"]),
 ])
 def test_example_runs_end_to_end_on_a_small_budget(tmp_path, name, args):
     """Each script trains, checkpoints, resumes and checks load_model against Trainer.predict
-    itself; one epoch here (the accuracy floors, which need more, are in the slow tier)."""
+    itself; two epochs here, stopped after the first and resumed (the accuracy floors, which
+    need more, are in the slow tier)."""
     metrics = run_example(name, *args, "--out", str(tmp_path / name))
     assert set(metrics) == {"test_loss", "test_accuracy"} and 0.0 <= metrics["test_accuracy"] <= 1.0
     assert (tmp_path / name / "ckpt").is_dir()
