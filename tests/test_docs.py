@@ -95,7 +95,7 @@ def test_readme_keeps_the_ci_test_commands(marker):
 
 def test_pytest_runs_the_fast_tier_by_default():
     config = (ROOT / "pyproject.toml").read_text()
-    assert 'addopts = ["--strict-markers", "-m", "not slow and not integration"]' in config
+    assert 'addopts = ["--strict-markers", "-m", "not slow and not integration", "--dist", "loadfile"]' in config
     assert '"slow: ' in config and '"integration: ' in config
 
 

@@ -22,7 +22,7 @@ def run_example(name, *args):
 
 @pytest.mark.parametrize("name, args", [
     ("dropout_batchnorm", ["--epochs", "2"]),
-    ("sequence_classifier", ["--epochs", "2", "--examples", "300"]),
+    pytest.param("sequence_classifier", ["--epochs", "2", "--examples", "300"], marks=pytest.mark.slow),
 ])
 def test_example_runs_end_to_end_on_a_small_budget(tmp_path, name, args):
     """Each script trains, checkpoints, resumes and checks load_model against Trainer.predict

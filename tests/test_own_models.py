@@ -372,17 +372,14 @@ def test_iterables_are_checked_for_structure(data):
 
 # --- strategies: BatchNorm sees the global batch, dropout follows the step ---------------------
 
-# The fast tier runs two points of each strategy sweep; the whole sweeps are in the slow tier.
-FAST_SWEEP = {("pmap", 8), ("sharded", 2)}
-
-
-def _sweep(devices):
+# The fast tier runs a point or two of each strategy sweep; the whole sweeps are in the slow tier.
+def _sweep(devices, fast):
     return pytest.mark.parametrize(("strategy", "devices"), [
-        pytest.param(s, d, id=f"{s}-{d}", marks=() if (s, d) in FAST_SWEEP else pytest.mark.slow)
+        pytest.param(s, d, id=f"{s}-{d}", marks=() if (s, d) in fast else pytest.mark.slow)
         for d in devices for s in ["pmap", "sharded"]])
 
 
-@_sweep([1, 2, 4, 8])
+@_sweep([1, 2, 4, 8], fast={("pmap", 8), ("sharded", 2)})
 def test_batchnorm_under_every_strategy_equals_one_device(data, strategy, devices):
     from jaxlight import parallel
 
@@ -398,7 +395,7 @@ def test_batchnorm_under_every_strategy_equals_one_device(data, strategy, device
     assert loop.evaluate(got, val, 40, strategy=strategy_) == pytest.approx(loop.evaluate(expected, val, 40), rel=1e-5)
 
 
-@_sweep([2, 8])
+@_sweep([2, 8], fast={("pmap", 8)})
 def test_dropout_under_every_strategy_equals_one_device(data, strategy, devices):
     from jaxlight import parallel
 
