@@ -135,6 +135,7 @@ class WrongFlatten(torch_ref.models.CNN):
         return self.fc2(torch.relu(self.fc1(x.permute(0, 2, 3, 1).flatten(1))))
 
 
+@pytest.mark.slow  # (a CNN trajectory; fast planted bugs: the divergence and gradient tests above)
 def test_finds_a_planted_layout_bug_in_the_forward_pass(datasets, jax_model):
     tmodel = WrongFlatten()
     tmodel.load_state_dict(torch_ref.build_model("cnn", seed=0).state_dict())
