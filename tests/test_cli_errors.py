@@ -16,19 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from _support import BAD_OUTPUT_PATHS, bad_output_paths, one_line_error
 from jaxlight import report
 
 LINEAR = ["train", "--model", "linear"]
-
-
-def one_line_error(result, *fragments):
-    """stderr holds a single ``<program>: error: ...`` line (no traceback) with each fragment."""
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert len(errors) == 1 and ": error: " in errors[0], result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def _steps(folder):
@@ -146,27 +137,9 @@ def test_torch_ref_stops_on_a_signal_with_the_same_codes(cli_main, tmp_path, sig
 
 # --- output paths are checked and created before any data loads ---------------------------------
 
-def _bad_paths(tmp_path):
-    afile = tmp_path / "a-file"
-    afile.write_text("not a folder")
-    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
-    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
-    return {
-        "out is a file": (["--out", str(afile)], "is a file, not a folder"),
-        "out name too long": (["--out", str(tmp_path / ("x" * 300))], "File name too long"),
-        "out under a file": (["--out", str(afile / "sub")], "Not a directory"),
-        "ckpt-dir is a file": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(afile)], "is a file, not a folder"),
-        "ckpt-dir is a symlink loop": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(tmp_path / "loop1")],
-                                       "symlink loop"),
-    }
-
-
-CASES = ["out is a file", "out name too long", "out under a file", "ckpt-dir is a file", "ckpt-dir is a symlink loop"]
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", BAD_OUTPUT_PATHS)
 def test_a_bad_output_path_fails_before_the_data_loads(cli_main, tmp_path, case):
-    flags, message = _bad_paths(tmp_path)[case]
+    flags, message = bad_output_paths(tmp_path)[case]
     # --data-dir names nothing: had the data been loaded first, that would be the error.
     result = cli_main("jaxlight", "train", "--model", "mlp", "--data-dir", str(tmp_path / "no-data"), *flags)
     assert result.returncode == 2
@@ -174,7 +147,7 @@ def test_a_bad_output_path_fails_before_the_data_loads(cli_main, tmp_path, case)
 
 
 def test_torch_ref_checks_out_before_the_data_loads_too(cli_main, tmp_path):
-    flags, message = _bad_paths(tmp_path)["out is a file"]
+    flags, message = bad_output_paths(tmp_path)["out is a file"]
     result = cli_main("torch-ref", "train", "--model", "mlp", "--data-dir", str(tmp_path / "no-data"), *flags)
     assert result.returncode == 2
     one_line_error(result, "--out", message)
