@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one prepared run, for a device lease of a few minutes:
-#   1. issue 5: mlp and cnn under the single, pmap and sharded strategies (benchmarks/gpu_strategies.py)
-#   2. issue 6: the benchmark suite (benchmarks/gpu.sh: CNN to 99% cold and warm, throughput)
+#   1. mlp and cnn under the single, pmap and sharded strategies (benchmarks/gpu_strategies.py)
+#   2. the benchmark suite (benchmarks/gpu.sh: CNN to 99% cold and warm, throughput)
 # Results land in a temporary folder and come back as one archive, $OUT/gpu_results.tgz
 # (the device tool returns at most 8 files).
 #

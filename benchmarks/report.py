@@ -22,7 +22,7 @@ def _load(values) -> str:
     return "-" if not values else ", ".join(f"{v:.1f}" for v in values)
 
 
-# The CPU goals at batch 64 (issue 12): (model, metric, other variant or None, goal).
+# The CPU goals at batch 64: (model, metric, other variant or None, goal).
 TARGETS = (("mlp", "x torch in-memory", "torch_memory", 3.0), ("mlp", "x tutorial DataLoader", "torch_dataloader", 10.0),
            ("mlp", "fraction of matmul peak", None, 0.65), ("cnn", "x torch in-memory", "torch_memory", 1.2),
            ("lstm", "x torch in-memory", "torch_memory", 1.1))

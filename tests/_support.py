@@ -38,3 +38,35 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
     full_env.pop("XLA_FLAGS", None) if "XLA_FLAGS" not in (env or {}) else None
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+def one_line_error(result, *fragments) -> str:
+    """A command line's stderr holds a single ``<program>: error: ...`` line (no traceback)
+    with each fragment; returns that line."""
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and ": error: " in errors[0], result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+BAD_OUTPUT_PATHS = ["out is a file", "out name too long", "out under a file", "ckpt-dir is a file",
+                    "ckpt-dir is a symlink loop"]
+
+
+def bad_output_paths(tmp_path: Path) -> dict:
+    """``case -> (flags, the message naming the cause)`` for output paths a run must refuse
+    before loading any data; the files and symlinks they need are made under ``tmp_path``."""
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    return {
+        "out is a file": (["--out", str(afile)], "is a file, not a folder"),
+        "out name too long": (["--out", str(tmp_path / ("x" * 300))], "File name too long"),
+        "out under a file": (["--out", str(afile / "sub")], "Not a directory"),
+        "ckpt-dir is a file": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(afile)], "is a file, not a folder"),
+        "ckpt-dir is a symlink loop": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(tmp_path / "loop1")],
+                                       "symlink loop"),
+    }

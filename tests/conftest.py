@@ -1,4 +1,5 @@
-"""Shared test setup: 8 fake CPU devices, the offline MNIST copy, CLI runners.
+"""Shared test setup: 8 fake CPU devices, the offline MNIST copy, CLI runners (in-process for
+the fast tier, subprocesses for the integration tier).
 
 XLA_FLAGS must be set before jax is imported anywhere, which is why it is set here, at the top
 of the first file pytest imports.
@@ -43,6 +44,52 @@ def cli():
 
     def run(program: str, *args: str, **kwargs):
         return run_module(modules[program], *args, **kwargs)
+
+    return run
+
+
+@pytest.fixture
+def cli_main(capsys, monkeypatch):
+    """In-process twin of ``cli``: ``cli_main("jaxlight", "train", ...)`` calls the program's
+    ``main([...])`` in this process and returns a ``CompletedProcess`` (exit code, stdout,
+    stderr), as ``cli`` does for a subprocess, without its seconds of imports.
+
+    ``env`` entries are set for the call. What ``main`` changes process-wide (the root logger's
+    handlers and level, the thread and unraisable hooks, warning filters, torch's thread count)
+    is put back afterwards, so the next test sees the process as it was.
+    """
+    import importlib
+    import logging
+    import subprocess
+    import sys
+    import threading
+    import warnings
+
+    modules = {"jaxlight": "jaxlight.cli", "torch-ref": "torch_ref.cli"}
+
+    def run(program: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        main = importlib.import_module(modules[program]).main
+        root = logging.getLogger()
+        saved = (root.handlers[:], root.level, logging.raiseExceptions, threading.excepthook, sys.unraisablehook)
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else None
+        capsys.readouterr()
+        try:
+            with warnings.catch_warnings():
+                code = main(list(args))
+        except SystemExit as exc:  # argparse and usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            for handler in set(root.handlers) - set(saved[0]):  # (<out>/train.log)
+                handler.close()
+            root.handlers[:], level, logging.raiseExceptions, threading.excepthook, sys.unraisablehook = saved
+            root.setLevel(level)
+            if threads is not None:
+                sys.modules["torch"].set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([program, *args], code, out, err)
 
     return run
 

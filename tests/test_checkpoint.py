@@ -1,9 +1,12 @@
 """Checkpoints: bit-exact round trips, the integrity manifest, fallback, failed saves, and resume
 after real SIGKILL / SIGTERM of real training processes."""
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlight import build_model, checkpoint, create_train_state, optim, tasks
 from jaxlight.checkpoint import (
@@ -163,16 +167,37 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
         save_checkpoint(blocker / "ckpt", _state(step=1))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file permissions")
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """``folder`` refuses new entries, for root too: file permissions for a user, and for root
+    (whom permissions do not stop) the immutable attribute, which the kernel enforces for
+    everyone. Skips where neither holds (root on a file system without ``chattr +i``)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield
+        finally:
+            folder.chmod(0o700)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("root, and no immutable attribute here; test_unwritable_directory_is_a_clear_error and "
+                    "test_real_failing_writes_leave_the_previous_checkpoint_intact cover a refused write")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+
+
 def test_read_only_directory_is_a_clear_error(tmp_path):
     good = save_checkpoint(tmp_path, _state(step=1))
-    tmp_path.chmod(0o500)
-    try:
+    with read_only(tmp_path):
+        with pytest.raises(OSError):  # the folder really refuses new entries
+            (tmp_path / "probe").mkdir()
         with pytest.raises(CheckpointError, match="intact"):
             save_checkpoint(tmp_path, _state(step=2))
-    finally:
-        tmp_path.chmod(0o700)
     verify_checkpoint(good)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000001"]
 
 
 def test_restoring_into_another_model_names_the_mismatch(tmp_path):
@@ -188,6 +213,58 @@ def test_resaving_a_step_replaces_it_and_prune_keeps_what_is_asked(tmp_path):
     _save_three(tmp_path)
     checkpoint.prune_checkpoints(tmp_path, {1, 3})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000001", "step_000000003"]
+
+
+def test_a_lock_held_through_another_open_file_is_refused_naming_the_holder(tmp_path):
+    """The folder lock as another process meets it: ``flock`` locks belong to an open file, so a
+    lock taken here through a second ``open`` of ``.lock`` refuses ``lock_folder`` as another
+    process's would (tests/test_reliability_checkpoint.py does it with a real second process)."""
+    from jaxlight.checkpoint import CheckpointLockedError, lock_folder
+
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"pid 4242 on host elsewhere, since 2026-01-01 00:00:00\n", 0)
+        with pytest.raises(CheckpointLockedError, match=r"in use by another run \(pid 4242 on host elsewhere"):
+            lock_folder(tmp_path)
+    finally:
+        os.close(fd)  # the kernel drops the lock with its last open file, as at a kill -9
+    with lock_folder(tmp_path):
+        with lock_folder(tmp_path):  # re-entrant within a process (the CLI, then the Trainer)
+            assert f"pid {os.getpid()} on host" in (tmp_path / ".lock").read_text()
+
+
+class _BNNet(nnx.Module):
+    def __init__(self, seed, width=3):
+        rngs = nnx.Rngs(seed)
+        self.dense = nnx.Linear(4, width, rngs=rngs)
+        self.bn = nnx.BatchNorm(width, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.dense(x))
+
+
+def test_load_model_restores_params_and_batch_stats_into_a_new_module(tmp_path):
+    """A module built afresh (another seed, untouched statistics) gets the checkpoint's
+    parameters and batch statistics: its eval-mode outputs are the saved module's, bit for bit."""
+    from jaxlight.checkpoint import IncompatibleCheckpointError, load_model
+
+    model = _BNNet(1)
+    model.train()
+    model(jnp.ones((6, 4)) * 3.0)  # moves the batch statistics away from their init
+    state = create_train_state(model, optim.adamw(1e-3), tasks.regression()).replace(step=np.int32(5))
+    save_checkpoint(tmp_path, state)
+    model.eval()
+    x = np.linspace(-1, 1, 8 * 4, dtype=np.float32).reshape(8, 4)
+    fresh = _BNNet(0)
+    fresh.eval()
+    assert not np.array_equal(np.asarray(fresh(x)), np.asarray(model(x)))
+    loaded = load_model(tmp_path / "step_000000005", _BNNet(0))
+    loaded.eval()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(np.asarray(loaded.bn.mean[...]), np.asarray(model.bn.mean[...]))
+    with pytest.raises(IncompatibleCheckpointError, match=r"\(3,\) float32 does not fit .*\['bn'\]\['bias'\].* \(5,\)"):
+        load_model(tmp_path / "step_000000005", _BNNet(0, width=5))
 
 
 # -- real processes, real signals --------------------------------------------------------------

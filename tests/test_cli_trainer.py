@@ -4,13 +4,18 @@ import json
 
 import pytest
 
+# Each run-through twice: in-process through main([...]) (fast), and as a user runs it, one process
+# per command (integration).
+RUNNERS = pytest.mark.parametrize("runner", ["cli_main", pytest.param("cli", marks=pytest.mark.integration)])
+
 
 def _summary(out):
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.slow
-def test_resume_continues_to_the_same_result(cli, tmp_path):
+@RUNNERS
+def test_resume_continues_to_the_same_result(runner, request, tmp_path):
+    cli = request.getfixturevalue(runner)
     common = ["train", "--model", "linear", "--val-split", "0.1"]
     full = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "full"))
     first = cli("jaxlight", *common, "--epochs", "2", "--out", str(tmp_path / "first"),
@@ -35,15 +40,16 @@ def test_resume_continues_to_the_same_result(cli, tmp_path):
     (["--steps-per-execution", "0"], "--steps-per-execution must be >= 1"),
     (["--logger", "wandb"], "invalid choice: 'wandb'"),
 ])
-def test_bad_trainer_flags_are_named(cli, tmp_path, flags, message):
-    result = cli("jaxlight", "train", "--model", "linear", "--out", str(tmp_path), *flags)
+def test_bad_trainer_flags_are_named(cli_main, tmp_path, flags, message):
+    result = cli_main("jaxlight", "train", "--model", "linear", "--out", str(tmp_path), *flags)
     assert result.returncode != 0 and message in result.stderr
 
 
-@pytest.mark.slow
-def test_trainer_flags_work_under_every_strategy_and_resume_across_them(cli, tmp_path):
+@RUNNERS
+def test_trainer_flags_work_under_every_strategy_and_resume_across_them(runner, request, tmp_path):
     """Checkpoint under ``sharded`` on 4 devices, resume under ``pmap`` on 2: the same run as
     one device all along, to float32 rounding (the batch is summed in another order)."""
+    cli = request.getfixturevalue(runner)
     common = ["train", "--model", "linear", "--val-split", "0.1"]
     full = cli("jaxlight", *common, "--epochs", "4", "--out", str(tmp_path / "full"))
     first = cli("jaxlight", *common, "--epochs", "2", "--out", str(tmp_path / "first"), "--strategy", "sharded",

@@ -75,14 +75,45 @@ def test_readme_is_a_short_front_page():
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; the front page stays at or under 200"
 
 
-def test_readme_keeps_the_ci_test_command():
-    # .ci/run executes the line two lines after the marker (the first line inside the fence).
+TEST_MARKERS = {"<!-- test-command -->": "", "<!-- test-command: slow or integration -->": ' -m "slow or integration"'}
+
+
+@pytest.mark.parametrize("marker", TEST_MARKERS)
+def test_readme_keeps_the_ci_test_commands(marker):
+    """.ci/run executes the line two lines after each marker (the first line inside the fence):
+    the fast tier (pytest's default, see pyproject.toml) and then the rest."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert lines.count("<!-- test-command -->") == 1
-    i = lines.index("<!-- test-command -->")
-    assert lines[i + 1] == "```bash"
-    assert lines[i + 2].startswith('pip install -e ".[torch,test]" && python -m pytest -q')
-    assert lines[i + 3] == "```"
+    assert lines.count(marker) == 1
+    i = lines.index(marker)
+    assert lines[i + 1] == "```bash" and lines[i + 3] == "```"
+    command = lines[i + 2]
+    assert "python -m pytest -q" in command
+    assert command.endswith("python -m pytest -q -n 2" + TEST_MARKERS[marker]), command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert marker in ci, f".ci/run does not read the command after {marker}"
+
+
+def test_pytest_runs_the_fast_tier_by_default():
+    config = (ROOT / "pyproject.toml").read_text()
+    assert 'addopts = ["--strict-markers", "-m", "not slow and not integration", "--dist", "loadfile"]' in config
+    assert '"slow: ' in config and '"integration: ' in config
+
+
+def test_the_trainer_config_table_lists_every_field():
+    """docs/trainer.md's config table names every ``TrainerConfig`` field, and no other (read
+    from jaxlight/trainer.py's source: no import)."""
+    import ast
+
+    tree = ast.parse((ROOT / "jaxlight" / "trainer.py").read_text())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainerConfig")
+    fields = {n.target.id for n in config.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    page = (ROOT / "docs" / "trainer.md").read_text()
+    table = page[page.index("**The config**"):]
+    table = table[:table.index("\n\n", table.index("| field |"))]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        documented |= set(re.findall(r"`(\w+)`", row.split("|")[1]))
+    assert documented == fields, f"missing: {sorted(fields - documented)}, not fields: {sorted(documented - fields)}"
 
 
 def test_every_docs_page_is_linked_from_the_readme():

@@ -20,6 +20,20 @@ def run_example(name, *args):
     return module.main(list(args))
 
 
+@pytest.mark.parametrize("name, args", [
+    ("dropout_batchnorm", ["--epochs", "2"]),
+    pytest.param("sequence_classifier", ["--epochs", "2", "--examples", "300"], marks=pytest.mark.slow),
+])
+def test_example_runs_end_to_end_on_a_small_budget(tmp_path, name, args):
+    """Each script trains, checkpoints, resumes and checks load_model against Trainer.predict
+    itself; two epochs here, stopped after the first and resumed (the accuracy floors, which
+    need more, are in the slow tier)."""
+    metrics = run_example(name, *args, "--out", str(tmp_path / name))
+    assert set(metrics) == {"test_loss", "test_accuracy"} and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert (tmp_path / name / "ckpt").is_dir()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, metric, floor", [
     ("dropout_batchnorm", ["--epochs", "10"], "test_accuracy", 0.9),
     ("sequence_classifier", ["--epochs", "4", "--examples", "2000"], "test_accuracy", 0.9),

@@ -30,10 +30,13 @@ def _float64(fn, *args):
         jax.config.update("jax_enable_x64", False)
 
 
+SLOW = pytest.mark.slow  # (larger shapes: each compiles float64 autodiff for a minute of CPU in all)
+
+
 @pytest.mark.parametrize("shape,kernel,padding", [
     ((4, 28, 28, 1), (3, 3, 1, 8), ((1, 1), (1, 1))),
-    ((3, 14, 14, 8), (3, 3, 8, 16), ((1, 1), (1, 1))),
-    ((2, 9, 7, 3), (5, 3, 3, 4), ((2, 2), (1, 1))),
+    pytest.param((3, 14, 14, 8), (3, 3, 8, 16), ((1, 1), (1, 1)), marks=SLOW),
+    pytest.param((2, 9, 7, 3), (5, 3, 3, 4), ((2, 2), (1, 1)), marks=SLOW),
     ((2, 8, 8, 2), (2, 2, 2, 3), ((0, 1), (1, 0))),
 ])
 def test_forward_and_gradients_match_autodiff(shape, kernel, padding):
@@ -123,7 +126,7 @@ def _reference_lstm(p, x):
 
 
 @pytest.mark.parametrize("batch,steps,features,hidden,uses", [
-    (4, 28, 28, 16, "h_T"),      # the classifier's use: only the last hidden state
+    pytest.param(4, 28, 28, 16, "h_T", marks=SLOW),  # the classifier's use: only the last hidden state
     (1, 1, 3, 4, "all"),         # every step's output, h_T and c_T together; one step
 ])
 def test_lstm_gradients_match_autodiff(batch, steps, features, hidden, uses):
@@ -163,7 +166,7 @@ def _first_max_pool_grad(x, dy):
     return out
 
 
-@pytest.mark.parametrize("levels", [2, 3, 1000])
+@pytest.mark.parametrize("levels", [2, pytest.param(3, marks=SLOW), pytest.param(1000, marks=SLOW)])
 def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_torch(levels):
     """Inputs from a few levels: most windows hold ties (levels=1000: almost none)."""
     rng = np.random.default_rng(levels)
@@ -174,7 +177,8 @@ def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_torch(levels):
     np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
 
 
-@pytest.mark.parametrize("shape", [(2, 28, 28, 3), (3, 14, 14, 5), (1, 2, 4, 1)])
+@pytest.mark.parametrize("shape", [pytest.param((2, 28, 28, 3), marks=SLOW), pytest.param((3, 14, 14, 5), marks=SLOW),
+                                   (1, 2, 4, 1)])
 def test_max_pool_matches_flax_values_and_gradients(shape):
     x = jax.random.normal(jax.random.key(3), shape)  # distinct values: a unique max per window
     ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731

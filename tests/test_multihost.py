@@ -19,6 +19,8 @@ from _support import PARALLEL_ATOL, PARALLEL_RTOL, ROOT, run_module
 from jaxlight import build_model, create_train_state, loop, optim, parallel, tasks
 from jaxlight.data import ArrayDataset
 
+pytestmark = pytest.mark.integration  # (every test here starts processes)
+
 WORKER = str(Path(__file__).with_name("multihost_worker.py"))
 N, BATCH = 200, 32  # 7 global batches, the last 8 real rows: process 1's half is all padding
 
@@ -83,7 +85,7 @@ def test_trainer_two_processes_checkpoint_resume_matches_one_process(strategy, p
               "--n", str(N), "--batch-size", str(BATCH), "--trainer"]
     first = launch(*common, *stop)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    # (.lock: process 0's folder lock, issue 11; no temp folders left behind)
+    # (.lock: process 0's folder lock; no temp folders left behind)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock", "step_000000004"]
     assert first.stdout.count(f"trainer resumed from None, saved [4], interrupted {interrupted}") == 2
     second = launch(*common)

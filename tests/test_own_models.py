@@ -17,6 +17,9 @@ from jaxlight.data import epoch_order
 from jaxlight.step import BatchError, DonatedStateError, eval_step, train_step
 
 N, D, B = 200, 16, 32  # 200 = 6 * 32 + 8: the last batch has 8 real rows and 24 of padding
+# One optimizer object for the module: the optimizer is a static field of the state, so a new
+# object per state would compile every step again.
+ADAM = optax.adam(1e-2)
 
 
 class Net(nnx.Module):
@@ -52,7 +55,7 @@ def data():
 
 
 def new_state(dropout=0.3, seed=0, model_seed=0, tx=None):
-    return create_train_state(Net(nnx.Rngs(model_seed), dropout), tx or optax.adam(1e-2), loss_fn, seed=seed)
+    return create_train_state(Net(nnx.Rngs(model_seed), dropout), tx or ADAM, loss_fn, seed=seed)
 
 
 def leaves(tree):
@@ -82,7 +85,7 @@ def test_a_dropout_batchnorm_model_trains_and_evaluates_in_eval_mode(data):
     assert loop.evaluate(state, val, batch_size=7)["acc"] == pytest.approx(metrics["test_acc"], abs=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 3, None])
+@pytest.mark.parametrize("k", [1, 3, pytest.param(None, marks=pytest.mark.slow)])
 def test_dropout_is_reproducible_and_the_same_for_every_k(data, k):
     train, _ = data
     fused, _ = loop.fit(new_state(), train, epochs=2, batch_size=B)
@@ -147,7 +150,8 @@ def test_padding_never_enters_batch_statistics_or_the_loss(data):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("batch_size", [pytest.param(1, marks=pytest.mark.slow), 7, pytest.param(64, marks=pytest.mark.slow),
+                                        1000])
 def test_predict_does_not_depend_on_the_batch_size(data, batch_size):
     train, val = data
     trainer = Trainer(quiet(max_epochs=1))
@@ -230,7 +234,8 @@ def grain_loader(data, seed):
     return grain.MapDataset.range(len(batches)).map(lambda i: batches[i])
 
 
-@pytest.mark.parametrize("make, epochs", [(generator_factory, 2), (torch_loader, 2), (grain_loader, 1)],
+@pytest.mark.parametrize("make, epochs", [(generator_factory, 2), (torch_loader, 2),
+                                          pytest.param(grain_loader, 1, marks=pytest.mark.slow)],
                          ids=["generator", "torch-dataloader", "grain"])
 def test_iterables_of_batches_train_like_the_array_dataset(data, make, epochs):
     train, val = data
@@ -367,8 +372,14 @@ def test_iterables_are_checked_for_structure(data):
 
 # --- strategies: BatchNorm sees the global batch, dropout follows the step ---------------------
 
-@pytest.mark.parametrize("devices", [1, 2, 4, 8])
-@pytest.mark.parametrize("strategy", ["pmap", "sharded"])
+# The fast tier runs a point or two of each strategy sweep; the whole sweeps are in the slow tier.
+def _sweep(devices, fast):
+    return pytest.mark.parametrize(("strategy", "devices"), [
+        pytest.param(s, d, id=f"{s}-{d}", marks=() if (s, d) in fast else pytest.mark.slow)
+        for d in devices for s in ["pmap", "sharded"]])
+
+
+@_sweep([1, 2, 4, 8], fast={("pmap", 8), ("sharded", 2)})
 def test_batchnorm_under_every_strategy_equals_one_device(data, strategy, devices):
     from jaxlight import parallel
 
@@ -384,8 +395,7 @@ def test_batchnorm_under_every_strategy_equals_one_device(data, strategy, device
     assert loop.evaluate(got, val, 40, strategy=strategy_) == pytest.approx(loop.evaluate(expected, val, 40), rel=1e-5)
 
 
-@pytest.mark.parametrize("devices", [2, 8])
-@pytest.mark.parametrize("strategy", ["pmap", "sharded"])
+@_sweep([2, 8], fast={("pmap", 8)})
 def test_dropout_under_every_strategy_equals_one_device(data, strategy, devices):
     from jaxlight import parallel
 

@@ -43,20 +43,35 @@ def subsets(mnist):
             for m, n in SIZES.items()}
 
 
-@pytest.fixture(scope="module")
-def single_runs(subsets):
-    """The reference: one epoch on one device, its epoch metrics and test metrics."""
-    out = {}
-    for model, (train, test) in subsets.items():
+class _References(dict):
+    """The reference of each model, computed on first use: one epoch on one device, its epoch
+    metrics and test metrics."""
+
+    def __init__(self, subsets):
+        super().__init__()
+        self.subsets = subsets
+
+    def __missing__(self, model):
+        train, test = self.subsets[model]
         state, history = loop.fit(new_state(model), train, 1, BATCH)
         evaluation = loop.evaluate(state, test.to_device(), 50) if model == "mlp" else None
-        out[model] = (state, history[0].metrics, evaluation)
-    return out
+        self[model] = (state, history[0].metrics, evaluation)
+        return self[model]
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("name", ["pmap", "sharded"])
-@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+@pytest.fixture(scope="module")
+def single_runs(subsets):
+    return _References(subsets)
+
+
+# The fast tier runs two points of the sweep (both strategies, 4 and 8 devices); the whole sweep,
+# the CNN included, is in the slow tier.
+FAST_SWEEP = {(8, "pmap", "mlp"), (4, "sharded", "mlp")}
+
+
+@pytest.mark.parametrize(("devices", "name", "model"), [
+    pytest.param(d, n, m, id=f"{d}-{n}-{m}", marks=() if (d, n, m) in FAST_SWEEP else pytest.mark.slow)
+    for d in DEVICE_COUNTS for n in ["pmap", "sharded"] for m in ["mlp", "cnn"]])
 def test_strategy_matches_single_device(model, name, devices, subsets, single_runs):
     train, test = subsets[model]
     strategy = parallel.make_strategy(name, devices)

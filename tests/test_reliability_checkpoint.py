@@ -1,4 +1,4 @@
-"""Issue 11 through the library: safe checkpoint folders, strict resume, signals, load_model.
+"""Reliability through the library: safe checkpoint folders, strict resume, signals, load_model.
 
 The command-line side of the same cases is tests/test_reliability_cli.py; docs/reliability.md
 maps each case to its tests. Everything here trains the linear model on 256 synthetic examples
@@ -92,6 +92,7 @@ def _holder(folder):
     return proc
 
 
+@pytest.mark.integration  # (a second process; in-process: test_checkpoint.py)
 def test_a_second_process_is_refused_naming_the_holder_and_kill_9_frees_the_lock(tmp_path):
     holder = _holder(tmp_path)
     try:
@@ -262,7 +263,7 @@ def test_a_checkpoint_of_another_model_is_skipped_for_the_newest_that_fits(tmp_p
         restore_latest(tmp_path, _state(optim.adam(1e-3), "lstm", tasks.multiclass()))
 
 
-# --- load_model (issue 10): parameters and batch statistics, no optimizer, no Trainer -----------
+# --- load_model: parameters and batch statistics, no optimizer, no Trainer -----------
 
 LOAD = """
 import sys, numpy as np
@@ -298,6 +299,7 @@ class BNNet:
         return Net(nnx.Rngs(seed))
 
 
+@pytest.mark.integration  # (a second process; in-process: test_checkpoint.py)
 def test_load_model_in_a_fresh_process_restores_params_and_batch_stats(tmp_path):
     import jax.numpy as jnp
     from flax import nnx

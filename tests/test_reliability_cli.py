@@ -1,5 +1,7 @@
-"""Issue 11 through both command lines, each run in a subprocess: refusals, locks, signals, exit
-codes, bad paths, strict resume. The library side is tests/test_reliability_checkpoint.py.
+"""Both command lines as a user runs them, each in its own process: refusals, locks held by
+another process, signals sent from outside, exit codes, bad paths, strict resume, a full disk.
+The library side is tests/test_reliability_checkpoint.py; the same behaviours in-process (the
+fast tier) are in tests/test_cli_errors.py.
 
 The runs train the linear model on its synthetic data (about 5 s a run, most of it imports); none
 needs MNIST except the --data-dir cases, which fail before reading it.
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from _support import ROOT
+from _support import BAD_OUTPUT_PATHS, ROOT, bad_output_paths, one_line_error
+
+pytestmark = pytest.mark.integration
 
 MODULES = {"jaxlight": "jaxlight.cli", "torch-ref": "torch_ref.cli"}
 LINEAR = ["train", "--model", "linear"]
@@ -29,16 +33,6 @@ def _env(**extra):
 def run(program, *args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", MODULES[program], *args], capture_output=True, text=True,
                           env=env or _env(), timeout=600, cwd=ROOT, **kw)
-
-
-def one_line_error(result, *fragments):
-    """stderr is a single ``<program>: error: ...`` line (no traceback) holding each fragment."""
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert len(errors) == 1 and ": error: " in errors[0], result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def _steps(folder):
@@ -134,37 +128,18 @@ def test_torch_ref_stops_on_a_signal_with_the_same_codes(tmp_path, signum, code)
 
 # --- 4. output paths are checked and created before any data loads ------------------------------
 
-def _bad_paths(tmp_path):
-    afile = tmp_path / "a-file"
-    afile.write_text("not a folder")
-    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
-    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
-    return {
-        "out is a file": (["--out", str(afile)], "is a file, not a folder"),
-        "out name too long": (["--out", str(tmp_path / ("x" * 300))], "File name too long"),
-        "out under a file": (["--out", str(afile / "sub")], "Not a directory"),
-        "ckpt-dir is a file": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(afile)], "is a file, not a folder"),
-        "ckpt-dir is a symlink loop": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(tmp_path / "loop1")],
-                                       "symlink loop"),
-    }
-
-
-CASES_4 = ["out is a file", "out name too long", "out under a file", "ckpt-dir is a file",
-           "ckpt-dir is a symlink loop"]
-
-
-@pytest.mark.parametrize("case", CASES_4)
+@pytest.mark.parametrize("case", BAD_OUTPUT_PATHS)
 def test_a_bad_output_path_fails_before_the_data_loads(tmp_path, case):
-    flags, message = _bad_paths(tmp_path)[case]
+    flags, message = bad_output_paths(tmp_path)[case]
     # --data-dir names nothing: had the data been loaded first, that would be the error.
     result = run("jaxlight", "train", "--model", "mlp", "--data-dir", str(tmp_path / "no-data"), *flags)
     assert result.returncode == 2
     one_line_error(result, flags[-2], message)
 
 
-@pytest.mark.parametrize("case", CASES_4[:1])
+@pytest.mark.parametrize("case", BAD_OUTPUT_PATHS[:1])
 def test_torch_ref_checks_out_before_the_data_loads_too(tmp_path, case):
-    flags, message = _bad_paths(tmp_path)[case]
+    flags, message = bad_output_paths(tmp_path)[case]
     result = run("torch-ref", "train", "--model", "mlp", "--data-dir", str(tmp_path / "no-data"), *flags)
     assert result.returncode == 2
     one_line_error(result, "--out", message)

@@ -18,8 +18,13 @@ from jaxlight.step import (
 )
 
 
-def mlp_state(seed=0, lr=1e-3):
-    return create_train_state(build_model("mlp", seed), optim.adam(lr), tasks.multiclass(), seed)
+# One optimizer object for the module: the optimizer is a static field of the state, so a new
+# object compiles the steps again (the compile-once tests pass their own, to start afresh).
+ADAM = optim.adam(1e-3)
+
+
+def mlp_state(seed=0, tx=None):
+    return create_train_state(build_model("mlp", seed), tx or ADAM, tasks.multiclass(), seed)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,7 @@ def params_of(state):
 
 def test_train_step_compiles_once_across_steps_epochs_and_the_partial_batch(small):
     train, _ = small
-    state = mlp_state()
+    state = mlp_state(tx=optim.adam(1e-3))
     from jaxlight.step import _train_step_jit
 
     before = _train_step_jit._cache_size()
@@ -55,7 +60,7 @@ def test_train_step_compiles_once_across_steps_epochs_and_the_partial_batch(smal
 def test_fused_epochs_compile_once(small):
     train, _ = small
     before = train_chunk._cache_size()
-    state, results = fit(mlp_state(seed=3), train, epochs=3, batch_size=64)
+    state, results = fit(mlp_state(seed=3, tx=optim.adam(1e-3)), train, epochs=3, batch_size=64)
     assert train_chunk._cache_size() == before + 1
     assert int(state.step) == 3 * 16 and [r.metrics["count"] for r in results] == [1000] * 3
 
@@ -122,16 +127,17 @@ class PlainConvNet(nnx.Module):
         return self.fc(jax.nn.relu(self.conv(x[..., None])).reshape(x.shape[0], -1))
 
 
-@pytest.mark.parametrize("model, expected_chunks", [
+@pytest.mark.parametrize("model, chunks_on_cpu", [
     (PlainConvNet, [1, 1, 1]),  # slow inside lax.scan on XLA:CPU: one step per call, at top level
     (lambda: build_model("cnn"), [3]),  # conv2d_nhwc's gradient is fast in a scan: fused
 ])
-def test_cnn_epoch_on_cpu_does_not_take_the_slow_path(small, model, expected_chunks):
+def test_cnn_epoch_on_cpu_does_not_take_the_slow_path(small, monkeypatch, model, chunks_on_cpu):
     """XLA:CPU runs autodiff's convolution gradient inside lax.scan 15-40x slower than at top
-    level: a model with such a convolution must run one step per call on the CPU."""
+    level: a model with such a convolution must run one step per call on the CPU. Elsewhere
+    (GPU, TPU) every model fuses the whole epoch into one call."""
     train, _ = small
     state = create_train_state(model(), optim.adam(1e-3), tasks.multiclass())
-    sub = train.take(130).to_device()  # 3 batches of 64
+    sub = train.take(130).to_device()  # 3 batches of 64, the last one padded
     seen = []
     import jaxlight.step as step
 
@@ -141,13 +147,10 @@ def test_cnn_epoch_on_cpu_does_not_take_the_slow_path(small, model, expected_chu
         seen.append(steps)
         return real(state, data, idx, mask, steps, start, unroll=unroll)
 
-    step.train_chunk = spy  # what the single-device strategy calls
-    try:
-        if jax.default_backend() == "cpu":
-            train_epoch(state, sub, 64, epoch=0)
-            assert seen == expected_chunks
-    finally:
-        step.train_chunk = real
+    monkeypatch.setattr(step, "train_chunk", spy)  # what the single-device strategy calls
+    after, metrics = train_epoch(state, sub, 64, epoch=0)
+    assert seen == (chunks_on_cpu if jax.default_backend() == "cpu" else [3])
+    assert int(after.step) == 3 and float(np.sum(metrics["count"])) == 130  # every example, once
 
 
 def test_eval_chunk_does_not_update_anything(small):

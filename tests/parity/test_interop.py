@@ -206,6 +206,7 @@ def test_amsgrad_state_is_refused_not_dropped():
         optimizer_to_numpy(optimizer, model)
 
 
+@pytest.mark.integration  # (a fresh interpreter; in-process: tests/test_no_torch.py)
 def test_jaxlight_never_imports_torch():
     import os
     import subprocess

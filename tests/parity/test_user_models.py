@@ -313,6 +313,7 @@ class WrongStepLSTMNet(NnxLSTMNet):
         return self.out(self.rnn(x)[0][:, -2])
 
 
+@pytest.mark.slow  # (fast: test_an_lstm_layer_is_derived_and_converted)
 def test_an_lstm_pair_passes_and_a_wrong_time_step_is_reported_at_its_reader():
     rng = np.random.default_rng(0)
     # One batch of 64: every step has the same shape, so each program compiles once.
