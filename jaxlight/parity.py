@@ -18,13 +18,13 @@ examples the jaxlight side does, without the padding of the last batch), then co
 and reports the first step and the first tensor where the two differ beyond tolerance, with
 the size of the difference (:class:`ParityReport`). A forward divergence names the first layer,
 in torch's call order, whose output differs (torch forward hooks; on the NNX side each
-submodule's output is recorded by swapping in a recording subclass), or ``outputs`` when no
+submodule's output is recorded by a stand-in that calls it), or ``outputs`` when no
 layer can be singled out.
 
-The JAX side is, for a built-in ``task`` on a model without batch statistics, jaxlight's own
-compiled ``train_step`` (what ``jaxlight train`` runs); otherwise a compiled step on the loss
-function: ``jax.value_and_grad`` of the mean of ``loss_fn(model, batch)``'s per-example losses
-with the model merged in train mode, then the Optax update (``_LossEngine``).
+The JAX side is the shipped engine, for built-in tasks and users' losses alike: a
+``TrainState``, the steps of ``jaxlight.loop.EpochRunner`` one per call on padded, masked
+batches (what ``loop.fit`` and the ``Trainer`` run), ``jaxlight.step.apply_grads`` for the
+gradients and ``apply_predict`` for the forwards. ``ParityReport.jax_state`` is its final state.
 
 An element ``a`` (jaxlight) against ``b`` (torch) is within tolerance when
 ``|a - b| <= atol + rtol * |b|`` (``numpy.allclose``'s rule). The defaults
@@ -33,7 +33,7 @@ An element ``a`` (jaxlight) against ``b`` (torch) is within tolerance when
 ``docs/parity-user-models.md`` for the measured worst cases. Why ``step``/``trajectory`` need
 more room than ``grad``: Adam divides by ``sqrt(v) + eps``, so a gradient that is ~0 by
 cancellation (its float32 rounding differs between libraries) can move by up to ``lr`` in
-either direction on the first step.
+either direction on the first step (:class:`_RoundingNotes` tells such elements apart).
 
 This module needs torch (the ``torch`` extra) and imports it only when called.
 
@@ -348,9 +348,9 @@ def check_parity(
         optimizer, lr, optimizer_kwargs: ``jaxlight.optim.make_optimizer`` and
             ``torch_ref.optim.make_optimizer`` are built from the same arguments
             (e.g. ``"sgd", momentum=0.9``).
-        batch_size: examples per step; the last batch of an epoch is shorter (padded and masked
-            on jaxlight's ``train_step`` path, passed unpadded to ``loss_fn``), as
-            ``DataLoader(drop_last=False)``.
+        batch_size: examples per step; the last batch of an epoch is shorter, as
+            ``DataLoader(drop_last=False)``: padded and masked on the jaxlight side, its real
+            rows only on the torch side.
         steps: trajectory length (level 4); may span several epochs.
         seed: the data-order seed (``epoch_order(seed, epoch, ...)``).
         tolerances: overrides of ``DEFAULT_TOLERANCES``, by level.
@@ -560,7 +560,7 @@ def check_parity(
 
 
 # ----------------------------------------------------------------------------------------- #
-# The two engines. Both expose forward / step and the current params / stats.
+# Helpers: the torch side of a built-in task, dropout, optimizer constants, the engine's forward.
 
 
 def _task_torch_loss_fn(ttask):
