@@ -219,10 +219,10 @@ def run_train(args: argparse.Namespace) -> dict:
 
 def _claim_checkpoint_folder(args: argparse.Namespace) -> None:
     """Lock --ckpt-dir for this process and refuse another run's checkpoints there, before any
-    data loads. The lock is held until the process exits (the Trainer takes it again, re-entrantly)."""
+    data loads. The lock is held until run_cli returns (the Trainer takes it again, re-entrantly)."""
     from jaxlight import checkpoint
 
-    checkpoint.lock_folder(args.ckpt_dir)
+    args.ckpt_lock = checkpoint.lock_folder(args.ckpt_dir)
     found = checkpoint.list_checkpoints(args.ckpt_dir)
     if found and not (args.resume or args.overwrite):
         raise UsageError(f"--ckpt-dir {args.ckpt_dir} already holds checkpoints ({found[-1].name}...): add "

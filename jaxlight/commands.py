@@ -175,6 +175,7 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
         return code
     finally:
         warnings.showwarning = shown
-        if getattr(args, "out_lock", None) is not None:
-            args.out_lock.release()
+        for lock in ("out_lock", "ckpt_lock"):  # (taken before the data loads; see jaxlight.cli)
+            if getattr(args, lock, None) is not None:
+                getattr(args, lock).release()
 

@@ -305,7 +305,7 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best"):
         >>> logits = model(x)                                                           # doctest: +SKIP
     """
     folder = resolve_checkpoint(path, which)
-    meta = ckpt._verified_meta(folder)
+    meta, _ = ckpt._verified_meta(folder)
     record = meta.get("hparams") or {}
     model_spec = record.get("model")
     if not isinstance(model_spec, dict) or not model_spec.get("class_path"):

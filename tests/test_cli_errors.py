@@ -126,13 +126,9 @@ def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(cli_main, tmp_path, si
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_torch_ref_stops_on_a_signal_with_the_same_codes(cli_main, tmp_path, signal_after_epoch, signum, code):
-    signal_after_epoch(1, signum)
-    result = cli_main("torch-ref", *LINEAR, "--epochs", "20", "--out", str(tmp_path / "out"), "--loader", "memory")
-    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "nothing more was saved" in result.stderr
-    assert not (tmp_path / "out" / "metrics.json").exists()
+# torch-ref's loop has no fit to finish: its handlers end the process at once (os._exit), which
+# would end this test process too; tests/test_reliability_cli.py's twin sends it the signal from
+# outside, in the integration tier.
 
 
 # --- output paths are checked and created before any data loads ---------------------------------

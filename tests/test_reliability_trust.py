@@ -264,7 +264,7 @@ def test_the_csv_loggers_hparams_and_checkpoint_json_are_written_atomically(tmp_
     monkeypatch.setattr(report, "write_text_atomic", lambda p, t: written.append(Path(p).name) or real(p, t))
     CSVLogger(tmp_path / "logs").log_hyperparams({"lr": 0.1})
     save_checkpoint(tmp_path / "ckpt", _state(step=1))
-    assert written == ["hparams.json", "meta.json", "manifest.json"]
+    assert written == ["hparams.yaml", "meta.json", "manifest.json"]
 
 
 @pytest.mark.parametrize("program", ["jaxlight", "torch-ref"])

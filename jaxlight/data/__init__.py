@@ -14,7 +14,7 @@ from jaxlight.data.arrays import (
 from jaxlight.data.stream import Batches
 from jaxlight.data.mnist import MNISTError, MNISTSplit, download_mnist, find_mnist, load_mnist, read_idx
 from jaxlight.data.synthetic import RegressionData, make_regression
-from jaxlight.data.datasets import load_task_data, mnist, task_data
+from jaxlight.data.datasets import load_task_data, mnist_data, task_data
 
 __all__ = [
     "ArrayDataset",
@@ -32,7 +32,7 @@ __all__ = [
     "load_mnist",
     "load_task_data",
     "make_regression",
-    "mnist",
+    "mnist_data",
     "num_batches",
     "prepare_x",
     "read_idx",

@@ -10,7 +10,7 @@ from jaxlight.data.arrays import ArrayDataset
 from jaxlight.data.mnist import load_mnist
 from jaxlight.data.synthetic import make_regression
 
-__all__ = ["DATASETS", "load_task_data", "mnist", "task_data"]
+__all__ = ["DATASETS", "load_task_data", "mnist_data", "task_data"]
 
 
 def _mnist(data_dir, seed):
@@ -74,7 +74,7 @@ def task_data(dataset: str = "mnist", data_dir: str | None = None, val_split: fl
     return train, val, test
 
 
-def mnist(data_dir: str | None = None, val_split: float = 0.0, seed: int = 0):
+def mnist_data(data_dir: str | None = None, val_split: float = 0.0, seed: int = 0):
     """MNIST's ``(train, val, test)``: ``x`` uint8 ``(N, 28, 28)``, ``y`` int32 labels 0-9
     (:func:`task_data` with ``dataset="mnist"``)."""
     return task_data("mnist", data_dir, val_split, seed)

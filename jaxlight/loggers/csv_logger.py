@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
 from jaxlight.loggers.base import Logger
-from jaxlight.report import write_json, write_text_atomic
+from jaxlight import report
+
 
 __all__ = ["CSVLogger"]
 
@@ -41,7 +43,7 @@ class CSVLogger(Logger):
 
         self.save_dir.mkdir(parents=True, exist_ok=True)
         plain = json.loads(json.dumps(params, default=str))
-        write_text_atomic(self.save_dir / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
+        report.write_text_atomic(self.save_dir / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
 
     def resume(self, step):
         """Keep the rows of an earlier run up to ``step``; later ones are about to be redone."""
