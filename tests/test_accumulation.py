@@ -113,9 +113,15 @@ def quiet(**kw):
     return TrainerConfig(**{"batch_size": 16, "enable_progress_bar": False, "val_every_n_epochs": None, **kw})
 
 
-@pytest.mark.parametrize("n", [2000, 2040, 2048])
-@pytest.mark.parametrize("tx", [SGD, ADAM], ids=["sgd", "adam"])
-def test_16_by_4_is_batch_64_fused(n, tx):
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("tx, n", [
+    pytest.param(SGD, 2000, marks=_SLOW, id="sgd-2000"), pytest.param(SGD, 2040, id="sgd-2040"),
+    pytest.param(SGD, 2048, marks=_SLOW, id="sgd-2048"), pytest.param(ADAM, 2000, id="adam-2000"),
+    pytest.param(ADAM, 2040, marks=_SLOW, id="adam-2040"), pytest.param(ADAM, 2048, marks=_SLOW, id="adam-2048"),
+])
+def test_16_by_4_is_batch_64_fused(tx, n):
     data = dataset(n)
     expected, updates = reference(tx, data, epochs=2)
     trainer = Trainer(quiet(max_epochs=2, accumulate_grad_batches=4))
@@ -128,7 +134,7 @@ def test_16_by_4_is_batch_64_fused(n, tx):
     assert_close(state, as_dict(big))
 
 
-@pytest.mark.parametrize("n", [2000, 2040])
+@pytest.mark.parametrize("n", [pytest.param(2000, marks=_SLOW), 2040])
 def test_16_by_4_is_batch_64_streamed(n):
     """A re-iterable of batches (host-streamed, windows built on the host) and host arrays."""
     data = dataset(n)

@@ -405,8 +405,8 @@ def test_dropout_under_every_strategy_equals_one_device(data, strategy, devices)
     assert_params_close(got, expected)
 
 
-@pytest.mark.parametrize("devices", [2, 8])
-@pytest.mark.parametrize("strategy", ["pmap", "sharded"])
+@pytest.mark.parametrize("strategy, devices", [("pmap", 8), ("sharded", 2), pytest.param("pmap", 2, marks=pytest.mark.slow),
+                                               pytest.param("sharded", 8, marks=pytest.mark.slow)])
 def test_predict_under_every_strategy_equals_one_device(data, strategy, devices):
     """Trainer.predict splits the batch over the devices and gives one device's outputs, in
     order and without padding (120 rows in batches of 48: a padded last batch)."""

@@ -218,6 +218,7 @@ def mirror(tmp_path):
     server.shutdown()
 
 
+@pytest.mark.integration  # a localhost HTTP server: its port was refused once under a loaded -n 2 run
 def test_download_verifies_decompresses_and_falls_back_across_mirrors(isolated, tiny_sums, mirror, monkeypatch):
     url, sums, gz_sums = mirror
     tiny_sums(sums, gz_sums)
@@ -231,6 +232,7 @@ def test_download_verifies_decompresses_and_falls_back_across_mirrors(isolated, 
     assert find_mnist() == folder
 
 
+@pytest.mark.integration
 def test_download_rejects_a_corrupt_mirror_and_explains(isolated, tiny_sums, mirror):
     url, sums, _ = mirror
     tiny_sums(sums)  # gz sums "000...": every download fails its checksum
