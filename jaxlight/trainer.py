@@ -179,6 +179,8 @@ def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> o
     The same ``tx`` and settings give the same (identical) object back: the optimizer is a
     static field of the TrainState, so a new object would make every ``fit`` recompile.
     """
+    if config.gradient_clip_norm is None and config.nan_policy != "skip":
+        return tx  # (nothing to wrap: the very object, not an equal one from the cache below)
     return _wrap(tx, config.gradient_clip_norm, config.nan_policy == "skip")
 
 
@@ -295,7 +297,7 @@ class Trainer:
         if self._wrapped is not None and state.tx is self._wrapped[1]:
             return state.replace(compute_dtype=dtype)
         tx = wrap_optimizer(state.tx, self.config)
-        if tx is not state.tx:
+        if tx is not state.tx and tx != state.tx:
             if int(state.step) != 0:
                 raise ValueError(
                     "gradient_clip_norm / nan_policy='skip' wrap the optimizer, "
