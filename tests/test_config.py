@@ -123,6 +123,7 @@ print(json.dumps({"class": type(model).__name__, "deterministic": model.drop.det
 """
 
 
+@pytest.mark.integration
 def test_the_best_checkpoint_reloads_in_a_fresh_process_and_predicts_as_in_training(run_yaml, tmp_path, capsys):
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt",
                         "--trainer.monitor", "val_accuracy", "--trainer.monitor_mode", "max")

@@ -41,6 +41,7 @@ def test_the_reported_state_is_bitwise_what_loop_fit_gives_with_batchnorm_and_pa
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_the_reported_state_is_loop_fits_for_a_built_in_model_and_task(mnist):
     train, _ = mnist
     ds = jaxlight.ArrayDataset(train.images[:150], train.labels[:150])

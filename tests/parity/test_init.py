@@ -77,6 +77,7 @@ def test_ks_checks_can_fail():
     assert ks_two_sample(lecun, rng.uniform(-b, b, lecun.size)) > KS_C * math.sqrt(2 / lecun.size)
 
 
+@pytest.mark.slow
 def test_init_torch_gives_any_models_layers_torchs_distributions():
     """A user's model of Flax layers (``jaxlight.init_torch``) against torch's own layers of the
     same shapes: Embed ~ N(0, 1); Conv, Linear ~ U(+-1/sqrt(fan_in)); LSTMCell kernels ~
