@@ -278,10 +278,6 @@ class _RoundingNotes:
             self.qualified[name] = self.qualified.get(name, False) | near_zero
             self.grads[name] = (gj, gt)
 
-    @property
-    def allowance(self) -> dict:
-        return {k: np.where(self.qualified[k], self.explained[k], 0.0) for k in self.explained}
-
     def excuse(self, name: str):
         if name not in self.explained or not np.any(self.qualified[name]):
             return None
@@ -666,6 +662,7 @@ def _forward(state, batch, mask, train: bool):
     train- or eval-mode graph, padding rows included), with every submodule's output recorded
     by path (``[(path, leaves)]``, in call order)."""
     import jax
+    from flax import nnx
 
     from jaxlight.layers import GlobalRowsDropout, PaddedBatchNorm, swapped
     from jaxlight.step import apply_predict, model_outputs
@@ -675,12 +672,12 @@ def _forward(state, batch, mask, train: bool):
     def capture(model, batch):
         calls = []
 
-        def make(layer, path):
-            if isinstance(layer, (nnx_module(), PaddedBatchNorm, GlobalRowsDropout)) and not _is_container(layer):
-                return _Recorder(layer, tuple(path.split(".")), calls)
-            return None
+        def make(layer, path):  # every layer and stand-in; containers are not called
+            if isinstance(layer, (nnx.List, nnx.Dict)):
+                return None
+            return _Recorder(layer, tuple(path.split(".")), calls)
 
-        with swapped(model, make, kinds=(nnx_module(), PaddedBatchNorm, GlobalRowsDropout)):
+        with swapped(model, make, kinds=(nnx.Module, PaddedBatchNorm, GlobalRowsDropout)):
             out = model_outputs(state.loss_fn, model, batch, mask)
         paths[:] = [p for p, _ in calls]
         return jax.tree.leaves(out), [leaves for _, leaves in calls]
@@ -688,18 +685,6 @@ def _forward(state, batch, mask, train: bool):
     out, layer_leaves = jax.device_get(jax.jit(apply_predict, static_argnames=("axis_name", "predict_fn", "train"))(
         state, batch, mask, predict_fn=capture, train=train))
     return [np.asarray(a) for a in out], [(p, [np.asarray(a) for a in leaves]) for p, leaves in zip(paths, layer_leaves)]
-
-
-def nnx_module():
-    from flax import nnx
-
-    return nnx.Module
-
-
-def _is_container(layer) -> bool:
-    from flax import nnx
-
-    return isinstance(layer, (nnx.List, nnx.Dict))
 
 
 class _Recorder:
