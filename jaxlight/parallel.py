@@ -352,10 +352,10 @@ class SingleDevice(Strategy):
         return jax.sharding.SingleDeviceSharding(self.devices[0])
 
     def prepare_state(self, state: TrainState) -> TrainState:
-        device = self.devices[0]
-        if layout_of(state) == "host":
+        device, layout = self.devices[0], layout_of(state)
+        if layout == "host":
             return jax.device_put(state, device)
-        if layout_of(state) == "single" and state.step.sharding.device_set == {device}:
+        if layout == "single" and state.step.sharding.device_set == {device}:
             if state.step.committed:
                 return state
             # create_train_state's arrays are uncommitted, the step's outputs committed: a
