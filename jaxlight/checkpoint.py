@@ -1,38 +1,54 @@
-"""Checkpoints that lose nothing: Orbax for the arrays, a JSON record, a hash manifest.
+"""Checkpoints that lose nothing: Orbax's CheckpointManager for the arrays, a JSON record, hash
+manifests.
 
 A checkpoint is one directory ``<root>/step_000000120/``::
 
     arrays/          Orbax PyTree checkpoint of the TrainState's array leaves (params,
-                     optimizer state, step, data key, model state), keyed "000000", "000001"...
+                     optimizer state, step, data key, model state), keyed "000000", "000001"...;
+                     each process writes the shards its devices hold (``ocdbt.process_k/``)
     meta.json        step, data position (epoch, batch), trainer and callback state, the
-                     config, library versions, and each leaf's tree path, shape and dtype
-    manifest.json    sha256 and size of every other file; written last
+                     config, library versions, the number of processes that wrote it, and each
+                     leaf's tree path, shape and dtype
+    manifest.json    sha256 and size of every other file (in a run of n processes: of every file
+                     but processes 1..n-1's shards); written once the arrays are complete
+    manifest.process_k.json   (k = 1..n-1) the same for the shards process k wrote
+
+Async, sharded: :class:`CheckpointSaver` hands the state to Orbax's ``CheckpointManager``, which
+copies it off the devices and writes it in the background while training goes on; nothing is
+gathered to one host. The manager writes into a temporary folder and renames it into place when
+every process's arrays are complete; a thread of ours then writes ``meta.json`` and the
+manifests. The next save and the end of ``Trainer.fit`` wait for the pending one. A restore
+reads each array straight into the target layout (``Strategy.state_shardings``), so a state
+moves between strategies and device counts.
 
 Why a manifest: Orbax restores a checkpoint whose bytes were flipped with wrong values and no
-error. Every file is hashed on save and verified on restore; a checkpoint that fails (corrupt,
-truncated, manifest missing, unreadable or not a file) is skipped with a
-:class:`CheckpointWarning` naming it, and the previous good one is used. The manifest is
-trusted only as far as it covers: each entry must name a plain file inside the checkpoint
-folder (no ``..``, no absolute path, no symlink), so verification reads nothing outside it;
-``meta.json`` must be listed; Orbax restores from a private view that holds only the listed,
-verified files, so nothing unverified is ever read. A file under ``arrays/`` that the manifest
-does not list makes the checkpoint corrupt; a stray file elsewhere (``.DS_Store``, an editor's
-backup ``name~``) is ignored with a warning. A ``meta.json`` that verifies but does not hold
-what the loader needs (``restore_checkpoint(check_meta=...)``) is corrupt too. A checkpoint
-saved from another model or optimizer (its arrays do not fit the state) is skipped the same
-way, so ``restore_latest`` returns the newest checkpoint that fits.
+error, and the manager's renamed folder says nothing of whether ``meta.json`` was written.
+Every file is hashed once complete and verified on restore; a checkpoint that fails (corrupt,
+truncated, a manifest missing because a ``kill -9`` came before it was written, unreadable or
+not a file) is skipped with a :class:`CheckpointWarning` naming it, and the previous good one is
+used. The manifest is trusted only as far as it covers: each entry must name a plain file inside
+the checkpoint folder (no ``..``, no absolute path, no symlink), so verification reads nothing
+outside it; ``meta.json`` must be listed; Orbax restores from a private view that holds only
+the listed, verified files, so nothing unverified is ever read. A file under ``arrays/`` that
+no manifest lists makes the checkpoint corrupt; a stray file elsewhere (``.DS_Store``, an
+editor's backup ``name~``) is ignored with a warning. A ``meta.json`` that verifies but does
+not hold what the loader needs (``restore_checkpoint(check_meta=...)``) is corrupt too. A
+checkpoint saved from another model or optimizer (its arrays do not fit the state) is skipped
+the same way, so ``restore_latest`` returns the newest checkpoint that fits.
 
-Why a lock: two runs writing one folder delete each other's temp folders and checkpoints.
-:func:`lock_folder` takes an OS lock (``fcntl.flock`` on ``<root>/.lock``) that the kernel drops
-when the process dies, so a ``kill -9`` never leaves a stale lock; a second process is refused
-with :class:`CheckpointLockedError` naming the holder (pid, host, start time).
+Why a lock: two runs writing one folder delete each other's checkpoints. :func:`lock_folder`
+takes an OS lock (``fcntl.flock`` on ``<root>/.lock``) that the kernel drops when the process
+dies, so a ``kill -9`` never leaves a stale lock; a second process is refused with
+:class:`CheckpointLockedError` naming the holder (pid, host, start time).
 
-Why atomic: everything is written into ``<root>/.tmp-step_.../`` and renamed into place only
-when complete (``rename`` is atomic on POSIX), so a process killed mid-save leaves a stray temp
-folder (removed by the next save) and never a half checkpoint that looks whole. A failed save
+What a kill leaves: a ``kill -9`` while the arrays are written leaves Orbax's temporary folder
+(removed by the next run's manager), never a ``step_*`` folder; one after the rename but before
+the manifests leaves a ``step_*`` folder without them, which is never trusted. A failed save
 (full disk, unwritable folder) raises :class:`CheckpointError` and leaves earlier checkpoints
-untouched; old checkpoints are deleted only after a new one is complete. ``ModelCheckpoint``
-saves with ``replace=False`` at a step whose folder it cannot show to be its own run's (see its
+untouched; the manager deletes old checkpoints (only those the run owns: see
+:class:`CheckpointSaver`) only after a new one's arrays are complete, and ``ModelCheckpoint``
+keeps at least two, so a complete one always survives. ``ModelCheckpoint`` saves with
+``replace=False`` at a step whose folder it cannot show to be its own run's (see its
 docstring), so another run's checkpoint (or a ``step_*`` symlink) at the same step is never
 replaced: the save stops with a message naming it.
 
@@ -52,6 +68,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -65,6 +82,7 @@ from jaxlight.state import TrainState
 __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
+    "CheckpointSaver",
     "CheckpointWarning",
     "CheckpointWriteError",
     "CorruptCheckpointError",
@@ -141,12 +159,29 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    """Every file and symlink under ``folder`` but the manifest; symlinked folders are not entered."""
+    """Every file and symlink under ``folder`` but the manifests; symlinked folders are not entered."""
     found = []
     for parent, dirs, names in os.walk(folder):
         found += [Path(parent) / n for n in names]
         found += [Path(parent) / d for d in dirs if os.path.islink(os.path.join(parent, d))]
-    return sorted(p for p in found if p != folder / "manifest.json")
+    return sorted(p for p in found if not (p.parent == folder and _MANIFEST.match(p.name)))
+
+
+_MANIFEST = re.compile(r"^manifest(\.process_\d+)?\.json$")
+
+
+def _manifest_name(process: int) -> str:
+    """Process 0's manifest lists meta.json and every file but other processes' shards; process
+    k > 0 lists the shards it wrote (Orbax's ``arrays/ocdbt.process_k/``)."""
+    return "manifest.json" if process == 0 else f"manifest.process_{process}.json"
+
+
+def _written_by(rel: str, process: int, processes: int) -> bool:
+    """Whether ``rel`` (a path in a checkpoint folder) is a file ``process`` wrote."""
+    if processes == 1:
+        return True
+    owner = re.search(r"(?:^|/)ocdbt\.process_(\d+)/", rel)
+    return int(owner.group(1)) == process if owner and int(owner.group(1)) > 0 else process == 0
 
 
 def _listed_file(folder: Path, rel) -> Path:
@@ -200,44 +235,31 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _write_manifest(folder: Path) -> None:
-    files = {str(p.relative_to(folder)): {"sha256": _sha256(p), "size": p.stat().st_size}
-             for p in _files(folder)}
-    _write_json(folder / "manifest.json", {"format": FORMAT_VERSION, "files": files})
+    """This process's manifest over the files it wrote (all of them in a one-process run)."""
+    me, n = jax.process_index(), jax.process_count()
+    files = {}
+    for p in _files(folder):
+        rel = p.relative_to(folder).as_posix()
+        if _written_by(rel, me, n):
+            files[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    _write_json(folder / _manifest_name(me), {"format": FORMAT_VERSION, "files": files})
 
 
-def verify_checkpoint(path: str | os.PathLike) -> list[str]:
-    """Check every file a checkpoint's manifest lists against its size and sha256.
-
-    Each entry must name a plain file inside ``path`` (no ``..``, absolute path or symlink);
-    nothing outside the folder is read. ``meta.json`` must be listed. An unlisted file under
-    ``arrays/`` (which Orbax could read) makes the checkpoint corrupt; other unlisted files
-    (``.DS_Store``, an editor's backup) are ignored with a :class:`CheckpointWarning`.
-
-    Returns:
-        The verified files, as paths relative to ``path``.
-
-    Raises:
-        CorruptCheckpointError: naming the first listed file that is missing, unreadable, not a
-            plain file inside the folder, has the wrong size (truncated) or the wrong hash
-            (corrupt); an unlisted array file; or a manifest that is missing, unreadable or not
-            a file.
-    """
-    path = Path(path)
-    if (path / "manifest.json").is_symlink():
-        raise CorruptCheckpointError(f"{path}: manifest.json is a symlink; a checkpoint holds only its own files")
+def _read_manifest(path: Path, name: str) -> dict:
+    """``{relative path: (size, sha256)}`` of one manifest file."""
+    if (path / name).is_symlink():
+        raise CorruptCheckpointError(f"{path}: {name} is a symlink; a checkpoint holds only its own files")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        files = manifest["files"]
-        entries = [(rel, int(entry["size"]), str(entry["sha256"])) for rel, entry in files.items()]
+        files = json.loads((path / name).read_text())["files"]
+        return {rel: (int(entry["size"]), str(entry["sha256"])) for rel, entry in files.items()}
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path}: no manifest.json (the save did not finish)") from None
+        raise CorruptCheckpointError(f"{path}: no {name} (the save did not finish)") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptCheckpointError(f"{path}: manifest.json is unreadable ({type(exc).__name__}: {exc})") from None
-    if not entries:
-        raise CorruptCheckpointError(f"{path}: manifest.json lists no files")
-    if "meta.json" not in files:
-        raise CorruptCheckpointError(f"{path}: manifest.json does not list meta.json")
-    checked = [(_listed_file(path, rel), rel, size, sha) for rel, size, sha in entries]  # (before any read)
+        raise CorruptCheckpointError(f"{path}: {name} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _check_files(path: Path, entries: dict) -> None:
+    checked = [(_listed_file(path, rel), rel, size, sha) for rel, (size, sha) in entries.items()]  # (before any read)
     for f, rel, size, sha in checked:
         try:
             actual = f.stat().st_size
@@ -249,7 +271,47 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
                                              f"(corrupted bytes)")
         except OSError as exc:
             raise CorruptCheckpointError(f"{path}: {rel} is unreadable ({exc.strerror or exc})") from None
-    extra = sorted(set(p.relative_to(path).as_posix() for p in _files(path)) - set(files))
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Check every file a checkpoint's manifests list against its size and sha256.
+
+    ``manifest.json`` (process 0's) must list ``meta.json``; a checkpoint written by ``n``
+    processes (``meta.json``'s ``processes``) also needs ``manifest.process_k.json`` of each
+    process ``k`` > 0, over the shards that process wrote. Each entry must name a plain file
+    inside ``path`` (no ``..``, absolute path or symlink); nothing outside the folder is read. An
+    unlisted file under ``arrays/`` (which Orbax could read) makes the checkpoint corrupt; other
+    unlisted files (``.DS_Store``, an editor's backup) are ignored with a
+    :class:`CheckpointWarning`.
+
+    Returns:
+        The verified files, as paths relative to ``path``.
+
+    Raises:
+        CorruptCheckpointError: naming the first listed file that is missing, unreadable, not a
+            plain file inside the folder, has the wrong size (truncated) or the wrong hash
+            (corrupt); an unlisted array file; or a manifest that is missing (a save that did
+            not finish), unreadable or not a file.
+    """
+    path = Path(path)
+    files = _read_manifest(path, "manifest.json")
+    if not files:
+        raise CorruptCheckpointError(f"{path}: manifest.json lists no files")
+    if "meta.json" not in files:
+        raise CorruptCheckpointError(f"{path}: manifest.json does not list meta.json")
+    _check_files(path, files)
+    try:
+        processes = json.loads((path / "meta.json").read_text()).get("processes", 1)
+        if not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"processes is {processes!r}")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{path}: meta.json is malformed ({type(exc).__name__}: {exc})") from None
+    for k in range(1, processes):
+        more = _read_manifest(path, _manifest_name(k))
+        _check_files(path, more)
+        files.update(more)
+    known = set(files) | {_manifest_name(k) for k in range(1, processes)}
+    extra = sorted(set(p.relative_to(path).as_posix() for p in _files(path)) - known)
     unverified = [rel for rel in extra if not _is_stray(rel)]
     if unverified:
         raise CorruptCheckpointError(f"{path}: {unverified[0]} is not in manifest.json ({len(unverified)} array "
@@ -257,7 +319,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     if extra:
         warnings.warn(f"{path}: ignoring {len(extra)} file(s) not in its manifest: {extra[:3]}",
                       CheckpointWarning, stacklevel=3)
-    return [rel for rel, _, _ in entries]
+    return list(files)
 
 
 def _is_key(leaf) -> bool:
@@ -270,30 +332,216 @@ def _leaves(state: TrainState):
     return [(jax.tree_util.keystr(p), jax.random.key_data(v) if _is_key(v) else v) for p, v in flat]
 
 
-def _checkpointer():
-    """Orbax for this process alone. The arrays reach it as numpy (replicated state, gathered
-    first), so no process needs another: in a multi-process run process 0 writes alone (see
-    ``Trainer.save_checkpoint``) and every process restores on its own. Orbax's default would
-    wait in a barrier for processes that never call it."""
+def _manager(root: Path, policy=None):
+    """Orbax's ``CheckpointManager`` over ``root``: ``step_000000123`` folders written through a
+    temporary folder and renamed when complete, asynchronously, each process writing the shards
+    its devices hold; deletion by ``policy`` (a :class:`_RunOwned`), after a save completes."""
     import orbax.checkpoint as ocp
 
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
-                            multiprocessing_options=options)
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=ocp.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=9),
+        preservation_policy=policy or _RunOwned(root), enable_async_checkpointing=True, create=True,
+        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(root.absolute(), item_names=("arrays",), options=options)
+
+
+class _RunOwned:
+    """Orbax preservation policy: keep every checkpoint except those of ``owned`` outside ``keep``
+    (``owned=None``: delete nothing). A run thus prunes only what it wrote itself; another run's
+    checkpoints and ``step_*`` symlinks are never the manager's to delete."""
+
+    def __init__(self, root: Path):
+        self.root, self.keep, self.owned = root, set(), None
+
+    def should_preserve(self, checkpoints, *, context=None):
+        if self.owned is None:
+            return [True] * len(checkpoints)
+        return [c.step in self.keep or c.step not in self.owned or step_dir(self.root, c.step).is_symlink()
+                for c in checkpoints]
+
+
+def _floats_finite(values) -> list[bool]:
+    """Whether each floating leaf is finite, reduced where it lives (no leaf leaves its devices)."""
+    def finite(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.all(jnp.isfinite(x.astype(jnp.float32)))
+        return jnp.asarray(True)
+
+    return [bool(b) for b in jax.device_get(jax.jit(lambda vs: [finite(v) for v in vs])(values))]
+
+
+# A copy made on the devices, by one compiled program per state structure: the async save reads
+# it while the next steps run, and those steps donate (overwrite) the state's own buffers.
+_snapshot = jax.jit(lambda values: [jnp.copy(v) for v in values])
+
+
+class CheckpointSaver:
+    """Asynchronous saves into one checkpoint folder: Orbax's ``CheckpointManager`` writes the
+    arrays in the background (each process its own shards), then a thread of ours writes
+    ``meta.json`` (process 0) and this process's manifest over the complete files.
+
+    :meth:`save` returns as soon as the arrays are copied on the devices; :meth:`wait` (called by
+    the next save and at the end of ``Trainer.fit``) blocks until the pending save is complete
+    and raises its error, if any. Every process of a multi-process run calls :meth:`save`.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._policy = _RunOwned(self.root)
+        self._manager = None
+        self._pending: tuple[threading.Thread, Path, list] | None = None
+        # Of the latest complete save: the seconds ``save`` held the caller (the copy on the
+        # devices and Orbax's start) and the seconds until its manifest was written.
+        self.last_save_seconds: dict[str, float] = {}
+
+    @property
+    def is_saving(self) -> bool:
+        """True while a save is still being written (its arrays, meta.json or manifest)."""
+        return self._pending is not None and self._pending[0].is_alive()
+
+    def _open(self):
+        if self._manager is None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if jax.process_index() == 0:
+                    for stale in self.root.glob(".tmp-*"):
+                        _remove(stale)
+                self._manager = _manager(self.root, self._policy)
+            except Exception as exc:  # noqa: BLE001 - a folder that cannot be used, whatever the cause
+                raise CheckpointWriteError(f"could not write checkpoint {self.root}: {_short_cause(exc)}") from exc
+        return self._manager
+
+    def save(self, state: TrainState, meta: dict | None = None, *, replace: bool = True,
+             keep_steps=None, owned=None) -> Path:
+        """Start saving ``state`` to ``<root>/step_<state.step>/``; returns that folder.
+
+        Args:
+            state: the TrainState in any layout; its floating leaves must be finite.
+            meta: JSON-serialisable extras for ``meta.json``.
+            replace: see :func:`save_checkpoint`.
+            keep_steps, owned: once this save is complete, delete the checkpoints of ``owned``
+                whose step is not in ``keep_steps`` (None: delete nothing).
+
+        Raises:
+            CheckpointError: the state holds NaN/Inf; CheckpointWriteError: the previous save
+                failed, ``replace=False`` meets a folder at this step, or the save cannot start.
+        """
+        self.wait()
+        t0 = time.perf_counter()
+        leaves = _leaves(state)
+        values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
+        for (name, _), ok in zip(leaves, _floats_finite(values)):
+            if not ok:
+                raise CheckpointError(f"refusing to save a checkpoint to {self.root}: state{name} holds NaN or Inf")
+        step = int(np.asarray(state.step))  # (replicated: readable in every process)
+        final = step_dir(self.root, step)
+        from jaxlight import parallel
+
+        # (process 0 decides, as only it looks at the folder; every process stops, or none)
+        blocked = jax.process_index() == 0 and not replace and (final.exists() or final.is_symlink())
+        if parallel.any_process(blocked):
+            what = "a symlink" if final.is_symlink() else "a checkpoint this run did not write"
+            raise CheckpointWriteError(f"could not write checkpoint {final}: it is {what} (another run's?), which a "
+                                       f"save never replaces; move it out of {self.root} to continue")
+        manager = self._open()
+        # A checkpoint of the same step (saved before the epoch's end, or by a run being resumed)
+        # is replaced: the newer one has the later trainer position.
+        if jax.process_index() == 0 and (final.exists() or final.is_symlink()):
+            _remove(final)
+        parallel.barrier(f"jaxlight-replace-{step}")
+        manager.reload()
+        record = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "processes": jax.process_count(),
+            "optimizer_chain": optimizer_chain(state.opt_state),
+            "leaves": [{"path": name, "shape": list(v.shape), "dtype": str(np.dtype(v.dtype))}
+                       for (name, _), v in zip(leaves, values)],
+            **(meta or {}),
+        }
+        self._policy.keep = set(keep_steps or ())
+        self._policy.owned = None if owned is None else set(owned)
+        import orbax.checkpoint as ocp
+
+        try:
+            arrays = dict(zip((f"{i:06d}" for i in range(len(values))), _snapshot(values)))
+            manager.save(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays)), force=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to start the write is reported the same way
+            self._failed(final, exc)
+        thread = threading.Thread(target=self._finish, args=(final, record, t0), daemon=True,
+                                  name=f"jaxlight-checkpoint-{step}")
+        self._pending = (thread, final, [])
+        self._blocking = time.perf_counter() - t0
+        thread.start()
+        return final
+
+    def _finish(self, final: Path, record: dict, t0: float) -> None:
+        """In the background: wait for Orbax's arrays, then write meta.json and the manifest."""
+        try:
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_json(final / "meta.json", record)
+            _write_manifest(final)
+            _fsync_dir(final)
+            self.last_save_seconds = {"blocking": self._blocking, "total": time.perf_counter() - t0}
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            self._pending[2].append(exc)
+
+    def wait(self) -> None:
+        """Block until the pending save is complete.
+
+        Raises:
+            CheckpointWriteError: it failed (full disk, unwritable folder); its folder is removed
+                and earlier checkpoints are intact.
+        """
+        if self._pending is None:
+            return
+        thread, final, errors = self._pending
+        thread.join()
+        self._pending = None
+        if errors:
+            self._failed(final, errors[0])
+
+    def _failed(self, final: Path, exc: BaseException):
+        if jax.process_index() == 0:
+            _remove(final)
+            for tmp in self.root.glob(f"{final.name}.orbax-checkpoint-tmp*"):
+                _remove(tmp)
+        if self._manager is not None:
+            try:
+                self._manager.reload()
+            except Exception:  # noqa: BLE001 - the error below is the one to report
+                pass
+        previous = [p for p in list_checkpoints(self.root) if p != final]
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {_short_cause(exc)}{kept}") from exc
+
+    def close(self) -> None:
+        """Wait for the pending save and release Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            if self._manager is not None:
+                manager, self._manager = self._manager, None
+                try:
+                    manager.close()
+                except Exception:  # noqa: BLE001 - a failed save was reported by wait()
+                    pass
 
 
 def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | None = None, *,
                     replace: bool = True) -> Path:
-    """Write ``state`` and ``meta`` to ``<root>/step_<state.step>/`` atomically.
+    """Write ``state`` and ``meta`` to ``<root>/step_<state.step>/`` and wait until it is complete.
+
+    :class:`CheckpointSaver` does the same asynchronously (the Trainer's saves).
 
     Args:
         root: the run's checkpoint folder (created if missing).
-        state: the TrainState; its parameters and optimizer state must be finite.
+        state: the TrainState in any layout; its parameters and optimizer state must be finite.
         meta: JSON-serialisable extras (data position, callback state, config, versions).
         replace: whether a checkpoint already there for the same step (one this caller wrote
-            earlier) is replaced once the new one is complete. ``ModelCheckpoint`` passes False
-            for steps it did not write: another run's checkpoint is never replaced.
+            earlier) is replaced. ``ModelCheckpoint`` passes False for steps it did not write:
+            another run's checkpoint is never replaced.
 
     Returns:
         The checkpoint's folder.
@@ -303,51 +551,11 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
             folder cannot be written (unwritable, full disk); earlier checkpoints are intact.
         CheckpointWriteError: ``replace=False`` and the step's folder exists (naming it).
     """
-    root = Path(root)
-    leaves = _leaves(state)
-    host = jax.device_get([v for _, v in leaves])
-    for (name, _), arr in zip(leaves, host):
-        arr = np.asarray(arr)
-        if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
-            if not np.isfinite(arr.astype(np.float32)).all():
-                raise CheckpointError(f"refusing to save a checkpoint to {root}: state{name} holds "
-                                      f"NaN or Inf")
-    step = int(np.asarray(state.step))
-    final = step_dir(root, step)
-    if not replace and (final.exists() or final.is_symlink()):
-        what = "a symlink" if final.is_symlink() else "a checkpoint this run did not write"
-        raise CheckpointWriteError(f"could not write checkpoint {final}: it is {what} (another run's?), which a "
-                                   f"save never replaces; move it out of {root} to continue")
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    saver = CheckpointSaver(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            _remove(stale)
-        tmp.mkdir()
-        _checkpointer().save((tmp / "arrays").absolute(),
-                                      {f"{i:06d}": np.asarray(a) for i, a in enumerate(host)})
-        record = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "optimizer_chain": optimizer_chain(state.opt_state),
-            "leaves": [{"path": name, "shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)}
-                       for (name, _), a in zip(leaves, host)],
-            **(meta or {}),
-        }
-        _write_json(tmp / "meta.json", record)
-        _write_manifest(tmp)
-        _fsync_dir(tmp)
-        # A checkpoint of the same step (saved before the epoch's end, or by a run being
-        # resumed) is replaced: the newer one has the later trainer position.
-        _remove(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except Exception as exc:  # noqa: BLE001 - any failure to write is reported the same way
-        _remove(tmp)
-        previous = list_checkpoints(root)
-        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise CheckpointWriteError(f"could not write checkpoint {final}: {_short_cause(exc)}{kept}") from exc
-    return final
+        return saver.save(state, meta, replace=replace)
+    finally:
+        saver.close()
 
 
 def _short_cause(exc: BaseException) -> str:
@@ -388,17 +596,35 @@ def _remove(path: Path) -> None:
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_steps: set[int], owned: set[int] | None = None) -> None:
-    """Delete every finished checkpoint under ``root`` whose step is not in ``keep_steps``.
+    """Delete every finished checkpoint under ``root`` whose step is not in ``keep_steps``, through
+    Orbax's ``CheckpointManager``. (A running ``CheckpointSaver`` prunes by the same rule once each
+    save is complete: ``CheckpointSaver.save(keep_steps=..., owned=...)``.)
 
     Args:
         owned: when given, only these steps may be deleted: a run prunes the checkpoints it
             wrote itself, never another run's. A ``step_*`` symlink is never a checkpoint this
             module wrote, so it is never pruned.
     """
-    for path in list_checkpoints(root):
-        step = int(_STEP_DIR.match(path.name).group(1))
-        if step not in keep_steps and (owned is None or step in owned) and not path.is_symlink():
-            _remove(path)
+    root = Path(root)
+    policy = _RunOwned(root)
+    doomed = [int(_STEP_DIR.match(p.name).group(1)) for p in list_checkpoints(root)]
+    policy.keep, policy.owned = set(keep_steps), set(doomed if owned is None else owned)
+    doomed = [s for s, keep in zip(doomed, policy.should_preserve([_Info(s) for s in doomed])) if not keep]
+    if not doomed:
+        return
+    manager = _manager(root, policy)
+    try:
+        for step in doomed:
+            manager.delete(step)
+    finally:
+        manager.close()
+
+
+class _Info:
+    """The part of Orbax's ``CheckpointInfo`` a preservation policy reads."""
+
+    def __init__(self, step: int):
+        self.step = step
 
 
 def _verified_meta(path: Path) -> tuple[dict, list[str]]:
@@ -413,22 +639,51 @@ def _verified_meta(path: Path) -> tuple[dict, list[str]]:
     return meta, listed
 
 
-def _restore_arrays(path: Path, listed: list[str]) -> dict:
+def _restore_arrays(path: Path, listed: list[str], meta: dict, wanted: dict) -> dict:
     """Orbax's restore of ``path/arrays`` through a private folder of symlinks to the verified
-    files alone, so that Orbax reads nothing the manifest did not cover."""
+    files alone, so that Orbax reads nothing the manifest did not cover.
+
+    Args:
+        wanted: ``{leaf index: sharding}``; each array is read straight into its sharding (each
+            process reads only the pieces its devices hold), whatever layout wrote it.
+
+    Returns:
+        ``{leaf index: jax.Array}``.
+    """
+    import orbax.checkpoint as ocp
+
+    target = {}
+    for i, sharding in wanted.items():
+        _, shape, dtype = _spec(meta, i)
+        target[f"{i:06d}"] = jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
     view = Path(tempfile.mkdtemp(prefix="jaxlight-restore-"))
     try:
         for rel in listed:
             if rel.startswith("arrays/"):
                 (view / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.symlink((path / rel).absolute(), view / rel)
+        # This process alone: every process restores on its own, with no barrier to wait in.
+        me = jax.process_index()
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                                  multiprocessing_options=options)
         try:
-            return _checkpointer().restore((view / "arrays").absolute())
+            restored = reader.restore((view / "arrays").absolute(), args=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
         except Exception as exc:  # noqa: BLE001 - whatever Orbax raises for missing or bad files
             raise CorruptCheckpointError(f"{path}: its arrays cannot be read from the files manifest.json lists "
                                          f"({_short_cause(exc)})") from exc
+        return {int(k): v for k, v in restored.items()}
     finally:
         shutil.rmtree(view, ignore_errors=True)
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _as_leaf(value, ref):
+    return jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref)) if _is_key(ref) else value
 
 
 def _spec(meta: dict, i: int) -> tuple[str, tuple, str]:
@@ -469,7 +724,7 @@ def _check_leaf(path: Path, spec: dict, name: str, ref, what: str) -> None:
 
 
 def restore_checkpoint(path: str | os.PathLike, template: TrainState,
-                       check_meta=None) -> tuple[TrainState, dict]:
+                       check_meta=None, shardings=None) -> tuple[TrainState, dict]:
     """Verify and load one checkpoint folder into the structure of ``template``.
 
     Args:
@@ -479,6 +734,9 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState,
         check_meta: ``check_meta(meta)`` raises ``KeyError``/``TypeError``/``ValueError`` when
             ``meta.json`` (which verified) lacks what the caller will read from it: the
             checkpoint is then corrupt, like one whose bytes do not match.
+        shardings: the layout to read the state into, a pytree of shardings like ``template``
+            (``Strategy.state_shardings(template)``); each process reads only the pieces its
+            devices hold. Default: this process's first device.
 
     Returns:
         ``(state, meta)``: the restored state (bit-identical arrays) and the saved ``meta.json``.
@@ -510,18 +768,17 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState,
             check_meta(meta)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{path}: meta.json is malformed ({type(exc).__name__}: {exc})") from None
-    arrays = _restore_arrays(path, listed)
-    leaves = []
-    for i, (_, ref) in enumerate(flat):
-        value = jnp.asarray(np.asarray(arrays[f"{i:06d}"]))
-        if _is_key(ref):
-            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(ref))
-        leaves.append(value)
+    if shardings is None:
+        targets = [_default_sharding()] * len(flat)
+    else:
+        targets = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    arrays = _restore_arrays(path, listed, meta, dict(enumerate(targets)))
+    leaves = [_as_leaf(arrays[i], ref) for i, (_, ref) in enumerate(flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves), meta
 
 
 def restore_latest(root: str | os.PathLike, template: TrainState,
-                   check_meta=None) -> tuple[TrainState, dict, Path]:
+                   check_meta=None, shardings=None) -> tuple[TrainState, dict, Path]:
     """The newest checkpoint under ``root`` that verifies, falling back past corrupt ones.
 
     Corrupt checkpoints (``check_meta``: see :func:`restore_checkpoint`) and checkpoints of
@@ -540,7 +797,7 @@ def restore_latest(root: str | os.PathLike, template: TrainState,
     errors = []
     for path in reversed(candidates):
         try:
-            state, meta = restore_checkpoint(path, template, check_meta)
+            state, meta = restore_checkpoint(path, template, check_meta, shardings)
             return state, meta, path
         except CorruptCheckpointError as exc:
             errors.append(exc)
@@ -652,11 +909,8 @@ def _load_weights(path: Path, model) -> None:
         if extra:
             raise IncompatibleCheckpointError(f"{path}: the checkpoint's {extra[0]} has no place in the "
                                               f"model (saved from another model?)")
-    arrays = _restore_arrays(path, listed)
-
-    def value(i, ref):
-        v = jnp.asarray(np.asarray(arrays[f"{i:06d}"]))
-        return jax.random.wrap_key_data(v, impl=jax.random.key_impl(ref)) if _is_key(ref) else v
+    arrays = _restore_arrays(path, listed, meta, {i: _default_sharding() for i in wanted})
+    value = lambda i, ref: _as_leaf(arrays[i], ref)  # noqa: E731
 
     it = iter(wanted)
     new_params = jax.tree.map(lambda ref: value(next(it), ref), params)

@@ -31,9 +31,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -250,6 +252,8 @@ class Trainer:
         # Resolved now, so that a device count that does not exist fails before any data loads.
         self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
         self.strategy.check_batch_size(self.config.batch_size)
+        self._savers: dict[str, ckpt.CheckpointSaver] = {}  # pending async saves, by folder
+        self._fitting = False
         self._reset()
 
     def _reset(self):
@@ -279,8 +283,8 @@ class Trainer:
     @property
     def active_callbacks(self) -> list[Callback]:
         """Callbacks that run in this mode (``fast_dev_run`` drops checkpointing; processes other
-        than 0 show no progress bar). Every process runs ModelCheckpoint, to keep the same
-        bookkeeping; only process 0 writes (:meth:`save_checkpoint`)."""
+        than 0 show no progress bar). Every process runs ModelCheckpoint: every process saves its own
+        shards (:meth:`save_checkpoint`), and all keep the same bookkeeping."""
         return [c for c in self.callbacks
                 if not (self._fast_dev and isinstance(c, ModelCheckpoint))
                 and not (isinstance(c, ProgressBar) and not self.is_global_zero)]
@@ -377,6 +381,7 @@ class Trainer:
                 logger.log_hyperparams({**self._hparams, "trainer": {**dataclasses.asdict(cfg),
                                                                      **self._hparams.get("trainer", {})}})
         previous = self._install_sigterm()
+        self._fitting = True
         try:
             for cb in self.active_callbacks:
                 cb.on_fit_start(self, state)
@@ -387,7 +392,12 @@ class Trainer:
                 self._validate(state)
             for cb in self.active_callbacks:
                 cb.on_fit_end(self, state)
+            self.wait_for_checkpoints()
         finally:
+            self._fitting = False
+            if self._savers:  # (fit is failing already: finish the pending saves, report that error)
+                with contextlib.suppress(ckpt.CheckpointError):
+                    self.wait_for_checkpoints()
             self._restore_sigterm(previous)
             for cb in self.callbacks:  # (the folder lock ModelCheckpoint took in on_fit_start)
                 if isinstance(cb, ModelCheckpoint):
@@ -651,20 +661,47 @@ class Trainer:
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 
-    def save_checkpoint(self, state: TrainState, directory: str | Path, replace: bool = True) -> Path:
-        """Save ``state`` and the trainer's position now (see ``jaxlight.checkpoint``).
+    def save_checkpoint(self, state: TrainState, directory: str | Path, replace: bool = True,
+                        keep_steps=None, owned=None) -> Path:
+        """Start saving ``state`` and the trainer's position now (see ``jaxlight.checkpoint``).
 
-        The arrays are saved as one plain single-device state whatever the strategy (they are
-        replicated), so the checkpoint restores under any strategy and device count. In a
-        multi-process run every process must call this; process 0 writes (the folder must be
-        on a file system all processes see to resume) and the others wait until it has.
-        ``replace``: see ``jaxlight.checkpoint.save_checkpoint``.
+        Asynchronous inside ``fit``: training goes on while the arrays are written; the next save
+        into ``directory`` and the end of ``fit`` wait for it (:meth:`wait_for_checkpoints`).
+        Outside ``fit`` it returns once the checkpoint is complete. Each
+        array is saved from where it lives: in a multi-process run every process must call this
+        and writes the shards its devices hold (the folder must be on a file system all
+        processes see); nothing is gathered to one host. The checkpoint restores under any
+        strategy and device count. ``replace``, ``keep_steps``, ``owned``: see
+        ``jaxlight.checkpoint.CheckpointSaver.save``.
         """
-        path = ckpt.step_dir(directory, self.global_step)
-        if self.is_global_zero:
-            path = ckpt.save_checkpoint(directory, state, self.checkpoint_meta(), replace=replace)
-        parallel.barrier(f"jaxlight-checkpoint-{self.global_step}")  # (a no-op in one process)
+        key = os.path.realpath(directory)
+        if key not in self._savers:
+            self._savers[key] = ckpt.CheckpointSaver(directory)
+        path = self._savers[key].save(state, self.checkpoint_meta(), replace=replace, keep_steps=keep_steps,
+                                      owned=owned)
+        if not self._fitting:  # (called outside fit: nothing else would wait for it)
+            self.wait_for_checkpoints()
         return path
+
+    def checkpoint_saver(self, directory: str | Path) -> "ckpt.CheckpointSaver | None":
+        """The saver writing into ``directory`` in this fit (``is_saving``: a save is pending)."""
+        return self._savers.get(os.path.realpath(directory))
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until every pending save is complete (``fit`` calls it before it returns).
+
+        Raises:
+            CheckpointWriteError: a pending save failed; earlier checkpoints are intact.
+        """
+        savers, self._savers = list(self._savers.values()), {}
+        errors = []
+        for saver in savers:
+            try:
+                saver.close()
+            except ckpt.CheckpointError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def _checkpoint_callback(self) -> ModelCheckpoint | None:
         return next((c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -677,10 +714,11 @@ class Trainer:
             ckpt_path = cb.dirpath
         path = Path(ckpt_path)
         try:
+            shardings = self.strategy.state_shardings(state)  # (read straight into this layout)
             if (path / "manifest.json").exists() or (path / "meta.json").exists():
-                state, meta = ckpt.restore_checkpoint(path, state, _parse_meta)
+                state, meta = ckpt.restore_checkpoint(path, state, _parse_meta, shardings)
             else:
-                state, meta, path = ckpt.restore_latest(path, state, _parse_meta)
+                state, meta, path = ckpt.restore_latest(path, state, _parse_meta, shardings)
         except ckpt.IncompatibleCheckpointError as exc:
             if not exc.saved_optimizer:
                 raise

@@ -267,6 +267,117 @@ def test_load_model_restores_params_and_batch_stats_into_a_new_module(tmp_path):
         load_model(tmp_path / "step_000000005", _BNNet(0, width=5))
 
 
+# -- asynchronous, sharded saves ----------------------------------------------------------------
+
+
+def _digits(n=256, seed=0):
+    """MNIST-shaped random data: (n, 28, 28) uint8 images, labels in 0..9."""
+    rng = np.random.default_rng(seed)
+    from jaxlight.data import ArrayDataset
+
+    return ArrayDataset(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
+
+
+def test_an_async_save_overlaps_the_next_steps_and_the_next_save_and_fit_wait_for_it(tmp_path, monkeypatch):
+    """Step 2's save is held unfinished (its manifest waits) until training has run step 3: the
+    training step runs while the save is being written, which a synchronous save could not
+    allow (it would wait forever, and the probe would see no pending save). The save at step 4
+    and the end of ``fit`` each find the previous save complete."""
+    from jaxlight.callbacks import Callback, ModelCheckpoint
+    from jaxlight.trainer import Trainer, TrainerConfig
+
+    release, seen = __import__("threading").Event(), []
+    real = checkpoint._write_manifest
+
+    def held(folder):
+        step = json.loads((folder / "meta.json").read_text())["step"]
+        if step == 2:
+            assert release.wait(timeout=120), "training never ran past step 2 while its save was pending"
+        if step == 6:  # the last save: slow, so that a fit that did not wait would return first
+            __import__("time").sleep(0.5)
+        real(folder)
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", held)
+
+    class Probe(Callback):
+        def on_train_chunk_end(self, trainer, state, metrics):
+            saver = trainer.checkpoint_saver(tmp_path)
+            step2 = tmp_path / "step_000000002" / "manifest.json"
+            seen.append((trainer.global_step, bool(saver and saver.is_saving), step2.exists()))
+            if trainer.global_step == 3:
+                __import__("threading").Timer(0.3, release.set).start()
+
+    state = create_train_state(build_model("softmax", 0), optim.adam(1e-2), tasks.multiclass(), seed=0)
+    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=1, enable_progress_bar=False,
+                                    max_steps=6),
+                      callbacks=[ModelCheckpoint(tmp_path, every_n_steps=2, every_n_epochs=None, keep_last=3), Probe()])
+    final = trainer.fit(state, _digits())
+    by_step = {s: (saving, m) for s, saving, m in seen}
+    assert by_step[3] == (True, False), seen  # step 3 ran while step 2's save was still pending
+    assert by_step[4][1], seen                # the save at step 4 waited for step 2's to complete
+    assert trainer.checkpoint_saver(tmp_path) is None
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000002", "step_000000004", "step_000000006"]
+    verify_checkpoint(tmp_path / "step_000000006")  # complete when fit returned
+    restored, _ = restore_checkpoint(tmp_path / "step_000000006", _state())
+    _assert_bitwise(restored, final)
+
+
+def test_a_save_never_gathers_an_array_to_the_host(tmp_path, monkeypatch):
+    """Each array is written from where it lives: the only values fetched to the host during a
+    save are the finiteness flags (scalars), never a leaf of the state."""
+    state = _state("mlp", step=3)
+    fetched = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetched.extend(jax.tree.leaves(x)) or real(x))
+    save_checkpoint(tmp_path, state)
+    assert fetched and all(np.size(v) == 1 and np.asarray(v).dtype == bool for v in fetched), \
+        [(np.shape(v), np.asarray(v).dtype) for v in fetched]
+
+
+def _row_sharded(state, mesh):
+    """Every leaf whose first axis divides by the mesh size split over it (the rest
+    replicated): a state whose arrays no single device holds whole."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.devices.size
+
+    def place(a):
+        spec = P("data") if a.ndim and a.shape[0] % n == 0 else P()
+        data = jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+        out = jax.device_put(data, NamedSharding(mesh, spec))
+        return jax.random.wrap_key_data(out, impl=jax.random.key_impl(a)) if data is not a else out
+
+    return jax.tree.map(place, state)
+
+
+@pytest.mark.parametrize("source, target", [("rows", "single"), ("sharded", "single"), ("single", "sharded"),
+                                            ("rows", "sharded")])
+def test_a_state_moves_between_layouts_and_device_counts_through_a_checkpoint(tmp_path, source, target):
+    """Saved from one layout on 8 devices (``rows``: the parameters split over the devices, as
+    a sharded-parameter strategy holds them), restored straight into another's shardings;
+    every value bit for bit as saved."""
+    from jax.sharding import Mesh
+
+    from jaxlight import parallel
+
+    assert len(jax.devices()) == 8
+    state = _state("mlp", step=5)
+    if source == "rows":
+        saved = _row_sharded(state, Mesh(np.array(jax.devices()), ("data",)))
+        assert any(len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
+                   for a in jax.tree.leaves(saved.params))
+    else:
+        saved = parallel.make_strategy(source, 8 if source == "sharded" else 1).prepare_state(state)
+    path = save_checkpoint(tmp_path, saved)
+    strategy = parallel.make_strategy(target, 8 if target == "sharded" else 1)
+    template = _state("mlp", seed=1)
+    restored, _ = restore_checkpoint(path, template, shardings=strategy.state_shardings(template))
+    _assert_bitwise(restored, state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(strategy.state_shardings(template))):
+        assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
+    assert strategy.prepare_state(restored) is restored  # already in the strategy's layout: nothing moves
+
+
 # -- real processes, real signals --------------------------------------------------------------
 
 JOB = ROOT / "tests" / "trainer_jobs" / "resume_job.py"
@@ -287,21 +398,26 @@ def _finish(proc):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sigkill_and_sigterm_at_several_points_then_resume_is_bitwise(tmp_path, data_dir):
     """One uninterrupted run beside a chain of runs killed at different points, each resumed
     from the previous one's last checkpoint (softmax, 10 steps/epoch, 3 epochs, checkpoint every
     3 steps and at epoch ends):
 
     1. SIGKILL mid-epoch, right after the step-15 checkpoint (epoch 2, batch 5);
-    2. SIGKILL during the step-18 save (arrays written, manifest and rename not): resumes 15;
-    3. SIGKILL at the end of epoch 2, after its checkpoint (step 20, position epoch 3 batch 0);
-    4. SIGTERM at step 24: saves and exits 0;
-    5. resumes at 24 with K = 1 instead of the whole epoch, and finishes.
+    2. SIGKILL during the step-18 save, its arrays and meta.json complete, the manifest not:
+       resumes 15;
+    3. SIGKILL from the training thread while the asynchronous step-18 save is being written:
+       resumes 15;
+    4. SIGKILL at the end of epoch 2, after its checkpoint (step 20, position epoch 3 batch 0);
+    5. SIGTERM at step 24: saves and exits 0;
+    6. resumes at 24 with K = 1 instead of the whole epoch, and finishes.
     """
     reference = _job(tmp_path / "ref", data_dir, "full.npz")
     chain = [
         (["--kill-at-step", "14"], -9, "None"),
         (["--resume", "--kill-during-save", "18"], -9, "step_000000015"),
+        (["--resume", "--kill-while-saving", "18"], -9, "step_000000015"),
         (["--resume", "--kill-at-epoch-end", "2"], -9, "step_000000015"),
         (["--resume", "--sigterm-at-step", "24"], 0, "step_000000020"),
         (["--resume", "--steps-per-execution", "1"], 0, "step_000000024"),
@@ -309,11 +425,14 @@ def test_sigkill_and_sigterm_at_several_points_then_resume_is_bitwise(tmp_path, 
     for i, (flags, expected_rc, _) in enumerate(chain):
         rc, log = _finish(_job(tmp_path, data_dir, f"run{i}.npz", *flags))
         assert rc == expected_rc, f"run {i} {flags}: exit {rc}\n{log[-3000:]}"
-        if i == 1:  # killed mid-save: a temp folder, never a step_000000018
-            names = [p.name for p in (tmp_path / "ckpt").iterdir()]
-            assert "step_000000018" not in names and any(n.startswith(".tmp-step_000000018") for n in names), names
-        if i == 3:
-            sigterm = json.loads((tmp_path / "run3.npz.json").read_text())
+        if i == 1:  # killed before the manifest: a step_000000018 that is never trusted
+            step18 = tmp_path / "ckpt" / "step_000000018"
+            assert (step18 / "meta.json").is_file() and not (step18 / "manifest.json").exists()
+        if i == 2:  # killed while the save was still being written
+            killed = json.loads((tmp_path / "run2.npz.killed.json").read_text())
+            assert killed["saving"] and killed["step"] == 18, killed
+        if i == 4:
+            sigterm = json.loads((tmp_path / "run4.npz.json").read_text())
             assert sigterm["interrupted"] and sigterm["step"] == 24
             assert (tmp_path / "ckpt" / "step_000000024").is_dir()
     for i, (_, expected_rc, restored) in enumerate(chain):
@@ -322,12 +441,12 @@ def test_sigkill_and_sigterm_at_several_points_then_resume_is_bitwise(tmp_path, 
             assert Path(info["restored_from"]).name == restored
     rc, log = _finish(reference)
     assert rc == 0, log[-3000:]
-    full, resumed = np.load(tmp_path / "ref" / "full.npz"), np.load(tmp_path / "run4.npz")
+    full, resumed = np.load(tmp_path / "ref" / "full.npz"), np.load(tmp_path / "run5.npz")
     assert sorted(full) == sorted(resumed)
     for k in full:
         assert full[k].tobytes() == resumed[k].tobytes(), k
     ref_info = json.loads((tmp_path / "ref" / "full.npz.json").read_text())
-    final = json.loads((tmp_path / "run4.npz.json").read_text())
+    final = json.loads((tmp_path / "run5.npz.json").read_text())
     assert final["step"] == ref_info["step"] == 30
     assert final["history"] == ref_info["history"]  # epoch means, across three restarts
 
@@ -361,3 +480,66 @@ def test_real_failing_writes_leave_the_previous_checkpoint_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["step_000000001"]
     restored, _, path = restore_latest(tmp_path, _state())
     _assert_bitwise(restored, _state(step=1))
+
+
+# -- several processes --------------------------------------------------------------------------
+
+MP_JOB = ROOT / "tests" / "trainer_jobs" / "multiprocess_ckpt_job.py"
+
+
+def _mp_job(out: Path, ckpt: Path, data_dir, *flags, nproc=2, devices=4):
+    """The job under ``jaxlight.launch`` (``nproc`` processes x ``devices`` CPU devices), or alone
+    (``nproc=1``, ``devices`` CPU devices)."""
+    from _support import run_module
+
+    job = [str(MP_JOB), "--data", str(data_dir), "--ckpt", str(ckpt), "--out", str(out), *flags]
+    if nproc > 1:
+        return run_module("jaxlight.launch", "--nproc", str(nproc), "--local-devices", str(devices), "--grace", "20",
+                          "--", *job, timeout=900)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, *job], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_processes_killed_mid_run_resume_bitwise_and_the_checkpoint_moves_to_1x8_and_1_device(tmp_path, data_dir):
+    """2 processes x 4 CPU devices (``sharded``), a checkpoint every 3 steps. Process 1 is
+    killed (SIGKILL) right after the step-9 save started; the launcher stops process 0. Both
+    restart with --resume from the newest complete checkpoint and end bit for bit where an
+    uninterrupted 2 x 4 run ends. Each process's manifest lists only the files it wrote (process
+    k > 0: its own ``ocdbt.process_k/`` shards). The step-12 checkpoint of the uninterrupted run
+    then resumes on 1 process x 8 devices and on 1 device, ending within the parallel tolerance
+    of it (another device count reorders the float32 sums)."""
+    from _support import PARALLEL_ATOL, PARALLEL_RTOL
+
+    ref = _mp_job(tmp_path / "ref", tmp_path / "ref-ckpt", data_dir)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    killed = _mp_job(tmp_path / "run", tmp_path / "ckpt", data_dir, "--kill-process", "1", "--kill-at-step", "9")
+    assert killed.returncode != 0 and "worker 1: SIGKILL after step 9" in killed.stdout, killed.stdout[-3000:]
+    resumed = _mp_job(tmp_path / "run", tmp_path / "ckpt", data_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    procs = [json.loads((tmp_path / "run" / f"process-{i}.json").read_text()) for i in range(2)]
+    assert [(p["processes"], p["devices"], p["step"]) for p in procs] == [(2, 8, 16)] * 2
+    assert Path(procs[0]["restored_from"]).name in ("step_000000006", "step_000000009")
+    full, got = np.load(tmp_path / "ref" / "params.npz"), np.load(tmp_path / "run" / "params.npz")
+    assert sorted(full) == sorted(got)
+    for k in full:
+        assert full[k].tobytes() == got[k].tobytes(), k
+    for p, name in zip(procs, ("manifest.json", "manifest.process_1.json")):
+        assert p["manifests"], p
+    ref_procs = [json.loads((tmp_path / "ref" / f"process-{i}.json").read_text()) for i in range(2)]
+    for step, files in ref_procs[1]["manifests"].items():
+        assert files and all("/ocdbt.process_1/" in f for f in files), (step, files)
+        assert not any("/ocdbt.process_1/" in f for f in ref_procs[0]["manifests"][step]), step
+
+    for devices in (8, 1):
+        ckpt = tmp_path / f"ckpt-{devices}"
+        ckpt.mkdir()
+        shutil.copytree(tmp_path / "ref-ckpt" / "step_000000012", ckpt / "step_000000012")
+        one = _mp_job(tmp_path / f"one-{devices}", ckpt, data_dir, "--resume", nproc=1, devices=devices)
+        assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+        info = json.loads((tmp_path / f"one-{devices}" / "process-0.json").read_text())
+        assert (info["devices"], info["step"], Path(info["restored_from"]).name) == (devices, 16, "step_000000012")
+        alone = np.load(tmp_path / f"one-{devices}" / "params.npz")
+        for k in full:
+            np.testing.assert_allclose(alone[k], full[k], rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL)

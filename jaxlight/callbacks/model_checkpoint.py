@@ -11,19 +11,22 @@ from pathlib import Path
 
 from jaxlight.callbacks.base import Callback
 from jaxlight.checkpoint import (CheckpointError, CheckpointWarning, CorruptCheckpointError, list_checkpoints,
-                                 lock_folder, prune_checkpoints, step_dir, verify_checkpoint)
+                                 lock_folder, step_dir, verify_checkpoint)
 
 __all__ = ["ModelCheckpoint"]
 
 
 class ModelCheckpoint(Callback):
     """Checkpoint every ``every_n_epochs`` epochs and/or every ``every_n_steps`` steps, and at
-    the end of ``fit`` if the last step was not saved yet.
+    the end of ``fit`` if the last step was not saved yet. Saves are asynchronous (training goes
+    on while one is written; the next save and the end of ``fit`` wait for it) and sharded:
+    every process writes the shards its devices hold.
 
     Kept on disk: the ``save_top_k`` best checkpoints by ``monitor`` (when given) and the
     ``keep_last`` most recent ones (at least 2, so that a corrupt latest checkpoint always has a
     good predecessor to fall back to; see ``jaxlight.checkpoint``). The other checkpoints this
-    run wrote are deleted after each successful save; checkpoints it did not write are never
+    run wrote are deleted once each new save's arrays are complete (by the Orbax
+    ``CheckpointManager``'s preservation policy, told which steps the run owns); checkpoints it did not write are never
     touched. Each run carries a ``run_id`` (kept across resumes), so a checkpoint already at a
     step being saved is replaced only when it is this run's; an intact checkpoint of another
     run (or a ``step_*`` symlink) stops the save with a ``CheckpointWriteError`` naming it, and
@@ -118,7 +121,9 @@ class ModelCheckpoint(Callback):
         return ranked[: self.save_top_k]
 
     def save(self, trainer, state) -> Path:
-        """Save now and prune; the bookkeeping is updated first so the checkpoint records itself."""
+        """Start a save (asynchronous: see ``Trainer.save_checkpoint``) that prunes the run's own
+        older checkpoints once complete; the bookkeeping is updated first so the checkpoint
+        records itself."""
         step = trainer.global_step
         before = (list(self.saved), dict(self.scores))
         replace = step in set(self.saved) | self._foreign  # (a folder this run wrote, or --overwrite's)
@@ -134,12 +139,11 @@ class ModelCheckpoint(Callback):
         self.saved = [s for s in self.saved if s in keep]
         self.scores = {s: v for s, v in self.scores.items() if s in keep}
         try:
-            path = trainer.save_checkpoint(state, self.dirpath, replace=replace)
+            # (the other checkpoints this run owns are deleted once this one's arrays are complete)
+            path = trainer.save_checkpoint(state, self.dirpath, replace=replace, keep_steps=keep, owned=owned)
         except Exception:
             self.saved, self.scores = before
             raise
-        if trainer.is_global_zero:  # (in a multi-process run only process 0 touches the folder)
-            prune_checkpoints(self.dirpath, keep, owned=owned)
         self._foreign = set()
         return path
 

@@ -6,13 +6,20 @@ ModelCheckpoint every 3 steps and at every epoch end. Writes the final parameter
 
     python tests/trainer_jobs/resume_job.py --data DIR --ckpt DIR --out FILE
         [--resume] [--kill-at-step N] [--kill-at-epoch-end E] [--kill-during-save N]
-        [--sigterm-at-step N] [--steps-per-execution K]
+        [--kill-while-saving N] [--sigterm-at-step N] [--steps-per-execution K]
+
+``--kill-during-save N``: SIGKILL once step N's arrays and meta.json are complete, before its
+manifest. ``--kill-while-saving N``: SIGKILL from the training thread right after step N's
+asynchronous save started, while it is still being written (its manifest is held back, so the
+save cannot finish first); ``<out>.killed.json`` records what the folder held at that moment.
 """
 
 import argparse
 import json
 import os
 import signal
+import threading
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -30,6 +37,14 @@ class Killer(Callback):
     def on_train_chunk_end(self, trainer, state, metrics):
         if self.args.kill_at_step and trainer.global_step >= self.args.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        n = self.args.kill_while_saving
+        if n and trainer.global_step == n:  # (ModelCheckpoint, first in the list, has just started its save)
+            saver = trainer.checkpoint_saver(self.args.ckpt)
+            names = sorted(p.name for p in Path(self.args.ckpt).iterdir())
+            with open(self.args.out + ".killed.json", "w") as f:
+                json.dump({"saving": bool(saver and saver.is_saving), "step": trainer.global_step,
+                           "names": names}, f)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.args.sigterm_at_step and trainer.global_step == self.args.sigterm_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -43,8 +58,8 @@ def main():
     for flag in ("--data", "--ckpt", "--out"):
         p.add_argument(flag, required=True)
     p.add_argument("--resume", action="store_true")
-    for flag in ("--kill-at-step", "--kill-at-epoch-end", "--kill-during-save", "--sigterm-at-step",
-                 "--steps-per-execution"):
+    for flag in ("--kill-at-step", "--kill-at-epoch-end", "--kill-during-save", "--kill-while-saving",
+                 "--sigterm-at-step", "--steps-per-execution"):
         p.add_argument(flag, type=int)
     args = p.parse_args()
 
@@ -52,12 +67,22 @@ def main():
         write_manifest = checkpoint._write_manifest
 
         def dying_write_manifest(folder):
-            # The arrays and meta.json are on disk, the manifest and the rename are not.
+            # The arrays and meta.json are on disk (renamed into place), the manifest is not.
             if json.loads((folder / "meta.json").read_text())["step"] == args.kill_during_save:
                 os.kill(os.getpid(), signal.SIGKILL)
             write_manifest(folder)
 
         checkpoint._write_manifest = dying_write_manifest
+    if args.kill_while_saving:
+        write_manifest = checkpoint._write_manifest
+
+        def held_write_manifest(folder):
+            # Step N's save stays unfinished until the training thread kills the process.
+            if json.loads((folder / "meta.json").read_text())["step"] == args.kill_while_saving:
+                threading.Event().wait()
+            write_manifest(folder)
+
+        checkpoint._write_manifest = held_write_manifest
 
     train, _ = load_mnist(args.data)
     data = ArrayDataset(train.images[:640], train.labels[:640])
