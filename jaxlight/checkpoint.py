@@ -341,7 +341,10 @@ def _manager(root: Path, policy=None):
     options = ocp.CheckpointManagerOptions(
         step_name_format=ocp.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=9),
         preservation_policy=policy or _RunOwned(root), enable_async_checkpointing=True, create=True,
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+        # The step's folder is made before save returns (a mkdir): a folder that cannot be
+        # written fails there, not in background threads that would wait for it.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     return ocp.CheckpointManager(root.absolute(), item_names=("arrays",), options=options)
 
 
