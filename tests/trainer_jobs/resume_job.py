@@ -8,7 +8,8 @@ ModelCheckpoint every 3 steps and at every epoch end. Writes the final parameter
         [--resume] [--kill-at-step N] [--kill-at-epoch-end E] [--kill-during-save N]
         [--kill-while-saving N] [--sigterm-at-step N] [--steps-per-execution K]
 
-``--kill-during-save N``: SIGKILL once step N's arrays and meta.json are complete, before its
+``--kill-at-step`` and ``--kill-at-epoch-end`` kill once the checkpoint just started is
+complete. ``--kill-during-save N``: SIGKILL once step N's arrays and meta.json are complete, before its
 manifest. ``--kill-while-saving N``: SIGKILL from the training thread right after step N's
 asynchronous save started, while it is still being written (its manifest is held back, so the
 save cannot finish first); ``<out>.killed.json`` records what the folder held at that moment.
@@ -34,8 +35,15 @@ class Killer(Callback):
     def __init__(self, args):
         self.args = args
 
+    def _saved(self, trainer):
+        """Wait until the save just started is complete: these kills come after a checkpoint."""
+        saver = trainer.checkpoint_saver(self.args.ckpt)
+        if saver is not None:
+            saver.wait()
+
     def on_train_chunk_end(self, trainer, state, metrics):
         if self.args.kill_at_step and trainer.global_step >= self.args.kill_at_step:
+            self._saved(trainer)
             os.kill(os.getpid(), signal.SIGKILL)
         n = self.args.kill_while_saving
         if n and trainer.global_step == n:  # (ModelCheckpoint, first in the list, has just started its save)
@@ -50,6 +58,7 @@ class Killer(Callback):
 
     def on_epoch_end(self, trainer, state, metrics):
         if self.args.kill_at_epoch_end and trainer.epoch == self.args.kill_at_epoch_end:
+            self._saved(trainer)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
