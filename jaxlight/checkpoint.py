@@ -431,15 +431,15 @@ class CheckpointSaver:
         """
         self.wait()
         t0 = time.perf_counter()
+        from jaxlight import parallel
+
         leaves = _leaves(state)
-        values = [v if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
+        values = [parallel.as_global_array(v) if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
         for (name, _), ok in zip(leaves, _floats_finite(values)):
             if not ok:
                 raise CheckpointError(f"refusing to save a checkpoint to {self.root}: state{name} holds NaN or Inf")
         step = int(np.asarray(state.step))  # (replicated: readable in every process)
         final = step_dir(self.root, step)
-        from jaxlight import parallel
-
         # (process 0 decides, as only it looks at the folder; every process stops, or none)
         blocked = jax.process_index() == 0 and not replace and (final.exists() or final.is_symlink())
         if parallel.any_process(blocked):

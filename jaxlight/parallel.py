@@ -79,6 +79,7 @@ __all__ = [
     "is_multiprocess",
     "barrier",
     "any_process",
+    "as_global_array",
 ]
 
 AXIS = "data"
@@ -199,6 +200,24 @@ def _put_global(x, sharding: NamedSharding):
 
 # --------------------------------------------------------------------------------------------
 # State layout and conversion
+
+
+def as_global_array(a):
+    """``a`` as an array over every process's devices, the form a multi-process checkpoint
+    writes. An array that already spans processes is returned as it is; a host-local replicated
+    one (``pmap``'s state in a multi-process run: each process holds the whole value on its own
+    devices) becomes the same value replicated over all devices, with no copy between hosts."""
+    if not is_multiprocess() or not isinstance(a, jax.Array) or not a.is_fully_addressable:
+        return a
+    if not a.is_fully_replicated:
+        raise ParallelError(f"cannot make a global array of a host-local array that is not replicated "
+                            f"(shape {a.shape}, sharding {a.sharding})")
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), (AXIS,)), P())
+    mine = {s.device: s.data for s in a.addressable_shards}
+    first = a.addressable_shards[0].data
+    local = [mine[d] if d in mine else jax.device_put(first, d) for d in sharding.addressable_devices]
+    return jax.make_array_from_single_device_arrays(a.shape, sharding, local)
+
 
 
 def layout_of(state: TrainState) -> str:
