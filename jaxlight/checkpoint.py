@@ -363,19 +363,17 @@ class _RunOwned:
                 for c in checkpoints]
 
 
-def _floats_finite(values) -> list[bool]:
-    """Whether each floating leaf is finite, reduced where it lives (no leaf leaves its devices)."""
-    def finite(x):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.all(jnp.isfinite(x.astype(jnp.float32)))
-        return jnp.asarray(True)
-
-    return [bool(b) for b in jax.device_get(jax.jit(lambda vs: [finite(v) for v in vs])(values))]
+def _finite(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.all(jnp.isfinite(x.astype(jnp.float32)))
+    return jnp.asarray(True)
 
 
-# A copy made on the devices, by one compiled program per state structure: the async save reads
-# it while the next steps run, and those steps donate (overwrite) the state's own buffers.
-_snapshot = jax.jit(lambda values: [jnp.copy(v) for v in values])
+# One compiled program per state structure: a copy of every leaf made on its devices (the async
+# save reads it while the next steps run, and those steps donate, i.e. overwrite, the state's
+# own buffers) and whether each floating leaf is finite, reduced where it lives (no leaf leaves
+# its devices for the check).
+_snapshot = jax.jit(lambda values: ([jnp.copy(v) for v in values], [_finite(v) for v in values]))
 
 
 class CheckpointSaver:
@@ -435,7 +433,8 @@ class CheckpointSaver:
 
         leaves = _leaves(state)
         values = [parallel.as_global_array(v) if isinstance(v, jax.Array) else jnp.asarray(v) for _, v in leaves]
-        for (name, _), ok in zip(leaves, _floats_finite(values)):
+        copies, finite = _snapshot(values)
+        for (name, _), ok in zip(leaves, jax.device_get(finite)):
             if not ok:
                 raise CheckpointError(f"refusing to save a checkpoint to {self.root}: state{name} holds NaN or Inf")
         step = int(np.asarray(state.step))  # (replicated: readable in every process)
@@ -467,7 +466,7 @@ class CheckpointSaver:
         import orbax.checkpoint as ocp
 
         try:
-            arrays = dict(zip((f"{i:06d}" for i in range(len(values))), _snapshot(values)))
+            arrays = dict(zip((f"{i:06d}" for i in range(len(values))), copies))
             manager.save(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays)), force=True)
         except Exception as exc:  # noqa: BLE001 - any failure to start the write is reported the same way
             self._failed(final, exc)

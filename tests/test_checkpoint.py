@@ -282,11 +282,12 @@ def test_an_async_save_overlaps_the_next_steps_and_the_next_save_and_fit_wait_fo
     """Step 2's save is held unfinished (its manifest waits) until training has run step 3: the
     training step runs while the save is being written, which a synchronous save could not
     allow (it would wait forever, and the probe would see no pending save). The save at step 4
-    and the end of ``fit`` each find the previous save complete."""
+    and the end of ``fit`` each find the previous save complete, and step 2's checkpoint holds
+    step 2's values though the steps after it donated (overwrote) the state's buffers."""
     from jaxlight.callbacks import Callback, ModelCheckpoint
     from jaxlight.trainer import Trainer, TrainerConfig
 
-    release, seen = __import__("threading").Event(), []
+    release, seen, at_step = __import__("threading").Event(), [], {}
     real = checkpoint._write_manifest
 
     def held(folder):
@@ -304,6 +305,9 @@ def test_an_async_save_overlaps_the_next_steps_and_the_next_save_and_fit_wait_fo
             saver = trainer.checkpoint_saver(tmp_path)
             step2 = tmp_path / "step_000000002" / "manifest.json"
             seen.append((trainer.global_step, bool(saver and saver.is_saving), step2.exists()))
+            if trainer.global_step == 2:  # (a host copy: the next step donates these buffers)
+                at_step[2] = jax.tree.map(lambda a: np.array(jax.random.key_data(a) if jnp.issubdtype(
+                    a.dtype, jax.dtypes.prng_key) else a), state)
             if trainer.global_step == 3:
                 __import__("threading").Timer(0.3, release.set).start()
 
@@ -320,6 +324,9 @@ def test_an_async_save_overlaps_the_next_steps_and_the_next_save_and_fit_wait_fo
     verify_checkpoint(tmp_path / "step_000000006")  # complete when fit returned
     restored, _ = restore_checkpoint(tmp_path / "step_000000006", _state())
     _assert_bitwise(restored, final)
+    # Step 2's arrays are the state of step 2, though steps 3 and 4 overwrote its buffers meanwhile.
+    restored, _ = restore_checkpoint(tmp_path / "step_000000002", _state())
+    _assert_bitwise(restored, at_step[2])
 
 
 def test_a_save_never_gathers_an_array_to_the_host(tmp_path, monkeypatch):
