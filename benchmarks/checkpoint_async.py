@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             checkpoint.save_checkpoint(root / f"sync-{r}", state)
             sync = time.perf_counter() - t0
-            runs.append({"no_save_step_s": no_save, "during_save_step_s": during,
+            runs.append({"load_after": list(os.getloadavg()), "no_save_step_s": no_save, "during_save_step_s": during,
                          "save_blocking_s": saver.last_save_seconds["blocking"],
                          "save_total_s": saver.last_save_seconds["total"], "sync_save_s": sync})
             shutil.rmtree(root / f"async-{r}", ignore_errors=True)
