@@ -498,7 +498,8 @@ class Trainer:
         if ckpt_path is not None:
             state = self.load_weights(state, ckpt_path)
         state = self._for_evaluation(state)
-        self._val = prepare_source(state, data, "validation set", self.config.eval_batch_size, self.strategy, mode="eval")
+        self._val = prepare_source(state, data, "validation set", self.config.eval_batch_size, self.strategy,
+                                   mode="eval")
         return self._validate(state)
 
     def test(self, state: TrainState, data, ckpt_path: str | Path | None = None) -> dict:
