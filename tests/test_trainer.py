@@ -127,7 +127,7 @@ def test_data_too_big_for_the_device_streams_through_train_step(small, monkeypat
     monkeypatch.setattr(ArrayDataset, "fits_on_device", lambda self, *a, **k: False)
     trainer = Trainer(_config(max_epochs=2, steps_per_execution=2))
     state = trainer.fit(_state(tx=SGD), train, val)
-    assert not isinstance(trainer._train.x, jax.Array)  # really stayed on the host
+    assert not isinstance(trainer._train.data.x, jax.Array)  # really stayed on the host
     assert _bytes(state.params) == _bytes(expected.params)  # the streamed path is the fused one, bit for bit
     assert_matches_reference(state, reference_fit(_state(tx=SGD), train, 2, optax.sgd(1.0)))
 
