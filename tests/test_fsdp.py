@@ -97,8 +97,8 @@ def assert_bitwise_equal(actual, expected):
 
 # --- the same numbers as single and sharded -------------------------------------------------
 
-# The fast tier: mlp and cnn on 2 and 8 devices; the whole sweep is in the slow tier.
-FAST_SWEEP = {(2, "mlp"), (8, "mlp"), (2, "cnn"), (8, "cnn")}
+# The fast tier: mlp on 2 and 8 devices, cnn on 8; the whole sweep is in the slow tier.
+FAST_SWEEP = {(2, "mlp"), (8, "mlp"), (8, "cnn")}
 
 
 @pytest.mark.parametrize(("devices", "model"), [
@@ -239,8 +239,10 @@ def test_fsdp_state_shardings_work_on_abstract_states():
     strategy = parallel.make_strategy("fsdp", 4)
     abstract = jax.eval_shape(lambda: new_state("mlp"))
     shardings = strategy.state_shardings(abstract)
-    kernel = shardings.params["fc1"]["kernel"][...]
+    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    kernel = by_path[".params['fc1']['kernel'].value"]
     assert tuple(kernel.spec) == ("data",) and kernel.mesh.devices.size == 4
+    assert tuple(by_path[".params['fc2']['bias'].value"].spec) == ()
     assert tuple(shardings.step.spec) == () and tuple(shardings.rng.spec) == ()
 
 
@@ -301,11 +303,14 @@ def test_fsdp_epochs_compile_once(devices, subsets):
     first one's programs."""
     train, _ = subsets["mlp"]
     strategy = parallel.make_strategy("fsdp", devices)
+    # An optimizer no other test uses: its programs are compiled here, not reused.
+    state = create_train_state(build_model("mlp", 0), optim.adam(0.00123 * devices), tasks.multiclass(), seed=0)
     after_epoch = []
     with count_compilations() as compiled:
-        state, _ = loop.fit(new_state("mlp"), train, 3, BATCH, steps_per_call=7, strategy=strategy,
+        state, _ = loop.fit(state, train, 3, BATCH, steps_per_call=7, strategy=strategy,
                             on_epoch=lambda r: after_epoch.append(len(compiled)))
     assert int(state.step) == 21
+    assert after_epoch[0] > 0
     assert after_epoch[0] == after_epoch[1] == after_epoch[2]
 
 
