@@ -744,11 +744,12 @@ class Fsdp(Sharded):
     replicated.
 
     The programs are ``sharded``'s: ``jax.jit`` of the one pure step on global arrays, with
-    each new state pinned to this layout (``with_sharding_constraint``) after every step. XLA's
-    partitioner all-gathers a layer's parameters where the step uses them and reduce-scatters
-    the gradients to the shards the optimizer updates. The arithmetic is one device's on the
-    global batch; only the order of the float32 sums can differ (a matmul contracting a split
-    dimension sums partial products across devices), as it does under ``sharded``.
+    each new state pinned to this layout (``with_sharding_constraint``) after every step, so it
+    leaves a step as it entered and the compiled programs are reused. XLA's SPMD partitioner
+    picks the collectives: it all-gathers a layer's parameters where the step uses them, or
+    keeps them split and gathers the (smaller) activations instead. The arithmetic is one
+    device's on the global batch; only the order of the float32 sums can differ (a matmul
+    contracting a split dimension sums partial products across devices), as under ``sharded``.
     """
 
     name: str = "fsdp"
