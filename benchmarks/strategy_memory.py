@@ -86,12 +86,13 @@ def bytes_per_device(tree, devices) -> list[int]:
 
 
 def run_one(name: str, devices: int, batch: dict, args) -> dict:
+    widths = tuple(args.widths)
     import jax
 
     from jaxlight import create_train_state, optim, parallel, tasks
 
     strategy = parallel.make_strategy(name, devices if name != "single" else None)
-    state = create_train_state(wide_mlp(WIDTHS, 0), optim.adam(1e-3), tasks.multiclass(), 0)
+    state = create_train_state(wide_mlp(widths, 0), optim.adam(1e-3), tasks.multiclass(), 0)
     state = strategy.prepare_state(state)
     per_device = bytes_per_device((state.params, state.opt_state), strategy.devices)
     analysis = strategy.lower_train_step(state, batch).compile().memory_analysis()
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for strategy_memory.json")
     parser.add_argument("--strategies", nargs="+", default=["single", "sharded", "fsdp"])
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS),
+                        help="the MLP's layer widths, input 784 first (default: 784 4096 4096 10)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
@@ -161,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     batch = {"x": rng.integers(0, 256, (args.batch_size, 28, 28), dtype=np.uint8),
              "y": rng.integers(0, 10, args.batch_size).astype(np.int32)}
-    abstract = jax.eval_shape(lambda: create_train_state(wide_mlp(WIDTHS, 0), optim.adam(1e-3), tasks.multiclass(), 0))
+    if len(args.widths) < 2 or args.widths[0] != 784:
+        parser.error(f"--widths must start with the input width 784 and hold at least 2 widths, got {args.widths}")
+    widths = tuple(args.widths)
+    abstract = jax.eval_shape(lambda: create_train_state(wide_mlp(widths, 0), optim.adam(1e-3), tasks.multiclass(), 0))
     n = jax.device_count()
     result = {
         "environment": {
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "timed": not args.no_timing,
         },
         "model": {
-            "widths": list(WIDTHS),
+            "widths": list(widths),
             "optimizer": "adam",
             "batch_size": args.batch_size,
             "params_bytes": state_bytes(abstract.params),
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     print(f"{n} x {result['environment']['device_kind']} ({result['environment']['backend']}), "
-          f"MLP {'-'.join(map(str, WIDTHS))}: params + Adam state {_mb(result['model']['params_and_opt_state_bytes'])} MB",
+          f"MLP {'-'.join(map(str, widths))}: params + Adam state {_mb(result['model']['params_and_opt_state_bytes'])} MB",
           flush=True)
     for name in args.strategies:
         for count in ([1] if name == "single" else sorted({1, n})):
