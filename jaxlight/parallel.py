@@ -455,7 +455,7 @@ class _Replicated(Strategy):
         # "equivalent" to the replicated layout, but jit keys its cache on commitment, so the
         # second epoch (fed the committed outputs of the first) would compile everything again.
         return (isinstance(a, jax.Array) and a.committed
-                and a.sharding.is_equivalent_to(self.replicated, a.ndim))
+                and (a.sharding == self.replicated or a.sharding.is_equivalent_to(self.replicated, a.ndim)))
 
     def prepare_state(self, state: TrainState) -> TrainState:
         # Every leaf: an ``fsdp`` state has a replicated step but split parameters.
