@@ -12,7 +12,7 @@ often the host gets control (K = 1: every step; K = an epoch: once per epoch, th
 dense models; the default follows ``jaxlight.step.default_steps_per_call``). Chunks also end on
 the steps that validation or checkpointing asked for, so those happen exactly where requested.
 
-Data parallelism is one config field (``strategy="pmap"|"sharded"``, ``devices=n``): the chunk
+Data parallelism is one config field (``strategy="pmap"|"sharded"|"fsdp"``, ``devices=n``): the chunk
 is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
 same numbers to float32 rounding; nothing else in the loop changes. Checkpoints hold a plain
 single-device state, so a run resumes under any strategy and device count.
@@ -106,11 +106,13 @@ class TrainerConfig:
             ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True). In a
             multi-process run a SIGTERM to any process stops all of them at the same step.
         enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
-        strategy: "single", "pmap" or "sharded" (``jaxlight.parallel``): the global batch of
-            ``batch_size`` examples is split over ``devices`` devices, gradients and metrics are
-            reduced over all of them, parameters stay replicated. Results match one device
-            within float32 rounding (``tests/test_trainer_parallel.py``); checkpoints hold a
-            plain single-device state, so they restore under any strategy and device count.
+        strategy: "single", "pmap", "sharded" or "fsdp" (``jaxlight.parallel``): the global
+            batch of ``batch_size`` examples is split over ``devices`` devices, gradients and
+            metrics are reduced over all of them; parameters and optimizer state stay
+            replicated, except under "fsdp", which splits them over the devices (each holds
+            about 1/n). Results match one device within float32 rounding
+            (``tests/test_trainer_parallel.py``); checkpoints restore under any strategy and
+            device count.
         devices: how many devices (default: 1 for "single", every device otherwise; a
             multi-process run always uses every process's devices).
         check_finite: before training, scan the floating leaves of an ``ArrayDataset`` once
