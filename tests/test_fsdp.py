@@ -97,8 +97,9 @@ def assert_bitwise_equal(actual, expected):
 
 # --- the same numbers as single and sharded -------------------------------------------------
 
-# The fast tier: mlp on 2 and 8 devices, cnn on 8; the whole sweep is in the slow tier.
-FAST_SWEEP = {(2, "mlp"), (8, "mlp"), (8, "cnn")}
+# The fast tier: mlp on 8 devices (the BatchNorm user model on 4 below); the whole sweep is in
+# the slow tier.
+FAST_SWEEP = {(8, "mlp")}
 
 
 @pytest.mark.parametrize(("devices", "model"), [
@@ -356,6 +357,7 @@ def trainer_config(**kw):
     return TrainerConfig(**{"batch_size": BATCH, "max_epochs": 2, "enable_progress_bar": False, **kw})
 
 
+@pytest.mark.slow  # fast counterpart: test_cli_trains_under_fsdp_and_resumes_under_other_layouts (the Trainer through main)
 def test_trainer_resumes_an_fsdp_checkpoint_under_other_layouts(subsets, tmp_path):
     """``strategy="fsdp"`` in the Trainer: stopped at step 10 on 8 devices, resumed on 8
     (bitwise the uninterrupted fsdp run), on 2 and on one device (to the tolerance)."""
