@@ -1,4 +1,4 @@
-"""Train mlp and cnn under the single, pmap and sharded strategies; write one JSON of results.
+"""Train mlp and cnn under the single, pmap, sharded and fsdp strategies; write one JSON of results.
 
 On the GPU machine (one short run, a few minutes; the first epoch includes compilation):
 
@@ -11,8 +11,7 @@ On a CPU, tiny (a 1024-example subset, a few seconds per run plus compilation):
 Each run trains ``--epochs`` epochs (default 3) on MNIST; epoch 1 includes compilation, the
 last epoch is the steady-state time (``steady_epoch_s``, and ``examples_per_s`` from it).
 ``compiles_after_first_epoch`` counts XLA compilations after epoch 1: anything but 0 means the
-steady epoch timed a compiler, not training (how the first H200 run's pmap/sharded epochs came
-out 15-40x slower than single: a 1-device mesh recompiled in epoch 2, fixed since). Every
+steady epoch timed a compiler, not training. Every
 strategy runs on 1 device and, where more exist, on all of them. ``max_abs_param_diff`` is the
 largest difference of the final parameters from the ``single`` run of the same model: the
 strategies compute the same thing, so it should stay around 1e-5 or below.
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for strategies.json")
     parser.add_argument("--tiny", action="store_true", help="a 1024/500-example subset (CPU smoke run)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--strategies", nargs="+", default=["single", "pmap", "sharded"])
+    parser.add_argument("--strategies", nargs="+", default=["single", "pmap", "sharded", "fsdp"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data-dir", default=os.environ.get("JAXLIGHT_DATA"))

@@ -86,8 +86,10 @@ def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.Ar
 
 def parallel_flags(p: argparse.ArgumentParser) -> None:
     """``--strategy``, ``--devices``, ``--distributed`` (``jaxlight.parallel``); JAX only."""
-    p.add_argument("--strategy", choices=["single", "pmap", "sharded"], default="single",
-                   help="data parallelism: one device, jax.pmap, or jit over a device mesh")
+    p.add_argument("--strategy", choices=["single", "pmap", "sharded", "fsdp"], default="single",
+                   help="data parallelism: one device, jax.pmap, jit over a device mesh with the "
+                        "state replicated (sharded), or with parameters and optimizer state split "
+                        "over the devices too (fsdp)")
     p.add_argument("--devices", type=int,
                    help="devices to split each batch over (default: 1 for single, all otherwise); "
                         "on the CPU this many fake devices are created")

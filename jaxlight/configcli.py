@@ -139,14 +139,14 @@ def run_command(command: str, argv: list[str]) -> dict | None:
                               f"choose another folder")
     state = create_train_state(run.model, run.tx, run.loss_fn, run.seed)
     # The loss on the first batch of each split, before anything is written (BatchError names
-    # the leaf); the Trainer's own check in fit then finds it done.
-    from jaxlight.loop import as_source, check_data
+    # the leaf); cheap: no NaN scan here (the Trainer does it once, in fit).
+    from jaxlight.loop import Source
 
     for name, part, size in (("training set", run.train, run.trainer_config.batch_size),
                              ("validation set", run.val, run.trainer_config.eval_batch_size),
                              ("test set", run.test, run.trainer_config.eval_batch_size)):
         if part is not None and (command != "predict" or name == "test set"):
-            check_data(state, as_source(part, name), name, size, check_finite=False)
+            Source(part, name, size).check(state, check_finite=False)
     out = _out_dir(run)
     from jaxlight.commands import prepare_output_dir
 

@@ -34,7 +34,9 @@ from pathlib import Path
 
 from flax import nnx
 
-from jaxlight import checkpoint as ckpt
+# jaxlight.checkpoint (and the TrainState it saves) is imported inside the functions that read
+# checkpoints: the models import this module for save_hyperparameters, and sit below the state
+# in the import order (data -> models -> state -> step).
 
 __all__ = ["HParams", "best_checkpoint", "class_path", "import_path", "load_from_checkpoint", "model_record",
            "resolve_checkpoint", "run_record", "save_hyperparameters", "versions"]
@@ -207,6 +209,8 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _good(candidates: list[Path]) -> Path | None:
+    from jaxlight import checkpoint as ckpt
+
     for path in reversed(candidates):
         try:
             ckpt.verify_checkpoint(path)
@@ -224,6 +228,8 @@ def best_checkpoint(root: str | os.PathLike) -> Path:
         CheckpointError: no good checkpoint, the monitored metric was never computed, or the
             best one is gone.
     """
+    from jaxlight import checkpoint as ckpt
+
     root = Path(root)
     newest = _good(ckpt.list_checkpoints(root))
     if newest is None:
@@ -249,6 +255,8 @@ def best_checkpoint(root: str | os.PathLike) -> Path:
 def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
     """One ``step_*`` folder: ``path`` itself when it is one, else under the folder ``path``
     the newest good checkpoint (``which="last"``) or the best (``which="best"``)."""
+    from jaxlight import checkpoint as ckpt
+
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     path = Path(path)
@@ -269,6 +277,8 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
 
 def build_recorded_model(record: dict, seed: int = 0, where: str = "checkpoint"):
     """A fresh module from ``{"class_path", "init_args"}``, with ``nnx.Rngs(seed)``."""
+    from jaxlight import checkpoint as ckpt
+
     try:
         cls = import_path(record["class_path"])
     except ImportError as exc:
@@ -304,6 +314,8 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best"):
         >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")  # doctest: +SKIP
         >>> logits = model(x)                                                           # doctest: +SKIP
     """
+    from jaxlight import checkpoint as ckpt
+
     folder = resolve_checkpoint(path, which)
     meta, _ = ckpt._verified_meta(folder)
     record = meta.get("hparams") or {}

@@ -1,8 +1,8 @@
-"""Data parallelism behind one switch: ``single``, ``pmap`` or ``sharded``; multi-process setup.
+"""Data parallelism behind one switch: ``single``, ``pmap``, ``sharded`` or ``fsdp``; multi-process setup.
 
 Every pmap / sharding / multi-host line of jaxlight lives in this module.
 
-All three strategies compute the same thing as one device on the whole global batch:
+Every strategy computes the same thing as one device on the whole global batch:
 
 - The global batch of ``B`` examples is cut into ``n`` contiguous slices of ``B / n`` rows,
   slice ``d`` on device ``d`` (``B`` must divide by ``n``: :class:`ParallelError` otherwise).
@@ -21,14 +21,21 @@ All three strategies compute the same thing as one device on the whole global ba
   batch's mask and keeps its own rows (``jaxlight.step``).
 - Metrics are example-weighted means over every device, ``count`` the global number of real
   examples, exactly the dict a single-device step returns.
-- Parameters, optimizer state, step and keys stay replicated.
+- Under ``pmap`` and ``sharded`` parameters, optimizer state, step and keys stay replicated.
+  ``fsdp`` (:class:`Fsdp`) runs ``sharded``'s programs with every array of the state that can
+  be split (parameters, optimizer state, BatchNorm statistics) split over the devices along
+  its largest dimension divisible by their number (:func:`fsdp_spec`), so each device holds
+  about ``1/n`` of it; XLA gathers what a step needs. Scalars (``step``, the optimizer's
+  count) and keys stay replicated.
 
-One state layout for both parallel strategies: every leaf of the ``TrainState`` is a replicated
-``jax.Array`` (``NamedSharding(mesh, P())``, no leading device axis). ``jax.jit`` takes it as it
-is and ``jax.pmap`` takes it with ``in_axes=None`` and returns it with ``out_axes=None`` (both
-are free: no copy, measured on jax 0.10.2). So ``int(state.step)``, ``state.rng`` and
-checkpointing read the same under every strategy, and a state moves between strategies and
-device counts with :func:`shard_state` / :func:`to_host_state`.
+The state layouts: under ``pmap`` and ``sharded`` every leaf of the ``TrainState`` is a
+replicated ``jax.Array`` (``NamedSharding(mesh, P())``, no leading device axis). ``jax.jit``
+takes it as it is and ``jax.pmap`` takes it with ``in_axes=None`` and returns it with
+``out_axes=None`` (both are free: no copy, measured on jax 0.10.2). Under ``fsdp`` each leaf is
+a ``jax.Array`` with the ``NamedSharding`` that :meth:`Strategy.state_shardings` names. In
+every layout the leaves are global arrays of the single-device shapes, so ``int(state.step)``,
+``state.rng`` and checkpointing read the same under every strategy, and a state moves between
+strategies and device counts with :func:`shard_state` / :func:`to_host_state`.
 
 The dataset, when it lives on the devices (the fused path), is replicated too: each step
 gathers its batch from it by index, on every device, with no host transfer.
@@ -69,6 +76,8 @@ __all__ = [
     "SingleDevice",
     "Pmap",
     "Sharded",
+    "Fsdp",
+    "fsdp_spec",
     "make_strategy",
     "get_strategy",
     "select_devices",
@@ -85,7 +94,7 @@ __all__ = [
 AXIS = "data"
 """The mesh axis (and pmap axis name) the batch is split over."""
 
-STRATEGIES = ("single", "pmap", "sharded")
+STRATEGIES = ("single", "pmap", "sharded", "fsdp")
 
 # Environment the launcher (jaxlight.launch) sets for each process it starts.
 ENV_COORDINATOR = "JAXLIGHT_COORDINATOR"
@@ -222,19 +231,31 @@ def as_global_array(a):
 
 def layout_of(state: TrainState) -> str:
     """``"single"`` when the state lives on one device, ``"replicated"`` when it is replicated
-    over several (the layout of both ``pmap`` and ``sharded``), ``"host"`` for numpy arrays
-    (``jax.device_get`` of a state)."""
+    over several (the layout of both ``pmap`` and ``sharded``), ``"fsdp"`` when some leaf is
+    split over several (:class:`Fsdp`), ``"host"`` for numpy arrays (``jax.device_get`` of a
+    state)."""
     if not isinstance(state.step, jax.Array):
         return "host"
-    devices = state.step.sharding.device_set
-    return "single" if len(devices) == 1 else "replicated"
+    if len(state.step.sharding.device_set) == 1:
+        return "single"
+    split = any(isinstance(a, jax.Array) and not a.is_fully_replicated for a in jax.tree.leaves(state))
+    return "fsdp" if split else "replicated"
 
 
 def _local_copy(a, device):
+    """The whole of ``a`` on ``device``: a copy of one shard when every device holds all of it,
+    else the shards gathered (in a multi-process run through an all-gather that every process
+    must reach in the same order, as it does in :func:`to_host_state`)."""
     if not isinstance(a, jax.Array):
         return a
-    shard = a.addressable_shards[0].data  # the whole array: every device holds all of it
-    return jax.device_put(shard, device)
+    if not a.is_fully_replicated:
+        if a.is_fully_addressable:
+            return jax.device_put(a, device)
+        mesh = getattr(a.sharding, "mesh", None)
+        if mesh is None:  # pragma: no cover - jaxlight's layouts are NamedShardings
+            raise ParallelError(f"cannot gather an array with sharding {a.sharding}")
+        a = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))(a)
+    return jax.device_put(a.addressable_shards[0].data, device)
 
 
 def to_host_state(state: TrainState, device: jax.Device | None = None) -> TrainState:
@@ -245,7 +266,9 @@ def to_host_state(state: TrainState, device: jax.Device | None = None) -> TrainS
     (identical) copy on its first local device.
 
     Args:
-        state: a state in any layout (single, or replicated by ``pmap`` / ``sharded``).
+        state: a state in any layout (single, replicated by ``pmap`` / ``sharded``, split by
+            ``fsdp``: its shards are gathered, so the whole state must fit ``device``; in a
+            multi-process run every process must call this).
         device: where to put it (default: this process's first device).
     """
     device = device or jax.local_devices()[0]
@@ -255,7 +278,7 @@ def to_host_state(state: TrainState, device: jax.Device | None = None) -> TrainS
 def shard_state(state: TrainState, strategy: "Strategy | str", devices=None) -> TrainState:
     """Lay ``state`` out for ``strategy`` (a name, with ``devices`` a count, or a Strategy).
 
-    Works from any layout: 8 devices -> 1, 2, 4 and back, ``pmap`` <-> ``sharded``.
+    Works from any layout: 8 devices -> 1, 2, 4 and back, ``pmap`` <-> ``sharded`` <-> ``fsdp``.
     """
     strategy = get_strategy(strategy, devices)
     return strategy.prepare_state(to_host_state(state))
@@ -270,7 +293,7 @@ class Strategy:
     """How a step runs on the devices. The epoch runner and the Trainer call only these methods.
 
     Attributes:
-        name: "single", "pmap" or "sharded".
+        name: "single", "pmap", "sharded" or "fsdp".
         devices: the devices the batch is split over (all processes' in a multi-process run).
 
     The methods, in the order a training run calls them:
@@ -290,6 +313,7 @@ class Strategy:
       ``(batch, mask)`` pairs.
     - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
       ``state_shardings(state)``: the target shardings to restore a checkpoint into.
+    - ``lower_train_step(state, batch)``: ``train_step``'s program, lowered (memory analysis).
     """
 
     name: str
@@ -322,6 +346,12 @@ class Strategy:
         checkpoint restore (e.g. Orbax's ``ArrayRestoreArgs(sharding=...)``) asks for to read a
         checkpoint straight into this layout, whatever layout wrote it."""
         return jax.tree.map(lambda _: self._state_sharding, state)
+
+    def lower_train_step(self, state: TrainState, batch, mask=None) -> jax.stages.Lowered:
+        """The program :meth:`train_step` runs for this state and batch, lowered, not run:
+        ``.compile().memory_analysis()`` gives its argument, output and temporary bytes per
+        device, ``.as_text()`` its HLO with the collectives XLA inserted."""
+        raise ParallelError(f"lower_train_step is not available for {self.name}")
 
     def process_rows(self, batch_size: int) -> slice:
         """The rows of a global batch that this process feeds (all of them in one process)."""
@@ -400,6 +430,10 @@ class SingleDevice(Strategy):
     def train_step(self, state, batch, mask=None):
         return _step.train_step(state, batch, mask)
 
+    def lower_train_step(self, state, batch, mask=None):
+        state = self.prepare_state(state)
+        return _step._train_step_jit.lower(state, *_step.check_batch(state, batch, mask))
+
     def accumulated_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         return _step.accumulated_chunk(state, data, idx, mask, steps, start, unroll=unroll)
 
@@ -440,10 +474,11 @@ class _Replicated(Strategy):
         # "equivalent" to the replicated layout, but jit keys its cache on commitment, so the
         # second epoch (fed the committed outputs of the first) would compile everything again.
         return (isinstance(a, jax.Array) and a.committed
-                and a.sharding.is_equivalent_to(self.replicated, a.ndim))
+                and (a.sharding == self.replicated or a.sharding.is_equivalent_to(self.replicated, a.ndim)))
 
     def prepare_state(self, state: TrainState) -> TrainState:
-        if self._is_replicated(state.step):
+        # Every leaf: an ``fsdp`` state has a replicated step but split parameters.
+        if all(self._is_replicated(a) for a in jax.tree.leaves(state)):
             return state
         if layout_of(state) != "single":
             state = to_host_state(state)
@@ -616,14 +651,29 @@ class Sharded(_Replicated):
 
     name: str = "sharded"
 
+    @property
+    def _state_out(self):
+        """The training programs' ``out_shardings`` for the state: one sharding for every leaf
+        here; :class:`Fsdp` pins each leaf inside the program instead (:meth:`_pinned`)."""
+        return self.replicated
+
+    def _pinned(self, step_fn):
+        """``step_fn(state, ...) -> (state, out)`` with the new state laid out as this strategy
+        keeps it (here ``out_shardings`` does that already)."""
+        return step_fn
+
     def _constrain(self, tree):
         # The gather from the replicated dataset would leave the batch's layout to XLA; pin it
         # to the batch split so each device computes only its rows.
         return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
 
+    def _jit_train(self, fn, **kwargs):
+        """A training program: state donated, ``(state, metrics)`` out in this layout."""
+        return jax.jit(fn, out_shardings=(self._state_out, self.replicated), donate_argnums=0, **kwargs)
+
     @functools.cached_property
     def _train_step(self):
-        return jax.jit(_step.apply_train_step, out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        return self._jit_train(self._pinned(_step.apply_train_step))
 
     @functools.cached_property
     def _eval_step(self):
@@ -634,15 +684,14 @@ class Sharded(_Replicated):
 
     @functools.lru_cache(maxsize=None)
     def _window_step(self, unroll: bool):
-        return jax.jit(functools.partial(_step.apply_accumulated_step, unroll=unroll),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        return self._jit_train(self._pinned(functools.partial(_step.apply_accumulated_step, unroll=unroll)))
 
     @functools.cached_property
     def _accumulated_chunk_jit(self):
         def fn(state, data, idx, mask, start, steps, unroll):
-            body = functools.partial(_step.apply_accumulated_step, unroll=unroll)
+            body = self._pinned(functools.partial(_step.apply_accumulated_step, unroll=unroll))
             return _step.chunk(body, state, data, idx, mask, start, steps, unroll, self._constrain_window)
-        return jax.jit(fn, static_argnums=(5, 6), donate_argnums=0, out_shardings=(self.replicated, self.replicated))
+        return self._jit_train(fn, static_argnums=(5, 6))
 
     @functools.cached_property
     def _predict_jit(self):
@@ -655,9 +704,8 @@ class Sharded(_Replicated):
     def _train_chunk_jit(self):
         # The argument order of ``jaxlight.step.train_chunk``; steps and unroll are static.
         fn = lambda state, data, idx, mask, steps, start, unroll: _step.chunk(  # noqa: E731
-            _step.apply_train_step, state, data, idx, mask, start, steps, unroll, self._constrain)
-        return jax.jit(fn, static_argnums=(4, 6), donate_argnums=0,
-                       out_shardings=(self.replicated, self.replicated))
+            self._pinned(_step.apply_train_step), state, data, idx, mask, start, steps, unroll, self._constrain)
+        return self._jit_train(fn, static_argnums=(4, 6))
 
     @functools.cached_property
     def _eval_chunk_jit(self):
@@ -665,6 +713,10 @@ class Sharded(_Replicated):
         fn = lambda state, data, idx, mask, steps, start: _step.chunk(  # noqa: E731
             body, state, data, idx, mask, start, steps, False, self._constrain)[1]
         return jax.jit(fn, static_argnums=4, out_shardings=self.replicated)
+
+    def lower_train_step(self, state, batch, mask=None):
+        state, batch, mask = self._checked(state, batch, mask)
+        return self._train_step.lower(state, *self._place_batch(batch, mask))
 
     def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         """K fused steps; ``idx``/``mask`` from :meth:`prepare_indices`. Metrics ``(steps,)``."""
@@ -678,7 +730,92 @@ class Sharded(_Replicated):
         return self._eval_chunk_jit(state, data, idx, mask, steps, start)
 
 
-_CLASSES = {"single": SingleDevice, "pmap": Pmap, "sharded": Sharded}
+def fsdp_spec(shape: tuple, num_devices: int) -> P:
+    """Where :class:`Fsdp` splits an array of ``shape`` over ``num_devices`` devices.
+
+    Along the largest dimension whose size divides evenly by ``num_devices`` (the first of
+    equal ones), so each device holds ``1/num_devices`` of the array as whole rows of that
+    dimension; ``P()`` (replicated) when no dimension divides, and for scalars.
+
+    Example:
+        >>> fsdp_spec((784, 256), 8), fsdp_spec((10,), 8), fsdp_spec((256, 10), 8)
+        (PartitionSpec('data',), PartitionSpec(), PartitionSpec('data',))
+        >>> fsdp_spec((3, 3, 32, 64), 8)
+        PartitionSpec(None, None, None, 'data')
+    """
+    best = None
+    for axis, size in enumerate(shape):
+        if size > 0 and size % num_devices == 0 and (best is None or size > shape[best]):
+            best = axis
+    return P() if best is None else P(*([None] * best), AXIS)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Fsdp(Sharded):
+    """``sharded`` with the state split over the devices too (fully sharded data parallelism).
+
+    The batch is split as under ``sharded``, and so is every array of the ``TrainState`` that
+    can be: parameters, the optimizer's moments and the model state (BatchNorm statistics)
+    along the largest dimension whose size divides by the device count (:func:`fsdp_spec`).
+    A device then holds ``1/n`` of the parameters and optimizer state (plus the few arrays no
+    dimension of which divides, e.g. a bias of 10), which is what lets a model whose Adam state
+    does not fit one device train at all. Scalars (``step``, Adam's count) and PRNG keys stay
+    replicated.
+
+    The programs are ``sharded``'s: ``jax.jit`` of the one pure step on global arrays, with
+    each new state pinned to this layout (``with_sharding_constraint``) after every step, so it
+    leaves a step as it entered and the compiled programs are reused. XLA's SPMD partitioner
+    picks the collectives: it all-gathers a layer's parameters where the step uses them, or
+    keeps them split and gathers the (smaller) activations instead. The arithmetic is one
+    device's on the global batch; only the order of the float32 sums can differ (a matmul
+    contracting a split dimension sums partial products across devices), as under ``sharded``.
+    """
+
+    name: str = "fsdp"
+
+    def state_shardings(self, state: TrainState):
+        """Each leaf's ``NamedSharding(mesh, fsdp_spec(shape, n))`` (replicated for PRNG keys);
+        works on arrays and on ``jax.ShapeDtypeStruct`` leaves alike."""
+        def sharding(a):
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                return self.replicated
+            return NamedSharding(self.mesh, fsdp_spec(np.shape(a), self.num_devices))
+        return jax.tree.map(sharding, state)
+
+    @property
+    def _state_out(self):
+        return None  # (unspecified: the state is pinned leaf by leaf inside the program)
+
+    def _pinned(self, step_fn):
+        def pinned(state, *args):
+            state, out = step_fn(state, *args)
+            return jax.lax.with_sharding_constraint(state, self.state_shardings(state)), out
+        return pinned
+
+    def _in_layout(self, state, shardings) -> bool:
+        return all(isinstance(a, jax.Array) and a.committed and (a.sharding == s or a.sharding.is_equivalent_to(s, a.ndim))
+                   for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True))
+
+    def prepare_state(self, state: TrainState) -> TrainState:
+        """``state`` from any layout (host, single, replicated, another ``fsdp``) split over
+        this mesh. In one process each leaf is resharded by ``jax.device_put``, device to
+        device; in several, a leaf that spans processes is resharded by a jitted identity and
+        a local or host leaf is cut from its full value on every process."""
+        shardings = self.state_shardings(state)
+        if self._in_layout(state, shardings):
+            return state
+
+        def place(a, sharding):
+            if isinstance(a, jax.Array) and not a.is_fully_addressable:
+                return jax.jit(lambda x: x, out_shardings=sharding)(a)
+            if is_multiprocess() and isinstance(a, jax.Array):
+                a = _local_copy(a, jax.local_devices()[0])
+            return _put_global(a, sharding)
+
+        return jax.tree.map(place, state, shardings)
+
+
+_CLASSES = {"single": SingleDevice, "pmap": Pmap, "sharded": Sharded, "fsdp": Fsdp}
 
 
 @functools.lru_cache(maxsize=None)
@@ -690,7 +827,7 @@ def make_strategy(name: str = "single", devices: int | None = None) -> Strategy:
     """A strategy by name over the first ``devices`` devices.
 
     Args:
-        name: "single", "pmap" or "sharded".
+        name: "single", "pmap", "sharded" or "fsdp".
         devices: how many devices; default 1 for "single" and all of them otherwise.
 
     Raises:
@@ -704,9 +841,9 @@ def make_strategy(name: str = "single", devices: int | None = None) -> Strategy:
     if name == "single":
         if devices not in (None, 1):
             raise ParallelError(f"the single strategy runs on 1 device, got devices={devices}; "
-                                f"use pmap or sharded for more")
+                                f"use pmap, sharded or fsdp for more")
         if is_multiprocess():
-            raise ParallelError("the single strategy cannot run in a multi-process run; use sharded")
+            raise ParallelError("the single strategy cannot run in a multi-process run; use sharded or fsdp")
         return _cached_strategy(name, select_devices(1))
     return _cached_strategy(name, select_devices(devices))
 

@@ -1,14 +1,18 @@
-"""The Trainer: a host-side loop around the compiled steps, with callbacks, loggers, checkpoints.
+"""The Trainer: a host-side loop around the one epoch runner, with callbacks, loggers, checkpoints.
 
-The loop runs ``jaxlight.step.train_chunk`` (K steps fused in one compiled call, Keras's
-``steps_per_execution``) and does everything else between chunks: NaN checks, logging,
+``fit`` hands its data to ``jaxlight.loop.prepare_source`` once (which chooses the source,
+checks its first batch and places it) and iterates ``jaxlight.loop.EpochRunner`` over the
+source it gets back. Each chunk is K steps (Keras's ``steps_per_execution``): one compiled
+call of ``jaxlight.step.train_chunk`` when the data lives on the device, K calls of
+``jaxlight.step.train_step`` when it streams from the host (through the strategy's methods of
+the same names). Between chunks the Trainer does the host-side work: NaN checks, logging,
 callbacks, validation, checkpoints, SIGTERM. There is no second implementation of the step:
 ``fit`` with any K computes bit-for-bit what ``train_chunk`` computes, and K only decides how
 often the host gets control (K = 1: every step; K = an epoch: once per epoch, the fastest for
 dense models; the default follows ``jaxlight.step.default_steps_per_call``). Chunks also end on
 the steps that validation or checkpointing asked for, so those happen exactly where requested.
 
-Data parallelism is one config field (``strategy="pmap"|"sharded"``, ``devices=n``): the chunk
+Data parallelism is one config field (``strategy="pmap"|"sharded"|"fsdp"``, ``devices=n``): the chunk
 is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
 same numbers to float32 rounding; nothing else in the loop changes. Checkpoints hold a plain
 single-device state, so a run resumes under any strategy and device count.
@@ -34,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import os
 import signal
 import sys
@@ -52,14 +55,12 @@ import optax
 from jaxlight import checkpoint as ckpt
 from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
-from jaxlight.data.arrays import ArrayDataset
-from jaxlight.data.stream import Batches
 from jaxlight.hparams import resolve_checkpoint, run_record
 from jaxlight.loggers import Logger
-from jaxlight.loop import EpochResult, EpochRunner, as_source, check_data, evaluate, predict, steps_per_epoch, summarize
+from jaxlight.loop import EpochResult, EpochRunner, evaluate, predict, prepare_source, summarize
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
-from jaxlight.step import check_not_donated, default_steps_per_call, needs_unroll
+from jaxlight.step import check_not_donated
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
 
@@ -107,11 +108,13 @@ class TrainerConfig:
             ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True). In a
             multi-process run a SIGTERM to any process stops all of them at the same step.
         enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
-        strategy: "single", "pmap" or "sharded" (``jaxlight.parallel``): the global batch of
-            ``batch_size`` examples is split over ``devices`` devices, gradients and metrics are
-            reduced over all of them, parameters stay replicated. Results match one device
-            within float32 rounding (``tests/test_trainer_parallel.py``); checkpoints hold a
-            plain single-device state, so they restore under any strategy and device count.
+        strategy: "single", "pmap", "sharded" or "fsdp" (``jaxlight.parallel``): the global
+            batch of ``batch_size`` examples is split over ``devices`` devices, gradients and
+            metrics are reduced over all of them; parameters and optimizer state stay
+            replicated, except under "fsdp", which splits them over the devices (each holds
+            about 1/n). Results match one device within float32 rounding
+            (``tests/test_trainer_parallel.py``); checkpoints restore under any strategy and
+            device count.
         devices: how many devices (default: 1 for "single", every device otherwise; a
             multi-process run always uses every process's devices).
         check_finite: before training, scan the floating leaves of an ``ArrayDataset`` once
@@ -160,13 +163,6 @@ class TrainerConfig:
         if self.devices is not None and not (isinstance(self.devices, int) and not isinstance(self.devices, bool)
                                              and self.devices >= 1):
             raise ValueError(f"TrainerConfig.devices must be an int >= 1 or None, got {self.devices!r}")
-
-
-def _first_batches(data, batches: int, batch_size: int):
-    """The first ``batches`` batches of a source (``overfit_batches``, ``fast_dev_run``)."""
-    if isinstance(data, ArrayDataset):
-        return data.take(batches * batch_size)
-    return Batches(lambda: itertools.islice(data.iterator(), batches), data.name)
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
@@ -317,16 +313,20 @@ class Trainer:
         check_not_donated(state)
         return state.replace(compute_dtype=PRECISIONS[self.config.precision])
 
-    def _select_data(self, train, val):
-        cfg = self.config
-        shuffle = True
-        if cfg.overfit_batches:
-            train = _first_batches(train, cfg.overfit_batches, cfg.batch_size)
-            val, shuffle = train, False
-        if self._fast_dev:
-            train = _first_batches(train, cfg.fast_dev_run, cfg.batch_size)
-            val = _first_batches(val, cfg.fast_dev_run, cfg.eval_batch_size) if val is not None else None
-        return train, val, shuffle
+    def _sources(self, state: TrainState, train_data, val_data):
+        """The training and validation data as the epoch runner reads them
+        (``jaxlight.loop.prepare_source``): checked once, cut to the batches that
+        ``overfit_batches`` and ``fast_dev_run`` keep, on the devices when they fit."""
+        cfg, overfit, cut = self.config, self.config.overfit_batches, self.config.fast_dev_run
+        prepare = functools.partial(prepare_source, state, strategy=self.strategy, check_finite=cfg.check_finite)
+        train = prepare(train_data, "training set", cfg.batch_size, first_batches=overfit or cut)
+        val = None
+        if val_data is not None:
+            val = prepare(val_data, "validation set", cfg.eval_batch_size, mode="eval", first_batches=cut)
+        if overfit:  # validated on the very batches it trains on
+            val = prepare(train, "validation set", cfg.eval_batch_size, mode="eval", check=False, first_batches=cut)
+            train = prepare(train, "training set", cfg.batch_size, check=False, first_batches=cut)
+        return train, val
 
     # -- fit ------------------------------------------------------------------------------------
 
@@ -339,7 +339,7 @@ class Trainer:
             train_data, val_data: an ``ArrayDataset`` (put on the device when it fits: fused
                 chunks) or any re-iterable of batches (a generator factory, a ``DataLoader``, a
                 ``grain`` loader: streamed from the host, one step per batch). Checked once
-                before training (``jaxlight.loop.check_data``).
+                before training (``jaxlight.loop.prepare_source``).
             ckpt_path: resume from a checkpoint: ``"last"`` (the newest good checkpoint of the
                 first ModelCheckpoint), a folder of ``step_*`` checkpoints (the newest good
                 one), or one ``step_*`` folder. Params, optimizer state, step, data position,
@@ -354,22 +354,12 @@ class Trainer:
         self._reset()
         check_not_donated(state)
         state = self.prepare(state)
-        train_data = as_source(train_data, "training set")
-        val_data = as_source(val_data, "validation set") if val_data is not None else None
-        check_data(state, train_data, "training set", cfg.batch_size, cfg.check_finite)
-        if val_data is not None:
-            check_data(state, val_data, "validation set", cfg.eval_batch_size, cfg.check_finite)
-        train, val, self._shuffle = self._select_data(train_data, val_data)
-        self._train = self._to_device(train)
-        self._val = self._to_device(val)
-        arrays = isinstance(train, ArrayDataset)
-        self._num_examples = len(train) if arrays else None
-        self.num_batches = nb = steps_per_epoch(train, cfg.batch_size, cfg.accumulate_grad_batches)
+        self._train, self._val = self._sources(state, train_data, val_data)
+        self._shuffle = not cfg.overfit_batches
+        self._num_examples = self._train.num_examples
+        self.num_batches = nb = self._train.steps_per_epoch(cfg.accumulate_grad_batches)
         self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
         self._max_steps = cfg.fast_dev_run if self._fast_dev else cfg.max_steps
-        fused = arrays and self._train.on_device
-        self._k = cfg.steps_per_execution or (default_steps_per_call(state, nb) if fused else 1)
-        self._unroll = (self._k > 1 or cfg.accumulate_grad_batches > 1) and needs_unroll(state)
         self.global_step = int(state.step)
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
@@ -410,22 +400,13 @@ class Trainer:
         return (self.should_stop or self.epoch >= self.max_epochs
                 or (self._max_steps is not None and self.global_step >= self._max_steps))
 
-    def _to_device(self, data):
-        """An ``ArrayDataset`` on the strategy's devices when it fits there; else left in host
-        memory (as numpy). Other sources stream from the host."""
-        if not isinstance(data, ArrayDataset):
-            return data
-        if not data.fits_on_device(jax.local_devices()[0]):
-            return data.map(np.asarray)
-        return self.strategy.prepare_data(data)
-
     def _run_epoch(self, state: TrainState) -> TrainState:
         """The rest of epoch ``self.epoch`` from batch ``self.batch``, in chunks of the one
         epoch runner (``jaxlight.loop.EpochRunner``)."""
-        runner = EpochRunner(state, self._train, self.epoch, self.config.batch_size, self.strategy, self._k,
-                             start=self.batch, shuffle=self._shuffle, unroll=self._unroll,
+        runner = EpochRunner(state, self._train, self.epoch, self.config.batch_size, self.strategy,
+                             self.config.steps_per_execution, start=self.batch, shuffle=self._shuffle,
                              accumulate=self.config.accumulate_grad_batches)
-        runner.next_length = self._chunk_length()
+        runner.next_length = self._chunk_length(runner.k)
         t0 = time.perf_counter()
         for state, metrics, _ in runner:
             host = jax.device_get(metrics)  # synchronises: the time below is real
@@ -433,7 +414,7 @@ class Trainer:
             self._end_chunk(state, {k: np.asarray(v) for k, v in host.items()})
             if self._sigterm_agreed() or self._done():
                 break
-            runner.next_length = self._chunk_length()
+            runner.next_length = self._chunk_length(runner.k)
             t0 = time.perf_counter()
         if runner.finished or (self.num_batches is not None and self.batch >= self.num_batches):
             if self.num_batches is None:
@@ -443,9 +424,9 @@ class Trainer:
             self._save_on_sigterm(state)
         return state
 
-    def _chunk_length(self) -> int:
+    def _chunk_length(self, k: int) -> int:
         """K, cut short at the epoch's end, at ``max_steps`` and on requested steps."""
-        steps = self._k
+        steps = k
         if self.num_batches is not None:
             steps = min(steps, self.num_batches - self.batch)
         if self._max_steps is not None:
@@ -510,9 +491,8 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def _evaluate(self, state, data, prefix: str) -> dict:
-        data = self._to_device(data)
-        metrics = evaluate(state, data, self.config.eval_batch_size, strategy=self.strategy)
+    def _evaluate(self, state, source, prefix: str) -> dict:
+        metrics = evaluate(state, source, strategy=self.strategy)
         return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "count"}
 
     def _validate(self, state) -> dict:
@@ -529,10 +509,9 @@ class Trainer:
         and the loggers, as during ``fit``. ``ckpt_path``: as in :meth:`test`."""
         if ckpt_path is not None:
             state = self.load_weights(state, ckpt_path)
-        data = as_source(data, "validation set")
         state = self._for_evaluation(state)
-        check_data(state, data, "validation set", self.config.eval_batch_size)
-        self._val = data
+        self._val = prepare_source(state, data, "validation set", self.config.eval_batch_size, self.strategy,
+                                   mode="eval")
         return self._validate(state)
 
     def test(self, state: TrainState, data, ckpt_path: str | Path | None = None) -> dict:
@@ -541,10 +520,9 @@ class Trainer:
         (see :meth:`load_weights`)."""
         if ckpt_path is not None:
             state = self.load_weights(state, ckpt_path)
-        data = as_source(data, "test set")
         state = self._for_evaluation(state)
-        check_data(state, data, "test set", self.config.eval_batch_size)
-        metrics = self._evaluate(state, data, "test")
+        source = prepare_source(state, data, "test set", self.config.eval_batch_size, self.strategy, mode="eval")
+        metrics = self._evaluate(state, source, "test")
         self.log_metrics(metrics)
         for logger in self.active_loggers:
             logger.flush()
@@ -572,16 +550,8 @@ class Trainer:
         check_not_donated(state)
         if ckpt_path is not None:
             state = self.load_weights(state, ckpt_path)
-        batch_size = batch_size or self.config.eval_batch_size
         state = self._for_evaluation(state)
-        if isinstance(data, (np.ndarray, jax.Array)):
-            data = ArrayDataset({"x": data}) if hasattr(state.loss_fn, "predict") else ArrayDataset(data)
-        elif isinstance(data, (dict, tuple)) or (not isinstance(data, ArrayDataset) and not hasattr(data, "__iter__")
-                                                 and not callable(data)):
-            data = ArrayDataset(data)
-        if isinstance(data, ArrayDataset):
-            data = data.map(np.asarray)
-        return predict(state, data, batch_size, self.strategy, predict_fn)
+        return predict(state, data, batch_size or self.config.eval_batch_size, self.strategy, predict_fn)
 
     def load_weights(self, state: TrainState, ckpt_path: str | Path) -> TrainState:
         """``state`` with the parameters and model statistics of a checkpoint (no optimizer

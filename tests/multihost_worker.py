@@ -1,7 +1,7 @@
 """One process of a multi-process run, for tests/test_multihost.py (started by jaxlight.launch).
 
-Trains the mlp on the first ``--n`` MNIST training examples with the ``sharded`` (or ``pmap``)
-strategy over every process's devices. Process 0 writes the final parameters to
+Trains the mlp on the first ``--n`` MNIST training examples with the ``sharded`` (or ``pmap``,
+``fsdp``) strategy over every process's devices. Process 0 writes the final parameters to
 ``<out>/params.npz`` and the epoch metrics to ``<out>/metrics.json``; every process writes
 ``<out>/process-<i>.json`` with the rows of each global batch it fed (its own shard).
 ``--die-process P --die-at-step K`` makes process P exit abruptly (code 3) after K steps.

@@ -114,8 +114,39 @@ def test_ab_names_a_base_that_is_neither_folder_nor_revision():
         main(["--base", "no-such-revision", "--models", "mlp"])
 
 
-def test_gpu_script_is_valid_bash():
-    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
+@pytest.mark.parametrize("script", ["gpu.sh", "gpu_all.sh"])
+def test_gpu_script_is_valid_bash(script):
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+
+
+def test_strategy_memory_measures_one_nth_per_device_under_fsdp(tmp_path):
+    """benchmarks/strategy_memory.py on a narrow MLP over the tests' 8 fake devices, in process:
+    fsdp keeps 1/8 of the parameters + Adam state per device (64-wide layers all divide by 8;
+    the last bias of 10 and Adam's count stay whole), sharded all of it."""
+    from benchmarks.strategy_memory import main
+
+    assert main(["--no-timing", "--widths", "784", "64", "64", "10", "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "strategy_memory.json").read_text())
+    total = result["model"]["params_and_opt_state_bytes"]
+    assert total == 4 * 3 * (784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10) + 4  # params, mu, nu + count
+    whole = 4 * 3 * 10 + 4  # fc2's bias and its moments, the count
+    runs = {(r["strategy"], r["devices"]): r for r in result["runs"]}
+    assert runs["fsdp", 8]["state_bytes_per_device"] == [(total - whole) // 8 + whole] * 8
+    assert runs["sharded", 8]["state_bytes_per_device"] == [total] * 8
+    assert runs["single", 1]["state_bytes_per_device"] == [total]
+    assert runs["fsdp", 8]["step_s"] is None and runs["fsdp", 8]["layout"] == "fsdp"
+
+
+def test_the_fsdp_memory_table_in_the_docs_is_the_committed_result():
+    """docs/parallel.md's memory table shows the numbers of the file it names."""
+    result = json.loads((ROOT / "benchmarks/results/cpu-2core-intel-xeon/strategies-fsdp/strategy_memory.json").read_text())
+    page = (ROOT / "docs" / "parallel.md").read_text()
+    total = result["model"]["params_and_opt_state_bytes"]
+    for run in result["runs"]:
+        per, memory = max(run["state_bytes_per_device"]), run["memory_analysis"]
+        row = (f"| {run['strategy']} | {run['devices']} | {per / 1e6:.1f} | {per / total:.3f} | "
+               f"{memory['argument'] / 1e6:.1f} | {memory['temp'] / 1e6:.1f} | {memory['output'] / 1e6:.1f} |")
+        assert row in page, row
 
 
 def test_committed_results_are_readable():

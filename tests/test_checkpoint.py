@@ -358,11 +358,12 @@ def _row_sharded(state, mesh):
 
 
 @pytest.mark.parametrize("source, target", [("rows", "single"), ("sharded", "single"), ("single", "sharded"),
-                                            ("rows", "sharded")])
+                                            ("rows", "sharded"), ("fsdp", "single"), ("single", "fsdp"),
+                                            ("fsdp", "sharded"), ("sharded", "fsdp")])
 def test_a_state_moves_between_layouts_and_device_counts_through_a_checkpoint(tmp_path, source, target):
-    """Saved from one layout on 8 devices (``rows``: the parameters split over the devices, as
-    a sharded-parameter strategy holds them), restored straight into another's shardings;
-    every value bit for bit as saved."""
+    """Saved from one layout on 8 devices (``fsdp`` and ``rows``: parameters and moments split
+    over the devices, each written from where it lives), restored straight into another
+    strategy's shardings; every value bit for bit as saved."""
     from jax.sharding import Mesh
 
     from jaxlight import parallel
@@ -371,12 +372,13 @@ def test_a_state_moves_between_layouts_and_device_counts_through_a_checkpoint(tm
     state = _state("mlp", step=5)
     if source == "rows":
         saved = _row_sharded(state, Mesh(np.array(jax.devices()), ("data",)))
-        assert any(len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
-                   for a in jax.tree.leaves(saved.params))
     else:
-        saved = parallel.make_strategy(source, 8 if source == "sharded" else 1).prepare_state(state)
+        saved = parallel.make_strategy(source, 1 if source == "single" else 8).prepare_state(state)
+    split = [len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
+             for a in jax.tree.leaves((saved.params, saved.opt_state))]
+    assert any(split) == (source in ("rows", "fsdp"))
     path = save_checkpoint(tmp_path, saved)
-    strategy = parallel.make_strategy(target, 8 if target == "sharded" else 1)
+    strategy = parallel.make_strategy(target, 1 if target == "single" else 8)
     template = _state("mlp", seed=1)
     restored, _ = restore_checkpoint(path, template, shardings=strategy.state_shardings(template))
     _assert_bitwise(restored, state)
@@ -510,13 +512,14 @@ def _mp_job(out: Path, ckpt: Path, data_dir, *flags, nproc=2, devices=4):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_two_processes_killed_mid_run_resume_bitwise_and_the_checkpoint_moves_to_1x8_and_1_device(tmp_path, data_dir):
-    """2 processes x 4 CPU devices (``sharded``), a checkpoint every 3 steps. Process 1 is
+    """2 processes x 4 CPU devices (``fsdp``: each process holds and writes its half of the
+    parameters and moments), a checkpoint every 3 steps. Process 1 is
     killed (SIGKILL) right after the step-9 save started; the launcher stops process 0. Both
     restart with --resume from the newest complete checkpoint and end bit for bit where an
     uninterrupted 2 x 4 run ends. Each process's manifest lists only the files it wrote (process
     k > 0: its own ``ocdbt.process_k/`` shards). The step-12 checkpoint of the uninterrupted run
-    then resumes on 1 process x 8 devices and on 1 device, ending within the parallel tolerance
-    of it (another device count reorders the float32 sums)."""
+    then resumes on 1 process x 8 devices (``fsdp``) and on 1 device (``single``), ending within
+    the parallel tolerance of it (another device count reorders the float32 sums)."""
     from _support import PARALLEL_ATOL, PARALLEL_RTOL
 
     ref = _mp_job(tmp_path / "ref", tmp_path / "ref-ckpt", data_dir)
@@ -543,7 +546,8 @@ def test_two_processes_killed_mid_run_resume_bitwise_and_the_checkpoint_moves_to
         ckpt = tmp_path / f"ckpt-{devices}"
         ckpt.mkdir()
         shutil.copytree(tmp_path / "ref-ckpt" / "step_000000012", ckpt / "step_000000012")
-        one = _mp_job(tmp_path / f"one-{devices}", ckpt, data_dir, "--resume", nproc=1, devices=devices)
+        one = _mp_job(tmp_path / f"one-{devices}", ckpt, data_dir, "--resume", "--strategy",
+                      "fsdp" if devices > 1 else "single", nproc=1, devices=devices)
         assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
         info = json.loads((tmp_path / f"one-{devices}" / "process-0.json").read_text())
         assert (info["devices"], info["step"], Path(info["restored_from"]).name) == (devices, 16, "step_000000012")

@@ -90,7 +90,7 @@ def test_fit_from_a_yaml_file_and_from_flags_alone_train_the_same_parameters(run
     assert len(metrics["history"]) == 3 and 0.0 <= metrics["test_accuracy"] <= 1.0
 
 
-def test_print_config_output_rerun_gives_bitwise_the_same_parameters(run_yaml, tmp_path, capsys):
+def test_print_config_spells_out_every_default_and_writes_nothing(run_yaml, tmp_path, capsys):
     overrides = ["--model.init_args.width", "12", "--trainer.max_epochs", "2", "--trainer.ckpt_dir", "a"]
     code, printed, err = _run(capsys, "fit", "--config", str(run_yaml), *overrides, "--print_config")
     assert code == 0 and err == ""
@@ -100,6 +100,13 @@ def test_print_config_output_rerun_gives_bitwise_the_same_parameters(run_yaml, t
     assert config["model"]["init_args"] == {"width": 12, "in_features": 8, "dropout": 0.2, "num_classes": 3}
     assert config["trainer"]["max_epochs"] == 2 and config["trainer"]["batch_size"] == 32
     assert config["optimizer"]["init_args"]["b1"] == 0.9  # defaults are spelled out
+
+
+@pytest.mark.slow  # fast counterparts: the test above (what is printed) and the yaml/flags/Python test (same parameters)
+def test_print_config_output_rerun_gives_bitwise_the_same_parameters(run_yaml, tmp_path, capsys):
+    overrides = ["--model.init_args.width", "12", "--trainer.max_epochs", "2", "--trainer.ckpt_dir", "a"]
+    code, printed, err = _run(capsys, "fit", "--config", str(run_yaml), *overrides, "--print_config")
+    assert code == 0 and err == ""
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), *overrides)
     assert code == 0, err
     (tmp_path / "printed.yaml").write_text(printed)
@@ -259,7 +266,7 @@ def test_help_shows_the_named_classes_fields_with_defaults_and_docstrings(run_ya
 # -- the built-in recipes ------------------------------------------------------------------------
 
 
-def test_the_builtin_configs_ship_with_the_package_and_train_as_jaxlight_train(tmp_path, capsys, monkeypatch):
+def test_the_builtin_configs_ship_with_the_package_and_hold_their_recipes(capsys):
     from jaxlight.config import BUILTIN_CONFIGS, CONFIG_DIR
     from jaxlight.recipes import RECIPES
 
@@ -270,6 +277,11 @@ def test_the_builtin_configs_ship_with_the_package_and_train_as_jaxlight_train(t
         config = yaml.safe_load(printed)
         assert config["trainer"]["max_epochs"] == RECIPES[name].epochs
         assert config["trainer"]["batch_size"] == RECIPES[name].batch_size
+        assert config["optimizer"]["init_args"]["lr"] == RECIPES[name].lr
+
+
+@pytest.mark.slow  # fast counterparts: the test above (the recipes) and the yaml/flags/Python test (same parameters)
+def test_a_builtin_config_trains_as_jaxlight_train(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--model", "linear", "--epochs", "3", "--out", "t", "--ckpt-dir", "tc"]) == 0
     code, _, err = _run(capsys, "fit", "--config", "linear", "--trainer.max_epochs", "3", "--trainer.out", "f",
@@ -385,7 +397,7 @@ def test_freeze_gives_frozen_parameters_no_updates_and_no_optimizer_state(run_ya
 # -- the learning rate, per optimizer update --------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps_per_execution", [None, 1])
+@pytest.mark.parametrize("steps_per_execution", [None, pytest.param(1, marks=pytest.mark.slow)])
 def test_the_learning_rate_is_logged_per_update_labelled_with_its_step(run_yaml, tmp_path, capsys, steps_per_execution):
     schedule = {"class_path": "optax.linear_schedule",
                 "init_args": {"init_value": 0.0, "end_value": 0.02, "transition_steps": 10}}

@@ -55,6 +55,7 @@ def assert_matches_single_process(out: Path, single_process) -> None:
 
 @pytest.mark.parametrize(("strategy", "path"), [
     ("sharded", "host"),  # each process gathers only its rows from host memory
+    ("fsdp", "fused"),  # the state split over both processes' devices, gathered at the end
     # (pmap with the fused epoch runs multi-process in test_cli_multiprocess_launch_as_documented)
 ])
 def test_two_processes_match_one_process(strategy, path, tmp_path, data_dir, single_process):

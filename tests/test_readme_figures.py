@@ -114,7 +114,7 @@ def test_the_setup_line_matches_the_runs():
     runs = _runs()
     text = _flat(CPU)
     jax_version, torch_version, load = re.search(
-        r"jax ([\d.]+), torch ([\d.]+) with \d+ threads, load ([\d.]+) at each start", text).groups()
+        r"jax ([\d.]+), torch ([\d.]+) with \d+ threads, load ([\d.]+) at (?:each|the) start", text).groups()
     for results in runs:
         assert results["versions"]["jax"] == jax_version
         assert results["versions"]["torch"].split("+")[0] == torch_version
@@ -142,7 +142,7 @@ def test_cpu_table_row(row):
 
 
 @pytest.mark.parametrize("pattern, model, target", [
-    (r"To 99% test accuracy the CNN takes ([\d.]+) ± ([\d.]+) s of training on this CPU against "
+    (r"To 99% test accuracy the CNN takes ([\d.]+) ± ([\d.]+) s of training on [^,;(]*? against "
      r"torch's ([\d.]+) ± ([\d.]+) s [^\[]*\[result" + RESULT_LINK, "cnn", 0.99),
     (r"the MLP reaches 97% in ([\d.]+) ± ([\d.]+) s against ([\d.]+) ± ([\d.]+) s \(\[result" + RESULT_LINK,
      "mlp", 0.97),

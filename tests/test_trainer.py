@@ -109,7 +109,7 @@ class Recorder(Callback):
     pytest.param("softmax", 1, {}, marks=pytest.mark.slow),     # step by step, at top level (no scan)
     ("softmax", 2, {}),                          # chunks of 2, the last one short
     ("softmax", None, {"val_every_n_steps": 3}),  # chunks cut on the validation steps
-    ("mlp", 1, {}),
+    pytest.param("mlp", 1, {}, marks=pytest.mark.slow),
     pytest.param("mlp", None, {}, marks=pytest.mark.slow),
 ])
 def test_fit_is_bitwise_the_hand_written_loop_for_every_k(small, model, k, extra):
@@ -127,7 +127,7 @@ def test_data_too_big_for_the_device_streams_through_train_step(small, monkeypat
     monkeypatch.setattr(ArrayDataset, "fits_on_device", lambda self, *a, **k: False)
     trainer = Trainer(_config(max_epochs=2, steps_per_execution=2))
     state = trainer.fit(_state(tx=SGD), train, val)
-    assert not isinstance(trainer._train.x, jax.Array)  # really stayed on the host
+    assert not isinstance(trainer._train.data.x, jax.Array)  # really stayed on the host
     assert _bytes(state.params) == _bytes(expected.params)  # the streamed path is the fused one, bit for bit
     assert_matches_reference(state, reference_fit(_state(tx=SGD), train, 2, optax.sgd(1.0)))
 
@@ -162,7 +162,7 @@ def test_limits_and_validation_schedule(small, kw, final_step, val_steps, epochs
 
 @pytest.mark.parametrize("kw", [
     {"gradient_clip_norm": 0.05},
-    {"nan_policy": "skip"},
+    pytest.param({"nan_policy": "skip"}, marks=pytest.mark.slow),  # fast counterpart: test_nan_skip_policy_drops_those_updates_and_carries_on
 ])
 def test_optax_wrappers_are_the_same_chain_as_by_hand(small, kw):
     train, _ = small
@@ -187,7 +187,7 @@ def test_clipping_bounds_the_update(small):
     assert 0 < delta <= 1e-3 * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("accumulate", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_lr_schedule_is_followed_and_logged(small, accumulate):
     train, _ = small
     schedule = SCHEDULE

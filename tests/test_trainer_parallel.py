@@ -106,7 +106,7 @@ def test_host_streamed_batches_match_single_device(name, data, single, monkeypat
     monkeypatch.setattr(ArrayDataset, "fits_on_device", lambda self, *a, **k: False)
     trainer = Trainer(config(val_every_n_steps=4, strategy=name, devices=4))
     state = trainer.fit(new_state(), *data)
-    assert not isinstance(trainer._train.x, jax.Array)  # it really streamed
+    assert not isinstance(trainer._train.data.x, jax.Array)  # it really streamed
     assert_params_close(state, single[0])
     assert_history_close(trainer.history, single[1].history)
 

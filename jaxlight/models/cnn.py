@@ -91,8 +91,11 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     back to a naive loop nest inside a while loop, so a fused CNN epoch needs this.
     Memory: the backward pass forms the patches again, ``kh*kw`` times the input, for one
     layer at a time; nothing larger than the input is kept between the passes.
-    Handles the case the models use (2-D, NHWC/HWIO, stride 1, explicit non-negative padding,
-    no dilation, no groups) on the CPU backend; anything else, and every call on a GPU or TPU
+    Handles the case the models use (2-D, NHWC/HWIO, stride 1, explicit padding, no dilation,
+    no groups) on the CPU backend. A negative padding crops the input first (a slice), then
+    the rest pads: XLA:CPU's own convolution with a negative padding returns different sums
+    from one process to the next (jax 0.10.2), the slice and the patches do not. Anything
+    else, and every call on a GPU or TPU
     (whose vendor convolutions are fast, forward and backward, inside loops too), goes to
     ``lax.conv_general_dilated`` unchanged, with autodiff's gradient.
 
@@ -111,7 +114,6 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
         == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
         and tuple(window_strides) == (1, 1)
         and not isinstance(padding, str)
-        and all(int(p) >= 0 for pair in padding for p in pair)
         and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
         and feature_group_count == 1
         and precision is None
@@ -121,7 +123,13 @@ def conv2d_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, precision=precision, **kwargs)
-    return _conv2d(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if any(p < 0 for pair in padding for p in pair):
+        (top, bottom), (left, right) = padding
+        _, h, w, _ = lhs.shape
+        lhs = lhs[:, max(-top, 0):h - max(-bottom, 0), max(-left, 0):w - max(-right, 0)]
+        padding = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
+    return _conv2d(lhs, rhs, padding)
 
 
 def _windows(x):

@@ -348,7 +348,7 @@ def test_a_hand_written_layout_converts_the_statistics_too():
 
 
 @pytest.mark.parametrize("pair, opt, kw, lr", [
-    ("mlp", "adam", {}, 1e-2),
+    pytest.param("mlp", "adam", {}, 1e-2, marks=pytest.mark.slow),  # the MLP pair at every level: test_parity.py
     ("cnn", "sgd", {"momentum": 0.9}, 0.05),
 ])
 def test_user_models_pass_every_level(pair, opt, kw, lr):

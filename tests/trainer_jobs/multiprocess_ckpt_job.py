@@ -3,7 +3,8 @@ test in tests/test_checkpoint.py. Started by ``jaxlight.launch`` (several proces
 (one process, ``XLA_FLAGS`` giving it 1 or 8 CPU devices).
 
 The mlp on the first 256 MNIST training images, batch 32 (8 steps per epoch), 2 epochs, with the
-``--strategy`` over every process's devices; ``ModelCheckpoint(<ckpt>, every_n_steps=3)``.
+``--strategy`` (default ``fsdp``: parameters and moments split over the devices) over every
+process's devices; ``ModelCheckpoint(<ckpt>, every_n_steps=3)``.
 ``--resume``: continue from the newest complete checkpoint there. ``--kill-process P
 --kill-at-step K``: process P sends itself SIGKILL after step K's chunk (its save of step K, when
 there is one, has just started). Every process writes ``<out>/process-<i>.json`` (its position
@@ -25,14 +26,16 @@ from jaxlight import parallel
 parser = argparse.ArgumentParser()
 for flag in ("--data", "--ckpt", "--out"):
     parser.add_argument(flag, required=True)
-parser.add_argument("--strategy", default="sharded")
+parser.add_argument("--strategy", default="fsdp")
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--kill-process", type=int, default=-1)
 parser.add_argument("--kill-at-step", type=int, default=-1)
 args = parser.parse_args()
 
 if os.environ.get(parallel.ENV_NUM_PROCESSES):
-    parallel.initialize(heartbeat_timeout_seconds=5)
+    # (a process killed on purpose is noticed by the launcher, which stops the others after
+    # its grace; a long heartbeat keeps a slow, loaded machine from failing a healthy run)
+    parallel.initialize(heartbeat_timeout_seconds=60)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,4 +78,5 @@ params = [np.asarray(multihost_utils.process_allgather(leaf, tiled=True)) if par
           else np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
 if pid == 0:
     np.savez(out / "params.npz", **{str(i): p for i, p in enumerate(params)})
+parallel.barrier("job-done")  # (both leave together: JAX's shutdown barrier then waits for no one)
 print(f"worker {pid}: done at step {int(state.step)}, resumed from {trainer.restored_from}", flush=True)
