@@ -261,9 +261,9 @@ def _local_copy(a, device):
 def to_host_state(state: TrainState, device: jax.Device | None = None) -> TrainState:
     """The plain single-device state that ``create_train_state`` gives, from any layout.
 
-    This is what a checkpoint stores and restores, so a checkpoint does not depend on the
-    strategy or device count that wrote it. In a multi-process run each process gets its own
-    (identical) copy on its first local device.
+    In a multi-process run each process gets its own (identical) copy on its first local
+    device. (A checkpoint does not go through it: each array is saved from where it lives and
+    restored into ``state_shardings``.)
 
     Args:
         state: a state in any layout (single, replicated by ``pmap`` / ``sharded``, split by
@@ -311,7 +311,7 @@ class Strategy:
       (``jaxlight.step.apply_accumulated_step``); ``idx``/``mask`` are then
       ``(num_windows, A, B)`` (``jaxlight.data.windows``) and ``window`` a list of ``A``
       ``(batch, mask)`` pairs.
-    - ``to_host_state(state)``: back to a plain single-device state (for checkpoints);
+    - ``to_host_state(state)``: back to a plain single-device state;
       ``state_shardings(state)``: the target shardings to restore a checkpoint into.
     - ``lower_train_step(state, batch)``: ``train_step``'s program, lowered (memory analysis).
     """

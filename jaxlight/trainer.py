@@ -14,8 +14,9 @@ the steps that validation or checkpointing asked for, so those happen exactly wh
 
 Data parallelism is one config field (``strategy="pmap"|"sharded"|"fsdp"``, ``devices=n``): the chunk
 is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
-same numbers to float32 rounding; nothing else in the loop changes. Checkpoints hold a plain
-single-device state, so a run resumes under any strategy and device count.
+same numbers to float32 rounding; nothing else in the loop changes. Checkpoints are written
+asynchronously, each array from where it lives, and restored straight into the strategy's
+layout, so a run resumes under any strategy and device count (``jaxlight.checkpoint``).
 
 Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` -> ``_run_epoch`` ->
 ``_end_chunk`` / ``_end_epoch``.
