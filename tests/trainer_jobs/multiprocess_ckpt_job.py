@@ -79,4 +79,3 @@ params = [np.asarray(multihost_utils.process_allgather(leaf, tiled=True)) if par
 if pid == 0:
     np.savez(out / "params.npz", **{str(i): p for i, p in enumerate(params)})
 parallel.barrier("job-done")  # (both leave together: JAX's shutdown barrier then waits for no one)
-print(f"worker {pid}: done at step {int(state.step)}, resumed from {trainer.restored_from}", flush=True)
