@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -76,7 +77,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxlight.hparams import import_path
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -88,11 +91,14 @@ __all__ = [
     "CorruptCheckpointError",
     "FolderLock",
     "IncompatibleCheckpointError",
+    "best_checkpoint",
     "list_checkpoints",
+    "load_from_checkpoint",
     "load_model",
     "lock_folder",
     "optimizer_chain",
     "prune_checkpoints",
+    "resolve_checkpoint",
     "restore_checkpoint",
     "step_dir",
     "restore_latest",
@@ -825,8 +831,6 @@ def optimizer_chain(opt_state) -> str:
     AdamW both keep ``count, mu, nu``; AdamW adds an empty ``add_decayed_weights`` state), and
     resuming one as the other would continue silently with another optimizer.
     """
-    from flax import nnx
-
     def walk(x) -> str:
         if isinstance(x, (nnx.State, dict)):
             return "tree"
@@ -849,7 +853,7 @@ def load_model(path: str | os.PathLike, model, which: str = "last"):
             its structure, shapes and dtypes are used.
         which: in a folder of checkpoints, "last" (the newest good checkpoint that fits
             ``model``, as :func:`restore_latest` picks) or "best" (by the metric its
-            ``ModelCheckpoint`` monitored; ``jaxlight.hparams.best_checkpoint``).
+            ``ModelCheckpoint`` monitored; :func:`best_checkpoint`).
 
     Returns:
         ``model`` with the saved values, switched to eval mode (``model.eval()``: Dropout off,
@@ -868,7 +872,6 @@ def load_model(path: str | os.PathLike, model, which: str = "last"):
         raise ValueError(f"load_model: which must be 'best' or 'last', got {which!r}")
     path = Path(path)
     if which == "best" and not (path / "manifest.json").exists() and not (path / "meta.json").exists():
-        from jaxlight.hparams import best_checkpoint
 
         path = best_checkpoint(path)
     if not (path / "manifest.json").exists() and not (path / "meta.json").exists():
@@ -890,8 +893,6 @@ def load_model(path: str | os.PathLike, model, which: str = "last"):
 
 def _load_weights(path: Path, model) -> None:
     """Put one checkpoint's parameters and model state into ``model`` (in place)."""
-    from flax import nnx
-
     meta, listed = _verified_meta(path)
     _, params, _rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)  # as TrainState splits it
     saved = {spec["path"]: (i, spec) for i, spec in enumerate(meta["leaves"])}
@@ -983,3 +984,121 @@ def lock_folder(root: str | os.PathLike, what: str = "checkpoint folder") -> Fol
     os.pwrite(fd, info, 0)
     _LOCKS[key] = lock = FolderLock(root, fd)
     return lock
+
+
+# -- which checkpoint, and the recorded model ----------------------------------------------------------------------------
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "manifest.json").exists() or (path / "meta.json").exists()
+
+
+def _good(candidates: list[Path]) -> Path | None:
+    for path in reversed(candidates):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CorruptCheckpointError as exc:
+            warnings.warn(f"skipping corrupt checkpoint: {exc}", CheckpointWarning, stacklevel=3)
+    return None
+
+
+def best_checkpoint(root: str | os.PathLike) -> Path:
+    """The best checkpoint under ``root`` by the metric its ``ModelCheckpoint`` monitored; with
+    no metric monitored, the newest good one (as Lightning's ``best_model_path`` then is).
+
+    Raises:
+        CheckpointError: no good checkpoint, the monitored metric was never computed, or the
+            best one is gone.
+    """
+    root = Path(root)
+    newest = _good(list_checkpoints(root))
+    if newest is None:
+        raise CheckpointError(f"no good checkpoint found under {root}")
+    meta = json.loads((newest / "meta.json").read_text())
+    state = (meta.get("callbacks") or {}).get("ModelCheckpoint") or {}
+    scores = {int(k): v for k, v in (state.get("scores") or {}).items()}
+    if not scores:
+        if state.get("monitor") is None:
+            return newest
+        raise CheckpointError(f"{root}: no best checkpoint: the monitored {state['monitor']} was never "
+                                   f"computed (no validation run?); use 'last' or a step_* folder")
+    sign = -1.0 if state.get("mode", "min") == "max" else 1.0
+    step = min(scores, key=lambda s: (sign * scores[s], -s))
+    path = step_dir(root, step)
+    if not path.is_dir():
+        raise CheckpointError(f"{root}: the best checkpoint {path.name} ({state.get('monitor', 'score')} "
+                                   f"{scores[step]}) is missing")
+    verify_checkpoint(path)
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
+    """One ``step_*`` folder: ``path`` itself when it is one, else under the folder ``path``
+    the newest good checkpoint (``which="last"``) or the best (``which="best"``)."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    path = Path(path)
+    if _is_checkpoint(path):
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint found at {path} (no such folder)")
+    if which == "best":
+        return best_checkpoint(path)
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint found under {path}")
+    good = _good(found)
+    if good is None:
+        raise CheckpointError(f"every checkpoint under {path} is corrupt ({len(found)} tried)")
+    return good
+
+
+def build_recorded_model(record: dict, seed: int = 0, where: str = "checkpoint"):
+    """A fresh module from ``{"class_path", "init_args"}``, with ``nnx.Rngs(seed)``."""
+    try:
+        cls = import_path(record["class_path"])
+    except ImportError as exc:
+        raise CheckpointError(f"{where}: the recorded model cannot be rebuilt: {exc}") from None
+    kwargs = dict(record.get("init_args") or {})
+    if "rngs" in inspect.signature(cls.__init__).parameters:
+        kwargs["rngs"] = nnx.Rngs(seed)
+    return cls(**kwargs)
+
+
+def load_from_checkpoint(path: str | os.PathLike, which: str = "best"):
+    """Rebuild the model a checkpoint recorded and load its weights: no model code from you.
+
+    The class is imported from its recorded path (so its package must be importable), built
+    with the recorded arguments and a fresh ``nnx.Rngs``, then given the checkpoint's parameters
+    and statistics (:func:`load_model`).
+
+    Args:
+        path: a run's checkpoint folder (``trainer.ckpt_dir``), or one ``step_*`` folder.
+        which: in a folder, "best" (by the metric its ``ModelCheckpoint`` monitored) or "last"
+            (the newest good checkpoint).
+
+    Returns:
+        ``(model, config)``: the module in eval mode (Dropout off, BatchNorm on its running
+        statistics), and the run's record (the resolved config, ``class_paths``, ``versions``).
+
+    Raises:
+        CheckpointError: the checkpoint records no model (trained without a config and
+            without ``save_hyperparameters``), its class cannot be imported, there is no best
+            checkpoint, or the files are corrupt.
+
+    Example:
+        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")  # doctest: +SKIP
+        >>> logits = model(x)                                                           # doctest: +SKIP
+    """
+    folder = resolve_checkpoint(path, which)
+    meta, _ = _verified_meta(folder)
+    record = meta.get("hparams") or {}
+    model_spec = record.get("model")
+    if not isinstance(model_spec, dict) or not model_spec.get("class_path"):
+        raise CheckpointError(
+            f"{folder} records no model to rebuild (it was trained without a config and without "
+            f"jaxlight.save_hyperparameters in the model's __init__): build the model yourself and call "
+            f"jaxlight.checkpoint.load_model(path, model)")
+    model = build_recorded_model(model_spec, int(record.get("seed") or 0), str(folder))
+    return load_model(folder, model), record

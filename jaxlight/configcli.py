@@ -197,7 +197,7 @@ def run_command(command: str, argv: list[str]) -> dict | None:
 
 
 def _checkpoint(trainer, run, ckpt_path):
-    from jaxlight.hparams import resolve_checkpoint
+    from jaxlight.checkpoint import resolve_checkpoint
 
     if ckpt_path is None:
         return None

@@ -9,8 +9,9 @@ Three pieces:
   it to every logger (CSV ``hparams.yaml``, TensorBoard's hparams plugin): the config of a
   ``jaxlight fit`` run (``jaxlight.config``), or for a Python run the model's recorded class
   path and arguments; both with the versions of jax, flax and optax.
-- :func:`load_from_checkpoint` rebuilds the model from that record in a fresh process, loads
-  the best or last checkpoint into it and returns it in eval mode, with the record.
+- :func:`jaxlight.checkpoint.load_from_checkpoint` rebuilds the model from that record in a
+  fresh process, loads the best or last checkpoint into it and returns it in eval mode, with
+  the record.
 
 Example:
     >>> import jaxlight
@@ -34,12 +35,10 @@ from pathlib import Path
 
 from flax import nnx
 
-# jaxlight.checkpoint (and the TrainState it saves) is imported inside the functions that read
-# checkpoints: the models import this module for save_hyperparameters, and sit below the state
-# in the import order (data -> models -> state -> step).
+# The models import this module for save_hyperparameters: it imports nothing of jaxlight's
+# above the models (reading checkpoints back is jaxlight.checkpoint's).
 
-__all__ = ["HParams", "best_checkpoint", "class_path", "import_path", "load_from_checkpoint", "model_record",
-           "resolve_checkpoint", "run_record", "save_hyperparameters", "versions"]
+__all__ = ["HParams", "class_path", "import_path", "model_record", "run_record", "save_hyperparameters", "versions"]
 
 
 class HParams(dict):
@@ -199,131 +198,3 @@ def _specs(tree):
     elif isinstance(tree, list):
         for v in tree:
             yield from _specs(v)
-
-
-# -- which checkpoint ----------------------------------------------------------------------------
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "manifest.json").exists() or (path / "meta.json").exists()
-
-
-def _good(candidates: list[Path]) -> Path | None:
-    from jaxlight import checkpoint as ckpt
-
-    for path in reversed(candidates):
-        try:
-            ckpt.verify_checkpoint(path)
-            return path
-        except ckpt.CorruptCheckpointError as exc:
-            warnings.warn(f"skipping corrupt checkpoint: {exc}", ckpt.CheckpointWarning, stacklevel=3)
-    return None
-
-
-def best_checkpoint(root: str | os.PathLike) -> Path:
-    """The best checkpoint under ``root`` by the metric its ``ModelCheckpoint`` monitored; with
-    no metric monitored, the newest good one (as Lightning's ``best_model_path`` then is).
-
-    Raises:
-        CheckpointError: no good checkpoint, the monitored metric was never computed, or the
-            best one is gone.
-    """
-    from jaxlight import checkpoint as ckpt
-
-    root = Path(root)
-    newest = _good(ckpt.list_checkpoints(root))
-    if newest is None:
-        raise ckpt.CheckpointError(f"no good checkpoint found under {root}")
-    meta = json.loads((newest / "meta.json").read_text())
-    state = (meta.get("callbacks") or {}).get("ModelCheckpoint") or {}
-    scores = {int(k): v for k, v in (state.get("scores") or {}).items()}
-    if not scores:
-        if state.get("monitor") is None:
-            return newest
-        raise ckpt.CheckpointError(f"{root}: no best checkpoint: the monitored {state['monitor']} was never "
-                                   f"computed (no validation run?); use 'last' or a step_* folder")
-    sign = -1.0 if state.get("mode", "min") == "max" else 1.0
-    step = min(scores, key=lambda s: (sign * scores[s], -s))
-    path = ckpt.step_dir(root, step)
-    if not path.is_dir():
-        raise ckpt.CheckpointError(f"{root}: the best checkpoint {path.name} ({state.get('monitor', 'score')} "
-                                   f"{scores[step]}) is missing")
-    ckpt.verify_checkpoint(path)
-    return path
-
-
-def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
-    """One ``step_*`` folder: ``path`` itself when it is one, else under the folder ``path``
-    the newest good checkpoint (``which="last"``) or the best (``which="best"``)."""
-    from jaxlight import checkpoint as ckpt
-
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    path = Path(path)
-    if _is_checkpoint(path):
-        return path
-    if not path.is_dir():
-        raise ckpt.CheckpointError(f"no checkpoint found at {path} (no such folder)")
-    if which == "best":
-        return best_checkpoint(path)
-    found = ckpt.list_checkpoints(path)
-    if not found:
-        raise ckpt.CheckpointError(f"no checkpoint found under {path}")
-    good = _good(found)
-    if good is None:
-        raise ckpt.CheckpointError(f"every checkpoint under {path} is corrupt ({len(found)} tried)")
-    return good
-
-
-def build_recorded_model(record: dict, seed: int = 0, where: str = "checkpoint"):
-    """A fresh module from ``{"class_path", "init_args"}``, with ``nnx.Rngs(seed)``."""
-    from jaxlight import checkpoint as ckpt
-
-    try:
-        cls = import_path(record["class_path"])
-    except ImportError as exc:
-        raise ckpt.CheckpointError(f"{where}: the recorded model cannot be rebuilt: {exc}") from None
-    kwargs = dict(record.get("init_args") or {})
-    if "rngs" in inspect.signature(cls.__init__).parameters:
-        kwargs["rngs"] = nnx.Rngs(seed)
-    return cls(**kwargs)
-
-
-def load_from_checkpoint(path: str | os.PathLike, which: str = "best"):
-    """Rebuild the model a checkpoint recorded and load its weights: no model code from you.
-
-    The class is imported from its recorded path (so its package must be importable), built
-    with the recorded arguments and a fresh ``nnx.Rngs``, then given the checkpoint's parameters
-    and statistics (:func:`jaxlight.checkpoint.load_model`).
-
-    Args:
-        path: a run's checkpoint folder (``trainer.ckpt_dir``), or one ``step_*`` folder.
-        which: in a folder, "best" (by the metric its ``ModelCheckpoint`` monitored) or "last"
-            (the newest good checkpoint).
-
-    Returns:
-        ``(model, config)``: the module in eval mode (Dropout off, BatchNorm on its running
-        statistics), and the run's record (the resolved config, ``class_paths``, ``versions``).
-
-    Raises:
-        CheckpointError: the checkpoint records no model (trained without a config and
-            without ``save_hyperparameters``), its class cannot be imported, there is no best
-            checkpoint, or the files are corrupt.
-
-    Example:
-        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")  # doctest: +SKIP
-        >>> logits = model(x)                                                           # doctest: +SKIP
-    """
-    from jaxlight import checkpoint as ckpt
-
-    folder = resolve_checkpoint(path, which)
-    meta, _ = ckpt._verified_meta(folder)
-    record = meta.get("hparams") or {}
-    model_spec = record.get("model")
-    if not isinstance(model_spec, dict) or not model_spec.get("class_path"):
-        raise ckpt.CheckpointError(
-            f"{folder} records no model to rebuild (it was trained without a config and without "
-            f"jaxlight.save_hyperparameters in the model's __init__): build the model yourself and call "
-            f"jaxlight.checkpoint.load_model(path, model)")
-    model = build_recorded_model(model_spec, int(record.get("seed") or 0), str(folder))
-    return ckpt.load_model(folder, model), record

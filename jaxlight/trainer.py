@@ -56,7 +56,7 @@ import optax
 from jaxlight import checkpoint as ckpt
 from jaxlight import parallel, runconfig
 from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
-from jaxlight.hparams import resolve_checkpoint, run_record
+from jaxlight.hparams import run_record
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, evaluate, predict, prepare_source, summarize
 from jaxlight.report import library_versions
@@ -567,9 +567,9 @@ class Trainer:
             cb = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
             if cb is None:
                 raise ValueError(f"ckpt_path={str(ckpt_path)!r} needs a ModelCheckpoint callback (its folder is searched)")
-            path = resolve_checkpoint(cb.dirpath, str(ckpt_path))
+            path = ckpt.resolve_checkpoint(cb.dirpath, str(ckpt_path))
         else:
-            path = resolve_checkpoint(ckpt_path, "last")
+            path = ckpt.resolve_checkpoint(ckpt_path, "last")
         from flax import nnx
 
         model = ckpt.load_model(path, state.module(train=False))

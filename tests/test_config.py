@@ -465,7 +465,7 @@ def test_best_without_a_monitored_metric_is_the_newest_checkpoint(tmp_path):
     trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64, enable_progress_bar=False),
                                callbacks=[jaxlight.callbacks.ModelCheckpoint(tmp_path)])
     trainer.fit(state, train)
-    assert jaxlight.hparams.resolve_checkpoint(tmp_path, "best").name == "step_000000009"
+    assert jaxlight.checkpoint.resolve_checkpoint(tmp_path, "best").name == "step_000000009"
     model, _ = jaxlight.load_from_checkpoint(tmp_path)
     assert model.head.kernel[...].shape == (8, 3)
 
