@@ -165,15 +165,18 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    """Every file and symlink under ``folder`` but the manifests; symlinked folders are not entered."""
+    """Every file and symlink under ``folder`` but the manifests and their temporary files (another
+    process may be writing its manifest while this one hashes the folder); symlinked folders are
+    not entered."""
     found = []
     for parent, dirs, names in os.walk(folder):
         found += [Path(parent) / n for n in names]
         found += [Path(parent) / d for d in dirs if os.path.islink(os.path.join(parent, d))]
-    return sorted(p for p in found if not (p.parent == folder and _MANIFEST.match(p.name)))
+    return sorted(p for p in found if not (p.parent == folder and (_MANIFEST.match(p.name) or _MANIFEST_TMP.match(p.name))))
 
 
 _MANIFEST = re.compile(r"^manifest(\.process_\d+)?\.json$")
+_MANIFEST_TMP = re.compile(r"^\.manifest(\.process_\d+)?\.json\.tmp-\d+$")  # report.write_text_atomic's
 
 
 def _manifest_name(process: int) -> str:

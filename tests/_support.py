@@ -1,6 +1,7 @@
 """Helpers the tests import by name (``from _support import ...``): a module, not conftest, so
 that the name is unambiguous with more than one conftest.py on the path."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -70,3 +71,33 @@ def bad_output_paths(tmp_path: Path) -> dict:
         "ckpt-dir is a symlink loop": (["--out", str(tmp_path / "o"), "--ckpt-dir", str(tmp_path / "loop1")],
                                        "symlink loop"),
     }
+
+
+COMPILED = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Counts the executables jit (or pmap) had to produce inside the block: XLA compilations,
+    and programs loaded from JAX's persistent compilation cache instead (``tests/conftest.py``
+    turns it on; a program the cache holds is a compilation the code asked for all the same)."""
+    import jax
+
+    events = []
+
+    def on_duration(event, duration, **kwargs):
+        if event == COMPILED:
+            events.append(event)
+
+    def on_event(event, **kwargs):
+        if event == CACHE_HIT:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)

@@ -554,3 +554,18 @@ def test_two_processes_killed_mid_run_resume_bitwise_and_the_checkpoint_moves_to
         alone = np.load(tmp_path / f"one-{devices}" / "params.npz")
         for k in full:
             np.testing.assert_allclose(alone[k], full[k], rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL)
+
+
+def test_another_processs_manifest_being_written_is_not_listed(tmp_path):
+    """In a multi-process save each process writes its manifest through a temporary file
+    (``.manifest.process_k.json.tmp-<pid>``, then a rename) while process 0 hashes the folder
+    for its own: process 0's manifest must not list that temporary file, which is gone once
+    the rename is done (listing it would make every such checkpoint corrupt)."""
+    path = save_checkpoint(tmp_path, _state(step=3))
+    pending = path / ".manifest.process_1.json.tmp-4242"
+    pending.write_text("{}")
+    checkpoint._write_manifest(path)  # process 0's manifest, written while the file exists
+    pending.unlink()                  # process 1's rename
+    listed = json.loads((path / "manifest.json").read_text())["files"]
+    assert "meta.json" in listed and not any(rel.startswith((".manifest", "manifest")) for rel in listed)
+    assert "meta.json" in verify_checkpoint(path)

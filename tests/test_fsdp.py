@@ -8,7 +8,6 @@ reorders the forward sums too. The layout itself is checked against the rule wri
 (largest dimension divisible by the device count, the earliest of equal ones), shard by shard.
 """
 
-import contextlib
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from _support import assert_params_close
+from _support import assert_params_close, count_compilations
 from jaxlight import build_model, checkpoint, create_train_state, loop, optim, parallel, tasks
 from jaxlight.callbacks import ModelCheckpoint
 from jaxlight.data import ArrayDataset
@@ -283,19 +282,6 @@ def test_parameters_and_optimizer_state_take_one_nth_per_device(devices, subsets
 
 # --- compile once ----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def count_compilations():
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.mark.parametrize("devices", [1, 8])

@@ -8,13 +8,12 @@ near-zero gradients. Measured on this CPU:
 max |difference| 3e-7 (mlp, 7 steps) and 4e-6 (cnn, 3 steps).
 """
 
-import contextlib
 
 import jax
 import numpy as np
 import pytest
 
-from _support import assert_params_close
+from _support import assert_params_close, count_compilations
 from jaxlight import build_model, create_train_state, loop, optim, parallel, tasks
 from jaxlight.data import ArrayDataset
 from jaxlight.parallel import ParallelError
@@ -107,20 +106,6 @@ def test_host_streamed_batches_match_fused_epoch(name, subsets, single_runs):
     assert metrics["accuracy"] == pytest.approx(single_runs["mlp"][2]["accuracy"], abs=1e-6)
 
 
-@contextlib.contextmanager
-def count_compilations():
-    """Counts XLA backend compilations inside the block (jit, pmap, anything)."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.mark.parametrize(("name", "devices"), [("single", None), ("pmap", 1), ("pmap", 2),

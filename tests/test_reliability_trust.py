@@ -428,21 +428,12 @@ def test_torch_refs_decompressed_copy_is_verified_and_rebuilt_on_every_use(tmp_p
 
 # --- a new optimizer with the same hyperparameters reuses the compiled program ------------------
 
-class Compilations:
-    def __init__(self):
-        import jax
-
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
 @pytest.fixture(scope="module")
 def compilations():
-    return Compilations()
+    from _support import count_compilations
+
+    with count_compilations() as events:
+        yield events
 
 
 def _fit(lr, epochs=1):
@@ -459,13 +450,13 @@ def test_a_fresh_optimizer_with_the_same_hyperparameters_does_not_recompile(comp
     import jax
 
     first = _params(_fit(1e-3))
-    before = compilations.count
+    before = len(compilations)
     again = _params(_fit(1e-3))  # a new optax.adam(1e-3) object
-    assert compilations.count == before
+    assert len(compilations) == before
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     other = _params(_fit(2e-3))  # no false sharing: another learning rate compiles and differs
-    assert compilations.count > before
+    assert len(compilations) > before
     assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(first, other))
     jax.clear_caches()
     fresh = _params(_fit(2e-3))
