@@ -172,7 +172,8 @@ def _files(folder: Path) -> list[Path]:
     for parent, dirs, names in os.walk(folder):
         found += [Path(parent) / n for n in names]
         found += [Path(parent) / d for d in dirs if os.path.islink(os.path.join(parent, d))]
-    return sorted(p for p in found if not (p.parent == folder and (_MANIFEST.match(p.name) or _MANIFEST_TMP.match(p.name))))
+    manifests = (_MANIFEST, _MANIFEST_TMP)
+    return sorted(p for p in found if not (p.parent == folder and any(m.match(p.name) for m in manifests)))
 
 
 _MANIFEST = re.compile(r"^manifest(\.process_\d+)?\.json$")
