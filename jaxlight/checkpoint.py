@@ -515,6 +515,7 @@ class CheckpointSaver:
             self._failed(final, errors[0])
 
     def _failed(self, final: Path, exc: BaseException):
+        _join_orbax_threads()  # (their own error logs come before ours, not after it)
         if jax.process_index() == 0:
             _remove(final)
             for tmp in self.root.glob(f"{final.name}.orbax-checkpoint-tmp*"):
@@ -568,6 +569,19 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
         return saver.save(state, meta, replace=replace)
     finally:
         saver.close()
+
+
+def _join_orbax_threads(timeout: float = 60.0) -> None:
+    """Wait for Orbax's worker threads that are still running after a save failed.
+
+    When one write of a save fails, Orbax reports it at once, while its other writes (metadata,
+    shardings) may still be running and log their own failure a moment later. Joining them keeps
+    those logs ahead of the error a caller prints, and no thread writes into a folder being removed.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _short_cause(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ import order, so none of them imports another; only the standard library at impo
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -148,29 +149,37 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
     # finish the chunk and save first.
     shown, warnings.showwarning = warnings.showwarning, _warning_line
     warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
+    failure = None
     try:
-        run(args)
-        return 0
-    except Interrupted as exc:
-        if not exc.reported:
-            print(f"{program}: stopped by {exc}; nothing more was saved", file=sys.stderr, flush=True)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print(f"{program}: aborted by Ctrl-C; nothing more was saved", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
-    except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised
-        code = next((c for cls, c in errors.items() if isinstance(exc, cls)), None)
-        if code is None:
-            raise
-        log = getattr(args, "log_file", None)
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        elif log is not None:
-            logging.getLogger(program).error("%s", exc, exc_info=True)
-        where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
-        message = " ".join(str(exc).split("\n"))  # (one line, whatever the exception holds)
-        print(f"{program}: error: {message}{where}", file=sys.stderr, flush=True)
-        if isinstance(exc, UsageError):
+        try:
+            run(args)
+            return 0
+        except Interrupted as exc:
+            if not exc.reported:
+                print(f"{program}: stopped by {exc}; nothing more was saved", file=sys.stderr, flush=True)
+            return 128 + exc.signum
+        except KeyboardInterrupt:
+            print(f"{program}: aborted by Ctrl-C; nothing more was saved", file=sys.stderr, flush=True)
+            return 128 + signal.SIGINT
+        except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised
+            code = next((c for cls, c in errors.items() if isinstance(exc, cls)), None)
+            if code is None:
+                raise
+            log = getattr(args, "log_file", None)
+            if getattr(args, "verbose", False):
+                traceback.print_exc()
+            elif log is not None:
+                logging.getLogger(program).error("%s", exc, exc_info=True)
+            where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
+            message = " ".join(str(exc).split("\n"))  # (one line, whatever the exception holds)
+            failure = code, f"{program}: error: {message}{where}", isinstance(exc, UsageError)
+        # The run's objects, held until now by the traceback, are freed before the error line, so
+        # that what they say when collected (a library's "never awaited" warning) comes before it:
+        # the error stays the last line on stderr.
+        gc.collect()
+        code, line, usage = failure
+        print(line, file=sys.stderr, flush=True)
+        if usage:
             raise SystemExit(EXIT_USAGE) from None  # (as argparse does for the flags it checks)
         return code
     finally:
