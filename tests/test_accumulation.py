@@ -117,7 +117,7 @@ _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("tx, n", [
-    pytest.param(SGD, 2000, marks=_SLOW, id="sgd-2000"), pytest.param(SGD, 2040, id="sgd-2040"),
+    pytest.param(SGD, 2000, marks=_SLOW, id="sgd-2000"), pytest.param(SGD, 2040, marks=_SLOW, id="sgd-2040"),
     pytest.param(SGD, 2048, marks=_SLOW, id="sgd-2048"), pytest.param(ADAM, 2000, id="adam-2000"),
     pytest.param(ADAM, 2040, marks=_SLOW, id="adam-2040"), pytest.param(ADAM, 2048, marks=_SLOW, id="adam-2048"),
 ])

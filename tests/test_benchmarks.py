@@ -119,6 +119,7 @@ def test_gpu_script_is_valid_bash(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
 
 
+@pytest.mark.slow  # fast counterpart: test_fsdp.py::test_parameters_and_optimizer_state_take_one_nth_per_device[8]
 def test_strategy_memory_measures_one_nth_per_device_under_fsdp(tmp_path):
     """benchmarks/strategy_memory.py on a narrow MLP over the tests' 8 fake devices, in process:
     fsdp keeps 1/8 of the parameters + Adam state per device (64-wide layers all divide by 8;

@@ -21,7 +21,9 @@ def run_example(name, *args):
 
 
 @pytest.mark.parametrize("name, args", [
-    ("dropout_batchnorm", ["--epochs", "2"]),
+    # (fast counterparts: test_multitask_reports_both_metrics, an example run in process, and
+    # test_own_models.py, the same kind of Dropout/BatchNorm model through the same Trainer)
+    pytest.param("dropout_batchnorm", ["--epochs", "2"], marks=pytest.mark.slow),
     pytest.param("sequence_classifier", ["--epochs", "2", "--examples", "300"], marks=pytest.mark.slow),
 ])
 def test_example_runs_end_to_end_on_a_small_budget(tmp_path, name, args):

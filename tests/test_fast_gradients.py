@@ -34,7 +34,7 @@ SLOW = pytest.mark.slow  # (larger shapes: each compiles float64 autodiff for a 
 
 
 @pytest.mark.parametrize("shape,kernel,padding", [
-    ((4, 28, 28, 1), (3, 3, 1, 8), ((1, 1), (1, 1))),
+    pytest.param((4, 28, 28, 1), (3, 3, 1, 8), ((1, 1), (1, 1)), marks=SLOW),  # (the CNN's layer: parity covers it)
     pytest.param((3, 14, 14, 8), (3, 3, 8, 16), ((1, 1), (1, 1)), marks=SLOW),
     pytest.param((2, 9, 7, 3), (5, 3, 3, 4), ((2, 2), (1, 1)), marks=SLOW),
     ((2, 8, 8, 2), (2, 2, 2, 3), ((0, 1), (1, 0))),
@@ -83,7 +83,8 @@ def _numpy_conv(x, k, padding):
     return out
 
 
-@pytest.mark.parametrize("pad", [((-1, 1), (0, -1)), ((-2, 0), (1, -1)), ((0, -1), (-1, 2))])
+@pytest.mark.parametrize("pad", [((-1, 1), (0, -1)), pytest.param(((-2, 0), (1, -1)), marks=SLOW),
+                                 pytest.param(((0, -1), (-1, 2)), marks=SLOW)])
 def test_negative_padding_crops_then_pads(pad):
     """Negative padding crops the input. Checked against a float64 convolution written out (the
     forward) and against autodiff of an explicit crop + zero pad + VALID convolution (the
@@ -128,12 +129,13 @@ class PlainConv(nnx.Module):
 
 
 @pytest.mark.parametrize("model,slow,backend,expected", [
-    (build_model("cnn"), False, "cpu", 938),  # scan-friendly convolutions: fused on the CPU too
-    (build_model("mlp"), False, "cpu", 938),
-    (PlainConv(), True, "cpu", 1),            # autodiff's kernel gradient: one step per call
-    (PlainConv(), True, "gpu", 938),
+    (lambda: build_model("cnn"), False, "cpu", 938),  # scan-friendly convolutions: fused on the CPU too
+    (lambda: build_model("mlp"), False, "cpu", 938),
+    (PlainConv, True, "cpu", 1),                      # autodiff's kernel gradient: one step per call
+    (PlainConv, True, "gpu", 938),
 ])
 def test_default_steps_per_call(model, slow, backend, expected):
+    model = model()  # (built in the test, not while pytest collects the module)
     assert has_scan_slow_conv(model) == slow
     assert default_steps_per_call(model, 938, backend) == expected
 

@@ -214,7 +214,7 @@ MLP_SPECS_8 = {"fc1.kernel": ("data", None), "fc1.bias": ("data",), "fc2.kernel"
                "fc2.bias": (None,)}
 
 
-@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("devices", [pytest.param(2, marks=pytest.mark.slow), 8])  # (the rule is the same for 2)
 def test_fsdp_layout_follows_the_rule_before_and_after_training(devices, subsets, blobs):
     strategy = parallel.make_strategy("fsdp", devices)
     state = strategy.prepare_state(new_state("mlp"))
@@ -252,7 +252,7 @@ def bytes_on(device, tree) -> int:
     return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards if s.device == device)
 
 
-@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("devices", [pytest.param(d, marks=pytest.mark.slow) for d in (2, 4)] + [8])
 def test_parameters_and_optimizer_state_take_one_nth_per_device(devices, subsets):
     single = new_state("mlp")
     whole = sum(np.asarray(a).nbytes for a in jax.tree.leaves((single.params, single.opt_state)))
@@ -284,7 +284,7 @@ def test_parameters_and_optimizer_state_take_one_nth_per_device(devices, subsets
 
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
 def test_fsdp_epochs_compile_once(devices, subsets):
     """The state comes out of each chunk in the layout it went in: the second epoch reuses the
     first one's programs."""
@@ -303,6 +303,7 @@ def test_fsdp_epochs_compile_once(devices, subsets):
 
 # --- moving a state through checkpoints and layouts -----------------------------------------
 
+@pytest.mark.slow  # fast counterpart: test_checkpoint.py's layout moves to and from fsdp, one save each
 def test_state_moves_through_checkpoints_between_single_fsdp_and_sharded(subsets, tmp_path):
     """single -> fsdp(8) -> sharded(4) -> fsdp(2) -> single, one epoch each, through
     ``save_checkpoint`` / ``restore_checkpoint`` and ``prepare_state`` as the Trainer restores.
@@ -373,6 +374,8 @@ def test_fsdp_is_a_strategy_name_everywhere():
         Trainer(trainer_config(strategy="fsdp", devices=4, batch_size=30))
 
 
+@pytest.mark.slow  # fast counterparts: test_fsdp_resume_is_bitwise_the_uninterrupted_run (Trainer) and
+# test_cli_trainer.py (the strategy flags and --resume across layouts)
 def test_cli_trains_under_fsdp_and_resumes_under_other_layouts(cli_main, tmp_path):
     """``jaxlight train --strategy fsdp``: checkpoint on 4 devices, ``--resume`` on 2; the
     same run as one device all along, to float32 rounding."""

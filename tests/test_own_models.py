@@ -396,7 +396,7 @@ def test_batchnorm_under_every_strategy_equals_one_device(data, strategy, device
     assert loop.evaluate(got, val, 40, strategy=strategy_) == pytest.approx(loop.evaluate(expected, val, 40), rel=1e-5)
 
 
-@_sweep([2, 8], fast={("pmap", 8)})
+@_sweep([2, 8], fast=set())  # (fast counterparts: the BatchNorm sweep's pmap-8 and the dropout tests above)
 def test_dropout_under_every_strategy_equals_one_device(data, strategy, devices):
     from jaxlight import parallel
 

@@ -93,7 +93,7 @@ def test_strategy_matches_single_device(model, name, devices, subsets, single_ru
     assert metrics["loss"] == pytest.approx(ref_eval["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["pmap", "sharded"])
+@pytest.mark.parametrize("name", ["pmap", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_host_streamed_batches_match_fused_epoch(name, subsets, single_runs):
     """Data left on the host goes through ``train_step`` batch by batch: same result."""
     train, test = subsets["mlp"]
@@ -108,8 +108,10 @@ def test_host_streamed_batches_match_fused_epoch(name, subsets, single_runs):
 
 
 
-@pytest.mark.parametrize(("name", "devices"), [("single", None), ("pmap", 1), ("pmap", 2),
-                                               ("sharded", 1), ("sharded", 8)])
+@pytest.mark.parametrize(("name", "devices"), [
+    ("single", None), ("pmap", 2), ("sharded", 8),
+    pytest.param("pmap", 1, marks=pytest.mark.slow), pytest.param("sharded", 1, marks=pytest.mark.slow),
+])
 def test_fused_epochs_compile_once(name, devices, subsets):
     """The second epoch reuses the first one's programs: the state's layout is stable from the
     first step on (a fresh state's uncommitted arrays would otherwise cost a second compile:
@@ -165,9 +167,9 @@ def test_default_strategy_is_today_single_device_behaviour():
     ("first", "then"),
     [
         (("pmap", 8), ("single", 1)),
-        (("pmap", 8), ("sharded", 2)),
+        pytest.param(("pmap", 8), ("sharded", 2), marks=pytest.mark.slow),
         (("sharded", 8), ("pmap", 4)),
-        (("sharded", 2), ("sharded", 8)),
+        pytest.param(("sharded", 2), ("sharded", 8), marks=pytest.mark.slow),
     ],
 )
 def test_state_moves_between_strategies_and_device_counts(first, then, subsets):

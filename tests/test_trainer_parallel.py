@@ -111,10 +111,12 @@ def test_host_streamed_batches_match_single_device(name, data, single, monkeypat
     assert_history_close(trainer.history, single[1].history)
 
 
+# (fast counterpart: test_cli_trainer.py, which checkpoints under sharded and resumes under pmap
+# through the same Trainer)
 @pytest.mark.parametrize("first, then", [
-    (("sharded", 8), ("pmap", 2)),
+    pytest.param(("sharded", 8), ("pmap", 2), marks=pytest.mark.slow),
     pytest.param(("pmap", 4), ("single", None), marks=pytest.mark.slow),
-    (("single", None), ("sharded", 8)),
+    pytest.param(("single", None), ("sharded", 8), marks=pytest.mark.slow),
 ])
 def test_checkpoint_resumes_under_another_strategy_and_device_count(first, then, data, single, tmp_path):
     """Stop mid-epoch 2 under one layout, resume under another: the run ends where one
@@ -140,8 +142,10 @@ def accumulated(data):
     return trainer.fit(new_state(), data[0]), trainer
 
 
-@pytest.mark.parametrize("strategy, devices, streamed", [("pmap", 4, False), ("sharded", 8, False),
-                                                         ("pmap", 8, True), ("sharded", 4, True)])
+@pytest.mark.parametrize("strategy, devices, streamed", [
+    pytest.param("pmap", 4, False, marks=pytest.mark.slow), ("sharded", 8, False),
+    ("pmap", 8, True), pytest.param("sharded", 4, True, marks=pytest.mark.slow),
+])  # (the fast tier keeps each strategy once, fused and streamed)
 def test_accumulation_and_clipping_match_single_device(data, accumulated, strategy, devices, streamed):
     """Each micro-batch's gradient is reduced over the devices before the window's mean, which
     clipping then sees; the fused and the host-streamed windows alike."""
