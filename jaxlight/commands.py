@@ -173,10 +173,18 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
             where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
             message = " ".join(str(exc).split("\n"))  # (one line, whatever the exception holds)
             failure = code, f"{program}: error: {message}{where}", isinstance(exc, UsageError)
-        # The run's objects, held until now by the traceback, are freed before the error line, so
-        # that what they say when collected (a library's "never awaited" warning) comes before it:
-        # the error stays the last line on stderr.
-        gc.collect()
+        # The failed run's objects, held until now by the traceback, are freed before the error
+        # line. What a library says as they go (Orbax's "coroutine ... was never awaited" after a
+        # failed save) is a detail of that failure: it goes to the log (--verbose: stderr, before
+        # the error line), so the error stays the one line, and the last, on stderr.
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            gc.collect()
+        for w in said:
+            if getattr(args, "verbose", False) or log is None:
+                print(f"warning: {w.message}", file=sys.stderr, flush=True)
+            else:
+                logging.getLogger(program).warning("%s", w.message)
         code, line, usage = failure
         print(line, file=sys.stderr, flush=True)
         if usage:

@@ -779,9 +779,13 @@ class Trainer:
         """Whether any process got SIGTERM. A scheduler signals processes at slightly different
         moments; if each acted on its own flag, one would enter the checkpoint barrier while
         another entered the next step's collective, and both would hang. So in a multi-process
-        run the processes agree at every chunk end (one tiny all-gather) and stop together."""
-        if self.config.handle_sigterm:
-            self._sigterm = parallel.any_process(self._sigterm)  # (a no-op in one process)
+        run the processes agree at every chunk end (one tiny all-gather) and stop together.
+
+        The flag is only ever raised here, never written back: a signal whose handler runs
+        while the processes agree (after the flag was read) must not be overwritten by the
+        answer, or that stop request would be lost and the run would go on."""
+        if self.config.handle_sigterm and parallel.any_process(self._sigterm):  # (a no-op in one process)
+            self._sigterm = True
         return self._sigterm
 
     def _restore_sigterm(self, previous) -> None:

@@ -479,7 +479,8 @@ except CheckpointError as exc:
 @pytest.mark.slow
 def test_real_failing_writes_leave_the_previous_checkpoint_intact(tmp_path):
     """No monkeypatching: the kernel refuses every write past 4 KiB (RLIMIT_FSIZE) mid-save."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # (no compilation cache: under the limit its entries would be written truncated)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_ENABLE_COMPILATION_CACHE": "false"}
     env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, "-c", WRITE_LIMIT_SCRIPT, str(tmp_path), str(ROOT / "tests")],
                             capture_output=True, text=True, env=env, timeout=300)

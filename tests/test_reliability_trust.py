@@ -18,6 +18,7 @@ import signal
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -242,11 +243,14 @@ def test_a_failed_write_leaves_the_previous_metrics_json_whole(tmp_path, capsys)
     good = (out / "metrics.json").read_bytes()
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    cache = jax.config.jax_enable_compilation_cache  # (its entries would be written truncated, for later tests)
+    jax.config.update("jax_enable_compilation_cache", False)
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, hard))
     try:
         code, _, err = _cli(capsys, *LINEAR, "--epochs", "2", "--out", str(out))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        jax.config.update("jax_enable_compilation_cache", cache)
         signal.signal(signal.SIGXFSZ, previous)
     assert code == 1
     _one_line(err, "File too large")

@@ -291,6 +291,28 @@ def test_sigterm_saves_at_the_next_chunk_boundary_and_returns(small, tmp_path):
     assert _bytes(final.params) == _bytes(hand_loop(_state(), small[0], 3).params)
 
 
+def test_a_signal_while_the_processes_agree_on_stopping_is_not_lost(small, monkeypatch):
+    """SIGTERM handled in the middle of the chunk-end agreement (after the flag was read, before
+    the answer is back) still stops the fit at that chunk end."""
+    from jaxlight import parallel
+
+    agree, calls = parallel.any_process, []
+
+    def signal_while_agreeing(flag):
+        answer = agree(flag)  # (the flag as it was read: False)
+        if not calls:
+            signal.raise_signal(signal.SIGTERM)  # the handler runs now, before the answer returns
+        calls.append(flag)
+        return answer
+
+    monkeypatch.setattr(parallel, "any_process", signal_while_agreeing)
+    trainer = Trainer(_config(max_epochs=3, steps_per_execution=1))
+    with pytest.warns(RuntimeWarning, match="SIGTERM at step 1: stopping without a checkpoint"):
+        state = trainer.fit(_state(), *small)
+    assert trainer.interrupted and trainer.stop_signal == signal.SIGTERM and int(state.step) == 1
+    assert calls == [False]
+
+
 def test_one_compilation_for_a_whole_run(mnist):
     train = ArrayDataset(mnist[0].images[:333], mnist[0].labels[:333])  # a size no other test uses
     before = train_chunk._cache_size()
