@@ -149,7 +149,6 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
     # finish the chunk and save first.
     shown, warnings.showwarning = warnings.showwarning, _warning_line
     warnings.filterwarnings("ignore", message=".*stopping without a checkpoint")  # (the CLI says it once)
-    failure = None
     try:
         try:
             run(args)
@@ -172,7 +171,7 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
                 logging.getLogger(program).error("%s", exc, exc_info=True)
             where = f" (details in {log})" if code == EXIT_FAILED and log is not None and log.exists() else ""
             message = " ".join(str(exc).split("\n"))  # (one line, whatever the exception holds)
-            failure = code, f"{program}: error: {message}{where}", isinstance(exc, UsageError)
+            line, usage = f"{program}: error: {message}{where}", isinstance(exc, UsageError)
         # The failed run's objects, held until now by the traceback, are freed before the error
         # line. What a library says as they go (Orbax's "coroutine ... was never awaited" after a
         # failed save) is a detail of that failure: it goes to the log (--verbose: stderr, before
@@ -185,7 +184,6 @@ def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
                 print(f"warning: {w.message}", file=sys.stderr, flush=True)
             else:
                 logging.getLogger(program).warning("%s", w.message)
-        code, line, usage = failure
         print(line, file=sys.stderr, flush=True)
         if usage:
             raise SystemExit(EXIT_USAGE) from None  # (as argparse does for the flags it checks)
