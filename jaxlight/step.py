@@ -42,8 +42,10 @@ Every compiled function donates the incoming state: do not use a state after pas
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import threading
 import traceback
 
 import jax
@@ -415,12 +417,39 @@ def _culprits(batch, message: str, where: str) -> list[str]:
     return found
 
 
+# What check_loss has already traced without error: (mode, tree structure, leaf types), as
+# jit's own cache keys a trace. The structure holds the static parts (graphdefs, optimizer,
+# loss function), so a second run of the same model on batches of the same shapes (another
+# fit, a resume, a validation set) is not traced again. Bounded: a key keeps its objects alive.
+_CHECKED: collections.OrderedDict = collections.OrderedDict()
+_CHECKED_MAX = 64
+_CHECKED_LOCK = threading.Lock()
+
+
+def _trace_key(mode: str, *args):
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    try:
+        key = (mode, tree, tuple(jax.typeof(a) for a in leaves))
+        hash(key)
+    except TypeError:  # an unhashable static part or leaf: check it every time
+        return None
+    return key
+
+
 def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
     """Trace the loss on ``batch`` without running it (``jax.eval_shape``), in train and eval
     mode: a batch that does not fit the model, or a loss that breaks the contract, gives one
     :class:`BatchError` naming the leaf and the model's complaint instead of an XLA traceback.
+
+    A state and batch of the same structure and types as one already checked are not traced
+    again (as ``jax.jit`` does not trace again what it has traced).
     """
     for apply, mode in ((apply_train_step, "training"), (apply_eval_step, "evaluation")):
+        key = _trace_key(mode, state, batch, mask)
+        with _CHECKED_LOCK:
+            if key is not None and key in _CHECKED:
+                _CHECKED.move_to_end(key)
+                continue
         try:
             jax.eval_shape(lambda s, b, m: apply(s, b, m), state, batch, mask)
         except BatchError:  # the loss contract (_check_loss_outputs), already one line
@@ -430,6 +459,11 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
             leaves = "; ".join(culprits) if culprits else _describe(batch, "batch")
             raise BatchError(f"{where}: {leaves} does not fit the model or the loss (in {mode}). The model "
                              f"said{_user_frame(exc)}: {_complaint(exc)}") from None
+        if key is not None:
+            with _CHECKED_LOCK:
+                _CHECKED[key] = None
+                if len(_CHECKED) > _CHECKED_MAX:
+                    _CHECKED.popitem(last=False)
 
 
 def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):

@@ -198,3 +198,34 @@ def test_bad_dataset_is_named_before_training():
         fit(mlp_state(), ArrayDataset(np.zeros((100, 28, 28), np.uint8), labels), 1, 64)
     with pytest.raises(BatchError, match=r"training set: x has shape \(100, 784\)"):
         fit(mlp_state(), ArrayDataset(np.zeros((100, 784), np.float32), np.zeros(100, np.int32)), 1, 64)
+
+
+def test_the_loss_check_traces_one_state_and_batch_shape_once():
+    """``check_loss`` traces the loss in train and eval mode. A second check of a state and
+    batch of the same structure and types (another fit of the same model, a resume) reuses that
+    trace; a new batch shape is traced; a batch that does not fit is refused every time."""
+    import jax.numpy as jnp
+
+    from jaxlight.step import check_loss
+
+    shapes = []
+
+    def loss(model, batch):
+        shapes.append(batch["x"].shape)
+        return jnp.sum((model(batch["x"]) - batch["y"]) ** 2, axis=-1), {}
+
+    state = create_train_state(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), optim.sgd(0.1), loss)
+
+    def batch(rows, features=3):
+        return {"x": np.ones((rows, features), np.float32), "y": np.zeros((rows, 2), np.float32)}, np.ones(rows, np.float32)
+
+    check_loss(state, *batch(4))
+    first = len(shapes)
+    assert first >= 2 and set(shapes) == {(4, 3)}  # train and eval mode
+    check_loss(state, *batch(4))
+    assert len(shapes) == first
+    check_loss(state, *batch(8))
+    assert len(shapes) == 2 * first and shapes[-1] == (8, 3)
+    for _ in range(2):
+        with pytest.raises(BatchError, match=r"batch\['x'\] \(4, 5\) float32 does not fit the model"):
+            check_loss(state, *batch(4, features=5))
