@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlight.data.arrays import ArrayDataset, batch_indices, num_batches, windows
+from jaxlight.data.arrays import ArrayDataset, host_batch_indices, num_batches, windows
 from jaxlight.data.stream import Batches
 from jaxlight.parallel import Strategy, get_strategy
 from jaxlight.state import TrainState
@@ -358,8 +358,8 @@ class EpochRunner:
         """Data on the device: each chunk of K steps gathers its batches there, in one call."""
         key, strategy, state, a = self._key(), self.strategy, self.state, self.accumulate
         data = strategy.prepare_data(self.source.data).data
-        order = batch_indices(key if key is not None else jax.random.key(0), len(self.source.data),
-                              self.source.batch_size, self.shuffle)
+        order = host_batch_indices(key if key is not None else jax.random.key(0), len(self.source.data),
+                                   self.source.batch_size, self.shuffle)
         idx, mask = strategy.prepare_indices(*(windows(*order, a) if a > 1 else order))
         while self.position < self.num_batches:
             steps = self._length()

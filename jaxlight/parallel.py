@@ -65,7 +65,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlight import step as _step
-from jaxlight.data.arrays import ArrayDataset, batch_indices
+from jaxlight.data.arrays import ArrayDataset, host_batch_indices
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -367,10 +367,10 @@ class Strategy:
         than memory.
         """
         n = len(data)
-        idx, mask = batch_indices(key if key is not None else jax.random.key(0), n, batch_size,
-                                  key is not None)
+        idx, mask = host_batch_indices(key if key is not None else jax.random.key(0), n, batch_size,
+                                       key is not None)
         rows = self.process_rows(batch_size)
-        for bi, bm in zip(np.asarray(idx)[start:, rows], np.asarray(mask)[start:, rows]):
+        for bi, bm in zip(idx[start:, rows], mask[start:, rows]):
             yield jax.tree.map(lambda a: a[bi], data.data), bm
 
     def _checked(self, state, batch, mask, labels: bool = True):
@@ -419,7 +419,7 @@ class SingleDevice(Strategy):
         return data.to_device(self.devices[0])
 
     def prepare_indices(self, idx, mask):
-        return idx, mask
+        return jax.device_put((idx, mask), self.devices[0])
 
     def train_chunk(self, state, data, idx, mask, steps: int, start=0, unroll: bool = False):
         return _step.train_chunk(state, data, idx, mask, steps, start, unroll=unroll)

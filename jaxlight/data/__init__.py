@@ -3,6 +3,7 @@
 from jaxlight.data.arrays import (
     ArrayDataset,
     batch_indices,
+    host_batch_indices,
     epoch_order,
     gather_batch,
     iterate_batches,
@@ -23,6 +24,7 @@ __all__ = [
     "MNISTSplit",
     "RegressionData",
     "batch_indices",
+    "host_batch_indices",
     "download_mnist",
     "epoch_order",
     "find_mnist",

@@ -24,6 +24,7 @@ from jaxlight.tasks import prepare_x  # noqa: F401  (re-exported: part of the da
 __all__ = [
     "ArrayDataset",
     "batch_indices",
+    "host_batch_indices",
     "data_key",
     "windows",
     "epoch_order",
@@ -50,8 +51,25 @@ def num_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def batch_indices(key: jax.Array, n: int, batch_size: int, shuffle: bool = True):
+@functools.partial(jax.jit, static_argnums=1)
+def _permutation(key: jax.Array, n: int) -> jax.Array:
+    return jax.random.permutation(key, n)
+
+
+def host_batch_indices(key: jax.Array, n: int, batch_size: int,
+                       shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`batch_indices` as numpy arrays. Only the shuffle is a compiled program (one per
+    dataset size); the stored order, the padding and the cut into batches are host arithmetic."""
+    order = np.asarray(_permutation(key, n)) if shuffle else np.arange(n, dtype=np.int32)
+    nb = num_batches(n, batch_size)
+    pad = nb * batch_size - n
+    # Padding repeats the last batch's first row, as ``stream.pad_batch`` does.
+    idx = np.concatenate([order, np.full((pad,), order[(nb - 1) * batch_size], order.dtype)]).astype(np.int32)
+    mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+    return idx.reshape(nb, batch_size), mask.reshape(nb, batch_size)
+
+
+def batch_indices(key: jax.Array, n: int, batch_size: int, shuffle: bool = True) -> tuple[jax.Array, jax.Array]:
     """The example indices of one epoch, cut into padded batches.
 
     Args:
@@ -63,15 +81,11 @@ def batch_indices(key: jax.Array, n: int, batch_size: int, shuffle: bool = True)
     Returns:
         ``(idx, mask)``: ``idx (num_batches, batch_size) int32`` indices into the dataset and
         ``mask (num_batches, batch_size) float32``, 1 for real examples and 0 for the padding
-        that fills the last batch.
+        that fills the last batch (on the default device; :func:`host_batch_indices` gives
+        them as numpy).
     """
-    order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
-    nb = num_batches(n, batch_size)
-    pad = nb * batch_size - n
-    # Padding repeats the last batch's first row, as ``stream.pad_batch`` does.
-    idx = jnp.concatenate([order, jnp.full((pad,), order[(nb - 1) * batch_size], order.dtype)]).astype(jnp.int32)
-    mask = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
-    return idx.reshape(nb, batch_size), mask.reshape(nb, batch_size)
+    idx, mask = host_batch_indices(key, n, batch_size, shuffle)
+    return jnp.asarray(idx), jnp.asarray(mask)
 
 
 def windows(idx, mask, accumulate: int):
@@ -114,8 +128,7 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndar
         ((3, 4), 10)
     """
     key = jax.random.fold_in(data_key(seed), epoch)
-    idx, mask = batch_indices(key, n, batch_size, True)
-    return np.asarray(idx), np.asarray(mask)
+    return host_batch_indices(key, n, batch_size, True)
 
 
 def gather_batch(x, y, idx, mask) -> dict:
@@ -258,10 +271,10 @@ def iterate_masked(
     """
     n = len(data)
     if key is None:
-        idx, mask = batch_indices(jax.random.key(0), n, batch_size, False)
+        idx, mask = host_batch_indices(jax.random.key(0), n, batch_size, False)
     else:
-        idx, mask = batch_indices(key, n, batch_size, True)
-    for bi, bm in zip(np.asarray(idx), np.asarray(mask)):
+        idx, mask = host_batch_indices(key, n, batch_size, True)
+    for bi, bm in zip(idx, mask):
         yield jax.tree.map(lambda a: a[bi], data.data), bm
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlight.data import ArrayDataset, batch_indices, epoch_order, iterate_batches, make_regression
+from jaxlight.data import ArrayDataset, batch_indices, epoch_order, host_batch_indices, iterate_batches, make_regression
 
 
 @pytest.mark.parametrize("n, batch", [(10, 4), (12, 4), (60000, 64), (1, 64)])
@@ -15,6 +15,25 @@ def test_every_example_once_last_batch_padded_and_masked(n, batch):
     real = idx[mask > 0]
     assert sorted(real.tolist()) == list(range(n))
     assert mask.sum() == n and (mask.reshape(-1)[:n] == 1).all()
+
+
+@pytest.mark.parametrize("n, batch", [(10, 4), (12, 5)])
+def test_the_order_is_the_keys_permutation_padded_with_the_last_batchs_first_row(n, batch):
+    """The data-order contract, written out: ``jax.random.permutation(key, n)`` (or the stored
+    order), cut into batches, the last one filled with copies of its first index, masked 0."""
+    key = jax.random.key(11)
+    for shuffle, order in ((True, np.asarray(jax.random.permutation(key, n))), (False, np.arange(n))):
+        nb = -(-n // batch)
+        want = np.full(nb * batch, order[(nb - 1) * batch])
+        want[:n] = order
+        idx, mask = batch_indices(key, n, batch, shuffle)
+        assert isinstance(idx, jax.Array) and idx.dtype == np.int32 and mask.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(idx), want.reshape(nb, batch))
+        np.testing.assert_array_equal(np.asarray(mask).reshape(-1), (np.arange(nb * batch) < n).astype(np.float32))
+        host_idx, host_mask = host_batch_indices(key, n, batch, shuffle)
+        assert isinstance(host_idx, np.ndarray)
+        np.testing.assert_array_equal(host_idx, np.asarray(idx))
+        np.testing.assert_array_equal(host_mask, np.asarray(mask))
 
 
 def test_epoch_order_is_seeded_and_changes_per_epoch():
