@@ -56,3 +56,15 @@ def test_only_the_cnn_has_a_convolution():
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model("resnet")
+
+
+def test_the_uniform_initialiser_is_jax_uniform_of_that_shape():
+    """jaxlight draws a weight flat and reshapes it (a faster compile); the numbers are those of
+    ``jax.random.uniform`` drawn in the weight's own shape, to the bit."""
+    from jaxlight.models.init import uniform_init
+
+    key, shape = jax.random.key(4), (3, 2, 5)
+    want = jax.random.uniform(key, shape, jnp.float32, -0.25, 0.25)
+    got = uniform_init(0.25)(key, shape, jnp.float32)
+    assert got.shape == shape and got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -43,7 +43,10 @@ def uniform_init(bound: float):
     """``U(-bound, bound)`` for any shape."""
 
     def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        # Drawn flat, then reshaped: the same numbers (each element's bits depend on its flat
+        # index alone), but XLA compiles one program per size, and a flat draw compiles 2-4x
+        # faster than one of a shape such as (256, 10) on the CPU.
+        return jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound).reshape(shape)
 
     return init
 
