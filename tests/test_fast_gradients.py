@@ -44,9 +44,9 @@ def test_forward_and_gradients_match_autodiff(shape, kernel, padding):
     float64. Not against autodiff in float32 inside the scan: XLA:CPU's naive loop nest there
     sums the kernel gradient over B*H*W terms less accurately (1.6e-4 off float64 for the first
     case, against 2.5e-5 for the patches matmul)."""
-    kx, kk = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, shape)
-    k = jax.random.normal(kk, kernel) * 0.3
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, np.float32)
+    k = rng.standard_normal(kernel, np.float32) * 0.3
 
     def grads(conv, x, k):
         return jax.value_and_grad(lambda x, k: _loss(conv, x, k, padding), argnums=(0, 1))(x, k)
@@ -90,19 +90,20 @@ def test_negative_padding_crops_then_pads(pad):
     forward) and against autodiff of an explicit crop + zero pad + VALID convolution (the
     gradients): XLA:CPU's own convolution with negative padding is not a reference, its sums
     change from one process to the next."""
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
-    k = jax.random.normal(jax.random.key(2), (3, 3, 2, 4))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 8, 8, 2), np.float32)
+    k = rng.standard_normal((3, 3, 2, 4), np.float32)
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, NHWC)
-    np.testing.assert_allclose(conv2d_nhwc(x, k, (1, 1), pad, dimension_numbers=dn), _numpy_conv(x, k, pad),
-                               rtol=1e-5, atol=1e-5)
+    forward = jax.jit(lambda x, k: conv2d_nhwc(x, k, (1, 1), pad, dimension_numbers=dn))
+    np.testing.assert_allclose(forward(x, k), _numpy_conv(x, k, pad), rtol=1e-5, atol=1e-5)
 
     def explicit(x, k, padding):
         x = jax.lax.pad(x, 0.0, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
         return jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=dn)
 
     strides = (1, 1)
-    ours = jax.value_and_grad(lambda x, k: _loss(conv2d_nhwc, x, k, pad), argnums=(0, 1))(x, k)
-    ref = jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(explicit(x, k, pad))), argnums=(0, 1))(x, k)
+    ours = jax.jit(jax.value_and_grad(lambda x, k: _loss(conv2d_nhwc, x, k, pad), argnums=(0, 1)))(x, k)
+    ref = jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(explicit(x, k, pad))), argnums=(0, 1)))(x, k)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -163,8 +164,9 @@ def _reference_lstm(p, x):
 def test_lstm_gradients_match_autodiff(batch, steps, features, hidden, uses):
     lstm = LSTM(features, hidden, rngs=nnx.Rngs(0))
     params = {name: getattr(lstm, name)[...] for name in ("kernel_ih", "kernel_hh", "bias_ih", "bias_hh")}
-    x = jax.random.normal(jax.random.key(1), (batch, steps, features))
-    w = jax.random.normal(jax.random.key(2), (batch, steps, hidden))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, steps, features), np.float32)
+    w = rng.standard_normal((batch, steps, hidden), np.float32)
 
     def loss(forward, p, x):
         hs, (h, c) = forward(p, x)
@@ -203,7 +205,7 @@ def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_torch(levels):
     rng = np.random.default_rng(levels)
     x = rng.integers(0, levels, (3, 8, 6, 4)).astype(np.float32)
     dy = rng.normal(size=(3, 4, 3, 4)).astype(np.float32)
-    grad = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * dy))(jnp.asarray(x))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * dy)))(x)
     np.testing.assert_array_equal(grad, _first_max_pool_grad(x, dy))
     np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
 
@@ -211,9 +213,9 @@ def test_max_pool_gives_ties_gradient_to_the_first_maximum_like_torch(levels):
 @pytest.mark.parametrize("shape", [pytest.param((2, 28, 28, 3), marks=SLOW), pytest.param((3, 14, 14, 5), marks=SLOW),
                                    (1, 2, 4, 1)])
 def test_max_pool_matches_flax_values_and_gradients(shape):
-    x = jax.random.normal(jax.random.key(3), shape)  # distinct values: a unique max per window
+    x = np.random.default_rng(3).standard_normal(shape, np.float32)  # distinct values: a unique max per window
     ref = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
-    np.testing.assert_array_equal(max_pool_2x2(x), ref(x))
-    loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.arange(pool(x).size).reshape(pool(x).shape)))  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), jax.jit(ref)(x))
+    loss = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.arange(pool(x).size).reshape(pool(x).shape))))  # noqa: E731
     np.testing.assert_array_equal(loss(max_pool_2x2)(x), loss(ref)(x))
 
