@@ -64,7 +64,8 @@ def host_batch_indices(key: jax.Array, n: int, batch_size: int,
     nb = num_batches(n, batch_size)
     pad = nb * batch_size - n
     # Padding repeats the last batch's first row, as ``stream.pad_batch`` does.
-    idx = np.concatenate([order, np.full((pad,), order[(nb - 1) * batch_size], order.dtype)]).astype(np.int32)
+    fill = order[(nb - 1) * batch_size] if pad else 0
+    idx = np.concatenate([order, np.full((pad,), fill, order.dtype)]).astype(np.int32)
     mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
     return idx.reshape(nb, batch_size), mask.reshape(nb, batch_size)
 

@@ -7,7 +7,7 @@ import pytest
 from jaxlight.data import ArrayDataset, batch_indices, epoch_order, host_batch_indices, iterate_batches, make_regression
 
 
-@pytest.mark.parametrize("n, batch", [(10, 4), (12, 4), (60000, 64), (1, 64)])
+@pytest.mark.parametrize("n, batch", [(10, 4), (12, 4), (60000, 64), (1, 64), (0, 4)])
 def test_every_example_once_last_batch_padded_and_masked(n, batch):
     idx, mask = batch_indices(jax.random.key(3), n, batch, True)
     idx, mask = np.asarray(idx), np.asarray(mask)
