@@ -79,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlight.errors import exception_chain
 from jaxlight.hparams import import_path
 from jaxlight.state import TrainState
 
@@ -587,11 +588,9 @@ def _join_orbax_threads(timeout: float = 60.0) -> None:
 def _short_cause(exc: BaseException) -> str:
     """The OS error behind a failed save in a few words (Orbax's own message runs to a page of
     TensorStore spec; the whole of it stays in the exception chain, for logs)."""
-    seen = exc
-    while seen is not None:
+    for seen in exception_chain(exc):
         if isinstance(seen, OSError) and seen.strerror:
             return f"{type(seen).__name__}: [Errno {seen.errno}] {seen.strerror}"
-        seen = seen.__cause__ or seen.__context__
     code = re.search(r"os_error_code='?(\d+)", str(exc))
     if code:
         return f"OSError: [Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"

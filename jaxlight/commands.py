@@ -141,13 +141,11 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 def _failed_save(exc: BaseException) -> bool:
     """Whether ``exc`` is, or was raised from, a failed checkpoint write."""
     checkpoint = sys.modules.get("jaxlight.checkpoint")  # (not imported: nothing was saved)
-    seen = set()
-    while checkpoint is not None and exc is not None and id(exc) not in seen:
-        if isinstance(exc, checkpoint.CheckpointWriteError):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
+    if checkpoint is None:
+        return False
+    from jaxlight.errors import exception_chain
+
+    return any(isinstance(e, checkpoint.CheckpointWriteError) for e in exception_chain(exc))
 
 
 def run_cli(program: str, run, args: argparse.Namespace, errors: dict) -> int:
