@@ -426,10 +426,10 @@ _CHECKED_MAX = 64
 _CHECKED_LOCK = threading.Lock()
 
 
-def _trace_key(mode: str, *args):
+def _trace_key(*args):
     leaves, tree = jax.tree_util.tree_flatten(args)
     try:
-        key = (mode, tree, tuple(jax.typeof(a) for a in leaves))
+        key = (tree, tuple(jax.typeof(a) for a in leaves))
         hash(key)
     except TypeError:  # an unhashable static part or leaf: check it every time
         return None
@@ -444,8 +444,9 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
     A state and batch of the same structure and types as one already checked are not traced
     again (as ``jax.jit`` does not trace again what it has traced).
     """
+    types = _trace_key(state, batch, mask)
     for apply, mode in ((apply_train_step, "training"), (apply_eval_step, "evaluation")):
-        key = _trace_key(mode, state, batch, mask)
+        key = None if types is None else (mode, *types)
         with _CHECKED_LOCK:
             if key is not None and key in _CHECKED:
                 _CHECKED.move_to_end(key)
