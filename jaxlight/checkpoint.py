@@ -80,7 +80,6 @@ import numpy as np
 from flax import nnx
 
 from jaxlight.errors import exception_chain
-from jaxlight.hparams import import_path
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -1071,51 +1070,118 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "last") -> Path:
     return good
 
 
-def build_recorded_model(record: dict, seed: int = 0, where: str = "checkpoint"):
-    """A fresh module from ``{"class_path", "init_args"}``, with ``nnx.Rngs(seed)``."""
+def build_recorded_model(record: dict, seed: int = 0, where: str = "checkpoint", *, model=None,
+                         folders=(), trust_code: bool = False):
+    """A fresh module from ``{"class_path", "init_args"}``, with ``nnx.Rngs(seed)``.
+
+    ``model`` (a class the caller names) takes the recorded arguments instead of the recorded
+    class, which is then not imported at all. Otherwise the class is resolved by
+    :func:`jaxlight.trust.resolve` (the installed environment only; with ``trust_code`` also
+    code saved in ``folders``) and must be an ``nnx.Module`` subclass, checked before any call.
+    The arguments are checked against the class's signature and annotations first.
+
+    Raises:
+        CheckpointError: one line naming ``where``, the class path and, for a refused one, both
+            ways to allow it.
+    """
+    from jaxlight import trust
+
+    path = record.get("class_path") if isinstance(record, dict) else None
+    allow = ("pass the class yourself (load_from_checkpoint(path, model=YourClass)), or trust_code=True (CLI: "
+             "--trust_code) to also run code saved with the checkpoint")
+    if model is not None:
+        cls, path = model, f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', model)}"
+    else:
+        try:
+            cls = trust.resolve(path, folders, trust_code)
+        except trust.UntrustedCodeError as exc:
+            raise CheckpointError(f"{where}: refused to rebuild the recorded model: {exc}; {allow}") from None
+        except ImportError as exc:
+            hint = "" if trust_code else f" ({allow})"
+            raise CheckpointError(f"{where}: the recorded model cannot be rebuilt: {exc}{hint}") from None
+    if not (inspect.isclass(cls) and issubclass(cls, nnx.Module)):
+        kind = "class" if inspect.isclass(cls) else type(cls).__name__.replace("_", " ")
+        raise CheckpointError(
+            f"{where}: refused to rebuild the recorded model: {path} is a {kind}, not an nnx.Module subclass, so it is "
+            f"not called. The recorded model must be an nnx.Module class from the installed environment (or, with "
+            f"trust_code=True, from code saved with the checkpoint); or pass the class yourself "
+            f"(load_from_checkpoint(path, model=YourClass))")
+    kwargs = record.get("init_args") if isinstance(record, dict) else None
+    kwargs = {} if kwargs is None else kwargs
     try:
-        cls = import_path(record["class_path"])
-    except ImportError as exc:
-        raise CheckpointError(f"{where}: the recorded model cannot be rebuilt: {exc}") from None
-    kwargs = dict(record.get("init_args") or {})
+        trust.check_arguments(cls, kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"{where}: the recorded model.init_args do not fit {path}: {exc}") from None
+    kwargs = dict(kwargs)
     if "rngs" in inspect.signature(cls.__init__).parameters:
         kwargs["rngs"] = nnx.Rngs(seed)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the constructor refused the recorded arguments
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{where}: {path}(**recorded init_args) raised {type(exc).__name__}: {first}") from None
 
 
-def load_from_checkpoint(path: str | os.PathLike, which: str = "best"):
-    """Rebuild the model a checkpoint recorded and load its weights: no model code from you.
+def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=None, trust_code: bool = False):
+    """Rebuild the model a checkpoint recorded and load its weights, running no code the
+    checkpoint brought.
 
-    The class is imported from its recorded path (so its package must be importable), built
-    with the recorded arguments and a fresh ``nnx.Rngs``, then given the checkpoint's parameters
-    and statistics (:func:`load_model`).
+    The trust boundary (docs/reliability.md): the record in ``meta.json`` is data anyone can
+    edit (the manifest has no key). It picks the class; it never supplies code.
+
+    - ``model=Net`` (Lightning's ``Net.load_from_checkpoint``): the recorded ``init_args`` go
+      to ``Net``; the recorded class path is not imported at all.
+    - Otherwise the recorded class path is imported from the installed environment only
+      (never from the checkpoint's run or step folder, located with importlib's finders before
+      anything is imported) and must be an ``nnx.Module`` subclass, checked before any call.
+    - ``trust_code=True`` also imports code saved with the checkpoint (a generated model module
+      beside its ``step_*`` folders), searched first.
+
+    The recorded arguments are checked against the class's signature and annotations before
+    the call (a tampered ``width: "16"`` is a :class:`CheckpointError`), then the module is built
+    with a fresh ``nnx.Rngs`` and given the checkpoint's parameters and statistics
+    (:func:`load_model`).
 
     Args:
         path: a run's checkpoint folder (``trainer.ckpt_dir``), or one ``step_*`` folder.
         which: in a folder, "best" (by the metric its ``ModelCheckpoint`` monitored) or "last"
             (the newest good checkpoint).
+        model: an ``nnx.Module`` class to build with the recorded arguments.
+        trust_code: also run code saved with the checkpoint (only for checkpoints you trust).
 
     Returns:
         ``(model, config)``: the module in eval mode (Dropout off, BatchNorm on its running
         statistics), and the run's record (the resolved config, ``class_paths``, ``versions``).
 
     Raises:
-        CheckpointError: the checkpoint records no model (trained without a config and
-            without ``save_hyperparameters``), its class cannot be imported, there is no best
-            checkpoint, or the files are corrupt.
+        CheckpointError: one line: the checkpoint records no model, its class is refused (named,
+            with both ways to allow it) or cannot be imported, the recorded arguments do not
+            fit, there is no best checkpoint, or the files are corrupt.
 
     Example:
         >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")  # doctest: +SKIP
+        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", model=Net)      # doctest: +SKIP
         >>> logits = model(x)                                                           # doctest: +SKIP
     """
+    if model is not None and not (inspect.isclass(model) and issubclass(model, nnx.Module)):
+        raise TypeError(f"load_from_checkpoint: model must be an nnx.Module class (the class, not an instance: "
+                        f"use jaxlight.checkpoint.load_model(path, instance) for one), got {model!r}")
     folder = resolve_checkpoint(path, which)
     meta, _ = _verified_meta(folder)
     record = meta.get("hparams") or {}
-    model_spec = record.get("model")
-    if not isinstance(model_spec, dict) or not model_spec.get("class_path"):
+    model_spec = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(model_spec, dict) or (model is None and not model_spec.get("class_path")):
         raise CheckpointError(
             f"{folder} records no model to rebuild (it was trained without a config and without "
             f"jaxlight.save_hyperparameters in the model's __init__): build the model yourself and call "
             f"jaxlight.checkpoint.load_model(path, model)")
-    model = build_recorded_model(model_spec, int(record.get("seed") or 0), str(folder))
-    return load_model(folder, model), record
+    seed = record.get("seed", 0)
+    seed = 0 if seed is None else seed
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CheckpointError(f"{folder}: the recorded seed is {seed!r}, not an int")
+    from jaxlight.trust import code_folders
+
+    built = build_recorded_model(model_spec, seed, str(folder), model=model, folders=code_folders(folder),
+                                 trust_code=trust_code)
+    return load_model(folder, built), record
+

@@ -1,0 +1,220 @@
+"""Loading a checkpoint someone hands you runs no code: the trust boundary of
+``jaxlight.load_from_checkpoint`` and of ``jaxlight test|validate|predict --ckpt_path``.
+
+A real checkpoint of the user package's ``Net`` (tests/userpkg) is trained once; each test copies
+it, edits the record in its ``meta.json`` as an attacker would (the manifest's sha256 of
+``meta.json`` recomputed, so it verifies) and checks what loading runs: a marker file that the
+named code would create must not exist, a directory it would delete must still be there, and the
+one error must name the class path and both ways to allow it. docs/reliability.md maps each case
+to its test (``load::``).
+"""
+
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxlight
+from jaxlight import checkpoint
+from jaxlight.checkpoint import CheckpointError, list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run folder holding checkpoints of ``userpkg.nets.Net(width=8)`` (2 epochs)."""
+    from userpkg.data import blobs
+    from userpkg.nets import Net, loss_fn
+
+    folder = tmp_path_factory.mktemp("trained") / "ckpt"
+    train, val, _ = blobs()
+    state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64, enable_progress_bar=False),
+                               callbacks=[jaxlight.callbacks.ModelCheckpoint(folder, monitor="val_loss")])
+    trainer.fit(state, train, val)
+    return folder
+
+
+@pytest.fixture
+def run_folder(trained, tmp_path):
+    """A copy of the trained run folder that a test may tamper with."""
+    return Path(shutil.copytree(trained, tmp_path / "ckpt"))
+
+
+def _tamper(run: Path, edit) -> Path:
+    """Apply ``edit(hparams)`` to every checkpoint's record and recompute the manifest's entry for
+    meta.json, as anyone can: the checkpoints still verify."""
+    for step in list_checkpoints(run):
+        meta = json.loads((step / "meta.json").read_text())
+        edit(meta["hparams"])
+        (step / "meta.json").write_text(json.dumps(meta))
+        manifest = json.loads((step / "manifest.json").read_text())
+        manifest["files"]["meta.json"] = {"sha256": checkpoint._sha256(step / "meta.json"),
+                                          "size": (step / "meta.json").stat().st_size}
+        (step / "manifest.json").write_text(json.dumps(manifest))
+        checkpoint.verify_checkpoint(step)
+    return run
+
+
+def _record_model(class_path, init_args):
+    def edit(hparams):
+        hparams["model"] = {"class_path": class_path, "init_args": init_args}
+    return edit
+
+
+def _params(model) -> dict:
+    return {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _one_line(exc) -> str:
+    text = str(exc.value)
+    assert "\n" not in text, text
+    return text
+
+
+# --- the record names code the caller did not choose --------------------------------------------
+
+HOSTILE = {
+    "os.system": lambda marker, victim: {"command": f"touch {marker}"},
+    "subprocess.run": lambda marker, victim: {"args": ["touch", str(marker)]},
+    "pathlib.Path.touch": lambda marker, victim: {"self": str(marker)},
+    "shutil.rmtree": lambda marker, victim: {"path": str(victim)},
+}
+
+
+@pytest.mark.parametrize("class_path", sorted(HOSTILE))
+def test_a_record_naming_a_hostile_callable_runs_nothing_and_is_one_error(run_folder, tmp_path, class_path):
+    marker, victim = tmp_path / "marker", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("still here")
+    _tamper(run_folder, _record_model(class_path, HOSTILE[class_path](marker, victim)))
+    for which in ("best", "last"):
+        with pytest.raises(CheckpointError) as exc:
+            jaxlight.load_from_checkpoint(run_folder, which=which)
+        text = _one_line(exc)
+        assert class_path in text and "not an nnx.Module subclass" in text, text
+        assert "model=YourClass" in text and "trust_code=True" in text, text
+    with pytest.raises(CheckpointError, match="not an nnx.Module subclass"):
+        jaxlight.load_from_checkpoint(run_folder, trust_code=True)  # (trust never makes a function a model)
+    assert not marker.exists()
+    assert (victim / "keep.txt").read_text() == "still here"
+
+
+def _plant(folder: Path, name: str, marker: Path) -> None:
+    """A module in ``folder`` that writes ``marker`` when imported and defines a model whose
+    arrays fit the checkpoint (a subclass of the installed Net)."""
+    (folder / f"{name}.py").write_text(textwrap.dedent(f"""
+        import pathlib
+        pathlib.Path({str(marker)!r}).write_text("imported")
+        from userpkg.nets import Net as _Installed
+
+        class Net(_Installed):
+            '''The checkpoint's own copy of the model.'''
+    """))
+
+
+@pytest.fixture
+def planted_name(request):
+    name = "planted_" + "".join(c if c.isalnum() else "_" for c in request.node.name.split("[")[-1]) + "_mod"
+    yield name
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("where", ["run folder", "step folder", "run folder as cwd on sys.path",
+                                   "run folder on sys.path"])
+def test_a_module_saved_with_the_checkpoint_is_never_imported_without_trust(run_folder, tmp_path, monkeypatch,
+                                                                               planted_name, where):
+    from userpkg.nets import Net
+
+    marker = tmp_path / "marker"
+    steps = list_checkpoints(run_folder)
+    home = steps[-1] if where == "step folder" else run_folder
+    if where == "step folder":
+        steps = steps[-1:]
+        for old in list_checkpoints(run_folder)[:-1]:
+            shutil.rmtree(old)
+    _plant(home, planted_name, marker)
+    _tamper(run_folder, _record_model(f"{planted_name}.Net", {"width": 8}))
+    if where == "run folder as cwd on sys.path":
+        monkeypatch.chdir(run_folder)
+        monkeypatch.syspath_prepend("")  # (python -c, the REPL, python -m: the working directory first)
+    elif where == "run folder on sys.path":
+        monkeypatch.syspath_prepend(str(run_folder))
+    with pytest.raises(CheckpointError) as exc:
+        jaxlight.load_from_checkpoint(run_folder, which="last")
+    text = _one_line(exc)
+    assert f"{planted_name}.Net" in text and "code saved with the checkpoint" in text, text
+    assert "model=YourClass" in text and "trust_code=True" in text, text
+    assert not marker.exists() and planted_name not in sys.modules
+    # trust_code=True imports and uses it; model=Net uses the caller's class without importing it.
+    trusted, _ = jaxlight.load_from_checkpoint(run_folder, which="last", trust_code=True)
+    assert marker.exists() and type(trusted).__module__ == planted_name
+    marker.unlink()
+    sys.modules.pop(planted_name, None)
+    mine, record = jaxlight.load_from_checkpoint(run_folder, which="last", model=Net)
+    assert type(mine) is Net and not marker.exists() and planted_name not in sys.modules
+    assert record["model"]["class_path"] == f"{planted_name}.Net"
+    for name, value in _params(mine).items():
+        np.testing.assert_array_equal(_params(trusted)[name], value)
+
+
+def test_model_net_takes_the_recorded_arguments_and_imports_nothing(run_folder, tmp_path, planted_name):
+    from userpkg.nets import Net
+
+    reference, _ = jaxlight.load_from_checkpoint(run_folder, which="best")
+    marker = tmp_path / "marker"
+    _plant(run_folder, planted_name, marker)
+    _tamper(run_folder, _record_model(f"{planted_name}.Net", {"width": 8, "dropout": 0.2}))
+    model, _ = jaxlight.load_from_checkpoint(run_folder, which="best", model=Net)
+    assert type(model) is Net and not marker.exists()
+    assert model.hparams["init_args"]["width"] == 8
+    for name, value in _params(reference).items():
+        np.testing.assert_array_equal(_params(model)[name], value)
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(reference(x)))
+    with pytest.raises(TypeError, match="nnx.Module class"):
+        jaxlight.load_from_checkpoint(run_folder, model=Net(8, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("init_args, expected", [
+    ({"width": "16"}, "width: expected int, got '16' (a str)"),
+    ({"width": 8, "dropout": "0.2"}, "dropout: expected float, got '0.2'"),
+    ({"width": True}, "width: expected int, got True"),
+    ({"width": 8, "depth": 3}, "depth: not an argument of Net"),
+    ({}, "width: missing"),
+    (["width", 8], "expected a mapping"),
+])
+def test_wrongly_typed_recorded_arguments_are_one_checkpoint_error(run_folder, init_args, expected):
+    from userpkg.nets import Net
+
+    _tamper(run_folder, _record_model("userpkg.nets.Net", init_args))
+    for model in (None, Net):
+        with pytest.raises(CheckpointError) as exc:
+            jaxlight.load_from_checkpoint(run_folder, which="last", model=model)
+        assert expected in _one_line(exc) and "init_args" in str(exc.value)
+
+
+def test_a_tampered_seed_or_a_constructor_that_refuses_is_one_checkpoint_error(run_folder):
+    def seed(hparams):
+        hparams["seed"] = "zero"
+    _tamper(run_folder, seed)
+    with pytest.raises(CheckpointError, match="recorded seed is 'zero'"):
+        jaxlight.load_from_checkpoint(run_folder, which="last")
+
+    def negative(hparams):
+        hparams["seed"] = 0
+        hparams["model"]["init_args"]["width"] = -3
+    _tamper(run_folder, negative)
+    with pytest.raises(CheckpointError) as exc:
+        jaxlight.load_from_checkpoint(run_folder, which="last")
+    assert "userpkg.nets.Net(**recorded init_args) raised" in _one_line(exc)
+
+
+def test_an_installed_model_still_loads_without_trust(run_folder):
+    model, record = jaxlight.load_from_checkpoint(run_folder, which="last")
+    assert type(model).__module__ == "userpkg.nets" and record["model"]["init_args"]["width"] == 8
