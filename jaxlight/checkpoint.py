@@ -98,6 +98,7 @@ __all__ = [
     "lock_folder",
     "optimizer_chain",
     "prune_checkpoints",
+    "recorded_hparams",
     "resolve_checkpoint",
     "restore_checkpoint",
     "step_dir",
@@ -1122,6 +1123,20 @@ def build_recorded_model(record: dict, seed: int = 0, where: str = "checkpoint",
         raise CheckpointError(f"{where}: {path}(**recorded init_args) raised {type(exc).__name__}: {first}") from None
 
 
+def recorded_hparams(folder: str | os.PathLike) -> dict:
+    """The run's record in a verified checkpoint folder (``meta.json``'s ``hparams``: the config,
+    ``class_paths``, ``versions``); ``{}`` when it records none. Data only: nothing is imported.
+
+    Raises:
+        CorruptCheckpointError: the files do not verify, or the record is not a mapping.
+    """
+    meta, _ = _verified_meta(Path(folder))
+    record = meta.get("hparams") or {}
+    if not isinstance(record, dict):
+        raise CorruptCheckpointError(f"{folder}: meta.json's hparams is a {type(record).__name__}, not a mapping")
+    return record
+
+
 def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=None, trust_code: bool = False):
     """Rebuild the model a checkpoint recorded and load its weights, running no code the
     checkpoint brought.
@@ -1167,9 +1182,8 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=
         raise TypeError(f"load_from_checkpoint: model must be an nnx.Module class (the class, not an instance: "
                         f"use jaxlight.checkpoint.load_model(path, instance) for one), got {model!r}")
     folder = resolve_checkpoint(path, which)
-    meta, _ = _verified_meta(folder)
-    record = meta.get("hparams") or {}
-    model_spec = record.get("model") if isinstance(record, dict) else None
+    record = recorded_hparams(folder)
+    model_spec = record.get("model")
     if not isinstance(model_spec, dict) or (model is None and not model_spec.get("class_path")):
         raise CheckpointError(
             f"{folder} records no model to rebuild (it was trained without a config and without "

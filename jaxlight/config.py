@@ -24,9 +24,12 @@ signatures. Nothing is built or written before the whole config is valid.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -118,12 +121,21 @@ def _flag_value(argv: list[str], i: int) -> tuple[str | None, int]:
     return (argv[i + 1] if i + 1 < len(argv) else None), i + 2
 
 
-def prescan(argv: list[str]) -> tuple[list[str], dict]:
+def prescan(argv: list[str], base: dict | None = None) -> tuple[list[str], dict]:
     """The arguments with built-in config names expanded and ``--model X`` written as
-    ``--model.class_path X``, and the class path of each called part (later sources win)."""
+    ``--model.class_path X``, and the class path of each called part (later sources win).
+    ``base``: a config (a checkpoint's record) that comes before every argument."""
+    import json
+
     import yaml
 
     out, paths, i = [], {part: None for part in CALLED}, 0
+    if base:
+        for part in CALLED:
+            if part in base:
+                found = _class_path_of(base[part], part)
+                paths[part] = found if found is not None else paths[part]
+        out += ["--config", json.dumps(base)]
     while i < len(argv):
         arg = argv[i]
         name = arg.split("=", 1)[0]
@@ -176,16 +188,147 @@ def _resolve_model_class(path: str):
     obj = _import(path, "model.class_path")
     if not (inspect.isclass(obj) and issubclass(obj, nnx.Module)):
         kind = "class" if inspect.isclass(obj) else type(obj).__name__
+        allow = f"; {ALLOW}" if _POLICY.get().recorded else ""
         raise ConfigError(f"model.class_path: {path} is a {kind} that is not a flax.nnx.Module subclass; "
-                          f"expected an nnx.Module class")
+                          f"expected an nnx.Module class{allow}")
     return obj
 
 
-def _import(path: str, key: str):
+# -- where the code comes from ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodePolicy:
+    """Where class paths may be imported from, and what may be called.
+
+    Attributes:
+        folders: the folders of code saved with a checkpoint (``jaxlight.trust.code_folders``).
+        trust_code: import code saved in ``folders`` too (searched first), and call recorded
+            functions that do not declare their kind.
+        recorded: the config is a checkpoint's record, not the caller's: its class paths come
+            from the installed environment only, and each callable is checked for the kind its
+            place expects before any call (see :func:`recorded_kind`).
+    """
+
+    folders: tuple = ()
+    trust_code: bool = False
+    recorded: bool = False
+
+    @property
+    def strict(self) -> bool:
+        return self.recorded and not self.trust_code
+
+
+_POLICY: contextvars.ContextVar[CodePolicy] = contextvars.ContextVar("jaxlight_code_policy", default=CodePolicy())
+
+ALLOW = ("name the code yourself (--config your.yaml), or add --trust_code if you trust the checkpoint (it then also "
+         "imports code saved with it)")
+
+
+@contextlib.contextmanager
+def code_policy(policy: CodePolicy):
+    """Parse and build under ``policy`` (:class:`CodePolicy`). Under a strict one, ``sys.path``
+    also leaves out the checkpoint's folders meanwhile (``jaxlight.trust.installed_only``), so
+    that no import on the way (jsonargparse resolves class paths in free-form values too) finds
+    a module saved with the checkpoint."""
+    from jaxlight.trust import installed_only
+
+    token = _POLICY.set(policy)
     try:
-        return import_path(path)
+        with installed_only(policy.folders if policy.strict else ()):
+            yield
+    finally:
+        _POLICY.reset(token)
+
+
+def _lookup(path: str):
+    """The object ``path`` names, under the current :class:`CodePolicy`; ``ImportError`` (or
+    ``jaxlight.trust.UntrustedCodeError``) when it cannot or may not be imported."""
+    policy = _POLICY.get()
+    if policy.recorded or policy.trust_code:
+        from jaxlight.trust import resolve
+
+        return resolve(path, policy.folders, policy.trust_code)
+    return import_path(path)
+
+
+def _import(path: str, key: str):
+    from jaxlight.trust import UntrustedCodeError
+
+    try:
+        return _lookup(path)
+    except UntrustedCodeError as exc:
+        raise ConfigError(f"{key}: refused: {exc}; {ALLOW}") from None
     except ImportError as exc:
         raise ConfigError(f"{key}: unknown class path: {exc}") from None
+
+
+def _returns(fn):
+    """``fn``'s return annotation, resolved (a class: the class itself); None when it has none."""
+    if inspect.isclass(fn):
+        return fn
+    try:
+        returns = inspect.signature(fn).return_annotation
+    except (TypeError, ValueError):
+        return None
+    if isinstance(returns, str):  # (``from __future__ import annotations``: evaluated as typing does)
+        try:
+            returns = eval(returns, dict(getattr(fn, "__globals__", {})))  # noqa: S307 - the installed module's own annotation
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve declares nothing
+            return None
+    return None if returns is inspect.Signature.empty else returns
+
+
+def _mentions(annotation, *names: str) -> bool:
+    """Whether a type annotation is, or is built from (``tuple[X, X | None]``), a type named in
+    ``names``."""
+    import typing
+
+    if annotation is None:
+        return False
+    if getattr(annotation, "__name__", None) in names:
+        return True
+    return any(_mentions(a, *names) for a in typing.get_args(annotation))
+
+
+def recorded_kind(fn, key: str, path: str) -> None:
+    """Under a strict :class:`CodePolicy` (a checkpoint's record, not trusted), refuse before
+    any call a callable that is not of the kind its place expects. What a record may call:
+
+    - ``trainer.callbacks[i]``: a ``jaxlight.callbacks.Callback`` subclass;
+    - ``optimizer``: a transformation class or a function annotated to return one (optax's
+      functions are); a schedule inside its ``init_args``: a function annotated to return an
+      ``optax.Schedule`` (or a transformation);
+    - ``init``: a factory annotated to return a ``jax.nn.initializers.Initializer``;
+    - ``data``: a function annotated to return an ``ArrayDataset`` (or a tuple/dict of them);
+    - anything else called with recorded arguments: nothing.
+
+    (The model's class is checked in :func:`_resolve_model_class`, the loss in :func:`_loss`.)
+    """
+    if not _POLICY.get().strict:
+        return
+    import optax
+
+    from jaxlight.callbacks import Callback
+
+    returns = _returns(fn)
+    if key.startswith("trainer.callbacks"):
+        ok, want = inspect.isclass(fn) and issubclass(fn, Callback), "a jaxlight.callbacks.Callback subclass"
+    elif key == "optimizer":
+        ok, want = _is_transformation_type(returns) is True, "an optax transformation (declared by its annotation)"
+    elif key.startswith("optimizer.init_args"):
+        ok = returns == optax.Schedule or _is_transformation_type(returns) is True or _mentions(returns, "Schedule")
+        want = "a function annotated to return an optax.Schedule"
+    elif key.startswith("init"):
+        ok, want = _mentions(returns, "Initializer"), "a factory annotated to return a jax.nn.initializers.Initializer"
+    elif key == "data":
+        ok, want = _mentions(returns, "ArrayDataset"), "a function annotated to return ArrayDataset(s)"
+    else:
+        ok, want = False, "nothing (no recorded call is allowed here)"
+    if not ok:
+        kind = "class" if inspect.isclass(fn) else type(fn).__name__.replace("_", " ")
+        raise ConfigError(f"{key}: refused: {path} (a {kind}, from the checkpoint's record) is not what a record may "
+                          f"call here ({want}), so it is not called; {ALLOW}")
 
 
 def _resolve_function(path: str, key: str):
@@ -223,6 +366,7 @@ def _check_optimizer_annotation(fn, path: str) -> None:
         name = getattr(returns, "__name__", str(returns))
         raise ConfigError(f"optimizer.class_path: {path} does not return an optax transformation (it returns "
                           f"{name}); expected e.g. optax.adamw")
+    recorded_kind(fn, "optimizer", path)
 
 
 def _loose(annotation) -> bool:
@@ -251,6 +395,11 @@ def make_parser(command: str, paths: dict):
     p.add_argument("--ckpt_path", type=Optional[str], default=None,
                    help="best, last or a checkpoint folder: fit resumes from it; validate, test and predict "
                         "evaluate its weights (best/last: in trainer.ckpt_dir)")
+    if command != "fit":
+        p.add_argument("--trust_code", action="store_true",
+                       help="with --ckpt_path: also import code saved with the checkpoint (searched first), and "
+                            "call what its recorded config names without checking its kind; only for checkpoints "
+                            "you trust (docs/reliability.md)")
     p.add_argument("--seed", type=int, default=0, help="the model's nnx.Rngs, the data order and dropout")
     p.add_argument("--model.class_path", type=str, required=True,
                    help="an nnx.Module class, e.g. mypkg.nets.Net (its arguments: --model.init_args.*)")
@@ -268,6 +417,8 @@ def make_parser(command: str, paths: dict):
             fn = _resolve_function(paths[part], f"{part}.class_path")
             if part == "optimizer":
                 _check_optimizer_annotation(fn, paths[part])
+            else:
+                recorded_kind(fn, part, paths[part])
             _add_function(p, fn, f"{part}.init_args")
     p.add_class_arguments(TrainerConfig, "trainer")
     for name, (typ, default, help_) in TRAINER_EXTRAS.items():
@@ -362,6 +513,7 @@ def call_spec(value, key: str):
         if extra:
             raise ConfigError(f"{key}.{sorted(extra)[0]}: unknown key (a call spec has class_path and init_args)")
         fn = _resolve_function(value["class_path"], f"{key}.class_path")
+        recorded_kind(fn, key, value["class_path"])
         args = {k: call_spec(v, f"{key}.init_args.{k}") for k, v in (value.get("init_args") or {}).items()}
         _bind(fn, args, key, value["class_path"])
         try:
@@ -455,6 +607,9 @@ def _loss(value, key: str = "loss"):
         if "." not in value:
             raise ConfigError(f"{key}: {value!r} is not a built-in task ({', '.join(TASK_NAMES)}) nor a dotted path")
         fn = _import(value, key)
+        if _POLICY.get().strict and not (inspect.isfunction(fn) and _required_positional(fn) >= 2):
+            raise ConfigError(f"{key}: refused: {value} (from the checkpoint's record) is not a function "
+                              f"loss_fn(model, batch), so it is not called; {ALLOW}")
         if inspect.isfunction(fn) and _required_positional(fn) < 2:  # a factory: multiclass, or one of yours
             try:
                 fn = fn()
@@ -500,6 +655,8 @@ def _initializer(spec, key: str):
     fn = _resolve_function(spec, key)
     params = [p for p in inspect.signature(fn).parameters.values() if p.default is inspect.Parameter.empty
               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not params:
+        recorded_kind(fn, key, spec)
     return fn if params else fn()
 
 
@@ -616,6 +773,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     if load_data:
         data_path = cfg["data"]["class_path"]
         data_fn = _resolve_function(data_path, "data.class_path")
+        recorded_kind(data_fn, "data", data_path)
         data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
         _bind(data_fn, data_args, "data", data_path)
         train, val, test = _data(data_fn, data_args, data_path)
@@ -643,7 +801,7 @@ def _split_nested(argv: list[str], paths: dict) -> tuple[list[str], list[tuple[s
     loose = {}
     for part in ("data", "optimizer", "model"):
         try:
-            fn = import_path(paths[part]) if paths.get(part) else None
+            fn = _lookup(paths[part]) if paths.get(part) else None
             params = _signature(fn).parameters if fn is not None else {}
         except (ImportError, TypeError, ValueError):
             continue
@@ -678,8 +836,10 @@ def _apply_nested(plain: dict, nested) -> None:
         target[keys[-1]] = yaml.safe_load(value)
 
 
-def parse(command: str, argv: list[str]):
+def parse(command: str, argv: list[str], base: dict | None = None):
     """``(parser, namespace, config dict, class paths)`` for ``jaxlight <command> <argv>``.
+
+    ``base``: a config the arguments override (a checkpoint's record; see ``jaxlight.configcli``).
 
     Raises:
         ConfigError: one line naming the key and what was expected.
@@ -687,17 +847,22 @@ def parse(command: str, argv: list[str]):
     """
     import argparse
 
-    argv, paths = prescan(list(argv))
+    argv, paths = prescan(list(argv), base)
     argv, nested = _split_nested(argv, paths)
     parser = make_parser(command, paths)
     try:
-        ns = parser.parse_args(argv)
+        with warnings.catch_warnings():
+            # (jsonargparse's notice that it will refuse some class paths in free-form values: jaxlight
+            # resolves and checks those itself, see CodePolicy)
+            for text in (r"[\s\S]*import path denylist", r"\s*By default only one JsonargparseDeprecationWarning"):
+                warnings.filterwarnings("ignore", message=text)
+            ns = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
         raise ConfigError(one_line(str(exc), paths)) from None
     except TypeError as exc:  # (jsonargparse on a value it cannot hold)
         raise ConfigError(one_line(str(exc), paths)) from None
     cfg = ns.clone()
-    for key in ("config", "print_config", "ckpt_path", "__path__"):
+    for key in ("config", "print_config", "ckpt_path", "trust_code", "__path__"):
         if key in cfg:
             del cfg[key]
     plain = cfg.as_dict()
@@ -706,7 +871,7 @@ def parse(command: str, argv: list[str]):
     for part in CALLED:
         args = plain[part].get("init_args") or {}
         try:  # (in the signature's order, as the docs list them)
-            order = list(_signature(import_path(plain[part]["class_path"])).parameters)
+            order = list(_signature(_lookup(plain[part]["class_path"])).parameters)
             args = dict(sorted(args.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
         except (ImportError, TypeError, ValueError):
             pass

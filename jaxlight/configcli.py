@@ -103,15 +103,103 @@ def resume_fields(config: dict) -> dict:
     return {k: v for k, v in fields.items() if not k.startswith(_FREE) or k in _COMPARED_TRAINER}
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of the last ``name VALUE`` / ``name=VALUE`` in ``argv``."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(name + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def _ckpt_dir(argv: list[str]) -> str | None:
+    """``trainer.ckpt_dir`` as the config files and flags give it (the last wins)."""
+    from jaxlight.config import _flag_value, _load_yaml
+
+    found, i = None, 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in ("--config", "--trainer.ckpt_dir"):
+            value, i = _flag_value(argv, i)
+            if name == "--trainer.ckpt_dir":
+                found = value
+            elif value is not None:
+                trainer = _load_yaml(value).get("trainer")
+                found = trainer.get("ckpt_dir", found) if isinstance(trainer, dict) else found
+            continue
+        i += 1
+    return found
+
+
+# Trainer settings a checkpoint's record does not get to choose: where this command writes.
+_NOT_FROM_A_RECORD = ("out", "log_dir", "ckpt_dir", "logger")
+
+
+def checkpoint_code(command: str, argv: list[str]):
+    """``(code policy, base config)`` of a command: where its class paths may come from.
+
+    - ``validate|test|predict --ckpt_path PATH`` with no ``--config`` and no ``--model``: the
+      run's config is the checkpoint's record (``meta.json``'s ``hparams``), overridden by the
+      flags. Its class paths are a checkpoint's: imported from the installed environment only
+      and each checked for the kind its place expects before any call
+      (``jaxlight.config.recorded_kind``), unless ``--trust_code``. The record does not choose
+      where the command writes (``trainer.out``, ``log_dir``, ``ckpt_dir``, ``logger``).
+    - With a config of yours, its class paths are yours; ``--trust_code`` also imports code
+      saved with the checkpoint (searched first: a generated model module).
+    """
+    from jaxlight.checkpoint import recorded_hparams, resolve_checkpoint
+    from jaxlight.config import PARTS, CodePolicy, ConfigError
+    from jaxlight.trust import code_folders
+
+    ckpt = _flag(argv, "--ckpt_path")
+    trust = command != "fit" and "--trust_code" in argv
+    named = any(a.split("=", 1)[0] in ("--config", "--model", "--model.class_path") for a in argv)
+    if command == "fit" or ckpt is None or (ckpt in ("best", "last") and not trust):
+        return CodePolicy(), None
+    if ckpt in ("best", "last"):
+        where = _ckpt_dir(argv)
+        if where is None:
+            return CodePolicy(trust_code=trust), None  # (the command refuses best/last without ckpt_dir)
+        step = resolve_checkpoint(where, ckpt)
+    else:
+        step = resolve_checkpoint(ckpt, "last")
+    policy = CodePolicy(code_folders(step), trust_code=trust, recorded=not named)
+    if named:
+        return policy, None
+    record = recorded_hparams(step)
+    missing = [part for part in ("model", "data", "optimizer") if not isinstance(record.get(part), dict)]
+    if missing:
+        raise ConfigError(f"--ckpt_path {ckpt}: {step} records no {missing[0]} config (a run trained from Python "
+                          f"records its model only): give the run with --config")
+    base = {k: record[k] for k in PARTS if k in record}
+    trainer = base.get("trainer") or {}
+    if not isinstance(trainer, dict):
+        raise ConfigError(f"--ckpt_path {ckpt}: {step} records trainer as a {type(trainer).__name__}, not a mapping")
+    base["trainer"] = {k: v for k, v in trainer.items() if k not in _NOT_FROM_A_RECORD}
+    if "--print_config" not in argv:
+        print(f"jaxlight {command}: the run's config recorded in {step / 'meta.json'}", flush=True)
+    return policy, base
+
+
 def run_command(command: str, argv: list[str]) -> dict | None:
     """Parse, build and run one command; returns its metrics (None for ``--print_config``)."""
+    from jaxlight import config as config_mod
+
+    policy, base = checkpoint_code(command, argv)
+    with config_mod.code_policy(policy):
+        return _run_command(command, argv, base)
+
+
+def _run_command(command: str, argv: list[str], base: dict | None) -> dict | None:
     import numpy as np
 
     from jaxlight import config as config_mod
     from jaxlight import report
     from jaxlight.config import ConfigError
 
-    parser, ns, plain, paths = config_mod.parse(command, argv)
+    parser, ns, plain, paths = config_mod.parse(command, argv, base)
     if ns.print_config:
         # Every class and function is checked before the config is printed: what prints runs.
         config_mod.build_run(plain, load_data=False)

@@ -26,17 +26,19 @@ def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.Gra
     return optax.chain(optax.add_decayed_weights(weight_decay), tx)
 
 
-def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, **_):
+def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         **_) -> optax.GradientTransformation:
     """``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)``."""
     return _with_l2(optax.adam(lr, b1=b1, b2=b2, eps=eps), weight_decay)
 
 
-def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, **_):
+def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          **_) -> optax.GradientTransformation:
     """``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)``; default decay 0.01, as torch."""
     return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
-def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0, **_):
+def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0, **_) -> optax.GradientTransformation:
     """``torch.optim.SGD(lr, momentum, weight_decay)`` (no dampening, no Nesterov)."""
     return _with_l2(optax.sgd(lr, momentum=momentum or None), weight_decay)
 

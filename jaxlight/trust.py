@@ -42,7 +42,7 @@ from pathlib import Path
 
 from jaxlight.hparams import import_path
 
-__all__ = ["UntrustedCodeError", "check_arguments", "code_folders", "resolve"]
+__all__ = ["UntrustedCodeError", "check_arguments", "code_folders", "installed_only", "resolve"]
 
 
 class UntrustedCodeError(ImportError):
@@ -81,7 +81,7 @@ def _module_origins(module) -> list[str]:
 
 
 @contextlib.contextmanager
-def _installed_only(folders):
+def installed_only(folders):
     """``sys.path`` without the entries that lie inside ``folders`` (``''`` is the working
     directory) while the block runs; entries the block adds are kept."""
     saved = list(sys.path)
@@ -138,7 +138,7 @@ def _import_checked(path: str, name: str, folders):
 def _walk(path: str, folders):
     """The object ``path`` names, each module on the way checked by :func:`_import_checked`."""
     parts = path.split(".")
-    with _installed_only(folders):
+    with installed_only(folders):
         obj = _import_checked(path, parts[0], folders)
         for i in range(1, len(parts)):
             name = ".".join(parts[:i + 1])

@@ -218,3 +218,142 @@ def test_a_tampered_seed_or_a_constructor_that_refuses_is_one_checkpoint_error(r
 def test_an_installed_model_still_loads_without_trust(run_folder):
     model, record = jaxlight.load_from_checkpoint(run_folder, which="last")
     assert type(model).__module__ == "userpkg.nets" and record["model"]["init_args"]["width"] == 8
+
+
+# --- the command line: jaxlight test|validate|predict --ckpt_path [--trust_code] ----------------
+
+RUN = {
+    "seed": 0,
+    "model": {"class_path": "userpkg.nets.Net", "init_args": {"width": 8, "dropout": 0.2}},
+    "loss": "userpkg.nets.loss_fn",
+    "data": {"class_path": "userpkg.data.blobs", "init_args": {}},
+    "optimizer": {"class_path": "optax.adam", "init_args": {"learning_rate": 1.0e-2}},
+    "trainer": {"max_epochs": 2, "batch_size": 64, "enable_progress_bar": False},
+}
+
+
+def _cli(capsys, *argv):
+    from jaxlight.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A ``jaxlight fit`` run folder: its checkpoints record the whole config."""
+    import yaml
+
+    from jaxlight.cli import main
+
+    home = tmp_path_factory.mktemp("fitted")
+    (home / "run.yaml").write_text(yaml.safe_dump(RUN))
+    assert main(["fit", "--config", str(home / "run.yaml"), "--trainer.ckpt_dir", str(home / "ckpt"),
+                 "--trainer.out", str(home / "out")]) == 0
+    return home
+
+
+@pytest.fixture
+def fit_folder(fitted, tmp_path):
+    return Path(shutil.copytree(fitted / "ckpt", tmp_path / "ckpt"))
+
+
+def test_test_validate_predict_take_the_run_from_the_checkpoints_record(fit_folder, fitted, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = _cli(capsys, "test", "--config", str(fitted / "run.yaml"), "--ckpt_path", str(fit_folder),
+                             "--trainer.out", str(tmp_path / "mine"))
+    assert code == 0, err
+    yours = json.loads((tmp_path / "mine" / "test_metrics.json").read_text())
+    for command, written in (("test", "test_metrics.json"), ("validate", "validate_metrics.json"),
+                             ("predict", "predictions.npz")):
+        code, stdout, err = _cli(capsys, command, "--ckpt_path", str(fit_folder), "--trainer.out", str(out))
+        assert code == 0, err
+        assert "the run's config recorded in" in stdout and (out / written).exists()
+    recorded = json.loads((out / "test_metrics.json").read_text())
+    assert recorded["test_loss"] == yours["test_loss"] and recorded["test_accuracy"] == yours["test_accuracy"]
+
+
+def _tamper_run(folder, part, spec):
+    def edit(hparams):
+        if part == "callbacks":
+            hparams["trainer"]["callbacks"] = [spec]
+        elif part == "init":
+            hparams["init"] = {"*": spec}
+        elif part == "learning_rate":
+            hparams["optimizer"]["init_args"]["learning_rate"] = spec
+        else:
+            hparams[part] = spec
+    return _tamper(folder, edit)
+
+
+@pytest.mark.parametrize("part", ["model", "data", "optimizer", "loss", "callbacks", "init", "learning_rate"])
+@pytest.mark.parametrize("class_path", ["subprocess.run", "shutil.rmtree", "os.system"])
+def test_a_tampered_record_runs_nothing_through_the_command_line(fit_folder, tmp_path, capsys, part, class_path):
+    marker, victim = tmp_path / "marker", tmp_path / "victim"
+    victim.mkdir()
+    args = {"subprocess.run": {"args": ["touch", str(marker)]}, "shutil.rmtree": {"path": str(victim)},
+            "os.system": {"command": f"touch {marker}"}}[class_path]
+    spec = class_path if part == "loss" else {"class_path": class_path, "init_args": args}
+    _tamper_run(fit_folder, part, spec)
+    for command in ("test", "validate", "predict"):
+        code, _, err = _cli(capsys, command, "--ckpt_path", str(fit_folder), "--trainer.out", str(tmp_path / "o"))
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "error:" in lines[0], err
+        assert class_path in lines[0] and "--trust_code" in lines[0] and "--config" in lines[0], lines[0]
+    assert not marker.exists() and victim.is_dir()
+
+
+def test_a_record_naming_an_unannotated_data_function_needs_trust_code(fit_folder, tmp_path, capsys, planted_name):
+    marker = tmp_path / "marker"
+    (fit_folder / f"{planted_name}.py").write_text(textwrap.dedent(f"""
+        import pathlib
+        pathlib.Path({str(marker)!r}).write_text("imported")
+        from userpkg.data import blobs as _blobs
+
+        def blobs():
+            return _blobs()
+    """))
+    _tamper_run(fit_folder, "data", {"class_path": f"{planted_name}.blobs", "init_args": {}})
+    code, _, err = _cli(capsys, "test", "--ckpt_path", str(fit_folder), "--trainer.out", str(tmp_path / "o"))
+    assert code == 2 and "code saved with the checkpoint" in err and "--trust_code" in err, err
+    assert not marker.exists() and planted_name not in sys.modules
+    code, stdout, err = _cli(capsys, "test", "--ckpt_path", str(fit_folder), "--trust_code", "--trainer.out",
+                             str(tmp_path / "o"))
+    assert code == 0, err
+    assert marker.exists() and "test_accuracy" in stdout
+
+
+def test_trust_code_finds_a_model_module_saved_beside_the_checkpoint(fit_folder, tmp_path, capsys, planted_name):
+    import yaml
+
+    marker = tmp_path / "marker"
+    _plant(fit_folder, planted_name, marker)
+    _tamper_run(fit_folder, "model", {"class_path": f"{planted_name}.Net", "init_args": {"width": 8}})
+    config = {**RUN, "model": {"class_path": f"{planted_name}.Net", "init_args": {"width": 8}}}
+    (fit_folder / "config.yaml").write_text(yaml.safe_dump(config))  # (a snippet saved with the checkpoint)
+    for argv in (["--ckpt_path", str(fit_folder)], ["--config", str(fit_folder / "config.yaml"), "--ckpt_path",
+                                                    str(fit_folder)]):
+        code, _, err = _cli(capsys, "test", *argv, "--trainer.out", str(tmp_path / "o"))
+        assert code == 2 and f"{planted_name}" in err, err
+        assert not marker.exists() and planted_name not in sys.modules
+        code, stdout, err = _cli(capsys, "test", *argv, "--trust_code", "--trainer.out", str(tmp_path / "o"))
+        assert code == 0 and "test_accuracy" in stdout, err
+        assert marker.exists()
+        marker.unlink()
+        sys.modules.pop(planted_name, None)
+
+
+@pytest.mark.parametrize("part", ["callbacks", "loss", "model"])
+def test_a_module_in_the_working_checkpoint_folder_is_not_imported_by_the_command_line(
+        fit_folder, tmp_path, capsys, monkeypatch, planted_name, part):
+    marker = tmp_path / "marker"
+    _plant(fit_folder, planted_name, marker)
+    spec = {"callbacks": {"class_path": f"{planted_name}.Net", "init_args": {}}, "loss": f"{planted_name}.Net",
+            "model": {"class_path": f"{planted_name}.Net", "init_args": {"width": 8}}}[part]
+    _tamper_run(fit_folder, part, spec)
+    monkeypatch.chdir(fit_folder)
+    monkeypatch.syspath_prepend("")  # (python -m jaxlight.cli: the working directory first on sys.path)
+    code, _, err = _cli(capsys, "test", "--ckpt_path", ".", "--trainer.out", str(tmp_path / "o"))
+    assert code == 2 and planted_name in err and "--trust_code" in err, err
+    assert not marker.exists() and planted_name not in sys.modules

@@ -51,7 +51,8 @@ def load_task_data(
     return DATASETS[name](data_dir, seed)
 
 
-def task_data(dataset: str = "mnist", data_dir: str | None = None, val_split: float = 0.0, seed: int = 0):
+def task_data(dataset: str = "mnist", data_dir: str | None = None, val_split: float = 0.0,
+              seed: int = 0) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
     """``(train, val, test)`` of a built-in dataset, for a run config's ``data`` part.
 
     Args:
@@ -74,7 +75,8 @@ def task_data(dataset: str = "mnist", data_dir: str | None = None, val_split: fl
     return train, val, test
 
 
-def mnist_data(data_dir: str | None = None, val_split: float = 0.0, seed: int = 0):
+def mnist_data(data_dir: str | None = None, val_split: float = 0.0,
+               seed: int = 0) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
     """MNIST's ``(train, val, test)``: ``x`` uint8 ``(N, 28, 28)``, ``y`` int32 labels 0-9
     (:func:`task_data` with ``dataset="mnist"``)."""
     return task_data("mnist", data_dir, val_split, seed)

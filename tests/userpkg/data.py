@@ -6,7 +6,7 @@ from jaxlight import ArrayDataset
 
 
 def blobs(n_train: int = 192, n_val: int = 64, n_test: int = 64, in_features: int = 8, num_classes: int = 3,
-          seed: int = 0):
+          seed: int = 0) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset | None]:
     """``(train, val, test)`` of ``{"features": (N, in_features) float32, "label": (N,) int32}``.
 
     Args:
