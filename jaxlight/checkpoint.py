@@ -401,7 +401,8 @@ class CheckpointSaver:
         self.root = Path(root)
         self._policy = _RunOwned(self.root)
         self._manager = None
-        self._pending: tuple[threading.Thread, Path, list] | None = None
+        self._staging = None  # the manager of a replacement's staging folder, while one is written
+        self._pending: tuple[threading.Thread, Path, list, Path | None] | None = None
         # Of the latest complete save: the seconds ``save`` held the caller (the copy on the
         # devices and Orbax's start) and the seconds until its manifest was written.
         self.last_save_seconds: dict[str, float] = {}
@@ -457,12 +458,27 @@ class CheckpointSaver:
             raise CheckpointWriteError(f"could not write checkpoint {final}: it is {what} (another run's?), which a "
                                        f"save never replaces; move it out of {self.root} to continue")
         manager = self._open()
-        # A checkpoint of the same step (saved before the epoch's end, or by a run being resumed)
-        # is replaced: the newer one has the later trainer position.
-        if jax.process_index() == 0 and (final.exists() or final.is_symlink()):
-            _remove(final)
+        # A checkpoint of the same step (by a run being resumed, or a save asked for twice) is
+        # replaced: the newer one has the later trainer position. One that may be complete (it
+        # has a manifest) stays until its replacement is complete: the new one is written in a
+        # staging folder and the two are exchanged atomically (see _exchange). A symlink or an
+        # unfinished folder is removed first.
+        staging = final.with_name(f".tmp-replace-{final.name}")
+        stage = False
+        if jax.process_index() == 0:
+            stage = final.is_dir() and not final.is_symlink() and (final / "manifest.json").exists()
+            if final.is_symlink() or (final.exists() and not stage):
+                _remove(final)
+            _remove(staging)  # (left by a replacement that a kill interrupted)
+        stage = parallel.any_process(stage)
         parallel.barrier(f"jaxlight-replace-{step}")
         manager.reload()
+        target = manager
+        if stage:
+            try:
+                target = self._staging = _manager(staging, _RunOwned(staging))
+            except Exception as exc:  # noqa: BLE001 - as a failure to start the write
+                self._failed(final, exc, staging)
         record = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -478,24 +494,30 @@ class CheckpointSaver:
 
         try:
             arrays = dict(zip((f"{i:06d}" for i in range(len(values))), copies))
-            manager.save(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays)), force=True)
+            target.save(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays)), force=True)
         except Exception as exc:  # noqa: BLE001 - any failure to start the write is reported the same way
-            self._failed(final, exc)
-        thread = threading.Thread(target=self._finish, args=(final, record, t0), daemon=True,
+            self._failed(final, exc, staging if stage else None)
+        staged = staging if stage else None
+        thread = threading.Thread(target=self._finish, args=(final, record, t0, target, staged), daemon=True,
                                   name=f"jaxlight-checkpoint-{step}")
-        self._pending = (thread, final, [])
+        self._pending = (thread, final, [], staged)
         self._blocking = time.perf_counter() - t0
         thread.start()
         return final
 
-    def _finish(self, final: Path, record: dict, t0: float) -> None:
-        """In the background: wait for Orbax's arrays, then write meta.json and the manifest."""
+    def _finish(self, final: Path, record: dict, t0: float, manager, staging: Path | None) -> None:
+        """In the background: wait for Orbax's arrays, then write meta.json and the manifest;
+        a replacement written in ``staging`` then takes the place of ``final`` (one process:
+        here; several: in :meth:`wait`, after every process's manifest)."""
         try:
-            self._manager.wait_until_finished()
+            manager.wait_until_finished()
+            written = final if staging is None else staging / final.name
             if jax.process_index() == 0:
-                _write_json(final / "meta.json", record)
-            _write_manifest(final)
-            _fsync_dir(final)
+                _write_json(written / "meta.json", record)
+            _write_manifest(written)
+            _fsync_dir(written)
+            if staging is not None and jax.process_count() == 1:
+                _exchange(written, final)
             self.last_save_seconds = {"blocking": self._blocking, "total": time.perf_counter() - t0}
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
             self._pending[2].append(exc)
@@ -505,28 +527,61 @@ class CheckpointSaver:
 
         Raises:
             CheckpointWriteError: it failed (full disk, unwritable folder); its folder is removed
-                and earlier checkpoints are intact.
+                and earlier checkpoints are intact (a checkpoint it was to replace too).
         """
         if self._pending is None:
             return
-        thread, final, errors = self._pending
+        thread, final, errors, staging = self._pending
         thread.join()
         self._pending = None
         if errors:
-            self._failed(final, errors[0])
+            self._failed(final, errors[0], staging)
+        if staging is not None:
+            self._replaced(final, staging)
 
-    def _failed(self, final: Path, exc: BaseException):
-        _join_orbax_threads()  # (their own error logs come before ours, not after it)
+    def _replaced(self, final: Path, staging: Path) -> None:
+        """After a replacement's files are complete: the exchange (several processes: now, once
+        all are done), the old checkpoint's removal, and the pruning its save stands for."""
+        from jaxlight import parallel
+
+        self._close_staging()
+        parallel.barrier(f"jaxlight-replaced-{final.name}")
         if jax.process_index() == 0:
-            _remove(final)
-            for tmp in self.root.glob(f"{final.name}.orbax-checkpoint-tmp*"):
-                _remove(tmp)
+            if jax.process_count() > 1:
+                _exchange(staging / final.name, final)
+            _remove(staging)  # (now holding the replaced checkpoint)
+            if self._manager is not None and self._policy.owned is not None:
+                self._manager.reload()
+                steps = list(self._manager.all_steps())
+                for step, keep in zip(steps, self._policy.should_preserve([_Info(s) for s in steps])):
+                    if not keep:
+                        self._manager.delete(step)
+        parallel.barrier(f"jaxlight-replaced-after-{final.name}")
+
+    def _close_staging(self) -> None:
+        manager, self._staging = getattr(self, "_staging", None), None
+        if manager is not None:
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - a failed save is reported by wait()
+                pass
+
+    def _failed(self, final: Path, exc: BaseException, staging: Path | None = None):
+        _join_orbax_threads()  # (their own error logs come before ours, not after it)
+        self._close_staging()
+        if jax.process_index() == 0:
+            if staging is None:
+                _remove(final)
+                for tmp in self.root.glob(f"{final.name}.orbax-checkpoint-tmp*"):
+                    _remove(tmp)
+            else:  # (a failed replacement: the checkpoint it was to replace stays)
+                _remove(staging)
         if self._manager is not None:
             try:
                 self._manager.reload()
             except Exception:  # noqa: BLE001 - the error below is the one to report
                 pass
-        previous = [p for p in list_checkpoints(self.root) if p != final]
+        previous = [p for p in list_checkpoints(self.root) if p != final or staging is not None]
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
         raise CheckpointWriteError(f"could not write checkpoint {final}: {_short_cause(exc)}{kept}") from exc
 
@@ -535,6 +590,7 @@ class CheckpointSaver:
         try:
             self.wait()
         finally:
+            self._close_staging()
             if self._manager is not None:
                 manager, self._manager = self._manager, None
                 try:
@@ -596,6 +652,36 @@ def _short_cause(exc: BaseException) -> str:
         return f"OSError: [Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 300 else text[:300] + "..."
+
+
+_RENAME_EXCHANGE = 2  # (linux/fs.h)
+
+
+def _exchange(new: Path, final: Path) -> None:
+    """Put the complete folder ``new`` in the place of ``final`` so that ``final`` is never
+    missing: ``renameat2(RENAME_EXCHANGE)`` swaps the two atomically (the old checkpoint is then
+    at ``new``'s path). Where the OS or file system cannot (not Linux, some network file
+    systems), ``final`` is renamed aside and ``new`` renamed into place right after."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        swap = libc.renameat2
+    except (OSError, AttributeError):
+        swap = None
+    if swap is not None:
+        at_cwd = -100  # AT_FDCWD
+        if swap(at_cwd, os.fsencode(new), at_cwd, os.fsencode(final), _RENAME_EXCHANGE) == 0:
+            _fsync_dir(final.parent)
+            return
+        errno = ctypes.get_errno()
+        if errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot; else a real error
+            raise OSError(errno, os.strerror(errno), str(final))
+    aside = new.with_name(new.name + ".old")
+    os.rename(final, aside)
+    os.rename(new, final)
+    os.rename(aside, new)
+    _fsync_dir(final.parent)
 
 
 def _remove(path: Path) -> None:

@@ -803,6 +803,8 @@ class Trainer:
         if cb is None:
             warnings.warn(f"{name} at step {self.global_step}: stopping without a checkpoint "
                           f"(no ModelCheckpoint callback)", RuntimeWarning, stacklevel=2)
+        elif cb.saved and cb.saved[-1] == self.global_step:  # (saved at this step already: nothing new to keep)
+            self.interrupt_checkpoint = ckpt.step_dir(cb.dirpath, self.global_step)
         else:
             self.interrupt_checkpoint = cb.save(self, state)
         self.should_stop = self.interrupted = True

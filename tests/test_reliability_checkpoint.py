@@ -338,3 +338,128 @@ def test_load_model_verifies_the_manifest_and_takes_a_folder(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CheckpointWarning)
         load_model(tmp_path, build_model("linear"))  # falls back to step 4
+
+
+# --- a save never removes the only complete checkpoint --------------------------------------------
+
+def _saves(monkeypatch) -> list:
+    """The steps of the saves started, in order."""
+    started = []
+    real = checkpoint.CheckpointSaver.save
+
+    def save(self, state, meta=None, **kwargs):
+        started.append(int(np.asarray(state.step)))
+        return real(self, state, meta, **kwargs)
+
+    monkeypatch.setattr(checkpoint.CheckpointSaver, "save", save)
+    return started
+
+
+def test_an_epoch_end_on_a_step_every_n_steps_saved_is_saved_once_with_the_later_position(tmp_path, monkeypatch):
+    started = _saves(monkeypatch)
+    trainer = _trainer(tmp_path, epochs=2, monitor="loss", every_n_steps=2, keep_last=4)  # 4 steps an epoch
+    trainer.fit(_state(), DATA.train)
+    assert started == [2, 4, 6, 8]  # each step once: the epoch ends (4, 8) are not saved twice
+    meta = json.loads((tmp_path / "step_000000004" / "meta.json").read_text())
+    assert (meta["epoch"], meta["batch"]) == (1, 0) and len(meta["history"]) == 1  # the epoch end's position
+    assert "4" in meta["callbacks"]["ModelCheckpoint"]["scores"]  # (scored on the epoch it ends)
+
+
+def test_sigterm_on_a_saved_step_keeps_that_checkpoint_and_saves_nothing_twice(tmp_path, monkeypatch):
+    started = _saves(monkeypatch)
+    trainer = _trainer(tmp_path, epochs=3, every_n_steps=2, extra=[Signal(signal.SIGTERM, at_step=4)])
+    trainer.fit(_state(), DATA.train)
+    assert trainer.interrupted and trainer.interrupt_checkpoint == tmp_path / "step_000000004"
+    assert started == [2, 4]
+    checkpoint.verify_checkpoint(tmp_path / "step_000000004")
+
+
+def test_a_replacement_keeps_the_old_checkpoint_until_it_is_complete_and_a_full_disk_keeps_it(tmp_path):
+    import resource
+
+    import jax
+
+    state = _state().replace(step=np.int32(6))
+    path = save_checkpoint(tmp_path, state, {"version": 1})
+    seen = []
+    real = checkpoint._exchange
+
+    def exchange(new, final):  # the moment of the swap: the old one is still in place, the new one complete
+        seen.append((json.loads((final / "meta.json").read_text())["version"],
+                     json.loads((new / "meta.json").read_text())["version"]))
+        checkpoint.verify_checkpoint(final)
+        checkpoint.verify_checkpoint(new)
+        real(new, final)
+
+    checkpoint._exchange, before = exchange, checkpoint._exchange
+    try:
+        save_checkpoint(tmp_path, state, {"version": 2})
+    finally:
+        checkpoint._exchange = before
+    assert seen == [(1, 2)]
+    assert json.loads((path / "meta.json").read_text())["version"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000006"]  # no staging folder left
+    # A full disk while the replacement is written: the complete checkpoint stays, whole.
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, hard))
+    try:
+        with pytest.raises(checkpoint.CheckpointWriteError, match=f"the previous checkpoint {path} is intact"):
+            save_checkpoint(tmp_path, state, {"version": 3})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        jax.config.update("jax_enable_compilation_cache", cache)
+        signal.signal(signal.SIGXFSZ, previous)
+    checkpoint.verify_checkpoint(path)
+    assert json.loads((path / "meta.json").read_text())["version"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000006"]
+
+
+USERPKG_RUN = """
+seed: 0
+model: {class_path: userpkg.nets.Net, init_args: {width: 8}}
+loss: userpkg.nets.loss_fn
+data: {class_path: userpkg.data.blobs, init_args: {}}
+optimizer: {class_path: optax.adam, init_args: {learning_rate: 1.0e-2}}
+trainer: {batch_size: 64, enable_progress_bar: false}
+"""
+
+
+def _job(*args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "trainer_jobs" / "replace_job.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("moment", ["disappear", "before-exchange", "after-exchange"])
+def test_kill_9_while_a_checkpoint_is_replaced_leaves_a_complete_one(tmp_path, moment):
+    ckpt = tmp_path / "ckpt"
+    result = _job(moment, str(ckpt), "save")
+    assert result.returncode in (0, -signal.SIGKILL), result.stderr[-3000:]
+    if moment != "disappear":
+        assert result.returncode == -signal.SIGKILL  # (the replacement reached its exchange)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        state, meta, path = restore_latest(ckpt, _state())
+    assert path.name == "step_000000006" and meta["version"] == (1 if moment == "before-exchange" else 2)
+    checkpoint.verify_checkpoint(path)
+
+
+@pytest.mark.integration
+def test_kill_9_where_an_epoch_end_would_replace_a_step_save_then_ckpt_path_last_resumes(tmp_path):
+    (tmp_path / "run.yaml").write_text(USERPKG_RUN)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    flags = ["--config", str(tmp_path / "run.yaml"), "--trainer.ckpt_dir", str(ckpt), "--trainer.out", str(out),
+             "--trainer.ckpt_every", "3"]  # 192 examples in batches of 64: the epoch ends on step 3
+    first = _job("disappear", str(ckpt), "fit", "--", *flags, "--trainer.max_epochs", "1")
+    assert first.returncode in (0, -signal.SIGKILL), first.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(ckpt)] == ["step_000000003"]
+    checkpoint.verify_checkpoint(ckpt / "step_000000003")
+    resumed = _job("disappear", str(ckpt), "fit", "--", *flags, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    meta = json.loads((list_checkpoints(ckpt)[-1] / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["segments"][-1]["from_step"] == 3

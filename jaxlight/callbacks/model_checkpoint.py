@@ -103,8 +103,14 @@ class ModelCheckpoint(Callback):
         return self.every_n_steps
 
     def on_train_chunk_end(self, trainer, state, metrics):
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not self._epoch_save_follows(trainer):
             self.save(trainer, state)
+
+    def _epoch_save_follows(self, trainer) -> bool:
+        """Whether this chunk ended an epoch whose end saves anyway (moments later, after
+        validation, with the later position): the step is then saved once, not twice."""
+        ends_epoch = trainer.num_batches is not None and trainer.batch >= trainer.num_batches
+        return bool(ends_epoch and self.every_n_epochs and (trainer.epoch + 1) % self.every_n_epochs == 0)
 
     def on_epoch_end(self, trainer, state, metrics):
         if self.every_n_epochs and trainer.epoch % self.every_n_epochs == 0:
