@@ -80,21 +80,106 @@ def builtin_config(name: str) -> Path:
 # -- pass 1: the class paths -------------------------------------------------------------------
 
 
-def _load_yaml(path: str) -> dict:
+# A config file is small: these bound the time and memory of reading one, whatever it holds.
+MAX_CONFIG_BYTES = 1 << 20   # 1 MiB
+MAX_YAML_DEPTH = 100         # nested collections
+MAX_YAML_VALUES = 100_000    # values, counting each alias as the values it stands for
+
+
+class YAMLLimitError(ValueError):
+    """A YAML document beyond :data:`MAX_YAML_DEPTH` or :data:`MAX_YAML_VALUES`."""
+
+
+def _limited_loader():
+    """PyYAML's ``SafeLoader`` (plain data only: no tags that build objects) that refuses, while
+    composing and before anything is expanded, nesting deeper than :data:`MAX_YAML_DEPTH` and
+    documents whose aliases stand for more than :data:`MAX_YAML_VALUES` values.
+
+    PyYAML composes an alias as a reference to the anchored node, so a "billion laughs" file
+    composes in a few kilobytes; it explodes in whatever walks the result (jsonargparse,
+    ``json.dumps``). Each node's expanded size is counted here as it is composed (an alias
+    counts as the whole node it names), so such a file is refused after a few hundred values.
+    Composition recurses once per level, so the depth limit also keeps it far from Python's
+    recursion limit.
+    """
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth, self._sizes = 0, {}
+
+        def compose_node(self, parent, index):
+            if self._depth >= MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise YAMLLimitError(f"nested deeper than {MAX_YAML_DEPTH} levels (line {mark.line + 1})")
+            self._depth += 1
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            if id(node) not in self._sizes:
+                if isinstance(node, yaml.MappingNode):
+                    children = [n for pair in node.value for n in pair]
+                else:
+                    children = node.value if isinstance(node, yaml.SequenceNode) else []
+                size = 1 + sum(self._sizes[id(c)][0] for c in children)
+                if size > MAX_YAML_VALUES:
+                    raise YAMLLimitError(f"its aliases expand to more than {MAX_YAML_VALUES} values (line "
+                                         f"{node.start_mark.line + 1}); a config holds far fewer")
+                self._sizes[id(node)] = (size, node)
+            return node
+
+    return Loader
+
+
+def load_yaml_text(text: str, where: str):
+    """``text`` as plain data through the limited safe loader (:func:`_limited_loader`).
+
+    Raises:
+        ConfigError: one line naming ``where`` and the problem.
+    """
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_limited_loader())  # noqa: S506 - a SafeLoader subclass
+    except YAMLLimitError as exc:
+        raise ConfigError(f"{where}: refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: not readable YAML ({first})") from None
+
+
+def _read_config_text(p: Path, path: str) -> str:
+    """The text of a config file, refused as one line when it is too large, binary or not UTF-8."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: more than {MAX_CONFIG_BYTES >> 20} MiB; a config file is at most "
+                          f"{MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: a binary file, not YAML text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8)") from None
+    if "\0" in text:
+        raise ConfigError(f"--config {path}: a binary file, not YAML text (a NUL byte at offset {text.index(chr(0))})")
+    return text
+
+
+def _load_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         p = builtin_config(path) if "/" not in path and not path.endswith((".yaml", ".yml")) else p
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--config {path}: not readable YAML ({first})") from None
+    data = load_yaml_text(_read_config_text(p, path), f"--config {path}")
     if data is None:
-        return {}
+        raise ConfigError(f"--config {path}: the file holds no config (it is empty or only comments); expected a "
+                          f"mapping of the parts {', '.join(PARTS)}")
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of the parts {', '.join(PARTS)}, "
                           f"got a {type(data).__name__}")
@@ -159,8 +244,10 @@ def prescan(argv: list[str], base: dict | None = None) -> tuple[list[str], dict]
                 raise ConfigError(f"{name}: expected a class path")
             if name == f"--{part}":
                 try:
-                    parsed = yaml.safe_load(value)
-                except yaml.YAMLError:
+                    parsed = load_yaml_text(value, name)
+                except ConfigError:
+                    if any(c in value for c in "&*[{"):
+                        raise
                     parsed = value
                 if isinstance(parsed, dict):
                     found = _class_path_of(parsed, part)
@@ -174,6 +261,15 @@ def prescan(argv: list[str], base: dict | None = None) -> tuple[list[str], dict]
             paths[part] = value
             out += [f"--{part}.class_path", value]
             continue
+        if not arg.startswith("--") or "=" in arg:  # (a value: jsonargparse reads it as YAML, so it is checked too)
+            value = arg.split("=", 1)[1] if arg.startswith("--") else arg
+            if len(value) > 64 or any(c in value for c in "&*"):
+                try:
+                    flag = name if arg.startswith("--") else (argv[i - 1] if i and argv[i - 1].startswith("--") else "")
+                    load_yaml_text(value, flag or "a command-line value")
+                except ConfigError as exc:
+                    if "refused" in str(exc):
+                        raise
         out.append(arg)
         i += 1
     return out, paths
@@ -822,8 +918,6 @@ def _split_nested(argv: list[str], paths: dict) -> tuple[list[str], list[tuple[s
 
 
 def _apply_nested(plain: dict, nested) -> None:
-    import yaml
-
     for flag, keys, value in nested:
         target = plain[keys[0]]["init_args"].get(keys[2])
         if not isinstance(target, dict):
@@ -833,7 +927,7 @@ def _apply_nested(plain: dict, nested) -> None:
             target = target.setdefault(k, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"{flag}: {k} is not a mapping")
-        target[keys[-1]] = yaml.safe_load(value)
+        target[keys[-1]] = load_yaml_text(value, flag)
 
 
 def parse(command: str, argv: list[str], base: dict | None = None):

@@ -241,6 +241,92 @@ def test_a_bad_config_gets_one_line_naming_the_key_and_exit_code_2(run_yaml, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+# -- hostile config files: one line, exit 2, in seconds and bounded memory ----------------------------
+
+
+def _laughs(levels: int = 9, flow: bool = False) -> str:
+    """A "billion laughs" YAML document: each level 9 aliases of the one before (9**levels values)."""
+    names = "abcdefghijklmnop"[:levels]
+    if flow:
+        parts = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        parts += [f"&{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip(names, names[1:])]
+        return "[" + ", ".join(parts) + "]"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{n}: &{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip(names, names[1:])]
+    return "\n".join(lines + [f"model: *{names[-1]}"]) + "\n"
+
+
+HOSTILE = {
+    "alias bomb": (lambda: _laughs().encode(), "refused: its aliases expand to more than 100000 values"),
+    "5000-deep nesting": (lambda: ("model: " + "[" * 5000 + "]" * 5000 + "\n").encode(),
+                          "refused: nested deeper than 100 levels"),
+    "binary file": (lambda: bytes(range(256)) * 4, "a binary file, not YAML text (byte 0x80 at offset 128"),
+    "NUL bytes": (lambda: b"seed: 0\n\0\0\0", "a binary file, not YAML text (a NUL byte at offset 8)"),
+    "empty file": (lambda: b"", "the file holds no config (it is empty or only comments)"),
+    "only comments": (lambda: b"# nothing yet\n", "the file holds no config"),
+    "over 1 MiB": (lambda: b"seed: 0\n" + b"# padding\n" * 110_000, "more than 1 MiB; a config file is at most"),
+    "not a mapping": (lambda: b"- 1\n- 2\n", "expected a mapping of the parts"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest.mark.parametrize("print_config", [False, True], ids=["fit", "print_config"])
+def test_a_hostile_config_file_is_one_line_naming_it_in_bounded_time_and_memory(tmp_path, capsys, case,
+                                                                                  print_config):
+    import time
+    import tracemalloc
+
+    content, expected = HOSTILE[case]
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content())
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        code, out, err = _run(capsys, "fit", "--config", str(path), *(["--print_config"] if print_config else []))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - t0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and not out, err[-2000:]
+    assert lines[0] == f"jaxlight: error: --config {path}: " + lines[0].split(f"--config {path}: ", 1)[1]
+    assert expected in lines[0], lines[0]
+    assert peak < 30 * 2**20 and seconds < 30, (peak, seconds)
+
+
+@pytest.mark.parametrize("flag", ["--loss", "--trainer.callbacks", "--model.init_args.width", "--model"])
+def test_an_alias_bomb_in_a_flag_value_is_refused_naming_the_flag(run_yaml, capsys, flag):
+    code, out, err = _run(capsys, "fit", "--config", str(run_yaml), flag, _laughs(8, flow=True))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert f"error: {flag}: refused: its aliases expand" in lines[0], lines[0]
+
+
+@pytest.mark.integration
+def test_a_billion_laughs_config_fails_in_seconds_in_its_own_process(tmp_path):
+    """The command line as a user runs it: exit 2 within the timeout, peak memory of a process
+    that has imported JAX (before the limit it ran for a minute and grew past 5 GB)."""
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_laughs())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    for extra in ([], ["--print_config"]):
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "jaxlight.cli", "fit", "--config", str(path), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        killer = __import__("threading").Timer(60, proc.kill)
+        killer.start()
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # (this child's own peak memory)
+        killer.cancel()
+        seconds = time.monotonic() - t0
+        assert os.waitstatus_to_exitcode(status) == 2, f"exit {status}, {seconds:.0f} s: {err[-2000:]}"
+        assert err.strip().count("\n") == 0 and "refused: its aliases expand" in err, err[-2000:]
+        assert usage.ru_maxrss < 1_000_000 and seconds < 60, (usage.ru_maxrss, seconds)  # (KiB: under 1 GB)
+
+
 def test_a_logger_whose_package_is_missing_fails_when_built_naming_the_extra(run_yaml, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
     with pytest.raises(ImportError, match=r'pip install "jaxlight\[tensorboard\]"'):
