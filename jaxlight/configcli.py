@@ -183,16 +183,21 @@ def checkpoint_code(command: str, argv: list[str]):
     return policy, base
 
 
-def run_command(command: str, argv: list[str]) -> dict | None:
-    """Parse, build and run one command; returns its metrics (None for ``--print_config``)."""
+def run_command(command: str, argv: list[str], args=None) -> dict | None:
+    """Parse, build and run one command; returns its metrics (None for ``--print_config``).
+
+    ``args`` (``run_cli``'s namespace): ``args.log_file`` is set to ``<out>/train.log`` once the
+    output folder exists; library logs and background threads' tracebacks go there (stderr with
+    ``args.verbose``), as in ``jaxlight train``.
+    """
     from jaxlight import config as config_mod
 
     policy, base = checkpoint_code(command, argv)
     with config_mod.code_policy(policy):
-        return _run_command(command, argv, base)
+        return _run_command(command, argv, base, args)
 
 
-def _run_command(command: str, argv: list[str], base: dict | None) -> dict | None:
+def _run_command(command: str, argv: list[str], base: dict | None, args=None) -> dict | None:
     import numpy as np
 
     from jaxlight import config as config_mod
@@ -239,6 +244,10 @@ def _run_command(command: str, argv: list[str], base: dict | None) -> dict | Non
     from jaxlight.commands import prepare_output_dir
 
     prepare_output_dir(out, "trainer.out")
+    if args is not None:
+        from jaxlight.commands import _log_details
+
+        args.log_file = _log_details(out, args.verbose)
     if command == "fit":
         (out / "config.yaml").write_text(config_mod.dump(plain))
         print(f"jaxlight fit: {plain['model']['class_path']}, {plain['optimizer']['class_path']}, batch "
@@ -314,6 +323,6 @@ def main(command: str, argv: list[str]) -> int:
     args = argparse.Namespace(verbose="--verbose" in argv, log_file=None)
     argv = [a for a in argv if a != "--verbose"]
     try:
-        return run_cli("jaxlight", lambda _: run_command(command, argv), args, errors)
+        return run_cli("jaxlight", lambda a: run_command(command, argv, a), args, errors)
     except SystemExit as exc:  # (run_cli exits 2 on a UsageError, as argparse does)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -296,3 +296,43 @@ def test_resume_skips_another_models_checkpoint_and_ignores_stray_files(tmp_path
     assert "ignoring 1 file(s) not in its manifest: ['.DS_Store']" in resumed.stderr
     assert f"resumed from {ckpt / 'step_000000256'}" in resumed.stdout
     assert "step_000009999" in _steps(ckpt)  # never pruned: this run did not write it
+
+
+# --- a failed asynchronous save of `jaxlight fit`: one line on stderr, the details in train.log -----
+
+FIT_FULL_DISK = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # (the logs fit, the arrays do not)
+sys.argv[0] = "jaxlight"
+runpy.run_module("jaxlight.cli", run_name="__main__")
+"""
+
+FIT_RUN = """
+seed: 0
+model: {class_path: userpkg.nets.Net, init_args: {width: 8192}}
+loss: userpkg.nets.loss_fn
+data: {class_path: userpkg.data.blobs, init_args: {}}
+optimizer: {class_path: optax.adam, init_args: {learning_rate: 1.0e-3}}
+trainer: {max_epochs: 2, batch_size: 64, enable_progress_bar: false}
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failed_async_save_of_jaxlight_fit_is_one_line_with_the_details_in_train_log(tmp_path, verbose):
+    (tmp_path / "run.yaml").write_text(FIT_RUN)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    env = _env(JAX_ENABLE_COMPILATION_CACHE="false", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    result = subprocess.run([sys.executable, "-c", FIT_FULL_DISK, "fit", "--config", str(tmp_path / "run.yaml"),
+                             "--trainer.out", str(out), "--trainer.ckpt_dir", str(ckpt),
+                             *(["--verbose"] if verbose else [])],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    if verbose:  # (the details on stderr instead, the error line last)
+        assert "Traceback" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("jaxlight: error: could not write checkpoint")
+        return
+    one_line_error(result, "could not write checkpoint", "File too large", f"details in {out / 'train.log'}")
+    log = (out / "train.log").read_text()
+    assert "Traceback" in log and "File too large" in log and len(log.splitlines()) > 10, log[-3000:]
+    assert _steps(ckpt) == []
