@@ -32,7 +32,6 @@ from __future__ import annotations
 # Only what main() needs to install its signal handlers is imported here; the rest (argparse,
 # logging, the recipes, then JAX) is imported where it is used, behind those handlers.
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -328,14 +327,10 @@ def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, trainer, state, t
         print(f"no checkpoint in {args.ckpt_dir} yet: starting from scratch", flush=True)
     state = trainer.fit(state, train, val, ckpt_path="last" if resume else None)
     if trainer.interrupted:
-        name = signal.Signals(trainer.stop_signal or signal.SIGTERM).name
-        saved = getattr(trainer, "interrupt_checkpoint", None)
-        if saved is not None:
-            print(f"stopped by {name} at step {trainer.global_step}; saved {saved}. Resume with the same "
-                  f"command and --resume --ckpt-dir {args.ckpt_dir}", file=sys.stderr, flush=True)
-        else:
-            print(f"stopped by {name} at step {trainer.global_step}; nothing was saved (no --ckpt-dir)",
-                  file=sys.stderr, flush=True)
+        from jaxlight.commands import stopped_line
+
+        print(stopped_line(trainer, f"Resume with the same command and --resume --ckpt-dir {args.ckpt_dir}",
+                           "no --ckpt-dir"), file=sys.stderr, flush=True)
         return state, None
     return state, trainer.history
 

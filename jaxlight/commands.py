@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from jaxlight.recipes import Recipe
 
 __all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "MAX_SEED", "Interrupted", "UsageError", "install_signal_handlers",
-           "prepare_output_dir", "recipe_from_args", "restore_signal_handlers", "run_cli"]
+           "prepare_output_dir", "recipe_from_args", "restore_signal_handlers", "run_cli", "stopped_line"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 
@@ -78,6 +78,16 @@ class Interrupted(Exception):
         self.signum = signum or signal.SIGTERM
         self.reported = reported  # (the message saying what was saved is out already)
         super().__init__(signal.Signals(self.signum).name)
+
+
+def stopped_line(trainer, resume: str, nothing_saved: str) -> str:
+    """What a command line says when SIGINT/SIGTERM stopped its fit: the step, the checkpoint
+    saved and how to resume (``resume``), or why nothing was saved (``nothing_saved``)."""
+    name = signal.Signals(trainer.stop_signal or signal.SIGTERM).name
+    saved = getattr(trainer, "interrupt_checkpoint", None)
+    if saved is None:
+        return f"stopped by {name} at step {trainer.global_step}; nothing was saved ({nothing_saved})"
+    return f"stopped by {name} at step {trainer.global_step}; saved {saved}. {resume}"
 
 
 def install_signal_handlers(program: str) -> dict:

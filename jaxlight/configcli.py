@@ -267,8 +267,14 @@ def _run_command(command: str, argv: list[str], base: dict | None, args=None) ->
         summary["versions"] = report.library_versions("jax", "jaxlib", "flax", "optax", "numpy")
         print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
         if trainer.interrupted:
-            from jaxlight.commands import Interrupted
+            import shlex
 
+            from jaxlight.commands import Interrupted, stopped_line
+
+            again = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path=") or a == "--ckpt_path" or
+                                                          (i and argv[i - 1] == "--ckpt_path"))]
+            print(stopped_line(trainer, f"Resume with: jaxlight fit {shlex.join(again)} --ckpt_path last",
+                               "no trainer.ckpt_dir"), file=sys.stderr, flush=True)
             raise Interrupted(trainer.stop_signal)
         return summary
     resolved = _checkpoint(trainer, run, ckpt_path)

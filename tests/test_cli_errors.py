@@ -118,6 +118,68 @@ def test_sigterm_with_nothing_to_save_exits_143_not_0(cli_main, tmp_path, signal
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.fixture
+def fit_signal_after_epoch(monkeypatch, request):
+    """``jaxlight fit``'s twin of ``signal_after_epoch``: ``arm(n, signum)`` sends ``signum``
+    right after epoch ``n``'s line."""
+    from jaxlight import configcli
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
+    real = configcli._epoch_lines
+
+    def arm(epoch, signum):
+        def lines(max_epochs):
+            callback = real(max_epochs)
+            printed = callback.on_epoch_end
+
+            def on_epoch_end(trainer, state, metrics):
+                printed(trainer, state, metrics)
+                if trainer.epoch == epoch:
+                    signal.raise_signal(signum)
+
+            callback.on_epoch_end = on_epoch_end
+            return callback
+
+        monkeypatch.setattr(configcli, "_epoch_lines", lines)
+
+    return arm
+
+
+FIT = ["fit", "--config", "linear", "--trainer.max_epochs", "50", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_jaxlight_fit_stopped_by_a_signal_says_what_was_saved_and_the_command_that_resumes(
+        cli_main, tmp_path, fit_signal_after_epoch, signum):
+    import shlex
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    fit_signal_after_epoch(2, signum)
+    argv = [*FIT, "--trainer.ckpt_dir", str(ckpt), "--trainer.out", str(out)]
+    result = cli_main("jaxlight", *argv)
+    assert result.returncode == 128 + signum and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    assert line.startswith(f"stopped by {name} at step 256; saved {ckpt / 'step_000000256'}. Resume with: "), line
+    command = shlex.split(line.split("Resume with: ")[1])
+    assert command[:2] == ["jaxlight", "fit"] and command[-2:] == ["--ckpt_path", "last"]
+    fit_signal_after_epoch(None, signum)
+    epochs = command.index("--trainer.max_epochs") + 1
+    resumed = cli_main("jaxlight", *command[1:epochs], "3", *command[epochs + 1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    meta = json.loads((ckpt / "step_000000384" / "meta.json").read_text())
+    assert meta["segments"][-1]["from_step"] == 256
+
+
+def test_jaxlight_fit_stopped_with_nothing_to_save_says_so(cli_main, tmp_path, fit_signal_after_epoch):
+    fit_signal_after_epoch(1, signal.SIGTERM)
+    result = cli_main("jaxlight", *FIT, "--trainer.out", str(tmp_path / "out"))
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM at step 128; nothing was saved (no "
+                                                      "trainer.ckpt_dir)")
+
+
 def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(cli_main, tmp_path, signal_after_epoch):
     signal_after_epoch(1, signal.SIGINT, signal.SIGINT)
     result = cli_main("jaxlight", *LINEAR, "--epochs", "50", "--out", str(tmp_path / "out"),
