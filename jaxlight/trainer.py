@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import signal
 import sys
@@ -685,12 +686,22 @@ class Trainer:
             ckpt_path = cb.dirpath
         path = Path(ckpt_path)
         try:
-            shardings = self.strategy.state_shardings(state)  # (read straight into this layout)
-            if (path / "manifest.json").exists() or (path / "meta.json").exists():
-                state, meta = ckpt.restore_checkpoint(path, state, _parse_meta, shardings)
-            else:
-                state, meta, path = ckpt.restore_latest(path, state, _parse_meta, shardings)
+            with warnings.catch_warnings(record=True) as skipped:  # (said below, unless a config change explains them)
+                warnings.simplefilter("always")
+                shardings = self.strategy.state_shardings(state)  # (read straight into this layout)
+                if (path / "manifest.json").exists() or (path / "meta.json").exists():
+                    state, meta = ckpt.restore_checkpoint(path, state, _parse_meta, shardings)
+                else:
+                    state, meta, path = ckpt.restore_latest(path, state, _parse_meta, shardings)
         except ckpt.IncompatibleCheckpointError as exc:
+            changed = [] if exc.saved_optimizer else self._changed_since(path)
+            if changed:
+                raise runconfig.ConfigMismatchError(
+                    f"{path} was written by a run configured differently: {'; '.join(changed)}. Its arrays do not "
+                    f"fit this run's state, so no resume can continue it, with allow_config_change or without: "
+                    f"resume with the checkpoint's settings, or start a new run in another folder") from None
+            for w in skipped:
+                warnings.warn(w.message, w.category, stacklevel=2)
             if not exc.saved_optimizer:
                 raise
             now = (self.run_config or {}).get("optimizer", "another one")
@@ -698,6 +709,8 @@ class Trainer:
                 f"{path} was saved with optimizer {exc.saved_optimizer}, this run uses {now}: their optimizer "
                 f"states hold different arrays, so --allow-config-change cannot accept this change (the saved state "
                 f"has no place in the new one); resume with the checkpoint's optimizer, or start a new run") from None
+        for w in skipped:
+            warnings.warn(w.message, w.category, stacklevel=2)
         saved_accumulate = meta["config"].get("accumulate_grad_batches", 1)
         if saved_accumulate != self.config.accumulate_grad_batches:
             raise ckpt.CheckpointError(
@@ -720,6 +733,19 @@ class Trainer:
             logger.resume(self.global_step)
         self.restored_from = path
         return state
+
+    def _changed_since(self, path: Path) -> list[str]:
+        """The configuration fields in which this fit differs from the newest readable
+        checkpoint at ``path`` (a folder of them, or one): what explains arrays that do not fit."""
+        candidates = [path] if (path / "meta.json").exists() else list(reversed(ckpt.list_checkpoints(path)))
+        for candidate in candidates:
+            try:
+                meta = json.loads((candidate / "meta.json").read_text())
+                saved = {k: meta.get(k) for k in ("run", "trainer")}
+            except (OSError, ValueError, AttributeError):
+                continue
+            return runconfig.differences(saved, self.run_record())
+        return []
 
     def _check_run(self, path: Path, meta: dict, state: TrainState) -> None:
         """Refuse a checkpoint written with another configuration or already past max_epochs."""

@@ -524,6 +524,17 @@ def test_fit_resumes_from_last_bit_for_bit_and_refuses_a_changed_config(run_yaml
     assert code == 2 and err.startswith("jaxlight: error: trainer.ckpt_dir: b already holds checkpoints")
 
 
+@pytest.mark.parametrize("allow", [[], ["--trainer.allow_config_change", "true"]], ids=["strict", "allowed"])
+def test_a_resume_with_another_width_names_the_changed_field(run_yaml, tmp_path, capsys, allow):
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt", "--trainer.max_epochs", "1")[0] == 0
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt", "--ckpt_path", "last",
+                        "--model.init_args.width", "32", *allow)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err  # (no warning per skipped checkpoint before it)
+    assert "model.init_args.width: 16 in the checkpoint, 32 now" in lines[0], lines[0]
+    assert "no checkpoint" not in lines[0]
+
+
 def test_tensorboard_gets_the_resolved_config_as_hparams(run_yaml, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
