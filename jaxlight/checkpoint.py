@@ -974,8 +974,9 @@ def load_model(path: str | os.PathLike, model, which: str = "last"):
     if which not in ("best", "last"):
         raise ValueError(f"load_model: which must be 'best' or 'last', got {which!r}")
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path} (no such folder)")
     if which == "best" and not (path / "manifest.json").exists() and not (path / "meta.json").exists():
-
         path = best_checkpoint(path)
     if not (path / "manifest.json").exists() and not (path / "meta.json").exists():
         found = list_checkpoints(path)
@@ -1096,13 +1097,43 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "manifest.json").exists() or (path / "meta.json").exists()
 
 
+def saving_process(root: str | os.PathLike) -> str | None:
+    """The live process on this host that holds the folder lock of ``root`` (a fit saving
+    there), as its ``.lock`` file names it (``"pid 123 on host h, since ..."``); None when none
+    does. It only reads: taking the lock to test it could refuse a fit starting at that moment."""
+    root = Path(root)
+    try:
+        text = (root / ".lock").read_text().strip()
+    except OSError:
+        return None
+    found = re.match(r"pid (\d+) on host (\S+),", text)
+    if not found or found.group(2) != socket.gethostname():
+        return None
+    pid = int(found.group(1))
+    if pid == os.getpid():
+        return text if os.path.realpath(root) in _LOCKS else None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # (alive, another user's)
+        pass
+    return text
+
+
 def _good(candidates: list[Path]) -> Path | None:
     for path in reversed(candidates):
         try:
             verify_checkpoint(path)
             return path
         except CorruptCheckpointError as exc:
-            warnings.warn(f"skipping corrupt checkpoint: {exc}", CheckpointWarning, stacklevel=3)
+            holder = None if (path / "manifest.json").exists() and path.exists() else saving_process(path.parent)
+            if holder is None:
+                warnings.warn(f"skipping corrupt checkpoint: {exc}", CheckpointWarning, stacklevel=3)
+            else:
+                what = "being written" if path.exists() else "removed while it was read"
+                warnings.warn(f"skipping {path}: a fit is saving into {path.parent} ({holder}) and this checkpoint "
+                              f"was {what}; using the newest complete one", CheckpointWarning, stacklevel=3)
     return None
 
 
@@ -1118,7 +1149,10 @@ def best_checkpoint(root: str | os.PathLike) -> Path:
     newest = _good(list_checkpoints(root))
     if newest is None:
         raise CheckpointError(f"no good checkpoint found under {root}")
-    meta = json.loads((newest / "meta.json").read_text())
+    try:
+        meta = json.loads((newest / "meta.json").read_text())
+    except (OSError, ValueError) as exc:  # (removed since it verified: a running fit pruned it)
+        raise CorruptCheckpointError(f"{newest}: meta.json is unreadable ({type(exc).__name__}: {exc})") from None
     state = (meta.get("callbacks") or {}).get("ModelCheckpoint") or {}
     scores = {int(k): v for k, v in (state.get("scores") or {}).items()}
     if not scores:
@@ -1267,7 +1301,37 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=
     if model is not None and not (inspect.isclass(model) and issubclass(model, nnx.Module)):
         raise TypeError(f"load_from_checkpoint: model must be an nnx.Module class (the class, not an instance: "
                         f"use jaxlight.checkpoint.load_model(path, instance) for one), got {model!r}")
-    folder = resolve_checkpoint(path, which)
+    # A fit may be saving into the folder meanwhile: it writes new checkpoints and prunes old
+    # ones. A checkpoint that goes away or changes while it is read is tried again, newest first.
+    for attempt in range(_RETRIES + 1):
+        folder = None
+        try:
+            folder = resolve_checkpoint(path, which)
+            return _load_recorded(folder, model, trust_code)
+        except CheckpointError as exc:
+            root = folder.parent if folder is not None else Path(path)
+            if folder is not None:  # (it verified a moment ago: gone or rewritten since?)
+                changed = not (folder / "manifest.json").exists()
+            else:  # (the best one gone, or its record unreadable, as it was being picked)
+                changed = isinstance(exc, CorruptCheckpointError) or "is missing" in str(exc)
+            holder = saving_process(root) if changed else None
+            if holder is None:
+                raise
+            if attempt == _RETRIES:
+                raise CheckpointError(f"{path}: the checkpoints changed under every one of {_RETRIES + 1} tries to "
+                                      f"load one: a fit is saving into {root} and pruning there ({holder}); try "
+                                      f"again, or load a step_* folder it keeps") from exc
+            warnings.warn(f"{folder or path} changed while it was loaded (the fit saving into {root}, {holder}, "
+                          f"pruned or replaced it); trying the newest complete one again", CheckpointWarning,
+                          stacklevel=2)
+            time.sleep(0.05 * 2 ** attempt)
+
+
+_RETRIES = 5
+
+
+def _load_recorded(folder: Path, model, trust_code: bool):
+    """``load_from_checkpoint`` of one checkpoint folder."""
     record = recorded_hparams(folder)
     model_spec = record.get("model")
     if not isinstance(model_spec, dict) or (model is None and not model_spec.get("class_path")):

@@ -357,3 +357,97 @@ def test_a_module_in_the_working_checkpoint_folder_is_not_imported_by_the_comman
     code, _, err = _cli(capsys, "test", "--ckpt_path", ".", "--trainer.out", str(tmp_path / "o"))
     assert code == 2 and planted_name in err and "--trust_code" in err, err
     assert not marker.exists() and planted_name not in sys.modules
+
+
+# --- a load while a fit saves into the same folder --------------------------------------------------
+
+def test_a_save_in_flight_is_skipped_with_a_message_saying_so(run_folder):
+    from jaxlight.checkpoint import lock_folder
+
+    newest = list_checkpoints(run_folder)[-1]
+    in_flight = run_folder / "step_000000099"
+    shutil.copytree(newest, in_flight)
+    (in_flight / "manifest.json").unlink()  # (arrays and meta written, the manifest not yet)
+    with lock_folder(run_folder):  # (the fit that is writing it holds the folder)
+        with pytest.warns(checkpoint.CheckpointWarning) as said:
+            model, _ = jaxlight.load_from_checkpoint(run_folder, which="last")
+    text = " ".join(str(w.message) for w in said)
+    assert f"skipping {in_flight}: a fit is saving into {run_folder}" in text and "being written" in text, text
+    assert "corrupt" not in text
+    reference, _ = jaxlight.load_from_checkpoint(newest)
+    for name, value in _params(reference).items():
+        np.testing.assert_array_equal(_params(model)[name], value)
+
+
+def test_a_checkpoint_pruned_while_it_is_loaded_is_tried_again_not_a_raw_error(run_folder, monkeypatch):
+    from jaxlight.checkpoint import lock_folder
+
+    steps = list_checkpoints(run_folder)
+    real = checkpoint._load_recorded
+    calls = []
+
+    def pruned_meanwhile(folder, model, trust_code):
+        calls.append(folder)
+        if len(calls) == 1:
+            shutil.rmtree(folder)  # (the running fit's pruning, between the pick and the read)
+        return real(folder, model, trust_code)
+
+    monkeypatch.setattr(checkpoint, "_load_recorded", pruned_meanwhile)
+    with lock_folder(run_folder):
+        with pytest.warns(checkpoint.CheckpointWarning, match="changed while it was loaded"):
+            model, _ = jaxlight.load_from_checkpoint(run_folder, which="last")
+    assert calls == [steps[-1], steps[-2]]
+    calls.clear()
+    shutil.copytree(steps[-2], steps[-1])  # (no fit holds the folder now: an error, one line, no retry)
+    with pytest.raises(CheckpointError) as exc:
+        jaxlight.load_from_checkpoint(run_folder, which="last")
+    assert "FileNotFoundError" not in _one_line(exc) and len(calls) == 1
+
+
+RACING_FIT = """
+import sys
+from jaxlight import build_model, create_train_state, optim, tasks
+from jaxlight.callbacks import ModelCheckpoint
+from jaxlight.data.synthetic import make_regression
+from jaxlight.trainer import Trainer, TrainerConfig
+data = make_regression(n_train=256, n_test=64)
+state = create_train_state(build_model("linear", 0), optim.sgd(0.05), tasks.regression(), seed=0)
+print("fitting", flush=True)
+Trainer(TrainerConfig(max_epochs=100000, batch_size=64, enable_progress_bar=False, steps_per_execution=1),
+        callbacks=[ModelCheckpoint(sys.argv[1], every_n_steps=1, monitor="loss")]).fit(state, data.train)
+"""
+
+
+@pytest.mark.integration
+def test_loads_racing_a_fit_that_saves_and_prunes_in_the_same_folder_all_succeed(tmp_path):
+    """A fit in another process saves every step and prunes all but the last two and the best; this
+    process loads "last" and "best" from the folder meanwhile, about a hundred times."""
+    import os
+    import subprocess
+    import time
+    import warnings
+
+    from _support import ROOT
+
+    folder = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    fit = subprocess.Popen([sys.executable, "-c", RACING_FIT, str(folder)], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert fit.stdout.readline().strip() == "fitting"
+        deadline = time.monotonic() + 120
+        while len(list_checkpoints(folder)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        loaded, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 15:
+            for which in ("last", "best"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", checkpoint.CheckpointWarning)
+                    model, _ = jaxlight.load_from_checkpoint(folder, which=which)
+                assert type(model).__name__ == "LinearRegression"
+                loaded += 1
+        assert fit.poll() is None and loaded >= 20
+    finally:
+        fit.kill()
+        fit.wait()
