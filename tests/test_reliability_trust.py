@@ -374,6 +374,24 @@ def test_a_failed_download_is_one_line(tmp_path):
     assert "\n" not in str(exc.value) and "could not download" in str(exc.value) and "again" in str(exc.value)
 
 
+def test_a_failed_download_leaves_no_folder_it_created(tmp_path):
+    from jaxlight.data import MNISTError, download_mnist
+
+    mirrors = ("http://127.0.0.1:9/",)
+    with pytest.raises(MNISTError):
+        download_mnist(tmp_path / "new" / "data", mirrors=mirrors, show_progress=False)
+    assert list(tmp_path.iterdir()) == []  # (new/data/MNIST/raw/ all gone: this call made them)
+    with pytest.raises(MNISTError):
+        download_mnist(tmp_path, mirrors=mirrors, show_progress=False)
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []  # (the root was the user's: it stays)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "notes.txt").write_text("mine")
+    with pytest.raises(MNISTError):
+        download_mnist(tmp_path, mirrors=mirrors, show_progress=False)
+    assert sorted(p.name for p in raw.iterdir()) == ["notes.txt"]  # (folders it did not make, and their files, stay)
+
+
 # --- the reference reads only bytes verified in this run ----------------------------------------
 
 RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

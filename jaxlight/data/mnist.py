@@ -265,14 +265,18 @@ def _download_file(url: str, dest: Path, show_progress: bool) -> None:
     from tqdm.auto import tqdm
 
     tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - fixed mirrors
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with open(tmp, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress
-        ) as bar:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - fixed mirrors
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as out, tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress
+            ) as bar:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a half download is never left behind)
+        raise
     os.replace(tmp, dest)
 
 
@@ -296,7 +300,26 @@ def download_mnist(
             to point jaxlight at a local copy instead), or a download fails its checksum.
     """
     folder = Path(root or default_cache_dir()) / "MNIST" / "raw"
+    made = []  # (the folders this call creates: removed again, when still empty, if it fails)
+    parent = folder
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_all(folder, mirrors, show_progress, root)
+    except BaseException:
+        for made_folder in made:  # (deepest first)
+            try:
+                made_folder.rmdir()
+            except OSError:  # (not empty: something else is in it now)
+                break
+        raise
+    return folder
+
+
+def _download_all(folder: Path, mirrors: tuple[str, ...], show_progress: bool, root) -> None:
+    """Each missing file into ``folder``: downloaded, checked against its MD5, decompressed."""
     for name, (raw_md5, gz_md5) in MNIST_FILES.items():
         final = folder / name
         if final.is_file() and _md5(final.read_bytes()) == raw_md5:
@@ -325,7 +348,6 @@ def download_mnist(
         os.replace(tmp.name, final)
         gz_path.unlink()
         _verify_checksum(final, name, verify=True)
-    return folder
 
 
 def _where_to_put_it(data_dir: str | os.PathLike | None = None) -> str:
