@@ -340,6 +340,66 @@ def test_fsdp_resume_is_bitwise_the_uninterrupted_run(subsets, tmp_path):
     assert_bitwise_equal(resumed, uninterrupted)
 
 
+class BiasBeforeNorm(nnx.Module):
+    """Linear (with a bias) -> BatchNorm -> ReLU -> Dropout -> Linear: BatchNorm subtracts the
+    batch mean, so the first bias changes no training output and its exact gradient is 0."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.backbone = nnx.Linear(8, 64, rngs=rngs)
+        self.bn = nnx.BatchNorm(64, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.head = nnx.Linear(64, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.drop(nnx.relu(self.bn(self.backbone(x)))))
+
+
+def test_an_fsdp_run_resumed_on_another_device_count_parts_only_where_rounding_is_amplified(tmp_path):
+    """Stopped on 8 devices and resumed on 4 and on 1, against the run never stopped on 8. The
+    checkpoint adds nothing: the resumed run is bitwise the state moved in memory and trained on.
+    The data order and the dropout masks carry over: every parameter with a real gradient stays
+    within the parallel tolerance, through BatchNorm and active dropout. One leaf parts: the bias
+    before BatchNorm. Its exact gradient is 0, so its float32 gradient is rounding noise (about
+    1e-9, its sign set by the summation order of the layout), and Adam divides that by
+    sqrt(v) + eps with eps = 1e-8. So each step moves it by up to about lr, in a direction the
+    layout picks. It changes no training output; in eval mode BatchNorm's running mean lags it,
+    so predictions part too, but by less than lr * steps (docs/parallel.md)."""
+    from userpkg.data import blobs
+    from userpkg.nets import loss_fn
+
+    lr, epochs = 0.01, 2
+    train, val, test = blobs(n_train=512, n_val=128, n_test=256)
+
+    def new():
+        return create_train_state(BiasBeforeNorm(rngs=nnx.Rngs(0)), optim.adam(lr), loss_fn, seed=0)
+
+    def config(**kw):
+        return TrainerConfig(batch_size=64, enable_progress_bar=False, **kw)
+
+    never_stopped = Trainer(config(max_epochs=2 * epochs, strategy="fsdp", devices=8))
+    reference = never_stopped.fit(new(), train, val)
+    first = Trainer(config(max_epochs=epochs, strategy="fsdp", devices=8), callbacks=[ModelCheckpoint(tmp_path)])
+    moved = parallel.to_host_state(first.fit(new(), train, val))
+    steps_after = epochs * 8
+    for strategy, devices in [("fsdp", 4), ("single", None)]:
+        trainer = Trainer(config(max_epochs=2 * epochs, strategy=strategy, devices=devices))
+        resumed = trainer.fit(new(), train, val, ckpt_path=tmp_path)
+        copy = jax.tree.map(lambda x: jax.numpy.copy(x) if isinstance(x, jax.Array) else x, moved)  # (fit donates)
+        in_memory = loop.fit(parallel.shard_state(copy, strategy, devices), train, epochs, 64,
+                             strategy=parallel.make_strategy(strategy, devices))[0]
+        assert_bitwise_equal(resumed.params, in_memory.params)
+        got, want = (jax.tree_util.tree_flatten_with_path(parallel.to_host_state(s).params)[0]
+                     for s in (resumed, reference))
+        for (path, a), (_, b) in zip(got, want, strict=True):
+            name = jax.tree_util.keystr(path)
+            if name.startswith("['backbone']['bias']"):
+                assert np.abs(np.asarray(a) - np.asarray(b)).max() <= lr * steps_after
+            else:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+        gap = np.abs(trainer.predict(resumed, test) - never_stopped.predict(reference, test)).max()
+        assert gap <= lr * steps_after
+
+
 def trainer_config(**kw):
     return TrainerConfig(**{"batch_size": BATCH, "max_epochs": 2, "enable_progress_bar": False, **kw})
 
