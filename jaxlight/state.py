@@ -178,7 +178,8 @@ class TrainState:
             by training steps, read by evaluation.
         rng_state: the model's own ``nnx.Rngs`` streams (``RngKey``/``RngCount``), kept only for
             their structure: each training step replaces every key with
-            ``fold_in(fold_in(key, step), i)`` for the i-th stream and every count with 0, so
+            ``fold_in(fold_in(key, step), i)`` (``i``: the key's position among the leaves of
+            ``rng_state``) and every count with 0, so
             dropout depends on the seed and the step number alone (the same for any K steps per
             call, after a resume, under every strategy).
         key: the model-randomness key, ``model_key(seed)``.

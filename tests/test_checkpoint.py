@@ -54,15 +54,30 @@ def _assert_bitwise(a, b):
         assert x.tobytes() == y.tobytes()
 
 
+def _trained(model: str, steps: int, seed: int = 0):
+    """A state after ``steps`` real Adam steps: data-dependent moments, a count, moved weights."""
+    from jaxlight.step import train_step
+
+    state = create_train_state(build_model(model, seed), optim.adam(1e-3), tasks.multiclass(), seed)
+    rng = np.random.default_rng(seed)
+    batch = {"x": rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), "y": rng.integers(0, 10, 16).astype(np.int32)}
+    for _ in range(steps):
+        state, _ = train_step(state, batch)
+    return state
+
+
 @pytest.mark.parametrize("model", ["softmax", "lstm"])
 def test_round_trip_is_bitwise_with_meta(tmp_path, model):
-    state = _state(model, step=7)
+    state = _trained(model, steps=3)
     path = save_checkpoint(tmp_path, state, {"epoch": 1, "batch": 2, "note": "x"})
-    assert path.name == "step_000000007"
-    restored, meta = restore_checkpoint(path, _state(model, step=0, seed=1))
-    _assert_bitwise(restored, state)
+    assert path.name == "step_000000003"
+    template = create_train_state(build_model(model, 1), optim.adam(1e-3), tasks.multiclass(), 1)  # (untrained)
+    differs = lambda a, b: any(x.tobytes() != y.tobytes() for x, y in zip(_leaves(a), _leaves(b)))  # noqa: E731
+    assert differs(template.opt_state, state.opt_state) and differs(template.params, state.params)
+    restored, meta = restore_checkpoint(path, template)
+    _assert_bitwise(restored, state)  # (params, optimizer moments and count, step, keys, model state)
     assert jnp.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
-    assert (meta["epoch"], meta["batch"], meta["note"], meta["step"]) == (1, 2, "x", 7)
+    assert (meta["epoch"], meta["batch"], meta["note"], meta["step"]) == (1, 2, "x", 3)
 
 
 def _save_three(tmp_path):

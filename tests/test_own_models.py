@@ -106,6 +106,55 @@ def test_dropout_depends_on_the_seed_and_is_really_on(data):
     assert all(np.isfinite(x).all() for x in leaves(d.params))
 
 
+class Revealing(nnx.Module):
+    """``dropout(x) * w``: with x = 1, one example a batch, the loss ``sum(out)`` and SGD at lr 1,
+    each step lowers ``w_j`` by ``mask_j / keep``, so the parameters show every mask drawn."""
+
+    def __init__(self, rngs, width=256, rate=0.5):
+        self.w = nnx.Param(jnp.ones(width))
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(x) * self.w
+
+
+def _sum_loss(model, batch):
+    return model(batch["x"]).sum(-1), {}
+
+
+def test_the_dropout_mask_of_each_step_is_the_documented_key_derivation():
+    """docs/models.md: before each training step every RNG stream's key is set to
+    ``fold_in(fold_in(model_key(seed), step), i)`` (i: the key's position among the leaves of
+    ``state.rng_state``) and its count to 0; ``nnx.Dropout`` then draws
+    ``bernoulli(fold_in(key, count), keep)``. Written out here with jax.random alone, step by
+    step, through ``train_step`` and through a fused run of 3 steps per call. A step that is not
+    folded into the key (the same mask every step) fails it."""
+    seed, width, keep, steps = 3, 256, 0.5, 6
+    tx = optax.sgd(1.0)
+    state = create_train_state(Revealing(nnx.Rngs(0), width), tx, _sum_loss, seed=seed)
+    leaves_ = jax.tree.leaves(state.rng_state)
+    i = next(n for n, a in enumerate(leaves_) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key))
+    model_key = jax.random.fold_in(jax.random.key(seed), 2)  # (jaxlight.state's model stream)
+
+    def by_hand(step):
+        key = jax.random.fold_in(jax.random.fold_in(model_key, step), i)
+        return np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), keep, (1, width)))[0]
+
+    masks = [by_hand(step) for step in range(steps)]
+    assert len({m.tobytes() for m in masks}) == steps and all(0.3 < m.mean() < 0.7 for m in masks)
+    batch = {"x": np.ones((1, width), np.float32)}
+    w = np.ones(width, np.float32)
+    for step in range(steps):
+        state, _ = train_step(state, batch)
+        got = np.asarray(state.params["w"][...])
+        np.testing.assert_array_equal((w - got) * keep, masks[step].astype(np.float32), err_msg=f"step {step}")
+        w = got
+    fused = create_train_state(Revealing(nnx.Rngs(0), width), tx, _sum_loss, seed=seed)
+    fused, _ = loop.fit(fused, ArrayDataset({"x": np.ones((steps, width), np.float32)}), 1, 1, steps_per_call=3)
+    expected = 1.0 - np.sum(masks, axis=0) / keep
+    np.testing.assert_array_equal(np.asarray(fused.params["w"][...]), expected.astype(np.float32))
+
+
 def test_resume_is_bit_identical_with_dropout_and_batchnorm(data, tmp_path):
     train, val = data
     full = Trainer(quiet(max_epochs=2)).fit(new_state(), train, val)
