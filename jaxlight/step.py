@@ -22,8 +22,9 @@ What the step does around the user's ``loss_fn(model, batch)`` (``jaxlight.tasks
 - **Modes.** Training runs the model's train-mode graph (``Dropout`` on, ``BatchNorm`` on
   batch statistics, which it updates); evaluation runs its eval-mode graph.
 - **Randomness.** Before each training step every RNG stream of the model is reset to
-  ``fold_in(fold_in(state.key, step), i)`` (i: the key's position among the leaves of ``state.rng_state``), so dropout depends on the
-  seed and the step alone: identical for any K, across a resume, under every strategy. Under
+  ``fold_in(fold_in(state.key, step), i)`` (i: the key's position among the leaves of
+  ``state.rng_state``), so dropout depends on the seed and the step alone: identical for any
+  K, across a resume, under every strategy. Under
   ``pmap`` (``axis_name``) each device draws ``nnx.Dropout``'s mask for the whole global batch
   and keeps its rows, so the masks are one device's; other random draws in a user's model get
   the same key on every device (fold in ``jax.lax.axis_index`` for per-device noise).
