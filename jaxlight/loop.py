@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxlight.data.arrays import ArrayDataset, host_batch_indices, num_batches, windows
 from jaxlight.data.stream import Batches
+from jaxlight.metrics import Metric, finish
 from jaxlight.parallel import Strategy, get_strategy
 from jaxlight.state import TrainState
 from jaxlight.step import (
@@ -66,11 +67,13 @@ class EpochResult:
 
 
 def summarize(stacked: dict) -> dict:
-    """Per-step metrics (each ``(steps,)``) -> one example-weighted mean per metric."""
+    """Per-step metrics (each ``(steps,)``) -> one example-weighted mean per metric; a
+    :class:`~jaxlight.metrics.Metric` (its per-step sums) -> its value over all the steps."""
     host = jax.device_get(stacked)
     counts = np.asarray(host["count"], np.float64).reshape(-1)
     total = counts.sum()
-    out = {k: float((np.asarray(v, np.float64).reshape(-1) * counts).sum() / max(total, 1.0))
+    out = {k: finish(v) if isinstance(v, Metric) else
+           float((np.asarray(v, np.float64).reshape(-1) * counts).sum() / max(total, 1.0))
            for k, v in host.items() if k != "count"}
     out["count"] = int(total)
     return out
@@ -560,8 +563,7 @@ def fit(
         t0 = time.perf_counter()
         state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk, strategy, accumulate)
         stacked = jax.device_get(stacked)  # synchronises, so the time below is real
-        result = EpochResult(epoch, summarize(stacked), time.perf_counter() - t0,
-                             {k: np.asarray(v) for k, v in stacked.items()})
+        result = EpochResult(epoch, summarize(stacked), time.perf_counter() - t0, jax.tree.map(np.asarray, stacked))
         if bar is not None:
             bar.close()
         results.append(result)

@@ -57,6 +57,7 @@ from flax import nnx
 from jaxlight.data.stream import check_structure, leaf_name
 from jaxlight.errors import BatchError, DonatedStateError
 from jaxlight.layers import LayerError, stand_ins
+from jaxlight.metrics import Metric
 from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import MODEL_STATE, TrainState
 from jaxlight.tasks import _COMPUTE_DTYPE, Task, compute_dtype, takes_mask
@@ -142,7 +143,8 @@ def _step_rng_state(state: TrainState, axis_name):
 
 
 def _reduce(losses, metrics, mask, axis_name):
-    """Masked means over the real rows of the (global) batch: ``(loss, {"loss", ..., "count"})``.
+    """Masked means over the real rows of the (global) batch: ``(loss, {"loss", ..., "count"})``;
+    a :class:`~jaxlight.metrics.Metric` comes out as its statistics summed over those rows.
 
     ``loss`` is this device's share of the global mean (the gradient of the global mean is the
     sum of the devices' gradients of it); the returned metrics are global.
@@ -158,7 +160,8 @@ def _reduce(losses, metrics, mask, axis_name):
         return jnp.sum(v * mask) / denom
 
     loss = share(losses)
-    values = {"loss": loss, **{k: share(v) for k, v in metrics.items()}}
+    # A Metric's statistics are summed over the real rows (its value comes from the split's sums).
+    values = {"loss": loss, **{k: v.reduce(mask) if isinstance(v, Metric) else share(v) for k, v in metrics.items()}}
     if axis_name is not None:
         values = jax.lax.psum(values, axis_name)
     return loss, {**values, "count": total}
@@ -265,7 +268,8 @@ def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | N
     grads = jax.tree.map(lambda x: x / denom, grads)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
-    metrics = {k: jnp.sum(v * counts) / denom for k, v in stacked.items() if k != "count"}
+    metrics = {k: jax.tree.map(lambda a: jnp.sum(a, axis=0), v) if isinstance(v, Metric)
+               else jnp.sum(v * counts) / denom for k, v in stacked.items() if k != "count"}
     return _apply_gradients(state, grads, model_state), {**metrics, "count": total}
 
 
@@ -473,7 +477,11 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
         raise BatchError(f"loss_fn returned metrics of type {type(metrics).__name__}; it must return "
                          f"(losses, metrics) with metrics a dict of (B,) arrays")
     allowed = {(batch_size,)} | ({()} if masked else set())
-    shapes = {"losses": losses, **{f"metric {k!r}": v for k, v in metrics.items()}}
+    for k, v in metrics.items():
+        problem = v.check(batch_size, k) if isinstance(v, Metric) else None
+        if problem:
+            raise BatchError(f"loss_fn returned {problem}")
+    shapes = {"losses": losses, **{f"metric {k!r}": v for k, v in metrics.items() if not isinstance(v, Metric)}}
     for name, value in shapes.items():
         shape = tuple(getattr(value, "shape", ()))
         if shape not in allowed:

@@ -59,6 +59,7 @@ from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.hparams import run_record
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, evaluate, predict, prepare_source, summarize
+from jaxlight.metrics import Metric, SavedStats, from_json, revive, to_json
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
 from jaxlight.step import check_not_donated
@@ -192,6 +193,11 @@ def _wrap(tx, clip_norm, skip_nonfinite):
     return tx
 
 
+def _plain(tree):
+    """``tree`` with its numpy arrays (a confusion matrix's value) as lists, for JSON."""
+    return jax.tree.map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v, tree)
+
+
 def _parse_meta(meta: dict) -> dict:
     """What a resume reads from a checkpoint's ``meta.json``, parsed; ``KeyError``/``TypeError``/
     ``ValueError`` when it is malformed (``jaxlight.checkpoint`` then treats it as corrupt)."""
@@ -200,7 +206,7 @@ def _parse_meta(meta: dict) -> dict:
     parsed = {
         "epoch": int(meta["epoch"]), "batch": int(meta["batch"]), "step": int(meta["step"]),
         "num_examples": meta["num_examples"],
-        "epoch_steps": [{k: np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]],
+        "epoch_steps": [{k: from_json(v) or np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]],
         "epoch_seconds": float(meta["epoch_seconds"]),
         "callback_metrics": dict(meta["callback_metrics"]),
         "history": [EpochResult(**r) for r in meta["history"]],
@@ -412,7 +418,7 @@ class Trainer:
         for state, metrics, _ in runner:
             host = jax.device_get(metrics)  # synchronises: the time below is real
             self._epoch_seconds += time.perf_counter() - t0
-            self._end_chunk(state, {k: np.asarray(v) for k, v in host.items()})
+            self._end_chunk(state, jax.tree.map(np.asarray, host))
             if self._sigterm_agreed() or self._done():
                 break
             runner.next_length = self._chunk_length(runner.k)
@@ -454,7 +460,8 @@ class Trainer:
         self._epoch_steps.append(metrics)
         if self.active_loggers:
             every = self.config.log_every_n_steps
-            columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items() if k != "count"}
+            columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items()
+                       if k != "count" and not isinstance(v, Metric)}  # (a Metric's value is the epoch's)
             for j in range(len(metrics["loss"])):
                 if (first + j + 1) % every == 0:
                     self.log_metrics({k: v[j] for k, v in columns.items()}, first + j + 1)
@@ -466,15 +473,19 @@ class Trainer:
             cb.on_train_chunk_end(self, state, metrics)
 
     def _epoch_metrics(self) -> dict:
-        stacked = {k: np.concatenate([m[k] for m in self._epoch_steps]) for k in self._epoch_steps[0]}
+        steps = revive(self._epoch_steps)
+        stacked = jax.tree.map(lambda *chunks: np.concatenate(chunks), *steps)
         if self.skipped_steps:  # skipped steps have non-finite losses: leave them out of the means
             finite = np.isfinite(stacked["loss"])
-            stacked = {k: v[finite] for k, v in stacked.items()}
+            stacked = jax.tree.map(lambda v: v[finite], stacked)
         return summarize(stacked)
 
     def _end_epoch(self, state) -> None:
         train_metrics = self._epoch_metrics()
+        # Epoch-level metrics (jaxlight.metrics) are logged as train_<name>, their value being the epoch's.
+        whole = {k for k, v in self._epoch_steps[-1].items() if isinstance(v, (Metric, SavedStats))}
         self.callback_metrics.update(train_metrics)
+        self.callback_metrics.update({f"train_{k}": train_metrics[k] for k in whole})
         self.epoch, self.batch = self.epoch + 1, 0
         val_every = self.config.val_every_n_epochs
         if self._val is not None and val_every and self.epoch % val_every == 0:
@@ -483,7 +494,8 @@ class Trainer:
                    **{k: v for k, v in self.callback_metrics.items() if k.startswith("val_")}}
         self.history.append(EpochResult(self.epoch - 1, {**train_metrics, **metrics}, self._epoch_seconds))
         self.log_metrics({"epoch": float(self.epoch),
-                          **{f"train_{k}_epoch": v for k, v in train_metrics.items() if k != "count"}})
+                          **{f"train_{k}" if k in whole else f"train_{k}_epoch": v
+                             for k, v in train_metrics.items() if k != "count"}})
         self._epoch_steps, self._epoch_seconds = [], 0.0
         for cb in self.active_callbacks:
             cb.on_epoch_end(self, state, metrics)
@@ -580,10 +592,12 @@ class Trainer:
     # -- logging --------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        """Send ``{name: float}`` to every logger at ``step`` (default: the current step)."""
+        """Send ``{name: float}`` to every logger at ``step`` (default: the current step); values
+        that are not numbers (a confusion matrix) are not sent."""
         step = self.global_step if step is None else step
+        scalars = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
         for logger in self.active_loggers:
-            logger.log_metrics(metrics, step)
+            logger.log_metrics(scalars, step)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -621,10 +635,11 @@ class Trainer:
             "epoch": self.epoch,
             "batch": self.batch,
             "num_examples": self._num_examples,
-            "epoch_steps": [{k: v.tolist() for k, v in m.items()} for m in self._epoch_steps],
+            "epoch_steps": [{k: to_json(v) if isinstance(v, (Metric, SavedStats)) else v.tolist() for k, v in m.items()}
+                            for m in self._epoch_steps],
             "epoch_seconds": self._epoch_seconds,
-            "callback_metrics": self.callback_metrics,
-            "history": [dataclasses.asdict(r) for r in self.history],
+            "callback_metrics": _plain(self.callback_metrics),
+            "history": [_plain(dataclasses.asdict(r)) for r in self.history],
             "skipped_steps": self.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks},
             "config": dataclasses.asdict(self.config),
