@@ -1033,7 +1033,8 @@ def best_checkpoint(root: str | os.PathLike) -> Path:
     if newest is None:
         raise CheckpointError(f"no good checkpoint found under {root}")
     meta = json.loads((newest / "meta.json").read_text())
-    state = (meta.get("callbacks") or {}).get("ModelCheckpoint") or {}
+    # (the state of the ModelCheckpoint that wrote it: a run may hold several)
+    state = (meta.get("callbacks") or {}).get(meta.get("saved_by") or "ModelCheckpoint") or {}
     scores = {int(k): v for k, v in (state.get("scores") or {}).items()}
     if not scores:
         if state.get("monitor") is None:

@@ -193,6 +193,35 @@ def _wrap(tx, clip_norm, skip_nonfinite):
     return tx
 
 
+def _distinct_keys(callbacks) -> None:
+    """Give callbacks of one class distinct ``state_key``s by what sets them apart (several
+    ModelCheckpoints: their folders); refuse two that nothing tells apart."""
+    for cb in callbacks:
+        if "_key_suffix" in vars(cb):
+            del cb._key_suffix  # (a callback used by an earlier Trainer)
+    groups: dict[str, list] = {}
+    for cb in callbacks:
+        groups.setdefault(cb.state_key, []).append(cb)
+    for key, same in groups.items():
+        if len(same) == 1:
+            continue
+        names = [cb.identity() for cb in same]
+        if isinstance(same[0], ModelCheckpoint):
+            folders = [os.path.realpath(n) for n in names]
+            for i, folder in enumerate(folders):
+                if folder in folders[:i]:
+                    raise ValueError(f"two ModelCheckpoints save into one folder, {names[i]}: give each its own "
+                                     f"dirpath (their step_* checkpoints would overwrite each other)")
+        if None in names or len(set(names)) != len(names):
+            raise ValueError(f"two callbacks share a state_key ({key!r}) and nothing tells them apart; override "
+                             f"state_key to name each")
+        for cb, name in zip(same, names):
+            cb._key_suffix = f"[{name}]"
+    keys = [c.state_key for c in callbacks]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
+
+
 def _plain(tree):
     """``tree`` with its numpy arrays (a confusion matrix's value) as lists, for JSON."""
     return jax.tree.map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v, tree)
@@ -248,9 +277,7 @@ class Trainer:
         if self.config.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
         self.loggers: list[Logger] = list(loggers)
-        keys = [c.state_key for c in self.callbacks]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
+        _distinct_keys(self.callbacks)
         self._wrapped: tuple | None = None
         # Resolved now, so that a device count that does not exist fails before any data loads.
         self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
@@ -348,7 +375,7 @@ class Trainer:
                 ``grain`` loader: streamed from the host, one step per batch). Checked once
                 before training (``jaxlight.loop.prepare_source``).
             ckpt_path: resume from a checkpoint: ``"last"`` (the newest good checkpoint of the
-                first ModelCheckpoint), a folder of ``step_*`` checkpoints (the newest good
+                ModelCheckpoints' folders), a folder of ``step_*`` checkpoints (the newest good
                 one), or one ``step_*`` folder. Params, optimizer state, step, data position,
                 callback state and history continue exactly where they were saved.
 
@@ -571,15 +598,16 @@ class Trainer:
         state, no trainer position): what ``test``/``predict``/``validate`` evaluate.
 
         Args:
-            ckpt_path: "best" (the best checkpoint of the first ModelCheckpoint's folder, by its
-                monitored metric), "last" (its newest good one), a folder of ``step_*``
+            ckpt_path: "best" (the best checkpoint by the monitored metric of the ModelCheckpoint
+                that monitors one; refused, naming them, when several do), "last" (the newest
+                good checkpoint of the ModelCheckpoints' folders), a folder of ``step_*``
                 checkpoints (its newest good one) or one ``step_*`` folder.
         """
-        if str(ckpt_path) in ("best", "last"):
-            cb = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
-            if cb is None:
-                raise ValueError(f"ckpt_path={str(ckpt_path)!r} needs a ModelCheckpoint callback (its folder is searched)")
-            path = ckpt.resolve_checkpoint(cb.dirpath, str(ckpt_path))
+        callbacks = [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+        if str(ckpt_path) == "best":
+            path = ckpt.resolve_checkpoint(self._best_callback(callbacks).dirpath, "best")
+        elif str(ckpt_path) == "last":
+            path = ckpt.resolve_checkpoint(self._last_folder(callbacks), "last")
         else:
             path = ckpt.resolve_checkpoint(ckpt_path, "last")
         from flax import nnx
@@ -627,9 +655,11 @@ class Trainer:
                    "to_step": self.global_step, "accepted_changes": self._accepted_changes if resumed else []}
         return previous + [current]
 
-    def checkpoint_meta(self) -> dict:
-        """Everything besides the arrays that a resumed fit needs (JSON)."""
+    def checkpoint_meta(self, saved_by: str | None = None) -> dict:
+        """Everything besides the arrays that a resumed fit needs (JSON); ``saved_by``: the
+        ``state_key`` of the ModelCheckpoint that writes it."""
         return {
+            "saved_by": saved_by,
             **self.run_record(),
             "segments": self.run_segments(),
             "epoch": self.epoch,
@@ -648,7 +678,7 @@ class Trainer:
         }
 
     def save_checkpoint(self, state: TrainState, directory: str | Path, replace: bool = True,
-                        keep_steps=None, owned=None) -> Path:
+                        keep_steps=None, owned=None, saved_by: str | None = None) -> Path:
         """Start saving ``state`` and the trainer's position now (see ``jaxlight.checkpoint``).
 
         Asynchronous inside ``fit``: training goes on while the arrays are written; the next save
@@ -658,12 +688,13 @@ class Trainer:
         and writes the shards its devices hold (the folder must be on a file system all
         processes see); nothing is gathered to one host. The checkpoint restores under any
         strategy and device count. ``replace``, ``keep_steps``, ``owned``: see
-        ``jaxlight.checkpoint.CheckpointSaver.save``.
+        ``jaxlight.checkpoint.CheckpointSaver.save``. ``saved_by``: the ModelCheckpoint saving
+        (its ``state_key``), recorded so that ``"best"`` reads that callback's scores.
         """
         key = os.path.realpath(directory)
         if key not in self._savers:
             self._savers[key] = ckpt.CheckpointSaver(directory)
-        path = self._savers[key].save(state, self.checkpoint_meta(), replace=replace, keep_steps=keep_steps,
+        path = self._savers[key].save(state, self.checkpoint_meta(saved_by), replace=replace, keep_steps=keep_steps,
                                       owned=owned)
         if not self._fitting:  # (called outside fit: nothing else would wait for it)
             self.wait_for_checkpoints()
@@ -692,12 +723,35 @@ class Trainer:
     def _checkpoint_callback(self) -> ModelCheckpoint | None:
         return next((c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)), None)
 
+    def _checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        return [c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)]
+
+    def _last_folder(self, callbacks: list[ModelCheckpoint]) -> Path:
+        """The folder holding the newest checkpoint among the ModelCheckpoints' folders."""
+        if not callbacks:
+            raise ValueError("ckpt_path='last' needs a ModelCheckpoint callback (its folder is searched)")
+        newest = [(ckpt.list_checkpoints(c.dirpath)[-1:], -i, c.dirpath) for i, c in enumerate(callbacks)]
+        steps = [(int(found[0].name.split("_")[1]), order, folder) for found, order, folder in newest if found]
+        return max(steps)[2] if steps else callbacks[0].dirpath
+
+    def _best_callback(self, callbacks: list[ModelCheckpoint]) -> ModelCheckpoint:
+        """The ModelCheckpoint ``ckpt_path="best"`` reads: the one that monitors a metric (the only
+        one there is, when none does); refused when that is ambiguous."""
+        if not callbacks:
+            raise ValueError("ckpt_path='best' needs a ModelCheckpoint callback (its folder is searched)")
+        monitoring = [c for c in callbacks if c.monitor is not None]
+        if len(monitoring) == 1 or len(callbacks) == 1:
+            return (monitoring or callbacks)[0]
+        which = monitoring or callbacks
+        names = ", ".join(f"{c.dirpath} ({'monitors ' + c.monitor if c.monitor else 'monitors no metric'})"
+                          for c in which)
+        raise ValueError(f"ckpt_path='best' is ambiguous: {len(which)} ModelCheckpoints "
+                         f"{'monitor a metric' if monitoring else 'and none monitors a metric'} ({names}); pass one "
+                         f"of their folders' best checkpoint, e.g. ckpt_path=callback.best_model_path")
+
     def _restore(self, state: TrainState, ckpt_path) -> TrainState:
         if str(ckpt_path) == "last":
-            cb = self._checkpoint_callback()
-            if cb is None:
-                raise ValueError("ckpt_path='last' needs a ModelCheckpoint callback (its folder is searched)")
-            ckpt_path = cb.dirpath
+            ckpt_path = self._last_folder(self._checkpoint_callbacks())
         path = Path(ckpt_path)
         try:
             shardings = self.strategy.state_shardings(state)  # (read straight into this layout)
@@ -729,8 +783,12 @@ class Trainer:
         self.history = parsed["history"]
         self.skipped_steps = parsed["skipped_steps"]
         for cb in self.callbacks:
-            if cb.state_key in parsed["callbacks"]:
-                cb.load_state_dict(parsed["callbacks"][cb.state_key])
+            saved = cb.find_state(parsed["callbacks"])
+            if saved is not None:
+                cb.load_state_dict(saved)
+        for cb in self.callbacks:  # (several ModelCheckpoints: each one's own save at this step)
+            if isinstance(cb, ModelCheckpoint):
+                cb.catch_up(self.global_step, path)
         for logger in self.active_loggers:
             logger.resume(self.global_step)
         self.restored_from = path
