@@ -69,9 +69,9 @@ def build_trainer(run, command: str):
             loggers.append(LOGGERS[ex["logger"]](ex["log_dir"] or _out_dir(run) / "logs"))
         except ImportError as exc:
             raise ConfigError(f"trainer.logger: {exc}") from None
-        if command == "fit" and run.schedule is not None and not any(
-                isinstance(c, LearningRateMonitor) for c in callbacks):
-            callbacks.append(LearningRateMonitor(run.schedule))
+        # (the rate is read from the optimizer itself: an argument named learning_rate may not be it)
+        if command == "fit" and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor())
     try:
         trainer = Trainer(run.trainer_config, callbacks=callbacks, loggers=loggers)
     except ValueError as exc:

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jaxlight import build_model, create_train_state, optim, tasks
-from jaxlight.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar, current_lr
+from jaxlight.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, current_lr
 from jaxlight.checkpoint import list_checkpoints
 from jaxlight.trainer import Trainer, TrainerConfig
 
@@ -93,13 +93,8 @@ def test_current_lr_reads_injected_hyperparams_and_schedules():
     assert current_lr(optax.adam(0.3).init(params), 0.3) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="keeps no learning rate"):
         current_lr(optax.adam(0.3).init(params))
-
-
-def test_lr_monitor_fails_before_training_without_a_source(data):
-    trainer = Trainer(TrainerConfig(max_epochs=1, enable_progress_bar=False), callbacks=[LearningRateMonitor()])
-    with pytest.raises(ValueError, match="LearningRateMonitor"):
-        trainer.fit(_state(), data[0])
-    assert trainer.global_step == 0
+    tx = optax.adam(schedule)  # with the optimizer: its own schedule, at its own count
+    assert current_lr(tx.init(params), tx=tx) == 1.0 and current_lr(tx.init(params), tx=optax.adam(0.3)) == 0.3
 
 
 class _Tty(io.StringIO):
