@@ -42,6 +42,7 @@ from jaxlight.metrics import Metric, finish
 from jaxlight.parallel import Strategy, get_strategy
 from jaxlight.state import TrainState
 from jaxlight.step import (
+    _NO_ACCUMULATION,
     BatchError,
     check_batch,
     check_loss,
@@ -313,6 +314,8 @@ class EpochRunner:
         self.source = data if isinstance(data, Source) else Source(data, batch_size=batch_size)
         self.state, self.epoch, self.strategy = state, epoch, strategy
         self.accumulate = accumulate if mode == "train" else 1
+        if self.accumulate > 1 and state.step_fn is not None:
+            raise ValueError(_NO_ACCUMULATION)
         self.num_batches = self.source.steps_per_epoch(self.accumulate)
         self.k = 1 if mode == "predict" else steps_per_call or _default_k(state, self.source, self.accumulate)
         self.unroll = ((self.k > 1 or self.accumulate > 1) and needs_unroll(state)) if unroll is None else unroll

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import functools
 import types
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["OPTIMIZERS", "LearningRate", "freeze", "learning_rate", "make_optimizer", "adam", "adamw", "sgd"]
+__all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
+           "adamw", "sgd"]
 
 
 def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
@@ -109,6 +112,54 @@ def freeze(tx: optax.GradientTransformation, patterns) -> optax.GradientTransfor
     if not patterns:
         return tx
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+class PartsState(NamedTuple):
+    """The state of :func:`parts`: each part's own optimizer state, by name."""
+
+    states: dict
+
+
+def parts(transforms: dict) -> optax.GradientTransformationExtraArgs:
+    """One optimizer per part of the model: ``{"generator": optax.adam(2e-4), "discriminator":
+    optax.adam(1e-4)}`` (Lightning's ``configure_optimizers`` returning two).
+
+    A part is a top-level attribute of the model (``model.generator``); each optimizer keeps
+    its own state over its part's parameters (``state.opt_state.states["generator"]``), and
+    every parameter belongs to one part. ``update`` updates every part (the built-in step, one
+    update of all optimizers at once); ``update(..., part="generator")`` updates only that part
+    (``jaxlight.step.apply_optimizer(state, grads, part=...)``: alternating updates in a step of
+    your own), leaving the other parts' parameters and states as they are.
+
+    Raises:
+        ValueError (when the state is built): a parameter in no part, or a part the model lacks.
+    """
+    names = sorted(transforms)
+
+    def init(params):
+        missing = [n for n in names if n not in params]
+        other = [k for k in params if k not in transforms]
+        if missing or other:
+            raise ValueError(f"jaxlight.optim.parts: the model's top-level parts are {sorted(params)}; the optimizer "
+                             f"has {names}" + (f" (no {missing} in the model)" if missing else "")
+                             + (f" (no optimizer for {other})" if other else ""))
+        return PartsState({n: transforms[n].init(params[n]) for n in names})
+
+    def update(updates, state, params=None, part=None, **extra_args):
+        if part is not None and part not in transforms:
+            raise ValueError(f"jaxlight.optim.parts: no part {part!r}; the parts are {names}")
+        new_updates = jax.tree.map(lambda u: u, updates)  # (a copy of the same tree type: nnx.State or dict)
+        states = dict(state.states)
+        for n in names:
+            if part is None or n == part:
+                tx = optax.with_extra_args_support(transforms[n])
+                new_updates[n], states[n] = tx.update(updates[n], state.states[n],
+                                                      None if params is None else params[n], **extra_args)
+            else:
+                new_updates[n] = jax.tree.map(jnp.zeros_like, updates[n])
+        return new_updates, PartsState(states)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,11 +337,11 @@ def learning_rate(tx: optax.GradientTransformation, opt_state=None) -> LearningR
             other += 1
     if len(schedules) == 1 and not constants and not other:
         return LearningRate("schedule", schedules[0])
-    if not schedules and len(constants) == 1 and not other:
+    if not schedules and constants and len(set(constants)) == 1 and not other:  # (one rate, maybe in several parts)
         return LearningRate("constant", value=constants[0])
     if not schedules and not constants and not other:
         raise ValueError("the optimizer has no learning rate jaxlight can read (no optax.inject_hyperparams "
                          "learning_rate and no optax scale_by_learning_rate)")
-    parts = len(schedules) + len(constants) + other
-    raise ValueError(f"the optimizer scales its updates in {parts} places (a learning rate per part?), so no "
+    places = len(schedules) + len(constants) + other
+    raise ValueError(f"the optimizer scales its updates in {places} places (a learning rate per part?), so no "
                      f"single rate is the one applied; wrap it with optax.inject_hyperparams to log one")

@@ -6,7 +6,8 @@ Every strategy computes the same thing as one device on the whole global batch:
 
 - The global batch of ``B`` examples is cut into ``n`` contiguous slices of ``B / n`` rows,
   slice ``d`` on device ``d`` (``B`` must divide by ``n``: :class:`ParallelError` otherwise).
-- Both run the one pure step, ``jaxlight.step.apply_train_step``. ``sharded`` (the core path,
+- Both run the one pure step, ``jaxlight.step.apply_step`` (``apply_train_step``, or the
+  state's own ``step_fn``). ``sharded`` (the core path,
   in the style of current JAX) jits it over a ``Mesh`` with the batch split by a
   ``NamedSharding``: the program is the single-device program on global arrays, and XLA's
   partitioner inserts the all-reduces. ``pmap`` maps it with ``axis_name``: each device runs
@@ -563,7 +564,7 @@ class Pmap(_Replicated):
 
     @functools.cached_property
     def _train_step(self):
-        step = self._pmap(functools.partial(_step.apply_train_step, axis_name=AXIS), (None, 0, 0), donate=(0,))
+        step = self._pmap(functools.partial(_step.apply_step, axis_name=AXIS), (None, 0, 0), donate=(0,))
         return lambda state, batch, mask: step(state, *self._split((batch, mask)))
 
     @functools.cached_property
@@ -606,7 +607,7 @@ class Pmap(_Replicated):
         key = (kind, steps, unroll)
         if key not in self._chunk_programs:
             if kind in ("train", "accumulate"):
-                body = (functools.partial(_step.apply_train_step, axis_name=AXIS) if kind == "train" else
+                body = (functools.partial(_step.apply_step, axis_name=AXIS) if kind == "train" else
                         functools.partial(_step.apply_accumulated_step, axis_name=AXIS, unroll=unroll))
                 fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
                     body, state, data, idx, mask, start, steps, unroll)
@@ -673,7 +674,7 @@ class Sharded(_Replicated):
 
     @functools.cached_property
     def _train_step(self):
-        return self._jit_train(self._pinned(_step.apply_train_step))
+        return self._jit_train(self._pinned(_step.apply_step))
 
     @functools.cached_property
     def _eval_step(self):
@@ -704,7 +705,7 @@ class Sharded(_Replicated):
     def _train_chunk_jit(self):
         # The argument order of ``jaxlight.step.train_chunk``; steps and unroll are static.
         fn = lambda state, data, idx, mask, steps, start, unroll: _step.chunk(  # noqa: E731
-            self._pinned(_step.apply_train_step), state, data, idx, mask, start, steps, unroll, self._constrain)
+            self._pinned(_step.apply_step), state, data, idx, mask, start, steps, unroll, self._constrain)
         return self._jit_train(fn, static_argnums=(4, 6))
 
     @functools.cached_property

@@ -191,6 +191,9 @@ class TrainState:
             casts the parameters and floating batch leaves to bfloat16 inside the step (mixed
             precision: the stored parameters, gradients and optimizer state stay float32).
             Set by ``jaxlight.trainer.TrainerConfig(precision="bf16")``.
+        step_fn: your own train step, ``step_fn(state, batch, mask, axis_name=None) -> (state,
+            metrics)`` (the signature of ``jaxlight.step.apply_train_step``), run instead of
+            the built-in one by every path (``jaxlight.step.apply_step``); None: the built-in.
     """
 
     step: jax.Array
@@ -206,6 +209,7 @@ class TrainState:
     loss_fn: Callable = struct.field(pytree_node=False)
     input_shape: tuple | None = struct.field(pytree_node=False, default=None)
     compute_dtype: Any = struct.field(pytree_node=False, default=None)
+    step_fn: Callable | None = struct.field(pytree_node=False, default=None)
 
     @property
     def task(self) -> Task | Callable:
@@ -225,7 +229,8 @@ class TrainState:
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, seed: int = 0
+    model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, seed: int = 0,
+    step_fn: Callable | None = None,
 ) -> TrainState:
     """Split ``model`` once and build its state.
 
@@ -238,6 +243,11 @@ def create_train_state(
             (``jaxlight.tasks.multiclass()`` and friends); see ``jaxlight.tasks``.
         seed: the run's seed for the data order and for dropout (the model's initial weights
             come from its own ``nnx.Rngs``).
+        step_fn: your own pure train step, ``step_fn(state, batch, mask, axis_name=None) ->
+            (state, metrics)``, which every training path then runs instead of
+            ``jaxlight.step.apply_train_step`` (a GAN's alternating updates, two optimizers, any
+            update rule; see ``jaxlight.step.apply_step``). ``loss_fn`` still serves evaluation,
+            prediction and the first-batch check.
 
     Example:
         >>> from jaxlight import build_model, create_train_state, tasks, optim
@@ -247,6 +257,9 @@ def create_train_state(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_fn must be callable as step_fn(state, batch, mask, axis_name=None), got "
+                        f"{type(step_fn).__name__}")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     modes = dict(raise_if_not_found=False)
@@ -267,4 +280,5 @@ def create_train_state(
         tx=keyed_transformation(tx),
         loss_fn=loss_fn,
         input_shape=tuple(getattr(model, "input_shape", None) or ()) or None,
+        step_fn=step_fn,
     )

@@ -66,7 +66,9 @@ __all__ = [
     "BatchError",
     "DonatedStateError",
     "apply_train_step",
+    "apply_step",
     "apply_grads",
+    "apply_optimizer",
     "apply_accumulated_step",
     "apply_eval_step",
     "apply_predict",
@@ -113,6 +115,9 @@ def _running_loss(model, mask, axis_name, dtype):
 
 # --------------------------------------------------------------------------------------------
 # The pure steps
+
+_NO_ACCUMULATION = ("gradient accumulation (accumulate_grad_batches) averages the gradients of the built-in step; "
+                    "a state with its own step_fn accumulates inside that step, if it needs to")
 
 
 def _cast(tree, dtype):
@@ -167,24 +172,30 @@ def _reduce(losses, metrics, mask, axis_name):
     return loss, {**values, "count": total}
 
 
-def _loss_for_grad(params, state: TrainState, batch, mask, axis_name):
+def _loss_for_grad(params, state: TrainState, batch, mask, axis_name, loss_fn=None):
     dtype = state.compute_dtype
     model = _model(state, True, params, _step_rng_state(state, axis_name))
     with _running_loss(model, mask, axis_name, dtype):
-        losses, metrics = _call_loss(state, model, _cast(batch, dtype), mask)
+        losses, metrics = _call_loss(state, model, _cast(batch, dtype), mask, loss_fn)
     loss, metrics = _reduce(losses, metrics, mask, axis_name)
     model_state = nnx.state(model, MODEL_STATE)
     return loss, (metrics, model_state)
 
 
-def apply_grads(state: TrainState, batch, mask, axis_name: str | None = None):
+def apply_grads(state: TrainState, batch, mask, axis_name: str | None = None, loss_fn=None):
     """The gradient of the masked mean loss, pure: ``-> (grads, metrics, model_state)``.
 
     The first half of :func:`apply_train_step` (which adds the Optax update): ``grads`` is the
-    gradient of the global batch's mean loss (``psum``-ed over ``axis_name``), ``model_state``
-    the model's updated batch statistics.
+    gradient of the global batch's mean loss (``psum``-ed over ``axis_name``) with respect to
+    every parameter, ``metrics`` its ``{"loss", <the loss's metrics>, "count"}`` over the real
+    rows, ``model_state`` the model's updated batch statistics. The model runs in train mode
+    with this step's dropout keys, on the real rows, as in the built-in step.
+
+    ``loss_fn``: another loss than the state's, with the same contract (a step of your own that
+    takes the gradients of several losses: a GAN's discriminator and generator losses).
     """
-    grads, (metrics, model_state) = jax.grad(_loss_for_grad, has_aux=True)(state.params, state, batch, mask, axis_name)
+    grads, (metrics, model_state) = jax.grad(_loss_for_grad, has_aux=True)(state.params, state, batch, mask,
+                                                                         axis_name, loss_fn)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
     return grads, metrics, model_state
@@ -212,6 +223,100 @@ def _apply_gradients(state: TrainState, grads, model_state) -> TrainState:
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+
+
+def apply_optimizer(state: TrainState, grads, model_state=None, part: str | None = None) -> TrainState:
+    """``state`` after one update of its optimizer with ``grads``, pure; ``step`` is not
+    advanced (:func:`apply_step` counts a step of your own once).
+
+    Args:
+        state: the current state.
+        grads: a gradient of the shape of ``state.params`` (:func:`apply_grads`).
+        model_state: the model's new batch statistics, when they changed.
+        part: with an optimizer built by ``jaxlight.optim.parts({"generator": ..., ...})``,
+            update only that part: its parameters, with its own optimizer and state (the
+            other parts, their optimizer states and their ``grads`` are left alone).
+    """
+    if part is None:
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    else:
+        from jaxlight.optim import PartsState
+
+        found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, PartsState))
+                 if isinstance(s, PartsState)]
+        if not found or part not in found[0].states:
+            names = sorted(found[0].states) if found else None
+            raise ValueError(f"apply_optimizer(part={part!r}) needs an optimizer built by jaxlight.optim.parts "
+                             f"with that part" + (f"; its parts are {names}" if names else ""))
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, part=part)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, opt_state=opt_state)
+    return new if model_state is None else new.replace(model_state=model_state)
+
+
+def apply_step(state: TrainState, batch, mask, axis_name: str | None = None):
+    """The train step every path runs (fused chunks, host steps, every strategy, the Trainer).
+
+    The state's own ``step_fn`` when it has one (``create_train_state(..., step_fn=...)``), else
+    :func:`apply_train_step`. A step of your own has the signature of :func:`apply_train_step`,
+    ``step_fn(state, batch, mask, axis_name=None) -> (state, metrics)``, and is pure (it is
+    traced once into the compiled program). The engine around it is the built-in one: the
+    padded, masked batches, K steps per compiled call, checkpoints that resume exactly, the
+    strategies (with ``axis_name`` under ``pmap``: reduce over it, as :func:`apply_grads`
+    does). Its contract, checked when it is first traced (:class:`BatchError` otherwise):
+
+    - it returns a state of the same structure, shapes and dtypes; jaxlight advances
+      ``step`` by one (the step number that dropout keys, the data position and the learning
+      rate schedules count);
+    - ``metrics`` holds ``"loss"`` (what the NaN check, the progress bar and the loggers read)
+      and scalars (the batch's values over its real rows, averaged over an epoch weighted by
+      real rows) or :class:`~jaxlight.metrics.Metric` sums; ``"count"`` (the real rows) is
+      filled in when absent.
+
+    Building blocks: :func:`apply_grads` (the gradient of any loss over the real rows) and
+    :func:`apply_optimizer` (one update, of one part with ``jaxlight.optim.parts``).
+    """
+    if state.step_fn is None:
+        return apply_train_step(state, batch, mask, axis_name)
+    out = state.step_fn(state, batch, mask, axis_name)
+    new, metrics = _check_step_outputs(state, out, mask, axis_name)
+    return new.replace(step=state.step + 1), metrics
+
+
+def _check_step_outputs(state: TrainState, out, mask, axis_name):
+    """A step of your own's ``(state, metrics)``, checked against the contract at trace time."""
+    name = getattr(state.step_fn, "__name__", "step_fn")
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise BatchError(f"{name} returned {type(out).__name__}; a train step returns (state, metrics)")
+    new, metrics = out
+    if not isinstance(new, TrainState):
+        raise BatchError(f"{name} returned {type(new).__name__} as its state; it returns a TrainState "
+                         f"(state.replace(params=..., opt_state=...))")
+    before, after = jax.tree_util.tree_flatten_with_path(state), jax.tree_util.tree_flatten_with_path(new)
+    if before[1] != after[1]:
+        raise BatchError(f"{name} returned a state of another structure than it was given; keep every field's "
+                         f"tree (params, opt_state, model_state...) as it came in")
+    for (path, a), (_, b) in zip(before[0], after[0]):
+        if (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b)):
+            raise BatchError(f"{name} returned state{jax.tree_util.keystr(path)} as {jnp.shape(b)} "
+                             f"{jnp.result_type(b)}; it came in as {jnp.shape(a)} {jnp.result_type(a)}")
+    if not isinstance(metrics, dict) or "loss" not in metrics:
+        got = sorted(metrics) if isinstance(metrics, dict) else type(metrics).__name__
+        raise BatchError(f"{name} returned metrics {got}; they are a dict with a 'loss' (what the NaN check, the "
+                         f"progress bar and the loggers read)")
+    checked = {}
+    for key, value in metrics.items():
+        if isinstance(value, Metric):
+            checked[key] = value
+            continue
+        if jnp.shape(value) != ():
+            raise BatchError(f"{name} returned metric {key!r} of shape {jnp.shape(value)}; a train step's metrics are "
+                             f"scalars (the batch's value over its real rows) or jaxlight.metrics sums")
+        checked[key] = jnp.asarray(value, jnp.float32)
+    if "count" not in checked:
+        count = jnp.sum(mask)
+        checked["count"] = jax.lax.psum(count, axis_name) if axis_name is not None else count
+    return new, checked
 
 
 def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | None = None,
@@ -247,6 +352,8 @@ def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | N
     Example:
         >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)  # doctest: +SKIP
     """
+    if state.step_fn is not None:
+        raise ValueError(_NO_ACCUMULATION)
     def micro(carry, xs):
         grads, model_state = carry
         j, batch, mask = xs
@@ -449,7 +556,7 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
     again (as ``jax.jit`` does not trace again what it has traced).
     """
     types = _trace_key(state, batch, mask)
-    for apply, mode in ((apply_train_step, "training"), (apply_eval_step, "evaluation")):
+    for apply, mode in ((apply_step, "training"), (apply_eval_step, "evaluation")):
         key = None if types is None else (mode, *types)
         with _CHECKED_LOCK:
             if key is not None and key in _CHECKED:
@@ -510,10 +617,11 @@ class _Float32Outputs:
         return getattr(self._model, name)
 
 
-def _call_loss(state: TrainState, model, batch, mask):
-    """``loss_fn(model, batch[, mask])``, its outputs checked against the contract (at trace time)."""
-    return _call_loss_fn(state.loss_fn, _Float32Outputs(model) if state.compute_dtype is not None else model,
-                         batch, mask)
+def _call_loss(state: TrainState, model, batch, mask, loss_fn=None):
+    """``loss_fn(model, batch[, mask])`` (the state's by default), its outputs checked against
+    the contract (at trace time)."""
+    model = _Float32Outputs(model) if state.compute_dtype is not None else model
+    return _call_loss_fn(loss_fn or state.loss_fn, model, batch, mask)
 
 
 def _call_loss_fn(loss_fn, model, batch, mask):
@@ -529,7 +637,7 @@ def _call_loss_fn(loss_fn, model, batch, mask):
 # Compiled forms
 
 
-_train_step_jit = jax.jit(apply_train_step, donate_argnums=0)
+_train_step_jit = jax.jit(apply_step, donate_argnums=0)
 _eval_step_jit = jax.jit(apply_eval_step)
 
 
@@ -621,7 +729,7 @@ def train_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll:
     Returns:
         The new state and per-step metrics, each stacked to ``(steps,)``.
     """
-    return chunk(apply_train_step, state, data, idx, mask, start, steps, unroll)
+    return chunk(apply_step, state, data, idx, mask, start, steps, unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("unroll",), donate_argnums=(0,))

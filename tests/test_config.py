@@ -442,7 +442,8 @@ def test_the_rate_of_a_users_own_optimizer_function_is_read_from_the_optimizer(r
     with open(tmp_path / "runs" / "net" / "logs" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["lr"]]
     assert [int(r["step"]) for r in rows] == list(range(1, 13))
-    assert [float(r["lr"]) for r in rows] == pytest.approx([by_hand(s - 1) for s in range(1, 13)], rel=1e-5, abs=1e-12)
+    expected = [by_hand(s - 1) for s in range(1, 13)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5, abs=1e-12)
     assert float(rows[0]["lr"]) == 0.0 and float(rows[3]["lr"]) == pytest.approx(3e-3)  # 0 -> peak -> down
 
 

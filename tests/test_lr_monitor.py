@@ -68,7 +68,8 @@ def test_the_rate_logged_is_the_rate_each_update_applied(tmp_path, name, k):
     monitor, rows = _fit(tmp_path, OPTIMIZERS[name](), k)
     # Update s (logged at step s) applies the rate at count s - 1.
     assert [s for s, _ in monitor.history] == list(range(1, 11))
-    assert [lr for _, lr in monitor.history] == pytest.approx([by_hand(s - 1) for s in range(1, 11)], rel=1e-5, abs=1e-12)
+    expected = [by_hand(s - 1) for s in range(1, 11)]
+    assert [lr for _, lr in monitor.history] == pytest.approx(expected, rel=1e-5, abs=1e-12)
     logged = {int(r["step"]): float(r["lr"]) for r in rows if r.get("lr")}
     assert logged == pytest.approx({s: by_hand(s - 1) for s in range(1, 11)}, rel=1e-5, abs=1e-12)
 

@@ -259,5 +259,6 @@ def test_bad_metric_inputs_are_named():
         return jnp.sum(out ** 2, axis=1), {"s": Scalar(out)}
 
     state = jaxlight.create_train_state(Linear(nnx.Rngs(0)), optax.sgd(0.0), bad_loss)
-    with pytest.raises(BatchError, match=r"metric 's' \(Scalar\) statistic 'total' has shape \(\); expected \(8, \.\.\.\)"):
+    with pytest.raises(BatchError, match=r"metric 's' \(Scalar\) statistic 'total' has shape \(\); "
+                                         r"expected \(8, \.\.\.\)"):
         loop.evaluate(state, _data(16), batch_size=8)
