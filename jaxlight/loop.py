@@ -49,6 +49,7 @@ from jaxlight.step import (
     check_not_donated,
     default_steps_per_call,
     needs_unroll,
+    without_optimizer,
 )
 from jaxlight.tasks import Task
 
@@ -478,7 +479,7 @@ def evaluate(state: TrainState, data, batch_size: int = 1000,
     check_not_donated(state)
     strategy = get_strategy(strategy)
     source = data if isinstance(data, Source) else Source(data, "evaluation data", strategy.eval_batch_size(batch_size))
-    state = strategy.prepare_state(state)
+    state = strategy.prepare_state(without_optimizer(state))  # (one program for every optimizer)
     runner = EpochRunner(state, source, 0, source.batch_size, strategy, steps_per_call, shuffle=False, mode="eval")
     chunks = [metrics for _, metrics, _ in runner]
     if not chunks:
@@ -508,7 +509,7 @@ def predict(state: TrainState, data, batch_size: int = 1000, strategy: Strategy 
     strategy = get_strategy(strategy)
     source = data if isinstance(data, Source) else prepare_source(state, data, "prediction data", batch_size,
                                                                   strategy, mode="predict")
-    state = strategy.prepare_state(state)
+    state = strategy.prepare_state(without_optimizer(state))
     runner = EpochRunner(state, source, 0, source.batch_size, strategy, 1, shuffle=False, mode="predict",
                          predict_fn=predict_fn)
     out = []

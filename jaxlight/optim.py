@@ -111,7 +111,9 @@ def freeze(tx: optax.GradientTransformation, patterns) -> optax.GradientTransfor
 
     if not patterns:
         return tx
-    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    from jaxlight.state import keyed_transformation  # (multi_transform's update never calls tx.init)
+
+    return optax.multi_transform({"trained": keyed_transformation(tx), "frozen": optax.set_to_zero()}, labels)
 
 
 class PartsState(NamedTuple):

@@ -558,9 +558,12 @@ class Pmap(_Replicated):
 
     name: str = "pmap"
 
-    def _pmap(self, fn, in_axes, donate=()):
-        return jax.pmap(fn, axis_name=AXIS, devices=self.devices, in_axes=in_axes,
-                        out_axes=None, donate_argnums=donate)
+    def _pmap(self, fn, in_axes, donate=(), evaluation: bool = False, out_axes=None):
+        """``fn`` pmapped over the devices, its programs kept per state configuration
+        (``jaxlight.step.Compiled``)."""
+        make = functools.partial(jax.pmap, axis_name=AXIS, devices=self.devices, in_axes=in_axes,
+                                 out_axes=out_axes, donate_argnums=donate)
+        return _step.Compiled(fn, make, evaluation)
 
     @functools.cached_property
     def _train_step(self):
@@ -569,14 +572,14 @@ class Pmap(_Replicated):
 
     @functools.cached_property
     def _eval_step(self):
-        step = self._pmap(functools.partial(_step.apply_eval_step, axis_name=AXIS), (None, 0, 0))
+        step = self._pmap(functools.partial(_step.apply_eval_step, axis_name=AXIS), (None, 0, 0), evaluation=True)
         return lambda state, batch, mask: step(state, *self._split((batch, mask)))
 
     def _predict_step(self, predict_fn):
         programs = self._chunk_programs
         if ("predict", predict_fn) not in programs:
             fn = functools.partial(_step.apply_predict, axis_name=AXIS, predict_fn=predict_fn)
-            step = jax.pmap(fn, axis_name=AXIS, devices=self.devices, in_axes=(None, 0, 0))
+            step = self._pmap(fn, (None, 0, 0), evaluation=True, out_axes=0)
             # (n, B/n, ...) per device -> (B, ...): device d held row block d.
             programs[("predict", predict_fn)] = lambda state, batch, mask: jax.tree.map(
                 lambda a: a.reshape((-1,) + a.shape[2:]), step(state, *self._split((batch, mask))))
@@ -616,7 +619,7 @@ class Pmap(_Replicated):
                 body = _step._eval_body(functools.partial(_step.apply_eval_step, axis_name=AXIS))
                 fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
                     body, state, data, idx, mask, start, steps)[1]
-                self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None))
+                self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None), evaluation=True)
         return self._chunk_programs[key]
 
     def prepare_indices(self, idx, mask):
@@ -669,8 +672,10 @@ class Sharded(_Replicated):
         return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
 
     def _jit_train(self, fn, **kwargs):
-        """A training program: state donated, ``(state, metrics)`` out in this layout."""
-        return jax.jit(fn, out_shardings=(self._state_out, self.replicated), donate_argnums=0, **kwargs)
+        """A training program: state donated, ``(state, metrics)`` out in this layout (kept per
+        state configuration: ``jaxlight.step.Compiled``)."""
+        return _step.Compiled(fn, jax.jit, out_shardings=(self._state_out, self.replicated), donate_argnums=0,
+                              **kwargs)
 
     @functools.cached_property
     def _train_step(self):
@@ -678,7 +683,7 @@ class Sharded(_Replicated):
 
     @functools.cached_property
     def _eval_step(self):
-        return jax.jit(_step.apply_eval_step, out_shardings=self.replicated)
+        return _step.Compiled(_step.apply_eval_step, jax.jit, evaluation=True, out_shardings=self.replicated)
 
     def _constrain_window(self, tree):
         return jax.lax.with_sharding_constraint(tree, self.window_sharding)
@@ -696,7 +701,8 @@ class Sharded(_Replicated):
 
     @functools.cached_property
     def _predict_jit(self):
-        return jax.jit(_step.apply_predict, static_argnames=("axis_name", "predict_fn", "train"))
+        return _step.Compiled(_step.apply_predict, jax.jit, evaluation=True,
+                              static_argnames=("axis_name", "predict_fn", "train"))
 
     def _predict_step(self, predict_fn):
         return lambda state, batch, mask: self._predict_jit(state, batch, mask, predict_fn=predict_fn)
@@ -713,7 +719,7 @@ class Sharded(_Replicated):
         body = _step._eval_body(_step.apply_eval_step)
         fn = lambda state, data, idx, mask, steps, start: _step.chunk(  # noqa: E731
             body, state, data, idx, mask, start, steps, False, self._constrain)[1]
-        return jax.jit(fn, static_argnums=4, out_shardings=self.replicated)
+        return _step.Compiled(fn, jax.jit, evaluation=True, static_argnums=4, out_shardings=self.replicated)
 
     def lower_train_step(self, state, batch, mask=None):
         state, batch, mask = self._checked(state, batch, mask)

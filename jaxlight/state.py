@@ -78,6 +78,8 @@ def _fingerprint(obj, depth: int = 0, active: frozenset = frozenset()):
             return _Identity(obj)
         host = np.asarray(obj)
         return "array", type(obj), host.dtype.str, host.shape, host.tobytes()
+    if isinstance(obj, _Keyed):  # (see keyed_transformation: a nested one compares by its update too)
+        return "keyed", obj.__dict__["_key"]
     if isinstance(obj, (tuple, list)):
         return type(obj), tuple(inner(e) for e in obj)
     if isinstance(obj, dict) and type(obj) is dict:
@@ -140,11 +142,20 @@ def keyed_transformation(tx: optax.GradientTransformation) -> optax.GradientTran
     The optimizer is a static field of :class:`TrainState`, so it is part of every jitted
     step's cache key. Optax transformations compare by identity: every ``optax.adam(1e-3)``
     built anew (one per trial of a sweep) would compile the step again and keep the program.
-    The keyed form compares by a structural fingerprint (the ``init``/``update`` functions'
-    code, defaults and closure contents, recursively: learning rates and other
-    hyperparameters by value, schedules by their own code and constants), so two
-    transformations built the same way share one compiled program and two with different
-    hyperparameters do not. What cannot be fingerprinted counts by identity.
+    The keyed form compares by a structural fingerprint of its ``update`` function (its code,
+    defaults and closure contents, recursively: learning rates and other hyperparameters by
+    value, schedules by their own code and constants), so two transformations built the same
+    way share one compiled program and two with different hyperparameters do not. What cannot
+    be fingerprinted counts by identity.
+
+    Only ``update`` runs inside a compiled step (``init`` runs once, eagerly, and its result
+    is the state's ``opt_state``), so ``init`` is left out: ``optax.inject_hyperparams(
+    optax.adam)(learning_rate=lr)`` keeps ``lr`` in its state, not in its ``update``, and
+    every learning rate of a sweep shares one program. A keyed transformation inside another
+    one's closure counts by its ``update`` alone too: jaxlight keys what it wraps in
+    ``optax.chain``, ``optax.apply_if_finite`` (``Trainer`` clipping and NaN skipping) and
+    ``optax.multi_transform`` (``jaxlight.optim.freeze``), whose updates never call the inner
+    ``init``.
 
     Example:
         >>> keyed_transformation(optax.adam(1e-3)) == keyed_transformation(optax.adam(1e-3))
@@ -156,7 +167,7 @@ def keyed_transformation(tx: optax.GradientTransformation) -> optax.GradientTran
         return tx
     cls = KeyedTransformationExtraArgs if isinstance(tx, optax.GradientTransformationExtraArgs) else KeyedTransformation
     keyed = tuple.__new__(cls, (tx.init, tx.update))
-    key = ("optax", cls, _fingerprint(tx.init), _fingerprint(tx.update))
+    key = ("optax", cls, _fingerprint(tx.update))
     keyed.__dict__.update(_key=key, _hash=hash(key))
     return keyed
 

@@ -87,6 +87,9 @@ __all__ = [
     "gather",
     "default_steps_per_call",
     "needs_unroll",
+    "Compiled",
+    "set_program_cache_size",
+    "without_optimizer",
 ]
 
 
@@ -555,15 +558,17 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
     A state and batch of the same structure and types as one already checked are not traced
     again (as ``jax.jit`` does not trace again what it has traced).
     """
-    types = _trace_key(state, batch, mask)
-    for apply, mode in ((apply_step, "training"), (apply_eval_step, "evaluation")):
+    # (evaluation sees the state as its programs do, without the optimizer: one check for every optimizer)
+    for apply, mode, checked in ((apply_step, "training", state), (apply_eval_step, "evaluation",
+                                                                    without_optimizer(state))):
+        types = _trace_key(checked, batch, mask)
         key = None if types is None else (mode, *types)
         with _CHECKED_LOCK:
             if key is not None and key in _CHECKED:
                 _CHECKED.move_to_end(key)
                 continue
         try:
-            jax.eval_shape(lambda s, b, m: apply(s, b, m), state, batch, mask)
+            jax.eval_shape(lambda s, b, m: apply(s, b, m), checked, batch, mask)
         except BatchError:  # the loss contract (_check_loss_outputs), already one line
             raise
         except Exception as exc:  # the user's model or loss: name it, do not bury it
@@ -634,11 +639,160 @@ def _call_loss_fn(loss_fn, model, batch, mask):
 
 
 # --------------------------------------------------------------------------------------------
-# Compiled forms
+# Compiled forms, kept per configuration of the state
 
 
-_train_step_jit = jax.jit(apply_step, donate_argnums=0)
-_eval_step_jit = jax.jit(apply_eval_step)
+def without_optimizer(state: TrainState) -> TrainState:
+    """``state`` without its optimizer and optimizer state: what evaluation and prediction
+    compile against, so that one program serves every optimizer (a sweep's trials)."""
+    if state.tx is None and state.opt_state is None:
+        return state
+    return state.replace(tx=None, opt_state=None)
+
+
+_STATIC = ("graphdef", "eval_graphdef", "tx", "loss_fn", "input_shape", "compute_dtype", "step_fn")
+
+
+class _ProgramCache:
+    """The compiled programs of every :class:`Compiled` function, grouped by the state's static
+    configuration (its graphdefs, optimizer, loss, step, precision), the ``size`` most recently
+    used configurations kept. A sweep that builds a new optimizer per trial with other
+    hyperparameters (``optax.adam(lr)``) needs new programs every trial; the oldest trial's are
+    dropped, so memory stays flat. Configurations are told apart by equality (an equal
+    optimizer built anew shares the programs) and looked up by identity first (hashing a
+    graphdef costs more than a small step)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._lock = threading.Lock()
+        self._tokens: dict = {}                           # static config -> token
+        self._by_id: collections.OrderedDict = collections.OrderedDict()  # ids -> (objects, token)
+        self._programs: collections.OrderedDict = collections.OrderedDict()  # token -> {Compiled: program}
+        self._next = 0
+
+    def _token(self, state) -> int:
+        objects = tuple(getattr(state, name) for name in _STATIC)
+        ids = tuple(map(id, objects))
+        hit = self._by_id.get(ids)
+        if hit is not None and all(a is b for a, b in zip(hit[0], objects)):
+            self._by_id.move_to_end(ids)
+            return hit[1]
+        token = self._tokens.get(objects)
+        if token is None:
+            token = self._tokens[objects] = self._next
+            self._next += 1
+        self._by_id[ids] = (objects, token)
+        while len(self._by_id) > 4 * self.size:
+            self._by_id.popitem(last=False)
+        return token
+
+    def get(self, state, function: "Compiled"):
+        with self._lock:
+            token = self._token(state)
+            programs = self._programs.get(token)
+            if programs is None:
+                programs = self._programs[token] = {}
+                while len(self._programs) > self.size:
+                    self._evict(next(iter(self._programs)))
+            self._programs.move_to_end(token)
+            program = programs.get(function)
+            if program is None:
+                program = programs[function] = function.build()
+            return program
+
+    def _evict(self, token: int) -> None:
+        del self._programs[token]
+        self._tokens = {k: v for k, v in self._tokens.items() if v != token}
+        for ids in [i for i, (_, t) in self._by_id.items() if t == token]:
+            del self._by_id[ids]
+
+    def programs_of(self, function: "Compiled") -> list:
+        with self._lock:
+            return [p[function] for p in self._programs.values() if function in p]
+
+    def forget(self, function: "Compiled") -> None:
+        with self._lock:
+            for programs in self._programs.values():
+                programs.pop(function, None)
+
+    def resize(self, size: int) -> None:
+        with self._lock:
+            self.size = size
+            while len(self._programs) > size:
+                self._evict(next(iter(self._programs)))
+
+
+PROGRAMS = _ProgramCache(8)
+
+
+def set_program_cache_size(configurations: int) -> None:
+    """Keep the compiled programs of this many state configurations (default 8); the least
+    recently used configuration's programs are dropped beyond it (and compiled again if it
+    comes back)."""
+    if not isinstance(configurations, int) or configurations < 1:
+        raise ValueError(f"configurations must be an int >= 1, got {configurations!r}")
+    PROGRAMS.resize(configurations)
+
+
+class Compiled:
+    """``fn`` compiled by ``make`` (``jax.jit`` with ``options``, or a ``pmap``), one program
+    set per configuration of the state (its first argument) in :data:`PROGRAMS`, so that the
+    programs of configurations no longer used are freed (a ``jax.jit`` keeps every program it
+    ever compiled). Called, lowered (``.lower``) and counted (``._cache_size()``) as a jitted
+    function. ``evaluation=True``: the state's optimizer is left out (:func:`without_optimizer`).
+
+    The state a training program returns carries the caller's static fields (its optimizer
+    object, not an equal one from the call that compiled the program).
+    """
+
+    def __init__(self, fn, make=jax.jit, evaluation: bool = False, **options):
+        functools.update_wrapper(self, fn)
+        self.fn, self.make, self.options, self.evaluation = fn, make, options, evaluation
+
+    def build(self):
+        fn = self.fn
+        # A new function object per configuration: JAX's tracing caches hold it weakly, so
+        # they are freed with the program.
+        fresh = functools.wraps(fn)(lambda *args, **kwargs: fn(*args, **kwargs))
+        return self.make(fresh, **self.options)
+
+    def _program(self, state):
+        return PROGRAMS.get(state, self)
+
+    def __call__(self, state, *args, **kwargs):
+        if self.evaluation:
+            state = without_optimizer(state)
+        out = self._program(state)(state, *args, **kwargs)
+        return _with_statics(out, state)
+
+    def lower(self, state, *args, **kwargs):
+        if self.evaluation:
+            state = without_optimizer(state)
+        return self._program(state).lower(state, *args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return sum(p._cache_size() for p in PROGRAMS.programs_of(self) if hasattr(p, "_cache_size"))
+
+    def clear_cache(self) -> None:
+        PROGRAMS.forget(self)
+
+
+def _with_statics(out, state):
+    """``out`` (a state, or a tuple starting with one) with ``state``'s static fields."""
+    new = out[0] if isinstance(out, tuple) and out and isinstance(out[0], TrainState) else out
+    if not isinstance(new, TrainState) or all(getattr(new, n) is getattr(state, n) for n in _STATIC):
+        return out
+    new = new.replace(**{n: getattr(state, n) for n in _STATIC})
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def compiled(evaluation: bool = False, **options):
+    """``@compiled(static_argnums=..., donate_argnums=...)``: a :class:`Compiled` ``jax.jit``."""
+    return lambda fn: Compiled(fn, jax.jit, evaluation, **options)
+
+
+_train_step_jit = Compiled(apply_step, donate_argnums=0)
+_eval_step_jit = Compiled(apply_eval_step, evaluation=True)
 
 
 def train_step(state: TrainState, batch, mask=None) -> tuple[TrainState, dict]:
@@ -666,7 +820,7 @@ def eval_step(state: TrainState, batch, mask=None) -> dict:
     return _eval_step_jit(state, *check_batch(state, batch, mask))
 
 
-@functools.partial(jax.jit, static_argnames=("predict_fn",))
+@compiled(evaluation=True, static_argnames=("predict_fn",))
 def _predict_jit(state, batch, mask, predict_fn=None):
     return apply_predict(state, batch, mask, predict_fn=predict_fn)
 
@@ -710,7 +864,7 @@ def _eval_body(eval_fn):
     return lambda state, batch, mask: (state, eval_fn(state, batch, mask))
 
 
-@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
+@compiled(static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
 def train_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll: bool = False):
     """``steps`` training steps in one compiled program, on data that lives on the device.
 
@@ -732,14 +886,14 @@ def train_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll:
     return chunk(apply_step, state, data, idx, mask, start, steps, unroll)
 
 
-@functools.partial(jax.jit, static_argnames=("unroll",), donate_argnums=(0,))
+@compiled(static_argnames=("unroll",), donate_argnums=(0,))
 def accumulated_step(state: TrainState, batches, masks, unroll: bool = False):
     """:func:`apply_accumulated_step` jit-compiled, state donated: one optimizer update over a
     window of host micro-batches ``(A, B, ...)``, masks ``(A, B)``."""
     return apply_accumulated_step(state, batches, masks, unroll=unroll)
 
 
-@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
+@compiled(static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
 def accumulated_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll: bool = False):
     """``steps`` optimizer updates with gradient accumulation in one compiled program.
 
@@ -751,7 +905,7 @@ def accumulated_chunk(state: TrainState, data, idx, mask, steps: int, start=0, u
     return chunk(body, state, data, idx, mask, start, steps, unroll)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
+@compiled(evaluation=True, static_argnums=(4,))
 def eval_chunk(state: TrainState, data, idx, mask, steps: int, start=0):
     """Metrics of ``steps`` evaluation batches, stacked to ``(steps,)``; nothing is updated."""
     return chunk(_eval_body(apply_eval_step), state, data, idx, mask, start, steps)[1]

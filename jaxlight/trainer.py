@@ -61,7 +61,7 @@ from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, evaluate, predict, prepare_source, summarize
 from jaxlight.metrics import Metric, SavedStats, from_json, revive, to_json
 from jaxlight.report import library_versions
-from jaxlight.state import TrainState
+from jaxlight.state import TrainState, keyed_transformation
 from jaxlight.step import check_not_donated
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
@@ -176,20 +176,17 @@ def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> o
     Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
     its window's update non-finite (skipped under ``nan_policy="skip"``).
 
-    The same ``tx`` and settings give the same (identical) object back: the optimizer is a
-    static field of the TrainState, so a new object would make every ``fit`` recompile.
+    The result is keyed (``jaxlight.state.keyed_transformation``): the optimizer is a static
+    field of the TrainState, and wrapping an equal ``tx`` with the same settings gives an equal
+    object, so a new Trainer per trial reuses the compiled programs (nothing is cached here:
+    a cache of optimizers would keep every trial's alive).
     """
     if config.gradient_clip_norm is None and config.nan_policy != "skip":
-        return tx  # (nothing to wrap: the very object, not an equal one from the cache below)
-    return _wrap(tx, config.gradient_clip_norm, config.nan_policy == "skip")
-
-
-@functools.lru_cache(maxsize=64)
-def _wrap(tx, clip_norm, skip_nonfinite):
-    if clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    if skip_nonfinite:
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+        return tx
+    if config.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
+        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx))
+    if config.nan_policy == "skip":
+        tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
     return tx
 
 
