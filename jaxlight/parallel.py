@@ -67,6 +67,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlight import step as _step
 from jaxlight.data.arrays import ArrayDataset, host_batch_indices
+from jaxlight.data.stream import pad_batch
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -374,9 +375,16 @@ class Strategy:
         for bi, bm in zip(idx[start:, rows], mask[start:, rows]):
             yield jax.tree.map(lambda a: a[bi], data.data), bm
 
-    def _checked(self, state, batch, mask, labels: bool = True):
+    def _checked(self, state, batch, mask, labels: bool = True, pad: bool = False):
+        """``(state, batch, mask)`` checked and placed. ``pad`` (evaluation, prediction): a batch
+        whose rows do not divide over the devices is padded as an ``ArrayDataset``'s last batch
+        is (copies of its first row, mask 0), in a single-process run; training refuses it."""
         _step.check_not_donated(state)
         batch, mask = _step.check_batch(state, batch, mask, labels=labels)
+        if pad and not is_multiprocess() and len(mask) % self.num_devices:
+            size = -(-len(mask) // self.num_devices) * self.num_devices
+            batch = pad_batch(batch, size)[0]
+            mask = np.concatenate([np.asarray(mask, np.float32), np.zeros(size - len(mask), np.float32)])
         self.check_batch_size(len(mask) * jax.process_count())
         return self.prepare_state(state), batch, mask
 
@@ -525,13 +533,17 @@ class _Replicated(Strategy):
         return self._train_step(state, *self._place_batch(batch, mask))
 
     def eval_step(self, state, batch, mask=None):
-        state, batch, mask = self._checked(state, batch, mask)
+        state, batch, mask = self._checked(state, batch, mask, pad=True)
         return self._eval_step(state, *self._place_batch(batch, mask))
 
     def predict_step(self, state, batch, mask=None, predict_fn=None):
-        """The global batch's outputs (every process gets all of them)."""
-        state, batch, mask = self._checked(state, batch, mask, labels=False)
+        """The global batch's outputs (every process gets all of them); a batch padded to divide
+        over the devices gives its own rows back."""
+        rows = len(jax.tree.leaves(batch)[0])
+        state, batch, mask = self._checked(state, batch, mask, labels=False, pad=True)
         outputs = self._predict_step(predict_fn)(state, *self._place_batch(batch, mask))
+        if len(mask) != rows:
+            outputs = jax.tree.map(lambda a: a[:rows], outputs)
         if is_multiprocess():
             from jax.experimental import multihost_utils
 
