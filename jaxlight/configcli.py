@@ -166,7 +166,8 @@ def run_command(command: str, argv: list[str]) -> dict | None:
             "epoch_seconds": [r.seconds for r in trainer.history]}
         if run.test is not None and not trainer.interrupted:
             summary.update(trainer.test(state, run.test))
-            print("  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_")), flush=True)
+            shown = {k: v for k, v in summary.items() if k.startswith("test_") and isinstance(v, float)}
+            print("  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
         summary["versions"] = report.library_versions("jax", "jaxlib", "flax", "optax", "numpy")
         print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
         if trainer.interrupted:

@@ -447,6 +447,33 @@ def test_the_rate_of_a_users_own_optimizer_function_is_read_from_the_optimizer(r
     assert float(rows[0]["lr"]) == 0.0 and float(rows[3]["lr"]) == pytest.approx(3e-3)  # 0 -> peak -> down
 
 
+def test_epoch_level_metrics_from_a_config(run_yaml, tmp_path, capsys):
+    """A loss returning jaxlight.metrics values: val_f1 / train_f1 in the CSV, test_f1 and the
+    test confusion matrix (the whole test set's, checked against scikit-learn) in metrics.json."""
+    import csv
+
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    config = dict(RUN, loss="userpkg.nets.loss_with_f1")
+    config["trainer"] = {**RUN["trainer"], "logger": "csv", "ckpt_dir": "ckpt", "monitor": "val_f1",
+                         "monitor_mode": "max"}
+    _write(run_yaml, config)
+    code, out, err = _run(capsys, "fit", "--config", str(run_yaml))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "net" / "metrics.json").read_text())
+    from userpkg.data import blobs
+
+    test = blobs()[2]
+    model, _ = jaxlight.load_from_checkpoint(tmp_path / "ckpt", which="last")
+    pred = np.asarray(model(test.data["features"])).argmax(-1)
+    assert summary["test_cm"] == confusion_matrix(test.data["label"], pred, labels=range(3)).tolist()
+    assert summary["test_f1"] == pytest.approx(f1_score(test.data["label"], pred, average="macro"), abs=1e-12)
+    with open(tmp_path / "runs" / "net" / "logs" / "metrics.csv") as f:
+        columns = set(next(csv.DictReader(f)))
+    assert {"train_f1", "val_f1", "test_f1"} <= columns and "test_cm" not in columns
+    assert "test_f1" in out
+
+
 def test_fit_resumes_from_last_bit_for_bit_and_refuses_a_changed_config(run_yaml, tmp_path, capsys):
     assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "a")[0] == 0
     assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--trainer.max_epochs", "2")[0] == 0
