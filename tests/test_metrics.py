@@ -140,13 +140,15 @@ class RecordParams(Callback):
         self.states.append((trainer.global_step, _weights(state), dict(metrics)))
 
 
-@pytest.mark.parametrize("strategy, k", [("single", None), ("single", 2), ("sharded", 1)])
-def test_the_trainer_logs_train_val_and_test_values_of_the_whole_split(tmp_path, data, strategy, k):
+@pytest.mark.parametrize("strategy, k, accumulate", [
+    ("single", None, 1), ("single", 2, 1), ("sharded", 1, 1), ("pmap", None, 2),  # (2 micro-batches an update)
+])
+def test_the_trainer_logs_train_val_and_test_values_of_the_whole_split(tmp_path, data, strategy, k, accumulate):
     train, val = _data(150, seed=1), data
     recorder = RecordParams()
     trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=48, steps_per_execution=k,
                                     strategy=strategy, devices=None if strategy == "single" else 8,
-                                    enable_progress_bar=False),
+                                    accumulate_grad_batches=accumulate, enable_progress_bar=False),
                       callbacks=[recorder], loggers=[CSVLogger(tmp_path)])
     # lr 0: the parameters stay put, so the epoch's training predictions are those of the
     # initial model, which numpy computes
