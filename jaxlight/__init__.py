@@ -7,8 +7,8 @@ import importlib
 
 # Imported on first use (PEP 562), so that ``import jaxlight.cli`` loads no JAX: the command
 # lines install their signal handlers before any heavy import (see jaxlight/cli.py).
-_SUBMODULES = ("callbacks", "checkpoint", "data", "hparams", "loggers", "loop", "models", "optim", "recipes",
-               "tasks", "trainer")
+_SUBMODULES = ("callbacks", "checkpoint", "data", "hparams", "loggers", "loop", "metrics", "models", "optim",
+               "recipes", "tasks", "trainer")
 _NAMES = {
     "ArrayDataset": "jaxlight.data", "Batches": "jaxlight.data", "load_mnist": "jaxlight.data",
     "load_task_data": "jaxlight.data",
@@ -76,6 +76,7 @@ __all__ = [
     "loggers",
     "loop",
     "make_optimizer",
+    "metrics",
     "models",
     "predict",
     "optim",

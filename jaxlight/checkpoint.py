@@ -1153,7 +1153,8 @@ def best_checkpoint(root: str | os.PathLike) -> Path:
         meta = json.loads((newest / "meta.json").read_text())
     except (OSError, ValueError) as exc:  # (removed since it verified: a running fit pruned it)
         raise CorruptCheckpointError(f"{newest}: meta.json is unreadable ({type(exc).__name__}: {exc})") from None
-    state = (meta.get("callbacks") or {}).get("ModelCheckpoint") or {}
+    # (the state of the ModelCheckpoint that wrote it: a run may hold several)
+    state = (meta.get("callbacks") or {}).get(meta.get("saved_by") or "ModelCheckpoint") or {}
     scores = {int(k): v for k, v in (state.get("scores") or {}).items()}
     if not scores:
         if state.get("monitor") is None:

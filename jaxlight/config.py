@@ -685,7 +685,6 @@ class Run:
     val: Any
     test: Any
     tx: Any
-    schedule: Any                      # the learning rate (a float or an optax schedule), for the LR monitor
     trainer_config: Any
     trainer_extras: dict
     callbacks: list
@@ -827,7 +826,6 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     if not isinstance(tx, optax.GradientTransformation):
         raise ConfigError(f"optimizer.class_path: {opt_path}(...) returned a {type(tx).__name__}, not an optax "
                           f"transformation; expected e.g. optax.adamw")
-    schedule = next((opt_args[k] for k in ("learning_rate", "lr") if k in opt_args), None)
 
     trainer_cfg = dict(cfg["trainer"])
     extras = {k: trainer_cfg.pop(k) for k in TRAINER_EXTRAS}
@@ -873,7 +871,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
         data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
         _bind(data_fn, data_args, "data", data_path)
         train, val, test = _data(data_fn, data_args, data_path)
-    return Run(cfg, seed, model, loss_fn, train, val, test, tx, schedule, trainer_config, extras, callbacks)
+    return Run(cfg, seed, model, loss_fn, train, val, test, tx, trainer_config, extras, callbacks)
 
 
 def _required_positional(fn) -> int:

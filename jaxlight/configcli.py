@@ -69,9 +69,9 @@ def build_trainer(run, command: str):
             loggers.append(LOGGERS[ex["logger"]](ex["log_dir"] or _out_dir(run) / "logs"))
         except ImportError as exc:
             raise ConfigError(f"trainer.logger: {exc}") from None
-        if command == "fit" and run.schedule is not None and not any(
-                isinstance(c, LearningRateMonitor) for c in callbacks):
-            callbacks.append(LearningRateMonitor(run.schedule))
+        # (the rate is read from the optimizer itself: an argument named learning_rate may not be it)
+        if command == "fit" and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor())
     try:
         trainer = Trainer(run.trainer_config, callbacks=callbacks, loggers=loggers)
     except ValueError as exc:
@@ -263,7 +263,8 @@ def _run_command(command: str, argv: list[str], base: dict | None, args=None) ->
             "epoch_seconds": [r.seconds for r in trainer.history]}
         if run.test is not None and not trainer.interrupted:
             summary.update(trainer.test(state, run.test))
-            print("  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_")), flush=True)
+            shown = {k: v for k, v in summary.items() if k.startswith("test_") and isinstance(v, float)}
+            print("  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
         summary["versions"] = report.library_versions("jax", "jaxlib", "flax", "optax", "numpy")
         print(f"wrote {report.write_json(out / 'metrics.json', summary)}")
         if trainer.interrupted:

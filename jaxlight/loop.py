@@ -38,15 +38,18 @@ import numpy as np
 
 from jaxlight.data.arrays import ArrayDataset, host_batch_indices, num_batches, windows
 from jaxlight.data.stream import Batches
+from jaxlight.metrics import Metric, finish
 from jaxlight.parallel import Strategy, get_strategy
 from jaxlight.state import TrainState
 from jaxlight.step import (
+    _NO_ACCUMULATION,
     BatchError,
     check_batch,
     check_loss,
     check_not_donated,
     default_steps_per_call,
     needs_unroll,
+    without_optimizer,
 )
 from jaxlight.tasks import Task
 
@@ -66,11 +69,13 @@ class EpochResult:
 
 
 def summarize(stacked: dict) -> dict:
-    """Per-step metrics (each ``(steps,)``) -> one example-weighted mean per metric."""
+    """Per-step metrics (each ``(steps,)``) -> one example-weighted mean per metric; a
+    :class:`~jaxlight.metrics.Metric` (its per-step sums) -> its value over all the steps."""
     host = jax.device_get(stacked)
     counts = np.asarray(host["count"], np.float64).reshape(-1)
     total = counts.sum()
-    out = {k: float((np.asarray(v, np.float64).reshape(-1) * counts).sum() / max(total, 1.0))
+    out = {k: finish(v) if isinstance(v, Metric) else
+           float((np.asarray(v, np.float64).reshape(-1) * counts).sum() / max(total, 1.0))
            for k, v in host.items() if k != "count"}
     out["count"] = int(total)
     return out
@@ -310,6 +315,8 @@ class EpochRunner:
         self.source = data if isinstance(data, Source) else Source(data, batch_size=batch_size)
         self.state, self.epoch, self.strategy = state, epoch, strategy
         self.accumulate = accumulate if mode == "train" else 1
+        if self.accumulate > 1 and state.step_fn is not None:
+            raise ValueError(_NO_ACCUMULATION)
         self.num_batches = self.source.steps_per_epoch(self.accumulate)
         self.k = 1 if mode == "predict" else steps_per_call or _default_k(state, self.source, self.accumulate)
         self.unroll = ((self.k > 1 or self.accumulate > 1) and needs_unroll(state)) if unroll is None else unroll
@@ -472,7 +479,7 @@ def evaluate(state: TrainState, data, batch_size: int = 1000,
     check_not_donated(state)
     strategy = get_strategy(strategy)
     source = data if isinstance(data, Source) else Source(data, "evaluation data", strategy.eval_batch_size(batch_size))
-    state = strategy.prepare_state(state)
+    state = strategy.prepare_state(without_optimizer(state))  # (one program for every optimizer)
     runner = EpochRunner(state, source, 0, source.batch_size, strategy, steps_per_call, shuffle=False, mode="eval")
     chunks = [metrics for _, metrics, _ in runner]
     if not chunks:
@@ -502,7 +509,7 @@ def predict(state: TrainState, data, batch_size: int = 1000, strategy: Strategy 
     strategy = get_strategy(strategy)
     source = data if isinstance(data, Source) else prepare_source(state, data, "prediction data", batch_size,
                                                                   strategy, mode="predict")
-    state = strategy.prepare_state(state)
+    state = strategy.prepare_state(without_optimizer(state))
     runner = EpochRunner(state, source, 0, source.batch_size, strategy, 1, shuffle=False, mode="predict",
                          predict_fn=predict_fn)
     out = []
@@ -560,8 +567,7 @@ def fit(
         t0 = time.perf_counter()
         state, stacked = train_epoch(state, train, batch_size, epoch, steps_per_call, on_chunk, strategy, accumulate)
         stacked = jax.device_get(stacked)  # synchronises, so the time below is real
-        result = EpochResult(epoch, summarize(stacked), time.perf_counter() - t0,
-                             {k: np.asarray(v) for k, v in stacked.items()})
+        result = EpochResult(epoch, summarize(stacked), time.perf_counter() - t0, jax.tree.map(np.asarray, stacked))
         if bar is not None:
             bar.close()
         results.append(result)

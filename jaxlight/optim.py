@@ -15,9 +15,17 @@ arguments:
 
 from __future__ import annotations
 
+import functools
+import types
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
-__all__ = ["OPTIMIZERS", "freeze", "make_optimizer", "adam", "adamw", "sgd"]
+__all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
+           "adamw", "sgd"]
 
 
 def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
@@ -105,4 +113,239 @@ def freeze(tx: optax.GradientTransformation, patterns) -> optax.GradientTransfor
 
     if not patterns:
         return tx
-    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    from jaxlight.state import keyed_transformation  # (multi_transform's update never calls tx.init)
+
+    return optax.multi_transform({"trained": keyed_transformation(tx), "frozen": optax.set_to_zero()}, labels)
+
+
+class PartsState(NamedTuple):
+    """The state of :func:`parts`: each part's own optimizer state, by name."""
+
+    states: dict
+
+
+def parts(transforms: dict) -> optax.GradientTransformationExtraArgs:
+    """One optimizer per part of the model: ``{"generator": optax.adam(2e-4), "discriminator":
+    optax.adam(1e-4)}`` (Lightning's ``configure_optimizers`` returning two).
+
+    A part is a top-level attribute of the model (``model.generator``); each optimizer keeps
+    its own state over its part's parameters (``state.opt_state.states["generator"]``), and
+    every parameter belongs to one part. ``update`` updates every part (the built-in step, one
+    update of all optimizers at once); ``update(..., part="generator")`` updates only that part
+    (``jaxlight.step.apply_optimizer(state, grads, part=...)``: alternating updates in a step of
+    your own), leaving the other parts' parameters and states as they are.
+
+    Raises:
+        ValueError (when the state is built): a parameter in no part, or a part the model lacks.
+    """
+    names = sorted(transforms)
+
+    def init(params):
+        missing = [n for n in names if n not in params]
+        other = [k for k in params if k not in transforms]
+        if missing or other:
+            raise ValueError(f"jaxlight.optim.parts: the model's top-level parts are {sorted(params)}; the optimizer "
+                             f"has {names}" + (f" (no {missing} in the model)" if missing else "")
+                             + (f" (no optimizer for {other})" if other else ""))
+        return PartsState({n: transforms[n].init(params[n]) for n in names})
+
+    def update(updates, state, params=None, part=None, **extra_args):
+        if part is not None and part not in transforms:
+            raise ValueError(f"jaxlight.optim.parts: no part {part!r}; the parts are {names}")
+        new_updates = jax.tree.map(lambda u: u, updates)  # (a copy of the same tree type: nnx.State or dict)
+        states = dict(state.states)
+        for n in names:
+            if part is None or n == part:
+                tx = optax.with_extra_args_support(transforms[n])
+                new_updates[n], states[n] = tx.update(updates[n], state.states[n],
+                                                      None if params is None else params[n], **extra_args)
+            else:
+                new_updates[n] = jax.tree.map(jnp.zeros_like, updates[n])
+        return new_updates, PartsState(states)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------------------------
+# The learning rate an optimizer applies, read from the optimizer itself
+
+
+class LearningRate:
+    """Where an Optax transformation keeps the rate it applies, found by
+    :func:`learning_rate`; :meth:`rates` reads the rates of its latest updates from a state.
+
+    Attributes:
+        kind: ``"injected"`` (``optax.inject_hyperparams``: the rate is a hyperparameter in
+            the state), ``"schedule"`` (a schedule given to optax's ``scale_by_learning_rate``,
+            the last transformation of ``optax.adam`` and every optax alias, evaluated at the
+            schedule's own step count) or ``"constant"`` (a number given there).
+        schedule: the schedule (a function of the update count), or None.
+        value: the constant rate, or None.
+    """
+
+    def __init__(self, kind: str, schedule=None, value: float | None = None):
+        self.kind, self.schedule, self.value = kind, schedule, value
+
+    def __repr__(self) -> str:
+        return f"LearningRate({self.kind!r}, schedule={self.schedule!r}, value={self.value!r})"
+
+    def rates(self, opt_state, updates: int) -> list[float | None]:
+        """The rates of the last ``updates`` optimizer updates that ``opt_state`` has taken,
+        oldest first; None for an update whose rate the state no longer tells (an injected
+        hyperparameter driven by a stateful schedule keeps only its latest value)."""
+        if updates <= 0:
+            return []
+        if self.kind == "constant":
+            return [self.value] * updates
+        if self.kind == "schedule":
+            counts = {int(np.asarray(s.count)) for s in _states(opt_state, optax.ScaleByScheduleState)}
+            if len(counts) != 1:
+                raise ValueError(f"the optimizer state holds {len(counts)} schedule step counts, expected one")
+            count = counts.pop()
+            return _evaluate(self.schedule, range(count - updates, count))
+        state = _injected(opt_state)
+        if self.schedule is not None:  # a plain schedule, evaluated at the hyperparameter's own count
+            count = int(np.asarray(state.hyperparams_states[_LR].count))
+            return _evaluate(self.schedule, range(count - updates, count))
+        value = float(np.asarray(state.hyperparams[_LR]))
+        if _LR in getattr(state, "hyperparams_states", {}):  # a stateful schedule: only its latest value is known
+            return [None] * (updates - 1) + [value]
+        return [value] * updates
+
+    def next_rate(self, opt_state) -> float:
+        """The rate the next update will apply (before any update: the first one's)."""
+        if self.kind == "constant":
+            return self.value
+        if self.kind == "schedule":
+            return float(np.asarray(self.schedule(_states(opt_state, optax.ScaleByScheduleState)[0].count)))
+        state = _injected(opt_state)
+        if self.schedule is not None:
+            return float(np.asarray(self.schedule(state.hyperparams_states[_LR].count)))
+        return float(np.asarray(state.hyperparams[_LR]))
+
+    @classmethod
+    def given(cls, schedule, opt_state=None) -> "LearningRate | None":
+        """The rate an ``optax.inject_hyperparams`` state holds, else the ``schedule`` (a
+        function of the update count) or constant a user names; None when there is neither."""
+        if opt_state is not None and _injected(opt_state) is not None:
+            return cls("injected")
+        if callable(schedule):
+            return cls("schedule", schedule)
+        return None if schedule is None else cls("constant", value=float(schedule))
+
+
+_LR = "learning_rate"
+_INJECTED = tuple(c for c in (getattr(optax, "InjectHyperparamsState", None),
+                              getattr(optax, "InjectStatefulHyperparamsState", None)) if c is not None)
+
+
+def _states(tree, cls) -> list:
+    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
+
+
+def _injected(opt_state):
+    found = [s for s in _states(opt_state, _INJECTED) if _LR in s.hyperparams]
+    return found[0] if len(found) == 1 else None
+
+
+def _evaluate(schedule, counts) -> list[float]:
+    counts = list(counts)
+    if not counts:
+        return []
+    values = np.asarray(schedule(np.asarray(counts, np.int32)), np.float64)
+    if values.shape != (len(counts),):  # a schedule that is not elementwise
+        values = np.array([float(np.asarray(schedule(c))) for c in counts])
+    return values.tolist()
+
+
+@functools.lru_cache(maxsize=1)
+def _codes() -> dict:
+    """The code objects of the optax functions that hold a learning rate: the schedule lambda
+    inside ``scale_by_learning_rate``, ``scale``'s and ``scale_by_schedule``'s update and
+    ``inject_hyperparams``'s update (taken from instances, not from optax's private modules)."""
+    probe = functools.partial(float)  # (a callable no optax code holds)
+    by_schedule = optax.scale_by_learning_rate(probe).update
+    lr_lambda = next(c.cell_contents for c in by_schedule.__closure__ if callable(c.cell_contents))
+    return {"lr_lambda": lr_lambda.__code__, "scale": optax.scale(1.0).update.__code__,
+            "scale_by_schedule": by_schedule.__code__,
+            "inject": optax.inject_hyperparams(optax.sgd)(learning_rate=0.1).update.__code__}
+
+
+def _cell(fn, name):
+    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
+
+
+def _functions(obj, seen=None, depth=0):
+    """Every function reachable from ``obj`` through closures, partials, bound methods and
+    containers (what an Optax transformation is built of)."""
+    seen = set() if seen is None else seen
+    if depth > 64 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, types.FunctionType):
+        yield obj
+        for cell in obj.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:
+                continue
+            yield from _functions(contents, seen, depth + 1)
+    elif isinstance(obj, functools.partial):
+        for part in (obj.func, *obj.args, *obj.keywords.values()):
+            yield from _functions(part, seen, depth + 1)
+    elif isinstance(obj, types.MethodType):
+        yield from _functions(obj.__func__, seen, depth + 1)
+    elif isinstance(obj, (tuple, list)):
+        for part in obj:
+            yield from _functions(part, seen, depth + 1)
+    elif isinstance(obj, dict):
+        for part in obj.values():
+            yield from _functions(part, seen, depth + 1)
+
+
+def learning_rate(tx: optax.GradientTransformation, opt_state=None) -> LearningRate:
+    """Where ``tx`` keeps the learning rate it applies (for ``LearningRateMonitor``).
+
+    Looked for, in order: an ``optax.inject_hyperparams`` state with a ``learning_rate``
+    hyperparameter in ``opt_state`` (the rate each update used; a schedule given to it is
+    evaluated at its count); then optax's ``scale_by_learning_rate`` inside ``tx``, which every
+    optax optimizer (``adam``, ``adamw``, ``sgd``...) ends with, also inside a user's own
+    function, a ``chain``, ``freeze`` or ``apply_if_finite``: its schedule, evaluated at the
+    schedule's step count in ``opt_state``, or its constant.
+
+    Raises:
+        ValueError: the rate cannot be read (no such part, or several that differ); the
+            message says why. Nothing is guessed.
+    """
+    codes = _codes()
+    if opt_state is not None and _injected(opt_state) is not None:
+        schedule = None
+        for fn in _functions(tx.update):
+            if fn.__code__ is codes["inject"]:
+                # (optax wraps a plain schedule as WrappedSchedule(schedule_fn); a stateful one has no history)
+                schedule = getattr(_cell(fn, "sched_hps").get(_LR), "schedule_fn", None)
+        return LearningRate("injected", schedule)
+    if opt_state is not None and len(_states(opt_state, _INJECTED)) > 1:
+        raise ValueError("the optimizer injects hyperparameters in several places")
+    schedules, constants, other = [], [], 0
+    lr_lambdas = set()
+    for fn in _functions(tx.update):
+        if fn.__code__ is codes["lr_lambda"]:
+            lr_lambdas.add(id(fn))
+            if not any(s is _cell(fn, "learning_rate") for s in schedules):
+                schedules.append(_cell(fn, "learning_rate"))
+        elif fn.__code__ is codes["scale"]:
+            constants.append(abs(float(np.asarray(_cell(fn, "step_size")))))
+    for fn in _functions(tx.update):
+        if fn.__code__ is codes["scale_by_schedule"] and id(_cell(fn, "step_size_fn")) not in lr_lambdas:
+            other += 1
+    if len(schedules) == 1 and not constants and not other:
+        return LearningRate("schedule", schedules[0])
+    if not schedules and constants and len(set(constants)) == 1 and not other:  # (one rate, maybe in several parts)
+        return LearningRate("constant", value=constants[0])
+    if not schedules and not constants and not other:
+        raise ValueError("the optimizer has no learning rate jaxlight can read (no optax.inject_hyperparams "
+                         "learning_rate and no optax scale_by_learning_rate)")
+    places = len(schedules) + len(constants) + other
+    raise ValueError(f"the optimizer scales its updates in {places} places (a learning rate per part?), so no "
+                     f"single rate is the one applied; wrap it with optax.inject_hyperparams to log one")

@@ -6,7 +6,8 @@ Every strategy computes the same thing as one device on the whole global batch:
 
 - The global batch of ``B`` examples is cut into ``n`` contiguous slices of ``B / n`` rows,
   slice ``d`` on device ``d`` (``B`` must divide by ``n``: :class:`ParallelError` otherwise).
-- Both run the one pure step, ``jaxlight.step.apply_train_step``. ``sharded`` (the core path,
+- Both run the one pure step, ``jaxlight.step.apply_step`` (``apply_train_step``, or the
+  state's own ``step_fn``). ``sharded`` (the core path,
   in the style of current JAX) jits it over a ``Mesh`` with the batch split by a
   ``NamedSharding``: the program is the single-device program on global arrays, and XLA's
   partitioner inserts the all-reduces. ``pmap`` maps it with ``axis_name``: each device runs
@@ -66,6 +67,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlight import step as _step
 from jaxlight.data.arrays import ArrayDataset, host_batch_indices
+from jaxlight.data.stream import pad_batch
 from jaxlight.state import TrainState
 
 __all__ = [
@@ -373,9 +375,16 @@ class Strategy:
         for bi, bm in zip(idx[start:, rows], mask[start:, rows]):
             yield jax.tree.map(lambda a: a[bi], data.data), bm
 
-    def _checked(self, state, batch, mask, labels: bool = True):
+    def _checked(self, state, batch, mask, labels: bool = True, pad: bool = False):
+        """``(state, batch, mask)`` checked and placed. ``pad`` (evaluation, prediction): a batch
+        whose rows do not divide over the devices is padded as an ``ArrayDataset``'s last batch
+        is (copies of its first row, mask 0), in a single-process run; training refuses it."""
         _step.check_not_donated(state)
         batch, mask = _step.check_batch(state, batch, mask, labels=labels)
+        if pad and not is_multiprocess() and len(mask) % self.num_devices:
+            size = -(-len(mask) // self.num_devices) * self.num_devices
+            batch = pad_batch(batch, size)[0]
+            mask = np.concatenate([np.asarray(mask, np.float32), np.zeros(size - len(mask), np.float32)])
         self.check_batch_size(len(mask) * jax.process_count())
         return self.prepare_state(state), batch, mask
 
@@ -524,13 +533,17 @@ class _Replicated(Strategy):
         return self._train_step(state, *self._place_batch(batch, mask))
 
     def eval_step(self, state, batch, mask=None):
-        state, batch, mask = self._checked(state, batch, mask)
+        state, batch, mask = self._checked(state, batch, mask, pad=True)
         return self._eval_step(state, *self._place_batch(batch, mask))
 
     def predict_step(self, state, batch, mask=None, predict_fn=None):
-        """The global batch's outputs (every process gets all of them)."""
-        state, batch, mask = self._checked(state, batch, mask, labels=False)
+        """The global batch's outputs (every process gets all of them); a batch padded to divide
+        over the devices gives its own rows back."""
+        rows = len(jax.tree.leaves(batch)[0])
+        state, batch, mask = self._checked(state, batch, mask, labels=False, pad=True)
         outputs = self._predict_step(predict_fn)(state, *self._place_batch(batch, mask))
+        if len(mask) != rows:
+            outputs = jax.tree.map(lambda a: a[:rows], outputs)
         if is_multiprocess():
             from jax.experimental import multihost_utils
 
@@ -557,25 +570,28 @@ class Pmap(_Replicated):
 
     name: str = "pmap"
 
-    def _pmap(self, fn, in_axes, donate=()):
-        return jax.pmap(fn, axis_name=AXIS, devices=self.devices, in_axes=in_axes,
-                        out_axes=None, donate_argnums=donate)
+    def _pmap(self, fn, in_axes, donate=(), evaluation: bool = False, out_axes=None):
+        """``fn`` pmapped over the devices, its programs kept per state configuration
+        (``jaxlight.step.Compiled``)."""
+        make = functools.partial(jax.pmap, axis_name=AXIS, devices=self.devices, in_axes=in_axes,
+                                 out_axes=out_axes, donate_argnums=donate)
+        return _step.Compiled(fn, make, evaluation)
 
     @functools.cached_property
     def _train_step(self):
-        step = self._pmap(functools.partial(_step.apply_train_step, axis_name=AXIS), (None, 0, 0), donate=(0,))
+        step = self._pmap(functools.partial(_step.apply_step, axis_name=AXIS), (None, 0, 0), donate=(0,))
         return lambda state, batch, mask: step(state, *self._split((batch, mask)))
 
     @functools.cached_property
     def _eval_step(self):
-        step = self._pmap(functools.partial(_step.apply_eval_step, axis_name=AXIS), (None, 0, 0))
+        step = self._pmap(functools.partial(_step.apply_eval_step, axis_name=AXIS), (None, 0, 0), evaluation=True)
         return lambda state, batch, mask: step(state, *self._split((batch, mask)))
 
     def _predict_step(self, predict_fn):
         programs = self._chunk_programs
         if ("predict", predict_fn) not in programs:
             fn = functools.partial(_step.apply_predict, axis_name=AXIS, predict_fn=predict_fn)
-            step = jax.pmap(fn, axis_name=AXIS, devices=self.devices, in_axes=(None, 0, 0))
+            step = self._pmap(fn, (None, 0, 0), evaluation=True, out_axes=0)
             # (n, B/n, ...) per device -> (B, ...): device d held row block d.
             programs[("predict", predict_fn)] = lambda state, batch, mask: jax.tree.map(
                 lambda a: a.reshape((-1,) + a.shape[2:]), step(state, *self._split((batch, mask))))
@@ -606,7 +622,7 @@ class Pmap(_Replicated):
         key = (kind, steps, unroll)
         if key not in self._chunk_programs:
             if kind in ("train", "accumulate"):
-                body = (functools.partial(_step.apply_train_step, axis_name=AXIS) if kind == "train" else
+                body = (functools.partial(_step.apply_step, axis_name=AXIS) if kind == "train" else
                         functools.partial(_step.apply_accumulated_step, axis_name=AXIS, unroll=unroll))
                 fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
                     body, state, data, idx, mask, start, steps, unroll)
@@ -615,7 +631,7 @@ class Pmap(_Replicated):
                 body = _step._eval_body(functools.partial(_step.apply_eval_step, axis_name=AXIS))
                 fn = lambda state, data, idx, mask, start: _step.chunk(  # noqa: E731
                     body, state, data, idx, mask, start, steps)[1]
-                self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None))
+                self._chunk_programs[key] = self._pmap(fn, (None, None, 0, 0, None), evaluation=True)
         return self._chunk_programs[key]
 
     def prepare_indices(self, idx, mask):
@@ -668,16 +684,18 @@ class Sharded(_Replicated):
         return jax.lax.with_sharding_constraint(tree, self.batch_sharding)
 
     def _jit_train(self, fn, **kwargs):
-        """A training program: state donated, ``(state, metrics)`` out in this layout."""
-        return jax.jit(fn, out_shardings=(self._state_out, self.replicated), donate_argnums=0, **kwargs)
+        """A training program: state donated, ``(state, metrics)`` out in this layout (kept per
+        state configuration: ``jaxlight.step.Compiled``)."""
+        return _step.Compiled(fn, jax.jit, out_shardings=(self._state_out, self.replicated), donate_argnums=0,
+                              **kwargs)
 
     @functools.cached_property
     def _train_step(self):
-        return self._jit_train(self._pinned(_step.apply_train_step))
+        return self._jit_train(self._pinned(_step.apply_step))
 
     @functools.cached_property
     def _eval_step(self):
-        return jax.jit(_step.apply_eval_step, out_shardings=self.replicated)
+        return _step.Compiled(_step.apply_eval_step, jax.jit, evaluation=True, out_shardings=self.replicated)
 
     def _constrain_window(self, tree):
         return jax.lax.with_sharding_constraint(tree, self.window_sharding)
@@ -695,7 +713,8 @@ class Sharded(_Replicated):
 
     @functools.cached_property
     def _predict_jit(self):
-        return jax.jit(_step.apply_predict, static_argnames=("axis_name", "predict_fn", "train"))
+        return _step.Compiled(_step.apply_predict, jax.jit, evaluation=True,
+                              static_argnames=("axis_name", "predict_fn", "train"))
 
     def _predict_step(self, predict_fn):
         return lambda state, batch, mask: self._predict_jit(state, batch, mask, predict_fn=predict_fn)
@@ -704,7 +723,7 @@ class Sharded(_Replicated):
     def _train_chunk_jit(self):
         # The argument order of ``jaxlight.step.train_chunk``; steps and unroll are static.
         fn = lambda state, data, idx, mask, steps, start, unroll: _step.chunk(  # noqa: E731
-            self._pinned(_step.apply_train_step), state, data, idx, mask, start, steps, unroll, self._constrain)
+            self._pinned(_step.apply_step), state, data, idx, mask, start, steps, unroll, self._constrain)
         return self._jit_train(fn, static_argnums=(4, 6))
 
     @functools.cached_property
@@ -712,7 +731,7 @@ class Sharded(_Replicated):
         body = _step._eval_body(_step.apply_eval_step)
         fn = lambda state, data, idx, mask, steps, start: _step.chunk(  # noqa: E731
             body, state, data, idx, mask, start, steps, False, self._constrain)[1]
-        return jax.jit(fn, static_argnums=4, out_shardings=self.replicated)
+        return _step.Compiled(fn, jax.jit, evaluation=True, static_argnums=4, out_shardings=self.replicated)
 
     def lower_train_step(self, state, batch, mask=None):
         state, batch, mask = self._checked(state, batch, mask)

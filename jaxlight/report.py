@@ -74,4 +74,11 @@ def write_json(path: str | Path, payload: dict, **dump_kw) -> Path:
     (:func:`write_text_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(path, json.dumps(payload, **{"indent": 2, **dump_kw}) + "\n")
+    return write_text_atomic(path, json.dumps(payload, **{"indent": 2, "default": _numpy, **dump_kw}) + "\n")
+
+
+def _numpy(value):
+    """A numpy array or number (a confusion matrix among the metrics) as JSON data."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

@@ -78,6 +78,8 @@ def _fingerprint(obj, depth: int = 0, active: frozenset = frozenset()):
             return _Identity(obj)
         host = np.asarray(obj)
         return "array", type(obj), host.dtype.str, host.shape, host.tobytes()
+    if isinstance(obj, _Keyed):  # (see keyed_transformation: a nested one compares by its update too)
+        return "keyed", obj.__dict__["_key"]
     if isinstance(obj, (tuple, list)):
         return type(obj), tuple(inner(e) for e in obj)
     if isinstance(obj, dict) and type(obj) is dict:
@@ -140,11 +142,20 @@ def keyed_transformation(tx: optax.GradientTransformation) -> optax.GradientTran
     The optimizer is a static field of :class:`TrainState`, so it is part of every jitted
     step's cache key. Optax transformations compare by identity: every ``optax.adam(1e-3)``
     built anew (one per trial of a sweep) would compile the step again and keep the program.
-    The keyed form compares by a structural fingerprint (the ``init``/``update`` functions'
-    code, defaults and closure contents, recursively: learning rates and other
-    hyperparameters by value, schedules by their own code and constants), so two
-    transformations built the same way share one compiled program and two with different
-    hyperparameters do not. What cannot be fingerprinted counts by identity.
+    The keyed form compares by a structural fingerprint of its ``update`` function (its code,
+    defaults and closure contents, recursively: learning rates and other hyperparameters by
+    value, schedules by their own code and constants), so two transformations built the same
+    way share one compiled program and two with different hyperparameters do not. What cannot
+    be fingerprinted counts by identity.
+
+    Only ``update`` runs inside a compiled step (``init`` runs once, eagerly, and its result
+    is the state's ``opt_state``), so ``init`` is left out: ``optax.inject_hyperparams(
+    optax.adam)(learning_rate=lr)`` keeps ``lr`` in its state, not in its ``update``, and
+    every learning rate of a sweep shares one program. A keyed transformation inside another
+    one's closure counts by its ``update`` alone too: jaxlight keys what it wraps in
+    ``optax.chain``, ``optax.apply_if_finite`` (``Trainer`` clipping and NaN skipping) and
+    ``optax.multi_transform`` (``jaxlight.optim.freeze``), whose updates never call the inner
+    ``init``.
 
     Example:
         >>> keyed_transformation(optax.adam(1e-3)) == keyed_transformation(optax.adam(1e-3))
@@ -156,7 +167,7 @@ def keyed_transformation(tx: optax.GradientTransformation) -> optax.GradientTran
         return tx
     cls = KeyedTransformationExtraArgs if isinstance(tx, optax.GradientTransformationExtraArgs) else KeyedTransformation
     keyed = tuple.__new__(cls, (tx.init, tx.update))
-    key = ("optax", cls, _fingerprint(tx.init), _fingerprint(tx.update))
+    key = ("optax", cls, _fingerprint(tx.update))
     keyed.__dict__.update(_key=key, _hash=hash(key))
     return keyed
 
@@ -192,6 +203,9 @@ class TrainState:
             casts the parameters and floating batch leaves to bfloat16 inside the step (mixed
             precision: the stored parameters, gradients and optimizer state stay float32).
             Set by ``jaxlight.trainer.TrainerConfig(precision="bf16")``.
+        step_fn: your own train step, ``step_fn(state, batch, mask, axis_name=None) -> (state,
+            metrics)`` (the signature of ``jaxlight.step.apply_train_step``), run instead of
+            the built-in one by every path (``jaxlight.step.apply_step``); None: the built-in.
     """
 
     step: jax.Array
@@ -207,6 +221,7 @@ class TrainState:
     loss_fn: Callable = struct.field(pytree_node=False)
     input_shape: tuple | None = struct.field(pytree_node=False, default=None)
     compute_dtype: Any = struct.field(pytree_node=False, default=None)
+    step_fn: Callable | None = struct.field(pytree_node=False, default=None)
 
     @property
     def task(self) -> Task | Callable:
@@ -226,7 +241,8 @@ class TrainState:
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, seed: int = 0
+    model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable, seed: int = 0,
+    step_fn: Callable | None = None,
 ) -> TrainState:
     """Split ``model`` once and build its state.
 
@@ -239,6 +255,11 @@ def create_train_state(
             (``jaxlight.tasks.multiclass()`` and friends); see ``jaxlight.tasks``.
         seed: the run's seed for the data order and for dropout (the model's initial weights
             come from its own ``nnx.Rngs``).
+        step_fn: your own pure train step, ``step_fn(state, batch, mask, axis_name=None) ->
+            (state, metrics)``, which every training path then runs instead of
+            ``jaxlight.step.apply_train_step`` (a GAN's alternating updates, two optimizers, any
+            update rule; see ``jaxlight.step.apply_step``). ``loss_fn`` still serves evaluation,
+            prediction and the first-batch check.
 
     Example:
         >>> from jaxlight import build_model, create_train_state, tasks, optim
@@ -248,6 +269,9 @@ def create_train_state(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if step_fn is not None and not callable(step_fn):
+        raise TypeError(f"step_fn must be callable as step_fn(state, batch, mask, axis_name=None), got "
+                        f"{type(step_fn).__name__}")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     modes = dict(raise_if_not_found=False)
@@ -268,4 +292,5 @@ def create_train_state(
         tx=keyed_transformation(tx),
         loss_fn=loss_fn,
         input_shape=tuple(getattr(model, "input_shape", None) or ()) or None,
+        step_fn=step_fn,
     )

@@ -58,6 +58,7 @@ from flax import nnx
 from jaxlight.data.stream import check_structure, leaf_name
 from jaxlight.errors import BatchError, DonatedStateError
 from jaxlight.layers import LayerError, stand_ins
+from jaxlight.metrics import Metric
 from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import MODEL_STATE, TrainState
 from jaxlight.tasks import _COMPUTE_DTYPE, Task, compute_dtype, takes_mask
@@ -66,7 +67,9 @@ __all__ = [
     "BatchError",
     "DonatedStateError",
     "apply_train_step",
+    "apply_step",
     "apply_grads",
+    "apply_optimizer",
     "apply_accumulated_step",
     "apply_eval_step",
     "apply_predict",
@@ -85,6 +88,9 @@ __all__ = [
     "gather",
     "default_steps_per_call",
     "needs_unroll",
+    "Compiled",
+    "set_program_cache_size",
+    "without_optimizer",
 ]
 
 
@@ -113,6 +119,9 @@ def _running_loss(model, mask, axis_name, dtype):
 
 # --------------------------------------------------------------------------------------------
 # The pure steps
+
+_NO_ACCUMULATION = ("gradient accumulation (accumulate_grad_batches) averages the gradients of the built-in step; "
+                    "a state with its own step_fn accumulates inside that step, if it needs to")
 
 
 def _cast(tree, dtype):
@@ -143,7 +152,8 @@ def _step_rng_state(state: TrainState, axis_name):
 
 
 def _reduce(losses, metrics, mask, axis_name):
-    """Masked means over the real rows of the (global) batch: ``(loss, {"loss", ..., "count"})``.
+    """Masked means over the real rows of the (global) batch: ``(loss, {"loss", ..., "count"})``;
+    a :class:`~jaxlight.metrics.Metric` comes out as its statistics summed over those rows.
 
     ``loss`` is this device's share of the global mean (the gradient of the global mean is the
     sum of the devices' gradients of it); the returned metrics are global.
@@ -159,30 +169,37 @@ def _reduce(losses, metrics, mask, axis_name):
         return jnp.sum(v * mask) / denom
 
     loss = share(losses)
-    values = {"loss": loss, **{k: share(v) for k, v in metrics.items()}}
+    # A Metric's statistics are summed over the real rows (its value comes from the split's sums).
+    values = {"loss": loss, **{k: v.reduce(mask) if isinstance(v, Metric) else share(v) for k, v in metrics.items()}}
     if axis_name is not None:
         values = jax.lax.psum(values, axis_name)
     return loss, {**values, "count": total}
 
 
-def _loss_for_grad(params, state: TrainState, batch, mask, axis_name):
+def _loss_for_grad(params, state: TrainState, batch, mask, axis_name, loss_fn=None):
     dtype = state.compute_dtype
     model = _model(state, True, params, _step_rng_state(state, axis_name))
     with _running_loss(model, mask, axis_name, dtype):
-        losses, metrics = _call_loss(state, model, _cast(batch, dtype), mask)
+        losses, metrics = _call_loss(state, model, _cast(batch, dtype), mask, loss_fn)
     loss, metrics = _reduce(losses, metrics, mask, axis_name)
     model_state = nnx.state(model, MODEL_STATE)
     return loss, (metrics, model_state)
 
 
-def apply_grads(state: TrainState, batch, mask, axis_name: str | None = None):
+def apply_grads(state: TrainState, batch, mask, axis_name: str | None = None, loss_fn=None):
     """The gradient of the masked mean loss, pure: ``-> (grads, metrics, model_state)``.
 
     The first half of :func:`apply_train_step` (which adds the Optax update): ``grads`` is the
-    gradient of the global batch's mean loss (``psum``-ed over ``axis_name``), ``model_state``
-    the model's updated batch statistics.
+    gradient of the global batch's mean loss (``psum``-ed over ``axis_name``) with respect to
+    every parameter, ``metrics`` its ``{"loss", <the loss's metrics>, "count"}`` over the real
+    rows, ``model_state`` the model's updated batch statistics. The model runs in train mode
+    with this step's dropout keys, on the real rows, as in the built-in step.
+
+    ``loss_fn``: another loss than the state's, with the same contract (a step of your own that
+    takes the gradients of several losses: a GAN's discriminator and generator losses).
     """
-    grads, (metrics, model_state) = jax.grad(_loss_for_grad, has_aux=True)(state.params, state, batch, mask, axis_name)
+    grads, (metrics, model_state) = jax.grad(_loss_for_grad, has_aux=True)(state.params, state, batch, mask,
+                                                                         axis_name, loss_fn)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
     return grads, metrics, model_state
@@ -210,6 +227,100 @@ def _apply_gradients(state: TrainState, grads, model_state) -> TrainState:
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+
+
+def apply_optimizer(state: TrainState, grads, model_state=None, part: str | None = None) -> TrainState:
+    """``state`` after one update of its optimizer with ``grads``, pure; ``step`` is not
+    advanced (:func:`apply_step` counts a step of your own once).
+
+    Args:
+        state: the current state.
+        grads: a gradient of the shape of ``state.params`` (:func:`apply_grads`).
+        model_state: the model's new batch statistics, when they changed.
+        part: with an optimizer built by ``jaxlight.optim.parts({"generator": ..., ...})``,
+            update only that part: its parameters, with its own optimizer and state (the
+            other parts, their optimizer states and their ``grads`` are left alone).
+    """
+    if part is None:
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    else:
+        from jaxlight.optim import PartsState
+
+        found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, PartsState))
+                 if isinstance(s, PartsState)]
+        if not found or part not in found[0].states:
+            names = sorted(found[0].states) if found else None
+            raise ValueError(f"apply_optimizer(part={part!r}) needs an optimizer built by jaxlight.optim.parts "
+                             f"with that part" + (f"; its parts are {names}" if names else ""))
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, part=part)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, opt_state=opt_state)
+    return new if model_state is None else new.replace(model_state=model_state)
+
+
+def apply_step(state: TrainState, batch, mask, axis_name: str | None = None):
+    """The train step every path runs (fused chunks, host steps, every strategy, the Trainer).
+
+    The state's own ``step_fn`` when it has one (``create_train_state(..., step_fn=...)``), else
+    :func:`apply_train_step`. A step of your own has the signature of :func:`apply_train_step`,
+    ``step_fn(state, batch, mask, axis_name=None) -> (state, metrics)``, and is pure (it is
+    traced once into the compiled program). The engine around it is the built-in one: the
+    padded, masked batches, K steps per compiled call, checkpoints that resume exactly, the
+    strategies (with ``axis_name`` under ``pmap``: reduce over it, as :func:`apply_grads`
+    does). Its contract, checked when it is first traced (:class:`BatchError` otherwise):
+
+    - it returns a state of the same structure, shapes and dtypes; jaxlight advances
+      ``step`` by one (the step number that dropout keys, the data position and the learning
+      rate schedules count);
+    - ``metrics`` holds ``"loss"`` (what the NaN check, the progress bar and the loggers read)
+      and scalars (the batch's values over its real rows, averaged over an epoch weighted by
+      real rows) or :class:`~jaxlight.metrics.Metric` sums; ``"count"`` (the real rows) is
+      filled in when absent.
+
+    Building blocks: :func:`apply_grads` (the gradient of any loss over the real rows) and
+    :func:`apply_optimizer` (one update, of one part with ``jaxlight.optim.parts``).
+    """
+    if state.step_fn is None:
+        return apply_train_step(state, batch, mask, axis_name)
+    out = state.step_fn(state, batch, mask, axis_name)
+    new, metrics = _check_step_outputs(state, out, mask, axis_name)
+    return new.replace(step=state.step + 1), metrics
+
+
+def _check_step_outputs(state: TrainState, out, mask, axis_name):
+    """A step of your own's ``(state, metrics)``, checked against the contract at trace time."""
+    name = getattr(state.step_fn, "__name__", "step_fn")
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise BatchError(f"{name} returned {type(out).__name__}; a train step returns (state, metrics)")
+    new, metrics = out
+    if not isinstance(new, TrainState):
+        raise BatchError(f"{name} returned {type(new).__name__} as its state; it returns a TrainState "
+                         f"(state.replace(params=..., opt_state=...))")
+    before, after = jax.tree_util.tree_flatten_with_path(state), jax.tree_util.tree_flatten_with_path(new)
+    if before[1] != after[1]:
+        raise BatchError(f"{name} returned a state of another structure than it was given; keep every field's "
+                         f"tree (params, opt_state, model_state...) as it came in")
+    for (path, a), (_, b) in zip(before[0], after[0]):
+        if (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b)):
+            raise BatchError(f"{name} returned state{jax.tree_util.keystr(path)} as {jnp.shape(b)} "
+                             f"{jnp.result_type(b)}; it came in as {jnp.shape(a)} {jnp.result_type(a)}")
+    if not isinstance(metrics, dict) or "loss" not in metrics:
+        got = sorted(metrics) if isinstance(metrics, dict) else type(metrics).__name__
+        raise BatchError(f"{name} returned metrics {got}; they are a dict with a 'loss' (what the NaN check, the "
+                         f"progress bar and the loggers read)")
+    checked = {}
+    for key, value in metrics.items():
+        if isinstance(value, Metric):
+            checked[key] = value
+            continue
+        if jnp.shape(value) != ():
+            raise BatchError(f"{name} returned metric {key!r} of shape {jnp.shape(value)}; a train step's metrics are "
+                             f"scalars (the batch's value over its real rows) or jaxlight.metrics sums")
+        checked[key] = jnp.asarray(value, jnp.float32)
+    if "count" not in checked:
+        count = jnp.sum(mask)
+        checked["count"] = jax.lax.psum(count, axis_name) if axis_name is not None else count
+    return new, checked
 
 
 def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | None = None,
@@ -245,6 +356,8 @@ def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | N
     Example:
         >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)  # doctest: +SKIP
     """
+    if state.step_fn is not None:
+        raise ValueError(_NO_ACCUMULATION)
     def micro(carry, xs):
         grads, model_state = carry
         j, batch, mask = xs
@@ -266,7 +379,8 @@ def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | N
     grads = jax.tree.map(lambda x: x / denom, grads)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
-    metrics = {k: jnp.sum(v * counts) / denom for k, v in stacked.items() if k != "count"}
+    metrics = {k: jax.tree.map(lambda a: jnp.sum(a, axis=0), v) if isinstance(v, Metric)
+               else jnp.sum(v * counts) / denom for k, v in stacked.items() if k != "count"}
     return _apply_gradients(state, grads, model_state), {**metrics, "count": total}
 
 
@@ -445,15 +559,17 @@ def check_loss(state: TrainState, batch, mask, where: str = "batch") -> None:
     A state and batch of the same structure and types as one already checked are not traced
     again (as ``jax.jit`` does not trace again what it has traced).
     """
-    types = _trace_key(state, batch, mask)
-    for apply, mode in ((apply_train_step, "training"), (apply_eval_step, "evaluation")):
+    # (evaluation sees the state as its programs do, without the optimizer: one check for every optimizer)
+    for apply, mode, checked in ((apply_step, "training", state), (apply_eval_step, "evaluation",
+                                                                    without_optimizer(state))):
+        types = _trace_key(checked, batch, mask)
         key = None if types is None else (mode, *types)
         with _CHECKED_LOCK:
             if key is not None and key in _CHECKED:
                 _CHECKED.move_to_end(key)
                 continue
         try:
-            jax.eval_shape(lambda s, b, m: apply(s, b, m), state, batch, mask)
+            jax.eval_shape(lambda s, b, m: apply(s, b, m), checked, batch, mask)
         except BatchError:  # the loss contract (_check_loss_outputs), already one line
             raise
         except Exception as exc:  # the user's model or loss: name it, do not bury it
@@ -474,7 +590,11 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
         raise BatchError(f"loss_fn returned metrics of type {type(metrics).__name__}; it must return "
                          f"(losses, metrics) with metrics a dict of (B,) arrays")
     allowed = {(batch_size,)} | ({()} if masked else set())
-    shapes = {"losses": losses, **{f"metric {k!r}": v for k, v in metrics.items()}}
+    for k, v in metrics.items():
+        problem = v.check(batch_size, k) if isinstance(v, Metric) else None
+        if problem:
+            raise BatchError(f"loss_fn returned {problem}")
+    shapes = {"losses": losses, **{f"metric {k!r}": v for k, v in metrics.items() if not isinstance(v, Metric)}}
     for name, value in shapes.items():
         shape = tuple(getattr(value, "shape", ()))
         if shape not in allowed:
@@ -503,10 +623,11 @@ class _Float32Outputs:
         return getattr(self._model, name)
 
 
-def _call_loss(state: TrainState, model, batch, mask):
-    """``loss_fn(model, batch[, mask])``, its outputs checked against the contract (at trace time)."""
-    return _call_loss_fn(state.loss_fn, _Float32Outputs(model) if state.compute_dtype is not None else model,
-                         batch, mask)
+def _call_loss(state: TrainState, model, batch, mask, loss_fn=None):
+    """``loss_fn(model, batch[, mask])`` (the state's by default), its outputs checked against
+    the contract (at trace time)."""
+    model = _Float32Outputs(model) if state.compute_dtype is not None else model
+    return _call_loss_fn(loss_fn or state.loss_fn, model, batch, mask)
 
 
 def _call_loss_fn(loss_fn, model, batch, mask):
@@ -519,11 +640,160 @@ def _call_loss_fn(loss_fn, model, batch, mask):
 
 
 # --------------------------------------------------------------------------------------------
-# Compiled forms
+# Compiled forms, kept per configuration of the state
 
 
-_train_step_jit = jax.jit(apply_train_step, donate_argnums=0)
-_eval_step_jit = jax.jit(apply_eval_step)
+def without_optimizer(state: TrainState) -> TrainState:
+    """``state`` without its optimizer and optimizer state: what evaluation and prediction
+    compile against, so that one program serves every optimizer (a sweep's trials)."""
+    if state.tx is None and state.opt_state is None:
+        return state
+    return state.replace(tx=None, opt_state=None)
+
+
+_STATIC = ("graphdef", "eval_graphdef", "tx", "loss_fn", "input_shape", "compute_dtype", "step_fn")
+
+
+class _ProgramCache:
+    """The compiled programs of every :class:`Compiled` function, grouped by the state's static
+    configuration (its graphdefs, optimizer, loss, step, precision), the ``size`` most recently
+    used configurations kept. A sweep that builds a new optimizer per trial with other
+    hyperparameters (``optax.adam(lr)``) needs new programs every trial; the oldest trial's are
+    dropped, so memory stays flat. Configurations are told apart by equality (an equal
+    optimizer built anew shares the programs) and looked up by identity first (hashing a
+    graphdef costs more than a small step)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._lock = threading.Lock()
+        self._tokens: dict = {}                           # static config -> token
+        self._by_id: collections.OrderedDict = collections.OrderedDict()  # ids -> (objects, token)
+        self._programs: collections.OrderedDict = collections.OrderedDict()  # token -> {Compiled: program}
+        self._next = 0
+
+    def _token(self, state) -> int:
+        objects = tuple(getattr(state, name) for name in _STATIC)
+        ids = tuple(map(id, objects))
+        hit = self._by_id.get(ids)
+        if hit is not None and all(a is b for a, b in zip(hit[0], objects)):
+            self._by_id.move_to_end(ids)
+            return hit[1]
+        token = self._tokens.get(objects)
+        if token is None:
+            token = self._tokens[objects] = self._next
+            self._next += 1
+        self._by_id[ids] = (objects, token)
+        while len(self._by_id) > 4 * self.size:
+            self._by_id.popitem(last=False)
+        return token
+
+    def get(self, state, function: "Compiled"):
+        with self._lock:
+            token = self._token(state)
+            programs = self._programs.get(token)
+            if programs is None:
+                programs = self._programs[token] = {}
+                while len(self._programs) > self.size:
+                    self._evict(next(iter(self._programs)))
+            self._programs.move_to_end(token)
+            program = programs.get(function)
+            if program is None:
+                program = programs[function] = function.build()
+            return program
+
+    def _evict(self, token: int) -> None:
+        del self._programs[token]
+        self._tokens = {k: v for k, v in self._tokens.items() if v != token}
+        for ids in [i for i, (_, t) in self._by_id.items() if t == token]:
+            del self._by_id[ids]
+
+    def programs_of(self, function: "Compiled") -> list:
+        with self._lock:
+            return [p[function] for p in self._programs.values() if function in p]
+
+    def forget(self, function: "Compiled") -> None:
+        with self._lock:
+            for programs in self._programs.values():
+                programs.pop(function, None)
+
+    def resize(self, size: int) -> None:
+        with self._lock:
+            self.size = size
+            while len(self._programs) > size:
+                self._evict(next(iter(self._programs)))
+
+
+PROGRAMS = _ProgramCache(8)
+
+
+def set_program_cache_size(configurations: int) -> None:
+    """Keep the compiled programs of this many state configurations (default 8); the least
+    recently used configuration's programs are dropped beyond it (and compiled again if it
+    comes back)."""
+    if not isinstance(configurations, int) or configurations < 1:
+        raise ValueError(f"configurations must be an int >= 1, got {configurations!r}")
+    PROGRAMS.resize(configurations)
+
+
+class Compiled:
+    """``fn`` compiled by ``make`` (``jax.jit`` with ``options``, or a ``pmap``), one program
+    set per configuration of the state (its first argument) in :data:`PROGRAMS`, so that the
+    programs of configurations no longer used are freed (a ``jax.jit`` keeps every program it
+    ever compiled). Called, lowered (``.lower``) and counted (``._cache_size()``) as a jitted
+    function. ``evaluation=True``: the state's optimizer is left out (:func:`without_optimizer`).
+
+    The state a training program returns carries the caller's static fields (its optimizer
+    object, not an equal one from the call that compiled the program).
+    """
+
+    def __init__(self, fn, make=jax.jit, evaluation: bool = False, **options):
+        functools.update_wrapper(self, fn)
+        self.fn, self.make, self.options, self.evaluation = fn, make, options, evaluation
+
+    def build(self):
+        fn = self.fn
+        # A new function object per configuration: JAX's tracing caches hold it weakly, so
+        # they are freed with the program.
+        fresh = functools.wraps(fn)(lambda *args, **kwargs: fn(*args, **kwargs))
+        return self.make(fresh, **self.options)
+
+    def _program(self, state):
+        return PROGRAMS.get(state, self)
+
+    def __call__(self, state, *args, **kwargs):
+        if self.evaluation:
+            state = without_optimizer(state)
+        out = self._program(state)(state, *args, **kwargs)
+        return _with_statics(out, state)
+
+    def lower(self, state, *args, **kwargs):
+        if self.evaluation:
+            state = without_optimizer(state)
+        return self._program(state).lower(state, *args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return sum(p._cache_size() for p in PROGRAMS.programs_of(self) if hasattr(p, "_cache_size"))
+
+    def clear_cache(self) -> None:
+        PROGRAMS.forget(self)
+
+
+def _with_statics(out, state):
+    """``out`` (a state, or a tuple starting with one) with ``state``'s static fields."""
+    new = out[0] if isinstance(out, tuple) and out and isinstance(out[0], TrainState) else out
+    if not isinstance(new, TrainState) or all(getattr(new, n) is getattr(state, n) for n in _STATIC):
+        return out
+    new = new.replace(**{n: getattr(state, n) for n in _STATIC})
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def compiled(evaluation: bool = False, **options):
+    """``@compiled(static_argnums=..., donate_argnums=...)``: a :class:`Compiled` ``jax.jit``."""
+    return lambda fn: Compiled(fn, jax.jit, evaluation, **options)
+
+
+_train_step_jit = Compiled(apply_step, donate_argnums=0)
+_eval_step_jit = Compiled(apply_eval_step, evaluation=True)
 
 
 def train_step(state: TrainState, batch, mask=None) -> tuple[TrainState, dict]:
@@ -551,7 +821,7 @@ def eval_step(state: TrainState, batch, mask=None) -> dict:
     return _eval_step_jit(state, *check_batch(state, batch, mask))
 
 
-@functools.partial(jax.jit, static_argnames=("predict_fn",))
+@compiled(evaluation=True, static_argnames=("predict_fn",))
 def _predict_jit(state, batch, mask, predict_fn=None):
     return apply_predict(state, batch, mask, predict_fn=predict_fn)
 
@@ -595,7 +865,7 @@ def _eval_body(eval_fn):
     return lambda state, batch, mask: (state, eval_fn(state, batch, mask))
 
 
-@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
+@compiled(static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
 def train_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll: bool = False):
     """``steps`` training steps in one compiled program, on data that lives on the device.
 
@@ -614,17 +884,17 @@ def train_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll:
     Returns:
         The new state and per-step metrics, each stacked to ``(steps,)``.
     """
-    return chunk(apply_train_step, state, data, idx, mask, start, steps, unroll)
+    return chunk(apply_step, state, data, idx, mask, start, steps, unroll)
 
 
-@functools.partial(jax.jit, static_argnames=("unroll",), donate_argnums=(0,))
+@compiled(static_argnames=("unroll",), donate_argnums=(0,))
 def accumulated_step(state: TrainState, batches, masks, unroll: bool = False):
     """:func:`apply_accumulated_step` jit-compiled, state donated: one optimizer update over a
     window of host micro-batches ``(A, B, ...)``, masks ``(A, B)``."""
     return apply_accumulated_step(state, batches, masks, unroll=unroll)
 
 
-@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
+@compiled(static_argnums=(4,), static_argnames=("unroll",), donate_argnums=(0,))
 def accumulated_chunk(state: TrainState, data, idx, mask, steps: int, start=0, unroll: bool = False):
     """``steps`` optimizer updates with gradient accumulation in one compiled program.
 
@@ -636,7 +906,7 @@ def accumulated_chunk(state: TrainState, data, idx, mask, steps: int, start=0, u
     return chunk(body, state, data, idx, mask, start, steps, unroll)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
+@compiled(evaluation=True, static_argnums=(4,))
 def eval_chunk(state: TrainState, data, idx, mask, steps: int, start=0):
     """Metrics of ``steps`` evaluation batches, stacked to ``(steps,)``; nothing is updated."""
     return chunk(_eval_body(apply_eval_step), state, data, idx, mask, start, steps)[1]

@@ -60,8 +60,9 @@ from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
 from jaxlight.hparams import run_record
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, evaluate, predict, prepare_source, summarize
+from jaxlight.metrics import Metric, SavedStats, from_json, revive, to_json
 from jaxlight.report import library_versions
-from jaxlight.state import TrainState
+from jaxlight.state import TrainState, keyed_transformation
 from jaxlight.step import check_not_donated
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
@@ -176,21 +177,52 @@ def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> o
     Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
     its window's update non-finite (skipped under ``nan_policy="skip"``).
 
-    The same ``tx`` and settings give the same (identical) object back: the optimizer is a
-    static field of the TrainState, so a new object would make every ``fit`` recompile.
+    The result is keyed (``jaxlight.state.keyed_transformation``): the optimizer is a static
+    field of the TrainState, and wrapping an equal ``tx`` with the same settings gives an equal
+    object, so a new Trainer per trial reuses the compiled programs (nothing is cached here:
+    a cache of optimizers would keep every trial's alive).
     """
     if config.gradient_clip_norm is None and config.nan_policy != "skip":
-        return tx  # (nothing to wrap: the very object, not an equal one from the cache below)
-    return _wrap(tx, config.gradient_clip_norm, config.nan_policy == "skip")
-
-
-@functools.lru_cache(maxsize=64)
-def _wrap(tx, clip_norm, skip_nonfinite):
-    if clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    if skip_nonfinite:
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+        return tx
+    if config.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
+        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx))
+    if config.nan_policy == "skip":
+        tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
     return tx
+
+
+def _distinct_keys(callbacks) -> None:
+    """Give callbacks of one class distinct ``state_key``s by what sets them apart (several
+    ModelCheckpoints: their folders); refuse two that nothing tells apart."""
+    for cb in callbacks:
+        if "_key_suffix" in vars(cb):
+            del cb._key_suffix  # (a callback used by an earlier Trainer)
+    groups: dict[str, list] = {}
+    for cb in callbacks:
+        groups.setdefault(cb.state_key, []).append(cb)
+    for key, same in groups.items():
+        if len(same) == 1:
+            continue
+        names = [cb.identity() for cb in same]
+        if isinstance(same[0], ModelCheckpoint):
+            folders = [os.path.realpath(n) for n in names]
+            for i, folder in enumerate(folders):
+                if folder in folders[:i]:
+                    raise ValueError(f"two ModelCheckpoints save into one folder, {names[i]}: give each its own "
+                                     f"dirpath (their step_* checkpoints would overwrite each other)")
+        if None in names or len(set(names)) != len(names):
+            raise ValueError(f"two callbacks share a state_key ({key!r}) and nothing tells them apart; override "
+                             f"state_key to name each")
+        for cb, name in zip(same, names):
+            cb._key_suffix = f"[{name}]"
+    keys = [c.state_key for c in callbacks]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
+
+
+def _plain(tree):
+    """``tree`` with its numpy arrays (a confusion matrix's value) as lists, for JSON."""
+    return jax.tree.map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v, tree)
 
 
 def _parse_meta(meta: dict) -> dict:
@@ -201,7 +233,7 @@ def _parse_meta(meta: dict) -> dict:
     parsed = {
         "epoch": int(meta["epoch"]), "batch": int(meta["batch"]), "step": int(meta["step"]),
         "num_examples": meta["num_examples"],
-        "epoch_steps": [{k: np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]],
+        "epoch_steps": [{k: from_json(v) or np.asarray(v) for k, v in m.items()} for m in meta["epoch_steps"]],
         "epoch_seconds": float(meta["epoch_seconds"]),
         "callback_metrics": dict(meta["callback_metrics"]),
         "history": [EpochResult(**r) for r in meta["history"]],
@@ -243,9 +275,7 @@ class Trainer:
         if self.config.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
         self.loggers: list[Logger] = list(loggers)
-        keys = [c.state_key for c in self.callbacks]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
+        _distinct_keys(self.callbacks)
         self._wrapped: tuple | None = None
         # Resolved now, so that a device count that does not exist fails before any data loads.
         self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
@@ -343,7 +373,7 @@ class Trainer:
                 ``grain`` loader: streamed from the host, one step per batch). Checked once
                 before training (``jaxlight.loop.prepare_source``).
             ckpt_path: resume from a checkpoint: ``"last"`` (the newest good checkpoint of the
-                first ModelCheckpoint), a folder of ``step_*`` checkpoints (the newest good
+                ModelCheckpoints' folders), a folder of ``step_*`` checkpoints (the newest good
                 one), or one ``step_*`` folder. Params, optimizer state, step, data position,
                 callback state and history continue exactly where they were saved.
 
@@ -413,7 +443,7 @@ class Trainer:
         for state, metrics, _ in runner:
             host = jax.device_get(metrics)  # synchronises: the time below is real
             self._epoch_seconds += time.perf_counter() - t0
-            self._end_chunk(state, {k: np.asarray(v) for k, v in host.items()})
+            self._end_chunk(state, jax.tree.map(np.asarray, host))
             if self._sigterm_agreed() or self._done():
                 break
             runner.next_length = self._chunk_length(runner.k)
@@ -455,7 +485,8 @@ class Trainer:
         self._epoch_steps.append(metrics)
         if self.active_loggers:
             every = self.config.log_every_n_steps
-            columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items() if k != "count"}
+            columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items()
+                       if k != "count" and not isinstance(v, Metric)}  # (a Metric's value is the epoch's)
             for j in range(len(metrics["loss"])):
                 if (first + j + 1) % every == 0:
                     self.log_metrics({k: v[j] for k, v in columns.items()}, first + j + 1)
@@ -467,15 +498,19 @@ class Trainer:
             cb.on_train_chunk_end(self, state, metrics)
 
     def _epoch_metrics(self) -> dict:
-        stacked = {k: np.concatenate([m[k] for m in self._epoch_steps]) for k in self._epoch_steps[0]}
+        steps = revive(self._epoch_steps)
+        stacked = jax.tree.map(lambda *chunks: np.concatenate(chunks), *steps)
         if self.skipped_steps:  # skipped steps have non-finite losses: leave them out of the means
             finite = np.isfinite(stacked["loss"])
-            stacked = {k: v[finite] for k, v in stacked.items()}
+            stacked = jax.tree.map(lambda v: v[finite], stacked)
         return summarize(stacked)
 
     def _end_epoch(self, state) -> None:
         train_metrics = self._epoch_metrics()
+        # Epoch-level metrics (jaxlight.metrics) are logged as train_<name>, their value being the epoch's.
+        whole = {k for k, v in self._epoch_steps[-1].items() if isinstance(v, (Metric, SavedStats))}
         self.callback_metrics.update(train_metrics)
+        self.callback_metrics.update({f"train_{k}": train_metrics[k] for k in whole})
         self.epoch, self.batch = self.epoch + 1, 0
         val_every = self.config.val_every_n_epochs
         if self._val is not None and val_every and self.epoch % val_every == 0:
@@ -484,7 +519,8 @@ class Trainer:
                    **{k: v for k, v in self.callback_metrics.items() if k.startswith("val_")}}
         self.history.append(EpochResult(self.epoch - 1, {**train_metrics, **metrics}, self._epoch_seconds))
         self.log_metrics({"epoch": float(self.epoch),
-                          **{f"train_{k}_epoch": v for k, v in train_metrics.items() if k != "count"}})
+                          **{f"train_{k}" if k in whole else f"train_{k}_epoch": v
+                             for k, v in train_metrics.items() if k != "count"}})
         self._epoch_steps, self._epoch_seconds = [], 0.0
         for cb in self.active_callbacks:
             cb.on_epoch_end(self, state, metrics)
@@ -560,15 +596,16 @@ class Trainer:
         state, no trainer position): what ``test``/``predict``/``validate`` evaluate.
 
         Args:
-            ckpt_path: "best" (the best checkpoint of the first ModelCheckpoint's folder, by its
-                monitored metric), "last" (its newest good one), a folder of ``step_*``
+            ckpt_path: "best" (the best checkpoint by the monitored metric of the ModelCheckpoint
+                that monitors one; refused, naming them, when several do), "last" (the newest
+                good checkpoint of the ModelCheckpoints' folders), a folder of ``step_*``
                 checkpoints (its newest good one) or one ``step_*`` folder.
         """
-        if str(ckpt_path) in ("best", "last"):
-            cb = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
-            if cb is None:
-                raise ValueError(f"ckpt_path={str(ckpt_path)!r} needs a ModelCheckpoint callback (its folder is searched)")
-            path = ckpt.resolve_checkpoint(cb.dirpath, str(ckpt_path))
+        callbacks = [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+        if str(ckpt_path) == "best":
+            path = ckpt.resolve_checkpoint(self._best_callback(callbacks).dirpath, "best")
+        elif str(ckpt_path) == "last":
+            path = ckpt.resolve_checkpoint(self._last_folder(callbacks), "last")
         else:
             path = ckpt.resolve_checkpoint(ckpt_path, "last")
         from flax import nnx
@@ -581,10 +618,12 @@ class Trainer:
     # -- logging --------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        """Send ``{name: float}`` to every logger at ``step`` (default: the current step)."""
+        """Send ``{name: float}`` to every logger at ``step`` (default: the current step); values
+        that are not numbers (a confusion matrix) are not sent."""
         step = self.global_step if step is None else step
+        scalars = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
         for logger in self.active_loggers:
-            logger.log_metrics(metrics, step)
+            logger.log_metrics(scalars, step)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -614,18 +653,21 @@ class Trainer:
                    "to_step": self.global_step, "accepted_changes": self._accepted_changes if resumed else []}
         return previous + [current]
 
-    def checkpoint_meta(self) -> dict:
-        """Everything besides the arrays that a resumed fit needs (JSON)."""
+    def checkpoint_meta(self, saved_by: str | None = None) -> dict:
+        """Everything besides the arrays that a resumed fit needs (JSON); ``saved_by``: the
+        ``state_key`` of the ModelCheckpoint that writes it."""
         return {
+            "saved_by": saved_by,
             **self.run_record(),
             "segments": self.run_segments(),
             "epoch": self.epoch,
             "batch": self.batch,
             "num_examples": self._num_examples,
-            "epoch_steps": [{k: v.tolist() for k, v in m.items()} for m in self._epoch_steps],
+            "epoch_steps": [{k: to_json(v) if isinstance(v, (Metric, SavedStats)) else v.tolist() for k, v in m.items()}
+                            for m in self._epoch_steps],
             "epoch_seconds": self._epoch_seconds,
-            "callback_metrics": self.callback_metrics,
-            "history": [dataclasses.asdict(r) for r in self.history],
+            "callback_metrics": _plain(self.callback_metrics),
+            "history": [_plain(dataclasses.asdict(r)) for r in self.history],
             "skipped_steps": self.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks},
             "config": dataclasses.asdict(self.config),
@@ -634,7 +676,7 @@ class Trainer:
         }
 
     def save_checkpoint(self, state: TrainState, directory: str | Path, replace: bool = True,
-                        keep_steps=None, owned=None) -> Path:
+                        keep_steps=None, owned=None, saved_by: str | None = None) -> Path:
         """Start saving ``state`` and the trainer's position now (see ``jaxlight.checkpoint``).
 
         Asynchronous inside ``fit``: training goes on while the arrays are written; the next save
@@ -644,12 +686,13 @@ class Trainer:
         and writes the shards its devices hold (the folder must be on a file system all
         processes see); nothing is gathered to one host. The checkpoint restores under any
         strategy and device count. ``replace``, ``keep_steps``, ``owned``: see
-        ``jaxlight.checkpoint.CheckpointSaver.save``.
+        ``jaxlight.checkpoint.CheckpointSaver.save``. ``saved_by``: the ModelCheckpoint saving
+        (its ``state_key``), recorded so that ``"best"`` reads that callback's scores.
         """
         key = os.path.realpath(directory)
         if key not in self._savers:
             self._savers[key] = ckpt.CheckpointSaver(directory)
-        path = self._savers[key].save(state, self.checkpoint_meta(), replace=replace, keep_steps=keep_steps,
+        path = self._savers[key].save(state, self.checkpoint_meta(saved_by), replace=replace, keep_steps=keep_steps,
                                       owned=owned)
         if not self._fitting:  # (called outside fit: nothing else would wait for it)
             self.wait_for_checkpoints()
@@ -678,12 +721,35 @@ class Trainer:
     def _checkpoint_callback(self) -> ModelCheckpoint | None:
         return next((c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)), None)
 
+    def _checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        return [c for c in self.active_callbacks if isinstance(c, ModelCheckpoint)]
+
+    def _last_folder(self, callbacks: list[ModelCheckpoint]) -> Path:
+        """The folder holding the newest checkpoint among the ModelCheckpoints' folders."""
+        if not callbacks:
+            raise ValueError("ckpt_path='last' needs a ModelCheckpoint callback (its folder is searched)")
+        newest = [(ckpt.list_checkpoints(c.dirpath)[-1:], -i, c.dirpath) for i, c in enumerate(callbacks)]
+        steps = [(int(found[0].name.split("_")[1]), order, folder) for found, order, folder in newest if found]
+        return max(steps)[2] if steps else callbacks[0].dirpath
+
+    def _best_callback(self, callbacks: list[ModelCheckpoint]) -> ModelCheckpoint:
+        """The ModelCheckpoint ``ckpt_path="best"`` reads: the one that monitors a metric (the only
+        one there is, when none does); refused when that is ambiguous."""
+        if not callbacks:
+            raise ValueError("ckpt_path='best' needs a ModelCheckpoint callback (its folder is searched)")
+        monitoring = [c for c in callbacks if c.monitor is not None]
+        if len(monitoring) == 1 or len(callbacks) == 1:
+            return (monitoring or callbacks)[0]
+        which = monitoring or callbacks
+        names = ", ".join(f"{c.dirpath} ({'monitors ' + c.monitor if c.monitor else 'monitors no metric'})"
+                          for c in which)
+        raise ValueError(f"ckpt_path='best' is ambiguous: {len(which)} ModelCheckpoints "
+                         f"{'monitor a metric' if monitoring else 'and none monitors a metric'} ({names}); pass one "
+                         f"of their folders' best checkpoint, e.g. ckpt_path=callback.best_model_path")
+
     def _restore(self, state: TrainState, ckpt_path) -> TrainState:
         if str(ckpt_path) == "last":
-            cb = self._checkpoint_callback()
-            if cb is None:
-                raise ValueError("ckpt_path='last' needs a ModelCheckpoint callback (its folder is searched)")
-            ckpt_path = cb.dirpath
+            ckpt_path = self._last_folder(self._checkpoint_callbacks())
         path = Path(ckpt_path)
         try:
             with warnings.catch_warnings(record=True) as skipped:  # (said below, unless a config change explains them)
@@ -727,8 +793,12 @@ class Trainer:
         self.history = parsed["history"]
         self.skipped_steps = parsed["skipped_steps"]
         for cb in self.callbacks:
-            if cb.state_key in parsed["callbacks"]:
-                cb.load_state_dict(parsed["callbacks"][cb.state_key])
+            saved = cb.find_state(parsed["callbacks"])
+            if saved is not None:
+                cb.load_state_dict(saved)
+        for cb in self.callbacks:  # (several ModelCheckpoints: each one's own save at this step)
+            if isinstance(cb, ModelCheckpoint):
+                cb.catch_up(self.global_step, path)
         for logger in self.active_loggers:
             logger.resume(self.global_step)
         self.restored_from = path

@@ -4,11 +4,13 @@ checkpointing and its resume, learning-rate readout, the progress bar with and w
 import io
 import types
 
+import jax
+import numpy as np
 import optax
 import pytest
 
 from jaxlight import build_model, create_train_state, optim, tasks
-from jaxlight.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar, current_lr
+from jaxlight.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, current_lr
 from jaxlight.checkpoint import list_checkpoints
 from jaxlight.trainer import Trainer, TrainerConfig
 
@@ -91,13 +93,8 @@ def test_current_lr_reads_injected_hyperparams_and_schedules():
     assert current_lr(optax.adam(0.3).init(params), 0.3) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="keeps no learning rate"):
         current_lr(optax.adam(0.3).init(params))
-
-
-def test_lr_monitor_fails_before_training_without_a_source(data):
-    trainer = Trainer(TrainerConfig(max_epochs=1, enable_progress_bar=False), callbacks=[LearningRateMonitor()])
-    with pytest.raises(ValueError, match="LearningRateMonitor"):
-        trainer.fit(_state(), data[0])
-    assert trainer.global_step == 0
+    tx = optax.adam(schedule)  # with the optimizer: its own schedule, at its own count
+    assert current_lr(tx.init(params), tx=tx) == 1.0 and current_lr(tx.init(params), tx=optax.adam(0.3)) == 0.3
 
 
 class _Tty(io.StringIO):
@@ -117,3 +114,82 @@ def test_progress_bar_live_on_a_tty_plain_lines_otherwise(data, stream_cls, tty)
         lines = text.strip().splitlines()
         assert len(lines) == 2 and "\r" not in text
         assert lines[0].startswith("epoch 1/2") and "val_loss" in lines[0] and "ex/s" in lines[0]
+
+
+# --- several ModelCheckpoints -------------------------------------------------------------------
+
+class ValRecorder(Callback):
+    """Every validation's loss, by step: the independent record "best" must agree with."""
+
+    def __init__(self):
+        self.val = {}
+
+    def on_validation_end(self, trainer, state, metrics):
+        self.val[trainer.global_step] = metrics["val_loss"]
+
+
+def _two_checkpoints(tmp_path):
+    # A periodic one first (every 3 steps and every epoch end) and one keeping the best by a
+    # metric ("max" on a falling val_loss: the best is the first epoch, not the last).
+    periodic = ModelCheckpoint(tmp_path / "periodic", every_n_steps=3, keep_last=2)
+    best = ModelCheckpoint(tmp_path / "best", monitor="val_loss", mode="max", save_top_k=1)
+    return periodic, best
+
+
+def _bytes(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def test_several_model_checkpoints_and_best_reads_the_one_that_monitors(data, tmp_path):
+    periodic, best = _two_checkpoints(tmp_path)
+    recorder = ValRecorder()
+    trainer = Trainer(TrainerConfig(max_epochs=3, enable_progress_bar=False), callbacks=[periodic, best, recorder])
+    state = trainer.fit(_state(), *data)
+    assert periodic.state_key != best.state_key
+    best_step = max(recorder.val, key=recorder.val.get)
+    assert best_step == 5 and best.best_model_path.name == "step_000000005"
+    assert [p.name for p in list_checkpoints(tmp_path / "periodic")] == ["step_000000012", "step_000000015"]
+    assert [p.name for p in list_checkpoints(tmp_path / "best")] == ["step_000000005", "step_000000010",
+                                                                     "step_000000015"]
+    metrics = trainer.test(state, data[1], ckpt_path="best")
+    assert trainer.loaded_from == best.best_model_path
+    assert metrics["test_loss"] == pytest.approx(recorder.val[best_step], rel=1e-6)  # (the same set, scored again)
+    trainer.test(state, data[1], ckpt_path="last")
+    assert trainer.loaded_from.name == "step_000000015"
+    from jaxlight.checkpoint import resolve_checkpoint
+    assert resolve_checkpoint(tmp_path / "best", "best") == best.best_model_path  # its scores, not the periodic's
+
+
+def test_best_is_refused_when_ambiguous_naming_the_checkpoints(data, tmp_path):
+    a = ModelCheckpoint(tmp_path / "a", monitor="val_loss")
+    b = ModelCheckpoint(tmp_path / "b", monitor="val_accuracy", mode="max")
+    trainer = Trainer(TrainerConfig(max_epochs=1, enable_progress_bar=False), callbacks=[a, b])
+    state = trainer.fit(_state(), *data)
+    with pytest.raises(ValueError, match=r"ckpt_path='best' is ambiguous: 2 ModelCheckpoints monitor a metric "
+                                         r"\(.*/a \(monitors val_loss\), .*/b \(monitors val_accuracy\)\)"):
+        trainer.test(state, data[1], ckpt_path="best")
+    with pytest.raises(ValueError, match="two ModelCheckpoints save into one folder"):
+        Trainer(callbacks=[ModelCheckpoint(tmp_path / "a"), ModelCheckpoint(tmp_path / "a", monitor="val_loss")])
+
+
+def test_several_model_checkpoints_resume_exactly(data, tmp_path):
+    """Stopped after epoch 2 (both callbacks saved at step 10, the periodic one first, so its
+    checkpoint holds the best one's state from before that save) and resumed from "last":
+    the parameters and both callbacks' bookkeeping are the uninterrupted run's."""
+    config = dict(enable_progress_bar=False)
+    whole_cbs = _two_checkpoints(tmp_path / "whole")
+    whole = Trainer(TrainerConfig(max_epochs=4, **config), callbacks=list(whole_cbs))
+    expected = whole.fit(_state(), *data)
+
+    first = Trainer(TrainerConfig(max_epochs=2, **config), callbacks=list(_two_checkpoints(tmp_path / "cut")))
+    first.fit(_state(), *data)
+    periodic, best = _two_checkpoints(tmp_path / "cut")
+    resumed = Trainer(TrainerConfig(max_epochs=4, **config), callbacks=[periodic, best])
+    final = resumed.fit(_state(), *data, ckpt_path="last")
+    assert resumed.restored_from == tmp_path / "cut" / "periodic" / "step_000000010"
+    assert _bytes(final.params) == _bytes(expected.params)
+    for mine, theirs in zip((periodic, best), whole_cbs):
+        assert (mine.saved, mine.scores) == (theirs.saved, theirs.scores)
+        # (the best one's step 10 was pruned as in the uninterrupted run, not left behind unowned)
+        assert [p.name for p in list_checkpoints(mine.dirpath)] == [p.name for p in list_checkpoints(theirs.dirpath)]
+    assert best.best_model_path.name == whole_cbs[1].best_model_path.name == "step_000000005"

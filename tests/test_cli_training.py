@@ -111,6 +111,15 @@ def test_bad_flags_are_named(cli_main, program, flags, message):
     assert result.returncode != 0 and message in result.stderr
 
 
+def test_torch_ref_takes_torch_threads(cli_main, tmp_path):
+    result = cli_main("torch-ref", "train", "--model", "linear", "--epochs", "1", "--torch-threads", "1",
+                      "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ", 1 threads" in result.stdout  # (the run's first line says what torch ran with)
+    bad = cli_main("torch-ref", "train", "--torch-threads", "0", "--data-dir", str(tmp_path / "no-data"))
+    assert bad.returncode == 2 and "--torch-threads must be >= 1, got 0" in bad.stderr
+
+
 @pytest.mark.parametrize("program", ["jaxlight", "torch-ref"])
 def test_missing_data_dir_is_a_clear_error(cli_main, tmp_path, program):
     result = cli_main(program, "train", "--data-dir", str(tmp_path / "nowhere"), env={"XDG_CACHE_HOME": str(tmp_path)})

@@ -508,6 +508,58 @@ def test_the_learning_rate_is_logged_per_update_labelled_with_its_step(run_yaml,
     assert hparams["model"]["init_args"]["width"] == 16 and "flax" in hparams["versions"]
 
 
+def test_the_rate_of_a_users_own_optimizer_function_is_read_from_the_optimizer(run_yaml, tmp_path, capsys):
+    """The function builds warmup + cosine itself from an argument named ``peak``: the lr column
+    is the rate each update applied (the schedule written out by hand), not an argument's value."""
+    import csv
+    import math
+
+    config = dict(RUN, optimizer={"class_path": "userpkg.opt.warmup_cosine_adamw", "init_args": {"peak": 3e-3}})
+    config["trainer"] = {**RUN["trainer"], "max_epochs": 2, "logger": "csv"}
+    _write(run_yaml, config)
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml))
+    assert code == 0, err
+
+    def by_hand(t, peak=3e-3, warmup=3, total=12, end=1e-5):
+        if t < warmup:
+            return peak * t / warmup
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * min(t - warmup, total - warmup) / (total - warmup)))
+
+    with open(tmp_path / "runs" / "net" / "logs" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["lr"]]
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    expected = [by_hand(s - 1) for s in range(1, 13)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert float(rows[0]["lr"]) == 0.0 and float(rows[3]["lr"]) == pytest.approx(3e-3)  # 0 -> peak -> down
+
+
+def test_epoch_level_metrics_from_a_config(run_yaml, tmp_path, capsys):
+    """A loss returning jaxlight.metrics values: val_f1 / train_f1 in the CSV, test_f1 and the
+    test confusion matrix (the whole test set's, checked against scikit-learn) in metrics.json."""
+    import csv
+
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    config = dict(RUN, loss="userpkg.nets.loss_with_f1")
+    config["trainer"] = {**RUN["trainer"], "logger": "csv", "ckpt_dir": "ckpt", "monitor": "val_f1",
+                         "monitor_mode": "max"}
+    _write(run_yaml, config)
+    code, out, err = _run(capsys, "fit", "--config", str(run_yaml))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "net" / "metrics.json").read_text())
+    from userpkg.data import blobs
+
+    test = blobs()[2]
+    model, _ = jaxlight.load_from_checkpoint(tmp_path / "ckpt", which="last")
+    pred = np.asarray(model(test.data["features"])).argmax(-1)
+    assert summary["test_cm"] == confusion_matrix(test.data["label"], pred, labels=range(3)).tolist()
+    assert summary["test_f1"] == pytest.approx(f1_score(test.data["label"], pred, average="macro"), abs=1e-12)
+    with open(tmp_path / "runs" / "net" / "logs" / "metrics.csv") as f:
+        columns = set(next(csv.DictReader(f)))
+    assert {"train_f1", "val_f1", "test_f1"} <= columns and "test_cm" not in columns
+    assert "test_f1" in out
+
+
 def test_fit_resumes_from_last_bit_for_bit_and_refuses_a_changed_config(run_yaml, tmp_path, capsys):
     assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "a")[0] == 0
     assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--trainer.max_epochs", "2")[0] == 0

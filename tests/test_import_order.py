@@ -14,9 +14,9 @@ from _support import ROOT
 
 # Bottom first. A module may import modules of its own layer or below, and the helpers that
 # belong to no layer (checkpoint, hparams, report, ...), as long as what those load stays
-# below it too. ``errors`` and ``tasks`` (the loss contract) are read by every layer.
+# below it too. ``errors``, ``tasks`` and ``metrics`` (the loss contract) are read by every layer.
 LAYERS = [
-    ("base", ("jaxlight.errors", "jaxlight.tasks")),
+    ("base", ("jaxlight.errors", "jaxlight.tasks", "jaxlight.metrics")),
     ("data", ("jaxlight.data",)),
     ("models", ("jaxlight.models", "jaxlight.layers")),
     ("state", ("jaxlight.state",)),

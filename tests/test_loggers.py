@@ -7,7 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jaxlight import build_model, create_train_state, optim, tasks
-from jaxlight.callbacks import ModelCheckpoint
+from jaxlight.callbacks import LearningRateMonitor, ModelCheckpoint
 from jaxlight.loggers import CSVLogger, TensorBoardLogger
 from jaxlight.trainer import Trainer, TrainerConfig
 
@@ -63,6 +63,20 @@ def test_every_step_and_every_epoch_is_logged_even_inside_fused_chunks(data, tmp
     csv_losses = [float(r["train_loss_step"]) for r in step_rows]
     assert tb_losses == pytest.approx(csv_losses)
     assert (tmp_path / "csv" / "hparams.yaml").is_file()
+
+
+def test_the_csv_holds_one_row_per_step(data, tmp_path):
+    """What is logged at a step (its loss, the rate its update applied, the validation and the
+    epoch's means at an epoch's last step) is one row, inside fused chunks and across flushes."""
+    loggers = [CSVLogger(tmp_path / "csv")]
+    config = TrainerConfig(max_epochs=2, val_every_n_steps=3, enable_progress_bar=False)  # chunks cut at 3, 5, 6, 9
+    Trainer(config, callbacks=[LearningRateMonitor()], loggers=loggers).fit(_state(), *data)
+    rows = _csv(tmp_path)
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert all(r["train_loss_step"] and r["lr"] for r in rows)
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [3, 5, 6, 9, 10]
+    assert [int(r["step"]) for r in rows if r["train_loss_epoch"]] == [5, 10]
+    assert float(rows[0]["lr"]) == pytest.approx(1e-2)
 
 
 def test_resume_drops_the_interrupted_runs_later_points(data, tmp_path):

@@ -10,6 +10,7 @@ max |difference| 3e-7 (mlp, 7 steps) and 4e-6 (cnn, 3 steps).
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,3 +244,24 @@ def test_cli_trains_on_8_fake_devices_to_single_device_accuracy(name, cli, data_
     assert (summary["strategy"], summary["devices"], summary["processes"]) == (name, 8, 1)
     assert summary["test_accuracy"] > 0.945
     assert f"{name} on 8 device(s)" in result.stdout
+
+
+@pytest.mark.parametrize(("name", "devices"), [("sharded", 8), ("pmap", 4)])
+def test_evaluate_and_predict_pad_an_iterables_batch_that_does_not_divide(name, devices, subsets):
+    """Batches of 30 and 13 rows on 8 (4) devices: padded as an ArrayDataset's last batch is
+    (mask 0), so evaluation and prediction give one device's numbers; training still refuses."""
+    _, test = subsets["mlp"]
+    x, y = np.asarray(test.x[:73]), np.asarray(test.y[:73])
+    batches = [{"x": x[i:i + 30], "y": y[i:i + 30]} for i in range(0, 73, 30)]  # 30, 30, 13 rows
+    state = new_state("mlp")
+    strategy = parallel.make_strategy(name, devices)
+    expected = loop.evaluate(state, ArrayDataset(x, y), batch_size=73)
+    got = loop.evaluate(state, batches, strategy=strategy)
+    assert got["count"] == 73
+    for k in ("loss", "accuracy"):
+        assert got[k] == pytest.approx(expected[k], rel=1e-5)
+    outputs = loop.predict(state, batches, strategy=strategy)
+    np.testing.assert_allclose(outputs, np.asarray(state.model(jnp.asarray(x, jnp.float32) / 255.0)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ParallelError, match="global batch size 30 does not divide"):
+        loop.fit(new_state("mlp"), batches, 1, 30, strategy=strategy)

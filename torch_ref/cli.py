@@ -1,4 +1,5 @@
-"""``torch-ref train``: the same flags, output and exit codes as ``jaxlight train``, plus ``--loader``.
+"""``torch-ref train``: the same flags, output and exit codes as ``jaxlight train``, plus ``--loader``
+and ``--torch-threads`` (as ``jaxlight compare``'s: ``torch.set_num_threads`` for the run).
 
 torch-ref has no checkpoints: SIGINT and SIGTERM stop it at once (exit 130 / 143) with one
 line saying so, through its own handlers (``jaxlight.cli.install_signal_handlers``), also when
@@ -22,6 +23,8 @@ __all__ = ["main"]
 
 
 def run_train(args: argparse.Namespace) -> dict:
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise UsageError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     recipe = recipe_from_args(args)
     out = _prepare_outputs(args, "torch")  # before any data loads: a bad --out fails in a second
     args.log_file = _log_details(out, args.verbose)
@@ -34,6 +37,8 @@ def run_train(args: argparse.Namespace) -> dict:
     from torch_ref.optim import make_optimizer
     from torch_ref.tasks import TASKS
 
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     torch.manual_seed(recipe.seed)
     task = TASKS[recipe.task]()
     train, test, truth = make_loaders(recipe.dataset, args.loader, recipe.batch_size, recipe.seed,
@@ -75,6 +80,7 @@ def _main(argv: list[str] | None) -> int:
     p = train_parser(sub, "PyTorch")
     p.add_argument("--loader", choices=["dataloader", "memory"], default="dataloader",
                    help="dataloader: the tutorial's torchvision DataLoader; memory: tensors in memory")
+    p.add_argument("--torch-threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
     from jaxlight.checkpoint import CheckpointError
     from jaxlight.data import MNISTError

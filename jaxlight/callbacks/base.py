@@ -25,10 +25,24 @@ __all__ = ["Callback"]
 class Callback:
     """Base class: every hook does nothing; override the ones you need."""
 
+    # Set by the Trainer when it holds several callbacks of this class (``[<identity()>]``).
+    _key_suffix = ""
+
     @property
     def state_key(self) -> str:
-        """The name this callback's state is saved under (unique per trainer)."""
-        return type(self).__name__
+        """The name this callback's state is saved under (unique per trainer): the class name,
+        and when a trainer holds several of the class, ``[<identity()>]`` after it."""
+        return type(self).__name__ + self._key_suffix
+
+    def identity(self) -> str | None:
+        """What tells this callback apart from another of its class in one Trainer (a
+        ``ModelCheckpoint``'s folder, an ``EarlyStopping``'s metric); None: nothing does, and
+        two of them are refused unless ``state_key`` is overridden."""
+        return None
+
+    def find_state(self, states: dict) -> dict | None:
+        """This callback's saved state among a checkpoint's (``{state_key: state_dict()}``)."""
+        return states.get(self.state_key)
 
     def step_interval(self) -> int | None:
         """A step count the trainer must end a compiled chunk on (checkpoint every N steps)."""

@@ -32,6 +32,9 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_step: int | None = None
 
+    def identity(self) -> str:
+        return f"{self.monitor},{self.mode}"
+
     def _improved(self, value: float) -> bool:
         if self.best is None:
             return True

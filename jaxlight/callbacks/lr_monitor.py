@@ -1,82 +1,54 @@
-"""Log the learning rate the optimizer will use next."""
+"""Log the learning rate each optimizer update applied, read from the optimizer itself."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
-import jax
-import numpy as np
-import optax
-
 from jaxlight.callbacks.base import Callback
+from jaxlight.optim import LearningRate, learning_rate
 
 __all__ = ["LearningRateMonitor", "current_lr"]
 
 
-# optax.inject_hyperparams returns the "stateful" variant since optax 0.2.3.
-_INJECTED = tuple(c for c in (getattr(optax, "InjectHyperparamsState", None),
-                              getattr(optax, "InjectStatefulHyperparamsState", None)) if c is not None)
-
-
-def _find(tree, cls):
-    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
-
-
-def current_lr(opt_state, schedule: Callable | float | None = None) -> float:
-    """The learning rate of the next update, read from the optimizer state.
-
-    Optax keeps no learning rate in its state unless asked to, so this looks for, in order:
-    ``optax.inject_hyperparams`` state (its ``learning_rate``); the step count of an optax
-    schedule (``ScaleByScheduleState.count``, evaluated with ``schedule``); a constant
-    ``schedule``. The count advances once per optimizer update
-    (a window of micro-batches), as ``trainer.global_step`` does.
+def current_lr(opt_state, schedule: Callable | float | None = None, tx=None) -> float:
+    """The learning rate of the next update, read from the optimizer: ``tx`` and its state as
+    :func:`jaxlight.optim.learning_rate` reads them (an ``optax.inject_hyperparams`` state needs
+    no ``tx``); else ``schedule`` (evaluated at the state's schedule count) or a constant.
 
     Raises:
-        ValueError: none of these is available.
+        ValueError: none of these tells the rate.
     """
-    injected = _find(opt_state, _INJECTED)
-    if injected and "learning_rate" in injected[0].hyperparams:
-        return float(np.asarray(injected[0].hyperparams["learning_rate"]))
-    if callable(schedule):
-        counts = _find(opt_state, optax.ScaleByScheduleState)
-        if not counts:
-            raise ValueError("LearningRateMonitor: the optimizer has no schedule state; pass the "
-                             "schedule to the optimizer (make_optimizer(name, lr=schedule))")
-        return float(np.asarray(schedule(counts[0].count)))
-    if schedule is not None:
-        return float(schedule)
-    raise ValueError("LearningRateMonitor: optax keeps no learning rate in its state; pass "
-                     "schedule= (the optax schedule or the constant lr) or build the optimizer "
-                     "with optax.inject_hyperparams")
-
-
-def _counts(opt_state) -> int | None:
-    """Updates applied so far, from a schedule's or ``inject_hyperparams``'s step count."""
-    found = _find(opt_state, optax.ScaleByScheduleState) or _find(opt_state, _INJECTED)
-    return int(np.asarray(found[0].count)) if found else None
-
-
-def _evaluate(schedule, counts: list[int]) -> list[float]:
-    if not counts:
-        return []
-    values = np.asarray(schedule(np.asarray(counts, np.int32)), np.float64)
-    if values.shape != (len(counts),):  # a schedule that is not elementwise
-        values = np.array([float(np.asarray(schedule(c))) for c in counts])
-    return values.tolist()
+    source = None
+    if tx is not None:
+        try:
+            source = learning_rate(tx, opt_state)
+        except ValueError:
+            pass
+    source = source or LearningRate.given(schedule, opt_state)
+    if source is None:
+        raise ValueError("LearningRateMonitor: optax keeps no learning rate in its state; pass tx= (the "
+                         "optimizer), schedule=, or build the optimizer with optax.inject_hyperparams")
+    return source.next_rate(opt_state)
 
 
 class LearningRateMonitor(Callback):
-    """Log ``lr``, the learning rate each optimizer update used, at the step that made it.
+    """Log ``lr``, the learning rate each optimizer update applied, at the step that made it
+    (Lightning's ``LearningRateMonitor``).
 
-    Every update is logged, also the ones inside a fused chunk of K steps (with ``schedule``,
-    or an ``optax.inject_hyperparams`` optimizer run one step per call): the row for step ``s``
-    holds the rate step ``s`` applied. A step is one optimizer update, a whole window of
-    micro-batches under gradient accumulation.
+    The rate is read from the optimizer itself (:func:`jaxlight.optim.learning_rate`): an
+    ``optax.inject_hyperparams`` hyperparameter, or the schedule or constant given to optax's
+    ``scale_by_learning_rate`` (the end of ``optax.adam``, ``adamw``, ``sgd``... also inside
+    your own function that builds a warmup + cosine schedule), evaluated at the optimizer's own
+    step count. Every update is logged, also those inside a fused chunk of K steps; a step is
+    one optimizer update (a window of micro-batches under gradient accumulation); an update
+    that ``nan_policy="skip"`` dropped is not logged. Where the rate cannot be read (an
+    optimizer with a rate per parameter group, say), it warns once and logs no ``lr`` column:
+    it never logs a guess.
 
     Args:
-        schedule: the schedule given to the optimizer, or its constant learning rate; not
-            needed for an ``optax.inject_hyperparams`` optimizer (which then gives the rate of
-            the last update of each chunk).
+        schedule: used only when the optimizer's rate cannot be read: the schedule given to
+            the optimizer, or its constant learning rate.
         logging_interval: "step" (every update) or "epoch" (the last update of each epoch).
     """
 
@@ -85,29 +57,30 @@ class LearningRateMonitor(Callback):
             raise ValueError(f"LearningRateMonitor: logging_interval must be 'step' or 'epoch', got {logging_interval!r}")
         self.schedule, self.logging_interval = schedule, logging_interval
         self.history: list[tuple[int, float]] = []
+        self.source: LearningRate | None = None
+        self._warned = False
+        self._last = None
 
     def on_fit_start(self, trainer, state):
-        current_lr(state.opt_state, self.schedule)  # fail before training, not after an epoch
+        self._trainer = trainer
+        try:
+            self.source = learning_rate(state.tx, state.opt_state)
+        except ValueError as exc:
+            self.source = LearningRate.given(self.schedule)
+            if self.source is None and not self._warned:
+                self._warned = True
+                warnings.warn(f"LearningRateMonitor: {exc}; no lr column is logged", RuntimeWarning, stacklevel=2)
 
     def used_rates(self, trainer, state, steps: int) -> list[tuple[int, float]]:
         """``[(step, lr)]`` for the updates made by the last ``steps`` steps (ending at
-        ``trainer.global_step``)."""
+        ``trainer.global_step``), those whose rate the optimizer tells."""
+        if self.source is None:
+            return []
         last = trainer.global_step
         skipped = set(trainer.skipped_steps)
         updated = [s for s in range(last - steps + 1, last + 1) if s not in skipped]
-        if not updated:
-            return []
-        if callable(self.schedule):
-            count = _counts(state.opt_state)
-            if count is None:
-                current_lr(state.opt_state, self.schedule)  # raises, naming what is missing
-            first = count - len(updated)
-            return list(zip(updated, _evaluate(self.schedule, list(range(first, count)))))
-        injected = _find(state.opt_state, _INJECTED)
-        if injected and "learning_rate" in injected[0].hyperparams:
-            # inject_hyperparams keeps the rate its latest update used.
-            return [(updated[-1], float(np.asarray(injected[0].hyperparams["learning_rate"])))]
-        return [(s, current_lr(state.opt_state, self.schedule)) for s in updated]
+        rates = self.source.rates(state.opt_state, len(updated))
+        return [(s, r) for s, r in zip(updated, rates) if r is not None]
 
     def _log(self, rates):
         for step, lr in rates:
@@ -124,6 +97,6 @@ class LearningRateMonitor(Callback):
 
     def on_epoch_end(self, trainer, state, metrics):
         self._trainer = trainer
-        if self.logging_interval == "epoch" and getattr(self, "_last", None) is not None:
+        if self.logging_interval == "epoch" and self._last is not None:
             self._log([self._last])
             self._last = None

@@ -146,7 +146,8 @@ class ModelCheckpoint(Callback):
         self.scores = {s: v for s, v in self.scores.items() if s in keep}
         try:
             # (the other checkpoints this run owns are deleted once this one's arrays are complete)
-            path = trainer.save_checkpoint(state, self.dirpath, replace=replace, keep_steps=keep, owned=owned)
+            path = trainer.save_checkpoint(state, self.dirpath, replace=replace, keep_steps=keep, owned=owned,
+                                           saved_by=self.state_key)
         except Exception:
             self.saved, self.scores = before
             raise
@@ -163,7 +164,7 @@ class ModelCheckpoint(Callback):
         try:
             verify_checkpoint(final)
             meta = json.loads((final / "meta.json").read_text())
-            return meta["callbacks"][self.state_key]["run_id"] == self.run_id
+            return (self.find_state(meta["callbacks"]) or {}).get("run_id") == self.run_id
         except CorruptCheckpointError:
             n, aside = 0, final.with_name(f"corrupt-{final.name}")
             while aside.exists() or aside.is_symlink():
@@ -186,9 +187,36 @@ class ModelCheckpoint(Callback):
         found = list_checkpoints(self.dirpath)
         return found[-1] if found else None
 
+    def identity(self) -> str:
+        return str(self.dirpath)
+
+    def find_state(self, states: dict) -> dict | None:
+        """Its own state: by ``state_key``, else the ModelCheckpoint state saved for the same
+        folder (a run resumed with more or fewer ModelCheckpoints than it was saved with)."""
+        if self.state_key in states:
+            return states[self.state_key]
+        mine = [v for k, v in states.items() if k.split("[")[0] == "ModelCheckpoint" and isinstance(v, dict)
+                and v.get("dirpath") is not None and os.path.realpath(v["dirpath"]) == os.path.realpath(self.dirpath)]
+        return mine[0] if len(mine) == 1 else None
+
+    def catch_up(self, step: int, restored: Path) -> None:
+        """After a resume from ``restored`` (another folder's checkpoint at ``step``), take this
+        callback's state from its own checkpoint at ``step`` when this run wrote one: two
+        ModelCheckpoints saving at one step each record the other's state before its save."""
+        own = step_dir(self.dirpath, step)
+        if not own.is_dir() or os.path.realpath(own) == os.path.realpath(restored):
+            return
+        try:
+            verify_checkpoint(own)
+            state = self.find_state(json.loads((own / "meta.json").read_text())["callbacks"])
+        except (CorruptCheckpointError, OSError, ValueError, KeyError, TypeError):
+            return
+        if isinstance(state, dict) and state.get("run_id") == self.run_id and self.run_id is not None:
+            self.load_state_dict(state)
+
     def state_dict(self) -> dict:
         return {"saved": self.saved, "scores": {str(k): v for k, v in self.scores.items()}, "run_id": self.run_id,
-                "monitor": self.monitor, "mode": self.mode}
+                "monitor": self.monitor, "mode": self.mode, "dirpath": str(self.dirpath)}
 
     def load_state_dict(self, state: dict) -> None:
         self.saved = list(state["saved"])

@@ -18,8 +18,11 @@ class CSVLogger(Logger):
     """Write ``<save_dir>/metrics.csv`` (columns ``step`` then metric names, blank where a row
     lacks one, as Lightning's CSVLogger) and ``hparams.yaml``.
 
-    Rows are buffered and written at each ``flush`` (epoch ends, fit end): appended while the
-    columns stay the same, the file rewritten (atomically) when a new metric appears.
+    One row per step: what is logged at a step (its loss, the ``lr`` its update applied, a
+    validation run there, the epoch's means at an epoch's last step) lands on that step's row,
+    a later value of a metric replacing an earlier one. Rows are buffered and written at each
+    ``flush`` (epoch ends, fit end): appended while the columns stay the same and no written
+    row changed, the file rewritten (atomically) otherwise.
     """
 
     def __init__(self, save_dir: str | os.PathLike):
@@ -27,6 +30,7 @@ class CSVLogger(Logger):
         self.path = self.save_dir / "metrics.csv"
         self.columns: list[str] = ["step"]
         self.rows: list[dict] = []      # every row, for rewrites
+        self._row_of: dict[int, int] = {}  # step -> its row
         self._written = 0               # rows already in the file
         self._file_columns: list[str] = []
 
@@ -35,7 +39,14 @@ class CSVLogger(Logger):
         for key in row:
             if key not in self.columns:
                 self.columns.append(key)
-        self.rows.append(row)
+        at = self._row_of.get(row["step"])
+        if at is None:
+            self._row_of[row["step"]] = len(self.rows)
+            self.rows.append(row)
+            return
+        self.rows[at].update(row)
+        if at < self._written:  # (a row already in the file changed: the next flush rewrites it)
+            self._file_columns = []
 
     def log_hyperparams(self, params):
         """``<save_dir>/hparams.yaml`` (Lightning's file): the run's config as it was resolved."""
@@ -54,6 +65,7 @@ class CSVLogger(Logger):
             old = [{k: float(v) if k != "step" else int(v) for k, v in r.items() if v != ""} for r in reader]
             columns = list(reader.fieldnames or ["step"])
         self.rows = [r for r in old if r["step"] <= step] + self.rows
+        self._row_of = {r["step"]: i for i, r in enumerate(self.rows)}
         self.columns = columns + [c for c in self.columns if c not in columns]
         self._written, self._file_columns = 0, []
 

@@ -67,6 +67,15 @@ def loss_fn(model, batch):
     return losses, {"accuracy": (logits.argmax(-1) == batch["label"]).astype(jnp.float32)}
 
 
+def loss_with_f1(model, batch):
+    """The cross-entropy, macro-F1 and the confusion matrix of the whole split."""
+    logits = model(batch["features"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    pred = logits.argmax(-1)
+    return losses, {"f1": jaxlight.metrics.F1(pred, batch["label"], num_classes=3),
+                    "cm": jaxlight.metrics.ConfusionMatrix(pred, batch["label"], num_classes=3)}
+
+
 def not_an_optimizer(learning_rate: float = 0.1):
     """Returns a dict, not an optax transformation."""
     return {"learning_rate": learning_rate}
