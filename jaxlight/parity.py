@@ -8,7 +8,9 @@ examples the jaxlight side does, without the padding of the last batch), then co
 
 1. ``forward`` and ``forward_eval``: the outputs on the first batch in train mode (BatchNorm on
    batch statistics) and in eval mode (on the running statistics);
-2. ``loss`` and ``grad``: the loss and every parameter's gradient on that batch;
+2. ``loss`` and ``grad``: the loss and every parameter's gradient on that batch, and with
+   ``input_grads=True`` ``input_grad``: the loss's gradient with respect to every
+   floating-point leaf of the batch (the model's inputs);
 3. ``step``: every parameter and running statistic after one optimizer step
    (``jaxlight.optim`` against ``torch_ref.optim`` with the same arguments: SGD, SGD with
    momentum, Adam, AdamW);
@@ -57,9 +59,10 @@ import numpy as np
 from jaxlight.interop import (Layout, batch_stats_from_torch, batch_stats_to_torch, layout_for, params_from_torch,
                               params_to_torch)
 
-__all__ = ["Tolerance", "DEFAULT_TOLERANCES", "LEVELS", "Divergence", "ParityReport", "check_parity", "compare_arrays"]
+__all__ = ["Tolerance", "DEFAULT_TOLERANCES", "LEVELS", "Comparison", "Divergence", "ParityReport", "check_parity",
+           "compare_arrays"]
 
-LEVELS = ("forward", "forward_eval", "loss", "grad", "step", "trajectory")
+LEVELS = ("forward", "forward_eval", "loss", "grad", "input_grad", "step", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,25 @@ DEFAULT_TOLERANCES = {
     "forward_eval": Tolerance(rtol=1e-5, atol=1e-5),
     "loss": Tolerance(rtol=1e-5, atol=1e-6),
     "grad": Tolerance(rtol=1e-3, atol=1e-5),
+    "input_grad": Tolerance(rtol=1e-3, atol=1e-5),
     "step": Tolerance(rtol=1e-3, atol=1e-4),
     "trajectory": Tolerance(rtol=1e-2, atol=2e-3),
 }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One tensor compared: ``level``, ``step``, ``name`` (as in :class:`Divergence`), the largest
+    difference ``max_abs = max |jax - torch|``, the same relative to the tensor's scale
+    ``max_rel = max_abs / max(max |torch|, atol)`` (``atol`` the level's: a tensor of rounding
+    noise is not divided by ~0), and whether the tolerance was exceeded."""
+
+    level: str
+    step: int
+    name: str
+    max_abs: float
+    max_rel: float
+    exceeded: bool
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,8 @@ class ParityReport:
             gradients: see the module docstring).
         jax_state: the jaxlight side's final ``TrainState`` (what ``loop.fit`` gives from the same
             initial weights on the same batches, bit for bit).
+        comparisons: every tensor compared, in order (:class:`Comparison`).
+        stat_names: the torch names of the batch statistics among them (``running_mean``...).
     """
 
     model: str
@@ -147,6 +168,8 @@ class ParityReport:
     history: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     jax_state: object = None
+    comparisons: list = field(default_factory=list)
+    stat_names: tuple = ()
 
     @property
     def ok(self) -> bool:
@@ -207,6 +230,11 @@ class _Checker:
             d = max(d, float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0)))
         if level not in self.report.worst or d > self.report.worst[level][0]:
             self.report.worst[level] = (d, name, step)
+        # Relative to the tensor's scale, floored at atol: a tensor that is all rounding noise
+        # (a gradient cancelled to ~1e-9) would otherwise show a "relative error" of 100 %.
+        scale = max(float(np.max(np.abs(np.asarray(torch_value, np.float64)), initial=0.0)), tol.atol)
+        rel = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
+        self.report.comparisons.append(Comparison(level, step, name, d, rel, exceeded))
         if exceeded and self.report.divergence is None:
             self.report.divergence = Divergence(level, step, name, d, index, ja, to, tol)
         return exceeded
@@ -318,6 +346,8 @@ def check_parity(
     stop_at_divergence: bool = True,
     flatten: dict | None = None,
     torch_batch: Callable | None = None,
+    input_grads: bool = False,
+    own_weights: bool = False,
 ) -> ParityReport:
     """Run both frameworks side by side from the torch model's weights and compare them.
 
@@ -357,6 +387,12 @@ def check_parity(
             see ``derive_layout``.
         torch_batch: numpy pytree -> torch pytree for ``torch_loss_fn``. Default: tensors of
             the same dtype, integers as int64 (what ``torch.nn.functional.cross_entropy`` takes).
+        input_grads: also compare the gradient of the first batch's loss with respect to every
+            floating-point leaf of the batch (level ``input_grad``; named by the leaf's path in
+            the batch, e.g. ``['inputs'][0]``): what a model's callers backpropagate through.
+        own_weights: start the jaxlight side from ``jax_model``'s own parameters and batch
+            statistics instead of converting the torch model's, to check a conversion made
+            elsewhere (a port's): a weight it got wrong then shows at its layer.
 
     Dropout is switched off on both sides (torch ``Dropout`` modules in eval mode, NNX
     ``Dropout.deterministic = True``): the two frameworks draw different masks, so their train
@@ -405,7 +441,7 @@ def check_parity(
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     kwargs = dict(optimizer_kwargs or {})
     opt_label = optimizer + "".join(f" {k}={v}" for k, v in kwargs.items())
-    report = ParityReport(layout.name, opt_label, steps, tols)
+    report = ParityReport(layout.name, opt_label, steps, tols, stat_names=tuple(layout.stat_names))
     check = _Checker(report)
     if layout.dropped:
         report.notes.append(f"not compared (no NNX counterpart): {', '.join(layout.dropped)}")
@@ -413,8 +449,11 @@ def check_parity(
     # Same initial weights and statistics: the torch model's, converted.
     graphdef, template, stats_template, rest = nnx.split(jax_model, nnx.Param, nnx.BatchStat, ...)
     arrays = state_dict_to_numpy(torch_model)
-    params = params_from_torch(arrays, template, layout)
-    stats = batch_stats_from_torch(arrays, stats_template, layout)
+    if own_weights:  # (copies on the host: the engine donates its state's buffers)
+        params, stats = jax.tree.map(np.array, jax.device_get((template, stats_template)))
+    else:
+        params = params_from_torch(arrays, template, layout)
+        stats = batch_stats_from_torch(arrays, stats_template, layout)
     tx = make_optimizer(optimizer, lr, **kwargs)
     topt = (torch_optimizer or (lambda p: torch_ref.optim.make_optimizer(optimizer, p, lr, **kwargs)))(
         torch_model.parameters())
@@ -466,6 +505,9 @@ def check_parity(
     try:
         padded0, mask0, tb0 = batch(0)
         real0 = np.asarray(mask0) > 0
+        inputs = _float_leaves(padded0, tb0) if input_grads else {}
+        for leaf in inputs.values():
+            leaf[1].requires_grad_(True)
 
         # 1. forward, eval mode and train mode, layer by layer where a layer diverges. Eval
         # first: torch's train-mode forward moves its running statistics.
@@ -499,6 +541,14 @@ def check_parity(
         grads_jt = params_to_torch(grads_j, layout)
         for name in layout.torch_names:
             check("grad", 0, name, grads_jt[name], grads_t[name])
+        if input_grads:
+            if not inputs:
+                report.notes.append("input gradients: the batch has no floating-point leaf")
+            grads_x = jax.device_get(_input_grads_jit(state, padded0, mask0, tuple(i for i, _ in inputs.values())))
+            for (name, (_, leaf_t)), g in zip(inputs.items(), grads_x):
+                g_t = leaf_t.grad
+                check("input_grad", 0, name, np.asarray(g)[real0],
+                      np.zeros(tuple(leaf_t.shape), np.float32) if g_t is None else g_t.detach().numpy())
 
         # 3. one optimizer step, 4. the trajectory: the epoch runner's steps, one per call.
         step, epoch = 0, 0
@@ -641,6 +691,49 @@ def _torch_mode(torch_model, train: bool) -> None:
 
 # ----------------------------------------------------------------------------------------- #
 # The jaxlight side: the engine's pure pieces, jitted here only to be run eagerly from Python
+
+
+def _float_leaves(padded, torch_batch) -> dict:
+    """``{path: (index among the jax batch's leaves, torch tensor)}`` of the batch leaves that
+    are floating point on both sides, by their path in the batch (``['inputs'][0]``)."""
+    import jax
+    import torch
+
+    torch_leaves = {jax.tree_util.keystr(p): t for p, t in jax.tree_util.tree_flatten_with_path(torch_batch)[0]}
+    out = {}
+    for i, (p, a) in enumerate(jax.tree_util.tree_flatten_with_path(padded)[0]):
+        name = jax.tree_util.keystr(p)
+        t = torch_leaves.get(name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and np.issubdtype(np.asarray(a).dtype, np.floating):
+            out[name] = (i, t)
+    return out
+
+
+def _input_grads_jit(state, batch, mask, which: tuple):
+    """The gradient of the engine's loss (the one ``apply_grads`` differentiates, train mode)
+    with respect to the batch leaves ``which`` (their positions among the leaves)."""
+    import jax
+
+    key = tuple(which)
+    if key not in _INPUT_GRADS:
+        from jaxlight.step import _loss_for_grad
+
+        def grads(state, batch, mask):
+            leaves, treedef = jax.tree.flatten(batch)
+
+            def loss(xs):
+                full = list(leaves)
+                for i, x in zip(key, xs):
+                    full[i] = x
+                return _loss_for_grad(state.params, state, jax.tree.unflatten(treedef, full), mask, None)[0]
+
+            return jax.grad(loss)([leaves[i] for i in key])
+
+        _INPUT_GRADS[key] = jax.jit(grads)
+    return _INPUT_GRADS[key](state, batch, mask)
+
+
+_INPUT_GRADS: dict = {}
 
 
 def _grads_jit(state, batch, mask):
