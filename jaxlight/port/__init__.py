@@ -51,6 +51,7 @@ class Port:
     """A ported model: what :func:`port` returns.
 
     Attributes:
+        torch_module: the torch module it was ported from.
         model: the ``nnx.Module`` built from :attr:`source`, holding the torch module's
             parameters and buffers converted exactly (permutations only), in train mode.
         source: the Python source of the NNX module class(es).
@@ -64,7 +65,9 @@ class Port:
         loss: ``(jax loss_fn, torch loss_fn)`` the report used.
     """
 
-    def __init__(self, translation, report, example_inputs: tuple, targets, loss: tuple, loss_kind: str | None):
+    def __init__(self, torch_module, translation, report, example_inputs: tuple, targets, loss: tuple,
+                 loss_kind: str | None):
+        self.torch_module = torch_module
         self.translation = translation
         self.report = report
         self.example_inputs = example_inputs
@@ -97,7 +100,7 @@ class Port:
         checkpoint of :attr:`model`, recording ``class_path`` ``<module_name>.<class_name>`` and
         its ``init_args``), ``folder/examples.npz`` (the example inputs and targets) and
         ``folder/config.yaml``: a ``jaxlight fit --config`` run that starts from the ported
-        weights (``init: {checkpoint: folder}``). See :func:`jaxlight.port.task.write_port`.
+        weights (``init: {checkpoint: folder}``). See :mod:`jaxlight.port.save`.
 
         Args:
             folder: created if missing; must not hold another checkpoint.
@@ -117,7 +120,7 @@ class Port:
         (the generated module lies in the checkpoint's folder, so loading runs code saved with
         the checkpoint only when you say so).
         """
-        from jaxlight.port.task import write_port
+        from jaxlight.port.save import write_port
 
         return write_port(self, folder, loss=loss, data=data, optimizer=optimizer, max_epochs=max_epochs,
                           batch_size=batch_size, seed=seed)
@@ -168,7 +171,7 @@ def port(torch_module, example_inputs, *, loss: tuple | None = None, targets=Non
     if check:
         report = report_mod.check_port(torch_module, translation, arrays, target, loss_pair, steps=steps,
                                        tolerances=tolerances, loss_kind=kind)
-    return Port(translation, report, arrays, target, loss_pair, kind)
+    return Port(torch_module, translation, report, arrays, target, loss_pair, kind)
 
 
 class _CallablePackage(types.ModuleType):
