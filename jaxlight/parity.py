@@ -501,7 +501,7 @@ def check_parity(
 
     adam = _is_adam(optimizer, torch_optimizer, topt)
     rounding = _RoundingNotes(report, lr, batch_size, *_adam_constants(kwargs, topt)) if adam else None
-    bn = _BatchNormTracker(torch_model, layout)
+    bn = _BatchNormTracker(torch_model, layout, jax_model)
     try:
         padded0, mask0, tb0 = batch(0)
         real0 = np.asarray(mask0) > 0
@@ -841,6 +841,18 @@ class _TorchCapture:
         return next((o for n, o in reversed(self.calls) if n == ""), [])
 
 
+def _submodule(model, path: tuple):
+    """The NNX submodule at ``path`` (attribute names, list indices), or None."""
+    for key in path:
+        if model is None:
+            return None
+        try:
+            model = getattr(model, key) if hasattr(model, key) else model[int(key) if key.isdigit() else key]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return model
+
+
 def _to_nnx_layout(torch_module, a: np.ndarray) -> np.ndarray:
     """A torch layer's output in NNX's layout: channels-first feature maps of convolutions and
     batch norms (NCHW, NCL) become channels-last."""
@@ -885,15 +897,19 @@ class _BatchNormTracker:
     NNX's ``var`` averages the biased one. From torch's update
     ``rv_t = (1 - m) rv_{t-1} + m * n/(n-1) * v_t`` the NNX value follows exactly:
     ``e_t = (1 - m) e_{t-1} + (n-1)/n * (rv_t - (1 - m) rv_{t-1})``, starting from the converted
-    ``e_0 = rv_0``. ``running_mean`` is the same in both and is compared directly."""
+    ``e_0 = rv_0``. ``running_mean`` is the same in both and is compared directly, and so is the
+    ``var`` of an NNX layer that averages torch's unbiased estimate itself (its class says
+    ``unbiased_running_var = True``: ``jaxlight.port.nn``'s batch norms)."""
 
-    def __init__(self, torch_model, layout: Layout):
+    def __init__(self, torch_model, layout: Layout, jax_model=None):
         mods = dict(torch_model.named_modules())
         self.mods = {}
         self.handles = []
         self.n: dict[str, int] = {}
         for name in layout.stat_names:
-            if name.endswith("running_var"):
+            rule = layout.rule(name)
+            if name.endswith("running_var") and not getattr(_submodule(jax_model, rule.jax_path[:-1]),
+                                                            "unbiased_running_var", False):
                 mname = name[: -len(".running_var")]
                 m = mods[mname]
                 self.mods[name] = m
