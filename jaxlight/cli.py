@@ -414,8 +414,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _port_errors(args) -> dict:
-    """``jaxlight port``: an op it cannot port is a usage error (exit 2), raised before any output."""
-    if getattr(args, "command", None) != "port":
+    """``jaxlight port`` and ``compare --ported``: an op it cannot port is a usage error (exit 2),
+    raised before any output."""
+    if getattr(args, "command", None) != "port" and not getattr(args, "ported", None):
         return {}
     from jaxlight.port import PortError
 
