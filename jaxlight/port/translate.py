@@ -1,0 +1,431 @@
+"""``translate()``: a torch module -> readable Flax NNX source, the NNX model built from it
+holding the torch weights, and the conversion layout.
+
+    >>> from jaxlight.port.translate import translate
+    >>> t = translate(torch_net, (torch.randn(8, 1, 28, 28),))   # doctest: +SKIP
+    >>> print(t.source)                                          # doctest: +SKIP
+    >>> t.model(x_numpy)                                         # torch's layout in and out  # doctest: +SKIP
+
+The steps, one module each:
+
+1. **Capture** (:mod:`jaxlight.port.capture`): ``torch.fx`` traces ``forward`` with the supported
+   layers kept as leaves and every user class traced on its own, in train and eval mode,
+   and runs the graph on the example inputs for every value's shape and dtype.
+2. **Check**: every op (:mod:`jaxlight.port.ops`), layer (:mod:`jaxlight.port.modules`), in-place
+   write and mode-dependent branch is checked; whatever cannot be ported is collected, with
+   the torch source line it comes from, and raised as one :class:`UnsupportedError` before
+   anything is generated.
+3. **Generate** (:mod:`jaxlight.port.codegen`): one NNX class per torch class, built from
+   ``jaxlight.port.nn`` layers; ``__call__`` follows ``forward`` line by line.
+4. **Convert**: the layout (``jaxlight.interop.Layout``: every ``state_dict`` key -> NNX path and
+   permutation) moves the weights and buffers into the model built from the source.
+
+``jaxlight`` stays free of torch at import time: torch is imported inside these functions.
+"""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxlight.interop import Layout, Rule
+
+__all__ = ["translate", "Translation", "PortError", "UnsupportedError"]
+
+
+class PortError(ValueError):
+    """A torch module that cannot be ported, or arguments that do not fit ``translate``."""
+
+
+class UnsupportedError(PortError):
+    """Ops or constructs the port cannot translate; the message lists every one with the torch
+    source line it comes from (``problems``: ``[(file:line, what)]``)."""
+
+    def __init__(self, problems: list):
+        self.problems = [(str(p.site), p.what) for p in problems]
+        lines = []
+        seen = set()
+        for p in problems:
+            key = (str(p.site), p.what)
+            if key in seen:
+                continue
+            seen.add(key)
+            where = str(p.site) if p.site.line else "(no source line)"
+            text = f"  {where}: {p.what}"
+            if p.site.text:
+                text += f"\n      {p.site.text}"
+            lines.append(text)
+        super().__init__(f"cannot port: {len(lines)} unsupported op(s) or construct(s):\n" + "\n".join(lines))
+
+
+@dataclass
+class Translation:
+    """What :func:`translate` returns.
+
+    Attributes:
+        model: the ``nnx.Module`` built from :attr:`source`, holding the torch module's
+            parameters and buffers converted exactly (permutations only), in train mode.
+        source: importable Python source of the NNX module class(es).
+        module_name: the module's name (the file ``<module_name>.py``).
+        class_name: the top class in :attr:`source`, named after the torch class.
+        layout: every torch ``state_dict`` key -> NNX path and permutation kind
+            (``num_batches_tracked`` in ``layout.dropped``).
+        init_args: what the generated ``__init__`` records with ``save_hyperparameters``.
+    """
+
+    model: Any
+    source: str
+    module_name: str
+    class_name: str
+    layout: Layout
+    init_args: dict = field(default_factory=dict)
+
+
+def _snake(name: str) -> str:
+    s = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name)
+    s = re.sub(r"(?<=[A-Z])([A-Z][a-z])", r"_\1", s)
+    return re.sub(r"\W", "_", s).lower()
+
+
+def translate(torch_module, example_inputs: tuple, *, module_name: str | None = None) -> Translation:
+    """Translate ``torch_module`` into NNX source and an NNX model holding its weights.
+
+    Args:
+        torch_module: a ``torch.nn.Module`` (not modified: its train/eval flags are restored,
+            the example run is in eval mode without gradients).
+        example_inputs: a tuple of tensors, ``forward``'s positional arguments (a single
+            tensor is taken as a 1-tuple). Their shapes and dtypes are those of the example run;
+            the generated code reads sizes from its inputs, so other batch sizes work.
+        module_name: the generated module's name (default ``ported_<torch class in snake case>``).
+
+    Returns:
+        A :class:`Translation`. ``model`` is in train mode (NNX's default), whatever mode the
+        torch module is in.
+
+    Raises:
+        UnsupportedError: one message listing every unsupported op, layer, in-place write on a
+            view or mode-dependent branch, each with its torch source ``file:line``.
+        PortError: arguments that are not a module and a tuple of tensors.
+    """
+    import torch
+
+    if not isinstance(torch_module, torch.nn.Module):
+        raise PortError(f"translate needs a torch.nn.Module, got {type(torch_module).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise PortError("example_inputs must be a tuple of torch tensors (forward's positional arguments), got "
+                        f"{type(example_inputs).__name__}")
+    example_inputs = tuple(example_inputs)
+    cls_name = type(torch_module).__name__
+    module_name = module_name or "ported_" + _snake(cls_name)
+    if not module_name.isidentifier() or keyword.iskeyword(module_name):
+        raise PortError(f"module_name {module_name!r} is not a Python identifier")
+    return _Translator(torch_module, example_inputs, module_name).run()
+
+
+class _Translator:
+    def __init__(self, root, inputs: tuple, module_name: str):
+        self.root, self.inputs, self.module_name = root, inputs, module_name
+        self.problems: list = []
+
+    def run(self) -> Translation:
+        from jaxlight.port import codegen
+
+        graphs = self.capture()
+        emitters = {}
+        for q, g in graphs.items():
+            em = codegen.Emitter(g, graphs, self.problems)
+            em.analyse()
+            emitters[q] = em
+        self.check_modules()
+        self.raise_problems()
+        calls = {q: em.emit() for q, em in emitters.items()}
+        self.raise_problems()
+        source, class_name = self.write_source(graphs, emitters, calls)
+        self.raise_problems()
+        layout = self.layout()
+        model = self.build(source, class_name, layout)
+        return Translation(model, source, self.module_name, class_name, layout, {})
+
+    # ---------------------------------------------------------------- capture
+    def capture(self) -> dict:
+        from jaxlight.port import capture
+        from jaxlight.port.modules import classify
+
+        graphs: dict[str, capture.Graph] = {}
+        queue = [("", self.root, self.inputs, {})]
+        while queue:
+            qual, mod, args, kwargs = queue.pop(0)
+            if qual in graphs:
+                continue
+            g = capture.trace_class(classify, mod, qual, args, kwargs, self.problems)
+            if g is None:
+                continue
+            try:
+                calls = capture.run_example(g)
+            except Exception as exc:  # noqa: BLE001 - the user's forward failed on its example
+                self.problems.append(capture.Problem(capture.site_of_exception(exc),
+                                                     f"running forward on the example inputs failed: "
+                                                     f"{type(exc).__name__}: {exc}"))
+                continue
+            graphs[qual] = g
+            for sub, m in g.opaque.items():
+                full = f"{qual}.{sub}" if qual else sub
+                if sub in calls and full not in graphs:
+                    a, k = calls[sub]
+                    queue.append((full, m, tuple(a), dict(k)))
+        return graphs
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise UnsupportedError(self.problems)
+
+    # ---------------------------------------------------------------- module-level checks
+    def check_modules(self) -> None:
+        from jaxlight.port import capture
+        from jaxlight.port.modules import classify
+
+        seen: dict[int, str] = {}
+        for name, t in self.root.state_dict(keep_vars=True).items():
+            if id(t) in seen and t.numel() > 0:
+                self.problems.append(capture.Problem(capture.UNKNOWN, f"{name!r} and {seen[id(t)]!r} are one tied "
+                                                     f"tensor; tied parameters are not supported"))
+            seen.setdefault(id(t), name)
+        for qual, m in self.root.named_modules():
+            kind = classify(m)
+            own = [n for n, p in m.named_parameters(recurse=False)] + [
+                n for n, b in m.named_buffers(recurse=False)]
+            if kind == "unsupported" and own:
+                self.problems.append(capture.Problem(capture._forward_site(m),
+                                                     f"module {qual!r} ({type(m).__module__}.{type(m).__qualname__}) "
+                                                     f"holds parameters and has no translation"))
+            if kind in ("list", "dict") and type(m).__name__.startswith("Parameter"):
+                self.problems.append(capture.Problem(capture.UNKNOWN, f"{qual!r}: {type(m).__name__} is not "
+                                                                      f"supported"))
+            for n in [n for n, _ in m.named_children()] + own:
+                if kind == "class" and (not n.isidentifier() or keyword.iskeyword(n)):
+                    self.problems.append(capture.Problem(capture.UNKNOWN, f"{qual!r}: attribute name {n!r} is not "
+                                                                          f"a Python identifier"))
+
+    # ---------------------------------------------------------------- source
+    def write_source(self, graphs: dict, emitters: dict, calls: dict):
+        from jaxlight.port import codegen
+        from jaxlight.port.modules import classify
+
+        texts: dict[str, str] = {}  # class name -> text
+        name_of: dict[str, str] = {}  # qualname -> class name
+        order: list[str] = []
+        root_name = _ident_class(type(self.root).__name__)
+
+        def visit(qual: str, m) -> None:
+            for cname, child in m.named_children():
+                cq = f"{qual}.{cname}" if qual else cname
+                if classify(child) in ("class",):
+                    visit(cq, child)
+                elif classify(child) in ("sequential", "list", "dict"):
+                    visit_container(cq, child)
+            top = qual == ""
+            src = self.class_source(qual, m, graphs.get(qual), emitters.get(qual), calls.get(qual), name_of)
+            text = src.text("@@NAME@@", top)
+            if top:
+                name = root_name
+            else:
+                base = _ident_class(type(m).__name__)
+                name = next((n for n, t in texts.items() if t == text and re.fullmatch(rf"{base}\d*", n)), None)
+                if name is None:
+                    name, k = base, 1
+                    while name in texts or name == root_name:
+                        k += 1
+                        name = f"{base}{k}"
+            name_of[qual] = name
+            if name not in texts:
+                texts[name] = text
+                order.append(name)
+
+        def visit_container(qual: str, m) -> None:
+            for cname, child in m.named_children():
+                cq = f"{qual}.{cname}"
+                if classify(child) == "class":
+                    visit(cq, child)
+                elif classify(child) in ("sequential", "list", "dict"):
+                    visit_container(cq, child)
+
+        visit("", self.root)
+        classes = [texts[n].replace("@@NAME@@", n) for n in order]
+        del codegen
+        header = _HEADER.format(cls=f"{type(self.root).__module__}.{type(self.root).__qualname__}")
+        source = header + "\n\n\n".join(classes) + "\n"
+        return source, root_name
+
+    def class_source(self, qual: str, m, graph, emitter, call_lines, name_of):
+        from jaxlight.port import codegen
+
+        init = []
+        for pname, p in m._parameters.items():
+            if p is None:
+                init.append(f"self.{pname} = None")
+            else:
+                init.append(f"self.{pname} = nnx.Param(jnp.zeros({tuple(p.shape)!r}, "
+                            f"{codegen.dtype_expr(p.dtype)}))")
+        for bname, b in m._buffers.items():
+            if b is None or bname in getattr(m, "_non_persistent_buffers_set", ()):
+                continue
+            init.append(f"self.{bname} = nn.Buffer(jnp.zeros({tuple(b.shape)!r}, {_buffer_dtype(b)}))")
+        for cname, child in m.named_children():
+            cq = f"{qual}.{cname}" if qual else cname
+            lines = self.ctor(child, cq, name_of)
+            init.append(f"self.{cname} = {lines[0]}")
+            init.extend(lines[1:])
+        if emitter is not None:
+            for aname, ctor in emitter.extra_attrs:
+                init.append(f"self.{aname} = {ctor}")
+        params = tuple(codegen._ident(p) for p in graph.params) if graph is not None else ()
+        return codegen.ClassSource(qual, m, init, call_lines, params)
+
+    def ctor(self, m, qual: str, name_of: dict) -> list[str]:
+        """The constructor expression of a submodule, as lines (the first one follows ``=``)."""
+        from jaxlight.port.modules import LAYERS, classify, torch_layer_name
+
+        kind = classify(m)
+        if kind == "layer":
+            spec = LAYERS[torch_layer_name(m)]
+            args, kwargs = spec.ctor(m)
+            parts = [_lit(a) for a in args] + [f"{k}={_lit(v)}" for k, v in kwargs.items()]
+            if spec.rngs:
+                parts.append("rngs=rngs")
+            return [f"nn.{spec.nn_name}({', '.join(parts)})"]
+        if kind in ("sequential", "list", "dict"):
+            items = []
+            for cname, child in m.named_children():
+                sub = self.ctor(child, f"{qual}.{cname}", name_of)
+                prefix = f"{cname!r}: " if kind == "dict" else ""
+                items.append([prefix + sub[0]] + sub[1:])
+            opener, closer = {"sequential": ("nn.Sequential(", ")"), "list": ("nnx.List([", "])"),
+                              "dict": ("nnx.Dict({", "})")}[kind]
+            if not items:
+                return [opener + closer]
+            lines = [opener]
+            for item in items:
+                lines += ["    " + item[0]] + ["    " + ln for ln in item[1:]]
+                lines[-1] += ","
+            lines.append(closer)
+            return lines
+        if kind == "class":
+            return [f"{name_of[qual]}(rngs=rngs)"]
+        return [f"None  # {type(m).__module__}.{type(m).__qualname__}: not called by forward, no translation"]
+
+    # ---------------------------------------------------------------- layout
+    def layout(self) -> Layout:
+        from jaxlight.port import capture
+        from jaxlight.port.modules import LAYERS, classify, torch_layer_name
+
+        rules: list[Rule] = []
+        dropped: list[str] = []
+
+        def walk(m, t: str, j: tuple) -> None:
+            kind = classify(m)
+            if kind == "layer":
+                r, d = LAYERS[torch_layer_name(m)].rules(m, t, j)
+                rules.extend(r)
+                dropped.extend(d)
+                return
+            if kind == "class":
+                for pname, p in m._parameters.items():
+                    if p is not None:
+                        rules.append(Rule(t + pname, j + (pname,), "copy" if p.ndim == 1 else "array"))
+                for bname, b in m._buffers.items():
+                    if b is None or bname in getattr(m, "_non_persistent_buffers_set", ()):
+                        continue
+                    kind_b = "int64" if str(b.dtype) == "torch.int64" else ("copy" if b.ndim == 1 else "array")
+                    rules.append(Rule(t + bname, j + (bname,), kind_b, variable="batch_stat"))
+            for cname, child in m.named_children():
+                walk(child, f"{t}{cname}.", j + (cname,))
+
+        walk(self.root, "", ())
+        order = {k: i for i, k in enumerate(self.root.state_dict())}
+        covered = {r.torch_name for r in rules} | set(dropped)
+        missing = [k for k in order if k not in covered]
+        if missing:
+            self.problems.append(capture.Problem(capture.UNKNOWN, f"no translation for state_dict entries {missing}"))
+            self.raise_problems()
+        rules = [r for r in rules if r.torch_name in order]
+        dropped = [d for d in dropped if d in order]
+        rules.sort(key=lambda r: order[r.torch_name])
+        return Layout(type(self.root).__name__, tuple(rules), tuple(dropped))
+
+    # ---------------------------------------------------------------- build
+    def build(self, source: str, class_name: str, layout: Layout):
+        from flax import nnx
+
+        from jaxlight import interop
+
+        module = load_source(source, self.module_name)
+        cls = getattr(module, class_name)
+        model = cls(rngs=nnx.Rngs(0))
+        arrays = {k: _to_numpy(v) for k, v in self.root.state_dict().items()}
+        return interop.model_from_torch(arrays, model, layout)
+
+
+def load_source(source: str, module_name: str) -> types.ModuleType:
+    """Execute generated source as a fresh module named ``module_name`` (its classes record
+    that name as their ``__module__``; it is not put in ``sys.modules``). The source is kept in
+    ``linecache`` so tracebacks and ``inspect`` show its lines."""
+    filename = f"<jaxlight.port {module_name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType(module_name)
+    module.__file__ = filename
+    exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - our own generated source
+    return module
+
+
+def _to_numpy(t):
+    import numpy as np
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        raise PortError("bfloat16 weights: convert the torch module to float32 first")
+    return np.asarray(t.numpy())
+
+
+def _buffer_dtype(b) -> str:
+    from jaxlight.port.codegen import dtype_expr
+
+    return dtype_expr(b.dtype)
+
+
+def _lit(v) -> str:
+    if isinstance(v, float) and v != v:
+        return "math.nan"
+    return repr(v)
+
+
+def _ident_class(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    return name if name.isidentifier() and not keyword.iskeyword(name) else "Ported_" + name
+
+
+_HEADER = '''"""Flax NNX port of ``{cls}``, written by ``jaxlight.port``.
+
+Inputs and outputs are in torch's layout (NCHW stays NCHW); feature maps run channels-last
+between convolutions, batch norms and pools (``F.channels_last`` / ``F.channels_first``).
+``model.train()`` / ``model.eval()`` switch dropout and batch norm as torch's modes do.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxlight
+from jaxlight.port import functional as F
+from jaxlight.port import nn
+
+
+'''
