@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import linecache
+import operator
 import os
 import traceback
 from typing import Any
@@ -213,7 +214,17 @@ def make_tracer(classify, root):
     import torch
     import torch.fx as fx
 
+    class Proxy(fx.Proxy):
+        """fx's Proxy, plus item assignment (``x[i] = v``), recorded as ``operator.setitem``:
+        the codegen writes it as ``x.at[i].set(v)`` and checks that no view of ``x`` sees it."""
+
+        def __setitem__(self, key, value):
+            self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     class Tracer(fx.Tracer):
+        def proxy(self, node):
+            return Proxy(node, self)
+
         def __init__(self):
             super().__init__()
             self.record_stack_traces = True
@@ -237,7 +248,6 @@ def make_tracer(classify, root):
         vals = list(args) + list(kwargs.values())
         return bool(vals) and all(isinstance(v, fx.Proxy) for v in vals)
 
-    del torch
     return Tracer
 
 
@@ -276,6 +286,7 @@ def trace_class(classify, module, qualname: str, inputs: tuple, kwargs: dict, pr
                 problems.append(Problem(site_of_exception(exc), _trace_message(exc)))
                 return None
             _drop_specialised(g, concrete)
+            _take_constants(g, module)
             graphs.append(g)
             if opaque is None:
                 opaque = tracer.opaque
@@ -285,6 +296,16 @@ def trace_class(classify, module, qualname: str, inputs: tuple, kwargs: dict, pr
     params = tuple(n for n in names if n in given)
     ordered = tuple(inputs[i] if i < len(inputs) else kwargs[n] for i, n in enumerate(params))
     return Graph(qualname, module, graphs[0], graphs[1], opaque, ordered, {}, params)
+
+
+def _take_constants(g, module) -> None:
+    """Keep the tensor constants fx stored on the module while tracing (``_tensor_constant0``)
+    in their nodes' ``meta["constant"]``, and take them off the user's module again."""
+    for n in g.nodes:
+        if n.op == "get_attr" and n.target.startswith("_tensor_constant") and hasattr(module, n.target):
+            n.meta["constant"] = getattr(module, n.target)
+    for name in [k for k in vars(module) if k.startswith("_tensor_constant")]:
+        delattr(module, name)
 
 
 def _drop_specialised(g, concrete: dict) -> None:
@@ -325,6 +346,9 @@ def _forward_site(module) -> Site:
 
 def _trace_message(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, TypeError) and "positional argument" in text and "were given" in text:
+        return (f"a size read from a tensor passed as separate arguments of a torch factory ({text}): torch.fx "
+                f"cannot trace that; pass the sizes as one tuple, e.g. torch.zeros((B, T))")
     if "control flow" in text or "symbolically traced variables" in text:
         return ("data-dependent Python control flow (an `if`/`while` on a tensor value) cannot be traced: "
                 "compute both branches and select with torch.where")
@@ -343,7 +367,14 @@ def run_example(graph: Graph):
     import torch.fx as fx
 
     module = graph.module
-    gm = fx.GraphModule(module, graph.graph)
+    consts = {n.target: n.meta["constant"] for n in graph.graph.nodes if "constant" in n.meta}
+    for name, value in consts.items():
+        setattr(module, name, value)
+    try:
+        gm = fx.GraphModule(module, graph.graph)  # (copies the constants it reads)
+    finally:
+        for name in consts:
+            delattr(module, name)
     calls: dict[str, tuple] = {}
 
     class Interp(fx.Interpreter):

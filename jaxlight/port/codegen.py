@@ -60,6 +60,41 @@ def dtype_expr(d) -> str:
     return _DTYPES[name]
 
 
+_PREC = {"**": 14, "*": 12, "/": 12, "//": 12, "%": 12, "@": 12, "+": 11, "-": 11, "<<": 10, ">>": 10, "&": 9,
+         "^": 8, "|": 7, "==": 6, "!=": 6, "<": 6, "<=": 6, ">": 6, ">=": 6}
+_AST_OPS = {ast.Pow: "**", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.MatMult: "@",
+            ast.Add: "+", ast.Sub: "-", ast.LShift: "<<", ast.RShift: ">>", ast.BitAnd: "&", ast.BitXor: "^",
+            ast.BitOr: "|"}
+
+
+def _precedence(expr: str) -> int:
+    """The binding strength of an expression's top-level operator (high: binds tighter)."""
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return 0
+    if isinstance(node, ast.BinOp):
+        return _PREC[_AST_OPS[type(node.op)]]
+    if isinstance(node, ast.UnaryOp):
+        return 13 if not isinstance(node.op, ast.Not) else 5
+    if isinstance(node, ast.Compare):
+        return 6
+    if isinstance(node, (ast.BoolOp, ast.IfExp, ast.Lambda, ast.Tuple)):
+        return 1
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and expr.startswith("-"):
+        return 13
+    return 99
+
+
+def operand(expr: str, symbol: str, side: str) -> str:
+    """``expr`` as the ``side`` operand of ``symbol``, parenthesised only where Python needs it
+    (and around comparisons, which chain)."""
+    child, parent = _precedence(expr), _PREC[symbol]
+    if child < parent or (child == parent and (side == "right" or parent in (6, 14))):
+        return f"({expr})"
+    return expr
+
+
 def _needs_parens(expr: str) -> bool:
     try:
         node = ast.parse(expr, mode="eval").body
@@ -238,6 +273,9 @@ class Emitter:
         for k, (na, nb) in enumerate(zip(a, b)):
             same_call = na.op == nb.op and (na.target == nb.target or (
                 na.op == "call_function" and na.target is nb.target))
+            if na.op == nb.op == "get_attr" and "constant" in na.meta and "constant" in nb.meta:
+                ca, cb = na.meta["constant"], nb.meta["constant"]
+                same_call = ca.shape == cb.shape and ca.dtype == cb.dtype and bool((ca == cb).all())
             if not same_call:
                 self.problem(na, f"forward takes a different path in train and eval mode (self.training): "
                                  f"{_describe(na)} in train mode, {_describe(nb)} in eval mode")
@@ -430,12 +468,11 @@ class Emitter:
                 self.site[u] == site and u.op != "output" and (u in statements or u in self.inline)
                 for u in s.users)]
             want = None
-            if n in finals and n is finals[-1]:
-                if name:
-                    want = name
-                elif names and self._unpackable(n, names):
-                    self._plan_unpack(n, names, holder)
-                    continue
+            if names and self._unpackable(n, names):
+                self._plan_unpack(n, names, holder)
+                continue
+            if n in finals and n is finals[-1] and name:
+                want = name
             inplace_target = getattr(self, "inplace_nodes", {}).get(n)
             if want is None and inplace_target is not None and inplace_target in self.var:
                 want = self.var[inplace_target]
@@ -535,6 +572,8 @@ class Emitter:
         raise O.BindError(f"a constant of type {type(v).__name__} ({v!r:.40}) is not supported")
 
     def tensor_literal(self, t) -> str:
+        if t.numel() > 0 and bool((t == t.reshape(-1)[0]).all()):
+            return f"jnp.full({tuple(t.shape)!r}, {t.reshape(-1)[0].item()!r}, dtype={dtype_expr(t.dtype)})"
         if t.numel() > 64:
             raise O.BindError(f"a constant tensor of {t.numel()} elements inside forward is not supported "
                               f"(register it as a buffer)")
@@ -663,8 +702,11 @@ class Emitter:
         return self.ref(idx, "cf")
 
     def get_attr(self, n) -> str:
-        owner, obj = resolve(self.root, n.target)
         import torch
+
+        if "constant" in n.meta:
+            return self.tensor_literal(n.meta["constant"])
+        owner, obj = resolve(self.root, n.target)
 
         path, _, attr = n.target.rpartition(".")
         owner_mod = resolve(self.root, path)[1] if path else self.root
@@ -720,6 +762,9 @@ class _Ctx:
 
     def e(self, v, wrap: bool = False) -> str:
         return self.em.ref(v, self.mode, wrap)
+
+    def operand(self, v, symbol: str, side: str) -> str:
+        return operand(self.em.ref(v, self.mode), symbol, side)
 
     def kw(self, b, key, default) -> str:
         v = b[key]

@@ -96,6 +96,7 @@ def _conv_padding(padding, kernel, dilation, nd: int) -> tuple:
 
 class _ConvNd(nnx.Conv):
     nd = 2
+    port_layout = "cl"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, rngs: nnx.Rngs):
@@ -139,6 +140,7 @@ class Conv2d(_ConvNd):
 
 class _ConvTransposeNd(nnx.Module):
     nd = 2
+    port_layout = "cl"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
                  groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", *, rngs: nnx.Rngs):
@@ -164,7 +166,8 @@ class _ConvTransposeNd(nnx.Module):
         # The transposed convolution is the convolution of the stride-dilated input with the
         # flipped kernel, in and out channels swapped group by group.
         k = k.reshape(*ks, k.shape[nd], g, self.in_channels // g)
-        k = jnp.moveaxis(k, nd, nd + 2).reshape(*ks, self.in_channels // g, self.out_channels)
+        k = k.transpose(*range(nd), nd + 2, nd + 1, nd)  # (*k, I/g, g, O/g)
+        k = k.reshape(*ks, self.in_channels // g, self.out_channels)
         k = jnp.flip(k, axis=tuple(range(nd)))
         pads = [(d * (kk - 1) - p, d * (kk - 1) - p + op)
                 for kk, p, op, d in zip(ks, self.padding, self.output_padding, self.dilation)]
@@ -205,6 +208,7 @@ class _BatchNorm(nnx.BatchNorm):
     with the same meaning: jaxlight's step passes it for padded batches (``masked_call``).
     """
 
+    port_layout = "cl"
     masked_call = True  # (jaxlight.layers: __call__ honours mask= as nnx.BatchNorm does)
     unbiased_running_var = True  # (jaxlight.parity / jaxlight.layers: var averages torch's estimate)
 
@@ -568,12 +572,16 @@ class Dropout(nnx.Dropout):
     scale the rest by ``1 / (1 - p)``; identity in eval mode (``nnx.Dropout``: jaxlight's step
     handles it under every strategy). The random masks are JAX's, not torch's."""
 
+    port_layout = "any"
+
     def __init__(self, p: float = 0.5, inplace: bool = False, *, rngs: nnx.Rngs):
         super().__init__(p, rngs=rngs)
 
 
 class Dropout1d(nnx.Dropout):
     """``torch.nn.Dropout1d``: whole channels of channels-last ``(B, L, C)``."""
+
+    port_layout = "cl"
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, rngs: nnx.Rngs):
         super().__init__(p, broadcast_dims=(1,), rngs=rngs)
@@ -582,21 +590,36 @@ class Dropout1d(nnx.Dropout):
 class Dropout2d(nnx.Dropout):
     """``torch.nn.Dropout2d``: whole channels of channels-last ``(B, H, W, C)``."""
 
+    port_layout = "cl"
+
     def __init__(self, p: float = 0.5, inplace: bool = False, *, rngs: nnx.Rngs):
         super().__init__(p, broadcast_dims=(1, 2), rngs=rngs)
 
 
 class Sequential(nnx.List):
     """``torch.nn.Sequential``: its layers under ``"0"``, ``"1"``... (torch's names), called in
-    order."""
+    order. Takes and returns torch's layout; between its layers a feature map stays
+    channels-last from a channels-last layer (``port_layout = "cl"``: convolutions, batch norms,
+    pools) through elementwise ones (``"any"``) until a torch-layout layer needs it back."""
 
     def __init__(self, *layers):
         super().__init__(layers)
 
     def __call__(self, x):
+        last = False  # whether x is channels-last now
         for layer in self:
+            want = getattr(layer, "port_layout", "cf")
+            if getattr(x, "ndim", 0) >= 3:
+                if want == "cl" and not last:
+                    x, last = F.channels_last(x), True
+                elif want == "cf" and last:
+                    x, last = F.channels_first(x), False
+            else:
+                last = False
             x = layer(x)
-        return x
+            if getattr(x, "ndim", 0) < 3:
+                last = False
+        return F.channels_first(x) if last else x
 
 
 # ----------------------------------------------------------------------------------------- #
@@ -617,60 +640,61 @@ class Activation(nnx.Module):
         return type(self).fn(x, **dict(self.kwargs))
 
 
-def _activation(name: str, fn, doc: str, signature: Sequence[str] = (), defaults: dict | None = None):
+def _activation(name: str, fn, doc: str, signature: Sequence[str] = (), defaults: dict | None = None,
+                layout: str = "cf"):
     def __init__(self, *args, inplace: bool = False, **kwargs):
         kwargs = {**(defaults or {}), **dict(zip(signature, args)), **kwargs}
         Activation.__init__(self, **kwargs)
 
     return type(name, (Activation,), {"fn": staticmethod(fn), "__init__": __init__, "__doc__": doc,
-                                      "__module__": __name__})
+                                      "__module__": __name__, "port_layout": layout})
 
 
-ReLU = _activation("ReLU", jax.nn.relu, "``torch.nn.ReLU``.")
-ReLU6 = _activation("ReLU6", F.relu6, "``torch.nn.ReLU6``.")
-GELU = _activation("GELU", F.gelu, "``torch.nn.GELU(approximate)``.", ("approximate",))
-SiLU = _activation("SiLU", jax.nn.silu, "``torch.nn.SiLU``.")
-Tanh = _activation("Tanh", jnp.tanh, "``torch.nn.Tanh``.")
-Sigmoid = _activation("Sigmoid", jax.nn.sigmoid, "``torch.nn.Sigmoid``.")
+ReLU = _activation("ReLU", jax.nn.relu, "``torch.nn.ReLU``.", layout="any")
+ReLU6 = _activation("ReLU6", F.relu6, "``torch.nn.ReLU6``.", layout="any")
+GELU = _activation("GELU", F.gelu, "``torch.nn.GELU(approximate)``.", ("approximate",), layout="any")
+SiLU = _activation("SiLU", jax.nn.silu, "``torch.nn.SiLU``.", layout="any")
+Tanh = _activation("Tanh", jnp.tanh, "``torch.nn.Tanh``.", layout="any")
+Sigmoid = _activation("Sigmoid", jax.nn.sigmoid, "``torch.nn.Sigmoid``.", layout="any")
 LeakyReLU = _activation("LeakyReLU", jax.nn.leaky_relu, "``torch.nn.LeakyReLU(negative_slope)``.",
-                        ("negative_slope",))
-ELU = _activation("ELU", F.elu, "``torch.nn.ELU(alpha)``.", ("alpha",))
-SELU = _activation("SELU", F.selu, "``torch.nn.SELU``.")
-CELU = _activation("CELU", F.celu, "``torch.nn.CELU(alpha)``.", ("alpha",))
-Softplus = _activation("Softplus", F.softplus, "``torch.nn.Softplus(beta, threshold)``.", ("beta", "threshold"))
-Mish = _activation("Mish", F.mish, "``torch.nn.Mish``.")
-Hardswish = _activation("Hardswish", F.hardswish, "``torch.nn.Hardswish``.")
-Hardsigmoid = _activation("Hardsigmoid", F.hardsigmoid, "``torch.nn.Hardsigmoid``.")
-Hardtanh = _activation("Hardtanh", F.hardtanh, "``torch.nn.Hardtanh(min_val, max_val)``.", ("min_val", "max_val"))
-LogSigmoid = _activation("LogSigmoid", F.logsigmoid, "``torch.nn.LogSigmoid``.")
-Tanhshrink = _activation("Tanhshrink", lambda x: x - jnp.tanh(x), "``torch.nn.Tanhshrink``.")
-Softsign = _activation("Softsign", jax.nn.soft_sign, "``torch.nn.Softsign``.")
+                        ("negative_slope",), layout="any")
+ELU = _activation("ELU", F.elu, "``torch.nn.ELU(alpha)``.", ("alpha",), layout="any")
+SELU = _activation("SELU", F.selu, "``torch.nn.SELU``.", layout="any")
+CELU = _activation("CELU", F.celu, "``torch.nn.CELU(alpha)``.", ("alpha",), layout="any")
+Softplus = _activation("Softplus", F.softplus, "``torch.nn.Softplus(beta, threshold)``.", ("beta", "threshold"), layout="any")
+Mish = _activation("Mish", F.mish, "``torch.nn.Mish``.", layout="any")
+Hardswish = _activation("Hardswish", F.hardswish, "``torch.nn.Hardswish``.", layout="any")
+Hardsigmoid = _activation("Hardsigmoid", F.hardsigmoid, "``torch.nn.Hardsigmoid``.", layout="any")
+Hardtanh = _activation("Hardtanh", F.hardtanh, "``torch.nn.Hardtanh(min_val, max_val)``.", ("min_val", "max_val"), layout="any")
+LogSigmoid = _activation("LogSigmoid", F.logsigmoid, "``torch.nn.LogSigmoid``.", layout="any")
+Tanhshrink = _activation("Tanhshrink", lambda x: x - jnp.tanh(x), "``torch.nn.Tanhshrink``.", layout="any")
+Softsign = _activation("Softsign", jax.nn.soft_sign, "``torch.nn.Softsign``.", layout="any")
 Softmax = _activation("Softmax", F.softmax, "``torch.nn.Softmax(dim)``.", ("dim",))
 LogSoftmax = _activation("LogSoftmax", F.log_softmax, "``torch.nn.LogSoftmax(dim)``.", ("dim",))
 GLU = _activation("GLU", F.glu, "``torch.nn.GLU(dim)``.", ("dim",))
-Identity = _activation("Identity", lambda x: x, "``torch.nn.Identity``.")
+Identity = _activation("Identity", lambda x: x, "``torch.nn.Identity``.", layout="any")
 Flatten = _activation("Flatten", F.flatten, "``torch.nn.Flatten(start_dim=1, end_dim=-1)``.",
                       ("start_dim", "end_dim"), {"start_dim": 1})
 Unflatten = _activation("Unflatten", F.unflatten, "``torch.nn.Unflatten(dim, unflattened_size)``.",
                         ("dim", "sizes"))
 MaxPool1d = _activation("MaxPool1d", F.max_pool1d, "``torch.nn.MaxPool1d`` on channels-last ``(B, L, C)``.",
-                        ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"))
+                        ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"), layout="cl")
 MaxPool2d = _activation("MaxPool2d", F.max_pool2d, "``torch.nn.MaxPool2d`` on channels-last ``(B, H, W, C)``.",
-                        ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"))
+                        ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"), layout="cl")
 AvgPool1d = _activation("AvgPool1d", F.avg_pool1d, "``torch.nn.AvgPool1d`` on channels-last ``(B, L, C)``.",
-                        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"))
+                        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"), layout="cl")
 AvgPool2d = _activation("AvgPool2d", F.avg_pool2d, "``torch.nn.AvgPool2d`` on channels-last ``(B, H, W, C)``.",
-                        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"))
+                        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"), layout="cl")
 AdaptiveAvgPool1d = _activation("AdaptiveAvgPool1d", F.adaptive_avg_pool1d,
-                                "``torch.nn.AdaptiveAvgPool1d`` on channels-last ``(B, L, C)``.", ("output_size",))
+                                "``torch.nn.AdaptiveAvgPool1d`` on channels-last ``(B, L, C)``.", ("output_size",), layout="cl")
 AdaptiveAvgPool2d = _activation("AdaptiveAvgPool2d", F.adaptive_avg_pool2d,
-                                "``torch.nn.AdaptiveAvgPool2d`` on channels-last ``(B, H, W, C)``.", ("output_size",))
+                                "``torch.nn.AdaptiveAvgPool2d`` on channels-last ``(B, H, W, C)``.", ("output_size",), layout="cl")
 AdaptiveMaxPool1d = _activation("AdaptiveMaxPool1d", F.adaptive_max_pool1d,
-                                "``torch.nn.AdaptiveMaxPool1d`` on channels-last ``(B, L, C)``.", ("output_size",))
+                                "``torch.nn.AdaptiveMaxPool1d`` on channels-last ``(B, L, C)``.", ("output_size",), layout="cl")
 AdaptiveMaxPool2d = _activation("AdaptiveMaxPool2d", F.adaptive_max_pool2d,
-                                "``torch.nn.AdaptiveMaxPool2d`` on channels-last ``(B, H, W, C)``.", ("output_size",))
+                                "``torch.nn.AdaptiveMaxPool2d`` on channels-last ``(B, H, W, C)``.", ("output_size",), layout="cl")
 Upsample = _activation("Upsample", F.interpolate, "``torch.nn.Upsample(mode='nearest')`` on channels-last input.",
-                       ("size", "scale_factor", "mode"))
+                       ("size", "scale_factor", "mode"), layout="cl")
 PixelShuffle = _activation("PixelShuffle", F.pixel_shuffle, "``torch.nn.PixelShuffle``.", ("upscale_factor",))
 
 

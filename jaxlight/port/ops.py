@@ -131,10 +131,11 @@ for _name, _fn in {
     # The in-place method (x.relu_(), x.exp_()) writes its input.
     OPS[_name + "_"] = Op(Sig.parse("input"), (lambda f: lambda ctx, b: f"{f}({ctx.e(b['input'])})")(_fn), "any", True)
 
-simple("neg negative", "-{input}", layout="any")
-simple("pos", "+{input}", layout="any")
-simple("invert", "~{input}", layout="any")
-simple("reciprocal", "1 / {input}", layout="any")
+OPS["neg"] = OPS["negative"] = Op(Sig.parse("input"), lambda ctx, b: "-" + ctx.operand(b["input"], "**", "right"),
+                                  "any")
+OPS["pos"] = Op(Sig.parse("input"), lambda ctx, b: "+" + ctx.operand(b["input"], "**", "right"), "any")
+OPS["invert"] = Op(Sig.parse("input"), lambda ctx, b: "~" + ctx.operand(b["input"], "**", "right"), "any")
+OPS["reciprocal"] = Op(Sig.parse("input"), lambda ctx, b: "1 / " + ctx.operand(b["input"], "/", "right"), "any")
 simple("sigmoid_", "jax.nn.sigmoid({input})", layout="any")
 
 
@@ -202,7 +203,7 @@ _BINARY = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//",
 
 def _binop(symbol):
     def emit(ctx, b):
-        return f"{ctx.e(b['input'], wrap=True)} {symbol} {ctx.e(b['other'], wrap=True)}"
+        return f"{ctx.operand(b['input'], symbol, 'left')} {symbol} {ctx.operand(b['other'], symbol, 'right')}"
 
     return emit
 
@@ -216,19 +217,19 @@ for _name, _sym in {"mul": "*", "multiply": "*", "true_divide": "/", "floor_divi
                     "pow": "**", "float_power": "**"}.items():
     OPS[_name] = Op(Sig.parse("input, other"), _binop(_sym), "any", tensor_args=("input", "other"))
     OPS[_name + "_"] = Op(Sig.parse("input, other"), _binop(_sym), "any", True, tensor_args=("input", "other"))
-OPS["pow"] = Op(Sig.parse("input, exponent"), lambda ctx, b: f"{ctx.e(b['input'], wrap=True)} ** "
-                f"{ctx.e(b['exponent'], wrap=True)}", "any", tensor_args=("input", "exponent"))
+OPS["pow"] = Op(Sig.parse("input, exponent"), lambda ctx, b: f"{ctx.operand(b['input'], '**', 'left')} ** "
+                f"{ctx.operand(b['exponent'], '**', 'right')}", "any", tensor_args=("input", "exponent"))
 OPS["pow_"] = Op(OPS["pow"].sig, OPS["pow"].emit, "any", True, tensor_args=("input", "exponent"))
-OPS["rpow"] = Op(Sig.parse("input, other"), lambda ctx, b: f"{ctx.e(b['other'], wrap=True)} ** "
-                 f"{ctx.e(b['input'], wrap=True)}", "any", tensor_args=("input", "other"))
+OPS["rpow"] = Op(Sig.parse("input, other"), lambda ctx, b: f"{ctx.operand(b['other'], '**', 'left')} ** "
+                 f"{ctx.operand(b['input'], '**', 'right')}", "any", tensor_args=("input", "other"))
 
 
 def _add_sub(symbol):
     def emit(ctx, b):
-        other = ctx.e(b["other"], wrap=True)
+        other = ctx.operand(b["other"], symbol, "right")
         if not (isinstance(b["alpha"], (int, float)) and b["alpha"] == 1):
-            other = f"{ctx.e(b['alpha'], wrap=True)} * {other}"
-        return f"{ctx.e(b['input'], wrap=True)} {symbol} {other}"
+            other = f"{ctx.operand(b['alpha'], '*', 'left')} * {ctx.operand(b['other'], '*', 'right')}"
+        return f"{ctx.operand(b['input'], symbol, 'left')} {symbol} {other}"
 
     return emit
 
@@ -245,7 +246,7 @@ OPS["rsub"] = Op(Sig.parse("input, other, *, alpha=1"),
 @op("div divide", "input, other, *, rounding_mode=None", "any", tensor_args=("input", "other"))
 def _div(ctx, b):
     if b["rounding_mode"] is None:
-        return f"{ctx.e(b['input'], wrap=True)} / {ctx.e(b['other'], wrap=True)}"
+        return f"{ctx.operand(b['input'], '/', 'left')} / {ctx.operand(b['other'], '/', 'right')}"
     return f"F.div({ctx.e(b['input'])}, {ctx.e(b['other'])}, rounding_mode={b['rounding_mode']!r})"
 
 
@@ -428,7 +429,8 @@ def _glu(ctx, b):
 # Products
 
 
-simple("matmul mm bmm operator.matmul", "{input} @ {other}", "input, other", "cf", ("input", "other"))
+for _name in ("matmul", "mm", "bmm", "operator.matmul"):
+    OPS[_name] = Op(Sig.parse("input, other"), _binop("@"), "cf", tensor_args=("input", "other"))
 simple("outer ger", "jnp.outer({input}, {vec2})", "input, vec2", "cf", ("input", "vec2"))
 simple("dot inner", "jnp.dot({input}, {other})", "input, other", "cf", ("input", "other"))
 

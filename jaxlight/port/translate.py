@@ -144,7 +144,11 @@ class _Translator:
             emitters[q] = em
         self.check_modules()
         self.raise_problems()
-        calls = {q: em.emit() for q, em in emitters.items()}
+        from jaxlight.port.modules import classify
+
+        # A Sequential's forward is nn.Sequential's own loop: its graph was traced for its
+        # children's inputs and checks, and is not written out.
+        calls = {q: em.emit() for q, em in emitters.items() if classify(graphs[q].module) == "class"}
         self.raise_problems()
         source, class_name = self.write_source(graphs, emitters, calls)
         self.raise_problems()
@@ -230,6 +234,11 @@ class _Translator:
                 elif classify(child) in ("sequential", "list", "dict"):
                     visit_container(cq, child)
             top = qual == ""
+            if top and classify(m) == "sequential":
+                name_of[qual] = root_name
+                texts[root_name] = self.sequential_root(m, name_of)
+                order.append(root_name)
+                return
             src = self.class_source(qual, m, graphs.get(qual), emitters.get(qual), calls.get(qual), name_of)
             text = src.text("@@NAME@@", top)
             if top:
@@ -261,6 +270,17 @@ class _Translator:
         header = _HEADER.format(cls=f"{type(self.root).__module__}.{type(self.root).__qualname__}")
         source = header + "\n\n\n".join(classes) + "\n"
         return source, root_name
+
+    def sequential_root(self, m, name_of) -> str:
+        """A torch ``nn.Sequential`` as the top module: a subclass of ``nn.Sequential`` whose
+        ``__init__`` builds the layers (their names stay ``"0"``, ``"1"``...)."""
+        from jaxlight.port import codegen
+
+        lines = self.ctor(m, "", name_of)
+        body = ["super().__init__("] + lines[1:-1] + [")", "jaxlight.save_hyperparameters(self)"]
+        doc = codegen._class_doc(m, False)
+        return "\n".join([f"class @@NAME@@(nn.Sequential):", f'    """{doc}"""', "",
+                          "    def __init__(self, *, rngs: nnx.Rngs):"] + ["        " + ln for ln in body])
 
     def class_source(self, qual: str, m, graph, emitter, call_lines, name_of):
         from jaxlight.port import codegen
