@@ -155,6 +155,8 @@ class ParityReport:
         jax_state: the jaxlight side's final ``TrainState`` (what ``loop.fit`` gives from the same
             initial weights on the same batches, bit for bit).
         comparisons: every tensor compared, in order (:class:`Comparison`).
+        first_layers: for each forward level whose outputs differ, the torch name of the first
+            layer whose output differs (when one can be singled out).
         stat_names: the torch names of the batch statistics among them (``running_mean``...).
     """
 
@@ -170,6 +172,7 @@ class ParityReport:
     jax_state: object = None
     comparisons: list = field(default_factory=list)
     stat_names: tuple = ()
+    first_layers: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -266,7 +269,8 @@ class _RoundingNotes:
     zero (the noise is then the whole value) or a ReLU input rounding to the other side of 0
     produces.
     An optimizer that differs (learning rate, betas, decay) is not explained: the same
-    gradients give the same explained updates. A difference within what is explained is reported in
+    gradients give the same explained updates; nor is a parameter whose first gradient already
+    differed beyond the ``grad`` tolerance (a broken model, not rounding). A difference within what is explained is reported in
     the notes (parameter, element, both gradients), not as a divergence; ordinary elements,
     whose gradients agree to ~1e-6, are judged by the usual tolerance.
     """
@@ -281,6 +285,7 @@ class _RoundingNotes:
         self.grads: dict[str, tuple] = {}
         self.t = 0
         self.noted: set = set()
+        self.wrong_grads: set = set()
 
     def _update(self, name: str, side: int, g):
         m, v = self.moments[name][side]
@@ -307,7 +312,9 @@ class _RoundingNotes:
             self.grads[name] = (gj, gt)
 
     def excuse(self, name: str):
-        if name not in self.explained or not np.any(self.qualified[name]):
+        # A parameter whose first gradient already differed beyond the grad tolerance is not
+        # excused: its gradients differ by a bug, not by rounding near zero.
+        if name not in self.explained or not np.any(self.qualified[name]) or name in self.wrong_grads:
             return None
         return _Excuse(self, name)
 
@@ -346,7 +353,7 @@ def check_parity(
     stop_at_divergence: bool = True,
     flatten: dict | None = None,
     torch_batch: Callable | None = None,
-    input_grads: bool = False,
+    input_grads: bool | tuple = False,
     own_weights: bool = False,
 ) -> ParityReport:
     """Run both frameworks side by side from the torch model's weights and compare them.
@@ -390,6 +397,8 @@ def check_parity(
         input_grads: also compare the gradient of the first batch's loss with respect to every
             floating-point leaf of the batch (level ``input_grad``; named by the leaf's path in
             the batch, e.g. ``['inputs'][0]``): what a model's callers backpropagate through.
+            A tuple of the batch's top-level keys limits it to their leaves (``("inputs",)``:
+            not the targets).
         own_weights: start the jaxlight side from ``jax_model``'s own parameters and batch
             statistics instead of converting the torch model's, to check a conversion made
             elsewhere (a port's): a weight it got wrong then shows at its layer.
@@ -448,6 +457,7 @@ def check_parity(
 
     # Same initial weights and statistics: the torch model's, converted.
     graphdef, template, stats_template, rest = nnx.split(jax_model, nnx.Param, nnx.BatchStat, ...)
+    rest = jax.tree.map(jax.numpy.copy, rest)  # (the engine donates its state: jax_model's RNG state stays intact)
     arrays = state_dict_to_numpy(torch_model)
     if own_weights:  # (copies on the host: the engine donates its state's buffers)
         params, stats = jax.tree.map(np.array, jax.device_get((template, stats_template)))
@@ -505,7 +515,7 @@ def check_parity(
     try:
         padded0, mask0, tb0 = batch(0)
         real0 = np.asarray(mask0) > 0
-        inputs = _float_leaves(padded0, tb0) if input_grads else {}
+        inputs = _float_leaves(padded0, tb0, None if input_grads is True else input_grads) if input_grads else {}
         for leaf in inputs.values():
             leaf[1].requires_grad_(True)
 
@@ -526,11 +536,13 @@ def check_parity(
             if len(out_j) != len(ref):
                 raise ValueError(f"the model's outputs have {len(out_j)} arrays in jaxlight, {len(ref)} in torch")
             exceeded = [check(level, 0, "outputs", a, b) for a, b in zip(out_j, ref)]
-            if any(exceeded) and report.divergence.level == level and report.divergence.name == "outputs":
+            if any(exceeded):
                 layer = _first_layer([(p, [a[real0] if a.shape[:1] == real0.shape else a for a in leaves])
                                       for p, leaves in calls_j], cap, layout, report.tolerances[level])
                 if layer is not None:
-                    report.divergence = Divergence(level, 0, *layer, report.tolerances[level])
+                    report.first_layers[level] = layer[0]
+                    if report.divergence.level == level and report.divergence.name == "outputs":
+                        report.divergence = Divergence(level, 0, *layer, report.tolerances[level])
 
         # 2. loss and gradients: the engine's own gradient (the first half of its train step).
         grads_j, metrics_j, _ = jax.device_get(_grads_jit(state, padded0, mask0))
@@ -540,7 +552,8 @@ def check_parity(
         grads_t = grads_to_numpy(torch_model)
         grads_jt = params_to_torch(grads_j, layout)
         for name in layout.torch_names:
-            check("grad", 0, name, grads_jt[name], grads_t[name])
+            if check("grad", 0, name, grads_jt[name], grads_t[name]) and rounding is not None:
+                rounding.wrong_grads.add(name)
         if input_grads:
             if not inputs:
                 report.notes.append("input gradients: the batch has no floating-point leaf")
@@ -693,9 +706,10 @@ def _torch_mode(torch_model, train: bool) -> None:
 # The jaxlight side: the engine's pure pieces, jitted here only to be run eagerly from Python
 
 
-def _float_leaves(padded, torch_batch) -> dict:
+def _float_leaves(padded, torch_batch, keys=None) -> dict:
     """``{path: (index among the jax batch's leaves, torch tensor)}`` of the batch leaves that
-    are floating point on both sides, by their path in the batch (``['inputs'][0]``)."""
+    are floating point on both sides, by their path in the batch (``['inputs'][0]``); with
+    ``keys``, only those under these top-level keys."""
     import jax
     import torch
 
@@ -703,6 +717,8 @@ def _float_leaves(padded, torch_batch) -> dict:
     out = {}
     for i, (p, a) in enumerate(jax.tree_util.tree_flatten_with_path(padded)[0]):
         name = jax.tree_util.keystr(p)
+        if keys is not None and not (p and getattr(p[0], "key", getattr(p[0], "idx", None)) in keys):
+            continue
         t = torch_leaves.get(name)
         if isinstance(t, torch.Tensor) and t.is_floating_point() and np.issubdtype(np.asarray(a).dtype, np.floating):
             out[name] = (i, t)

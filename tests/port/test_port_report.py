@@ -154,12 +154,20 @@ def test_a_wrong_permutation_is_found_at_its_layer(ported):
     from jaxlight.interop import Layout, Rule, model_from_torch
     from torch_ref.interop import state_dict_to_numpy
 
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
+
     torch.manual_seed(3)
-    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
+    net = Three()
     x = torch.randn(8, 5)
     p = jaxlight.port(net, (x,), check=False)
-    bad = Layout(p.layout.name, tuple(Rule(r.torch_name, r.jax_path, "copy", variable=r.variable)
-                                      if r.torch_name == "2.weight" else r for r in p.layout.rules), p.layout.dropped)
+    bad = Layout(p.layout.name, tuple(Rule(r.torch_name, r.jax_path, "array", variable=r.variable)
+                                      if r.torch_name == "b.weight" else r for r in p.layout.rules), p.layout.dropped)
     t = copy.copy(p.translation)
     t.layout = bad
     t.model = model_from_torch(state_dict_to_numpy(net), p.model, bad)
@@ -167,8 +175,8 @@ def test_a_wrong_permutation_is_found_at_its_layer(ported):
     print(report)
     rows = {r.check: r for r in report.rows}
     assert rows["weights"].ok and not report.ok
-    assert rows["forward (train)"].where == "layer 2" and rows["forward (eval)"].where == "layer 2"
-    assert report.first_difference == "layer 2 (forward (train))"
+    assert rows["forward (train)"].where == "layer b" and rows["forward (eval)"].where == "layer b"
+    assert report.first_difference == "layer b (forward (train))"
 
 
 def test_default_loss_follows_the_outputs():
