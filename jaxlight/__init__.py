@@ -7,7 +7,9 @@ import importlib
 
 # Imported on first use (PEP 562), so that ``import jaxlight.cli`` loads no JAX: the command
 # lines install their signal handlers before any heavy import (see jaxlight/cli.py).
-_SUBMODULES = ("callbacks", "checkpoint", "data", "hparams", "loggers", "loop", "models", "optim", "recipes",
+# ``port`` is a package that is also the function ``jaxlight.port(torch_module, inputs)``
+# (``jaxlight/port/__init__.py`` says why); importing it loads no torch.
+_SUBMODULES = ("callbacks", "checkpoint", "data", "hparams", "loggers", "loop", "models", "optim", "port", "recipes",
                "tasks", "trainer")
 _NAMES = {
     "ArrayDataset": "jaxlight.data", "Batches": "jaxlight.data", "load_mnist": "jaxlight.data",
@@ -79,6 +81,7 @@ __all__ = [
     "models",
     "predict",
     "optim",
+    "port",
     "recipe_for",
     "recipes",
     "save_hyperparameters",
