@@ -203,8 +203,10 @@ def _row(check: str, comparisons: list, tolerance: str, parity=None, names=(), s
     if failed is not None:
         what = (parity.first_layers.get(failed.level, failed.name) if parity is not None and failed.level.startswith(
             "forward") else failed.name)
-        where = (f"layer {what}" if failed.level.startswith("forward") and what not in ("outputs",)
-                 else _module_of(what, stats, set(names)))
+        if failed.level.startswith("forward"):
+            where = "outputs (every layer with weights agrees)" if what == "outputs" else f"layer {what}"
+        else:
+            where = _module_of(what, stats, set(names))
         if failed.step:
             where += f", step {failed.step}"
     return Row(check, max(c.max_abs for c in comparisons), max(c.max_rel for c in comparisons), tolerance,
