@@ -473,8 +473,9 @@ def _max_pool(x, nd, kernel_size, stride, padding, dilation, ceil_mode, return_i
 
         return max_pool_2x2(x)  # torch's gradient on ties, and the fast path on XLA:CPU
     pads = _pool_pads(spatial, kernel, stride, padding, dilation, ceil_mode)
-    init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-    return jax.lax.reduce_window(x, jnp.asarray(init, x.dtype), jax.lax.max, (1, *kernel, 1), (1, *stride, 1),
+    # A Python scalar as the initial value: JAX then uses its differentiable max / sum windows.
+    init = -math.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
+    return jax.lax.reduce_window(x, init, jax.lax.max, (1, *kernel, 1), (1, *stride, 1),
                                  [(0, 0), *pads, (0, 0)], window_dilation=(1, *dilation, 1))
 
 
@@ -496,17 +497,17 @@ def _avg_pool(x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad,
     spatial = x.shape[1:1 + nd]
     pads = _pool_pads(spatial, kernel, stride, padding, (1,) * nd, ceil_mode)
     window = ((1, *kernel, 1), (1, *stride, 1), [(0, 0), *pads, (0, 0)])
-    total = jax.lax.reduce_window(x, jnp.asarray(0, x.dtype), jax.lax.add, *window)
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, *window)
     if divisor_override:
         return total / divisor_override
     if count_include_pad:
         # torch counts the explicit padding but not the extra right padding of ceil_mode.
         ones = jnp.pad(jnp.ones(spatial, x.dtype), list(zip(padding, padding)))
         pads_extra = [(0, hi - p) for (_, hi), p in zip(pads, padding)]
-        count = jax.lax.reduce_window(ones, jnp.asarray(0, x.dtype), jax.lax.add, kernel, stride, pads_extra)
+        count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, kernel, stride, pads_extra)
     else:
         ones = jnp.ones(spatial, x.dtype)
-        count = jax.lax.reduce_window(ones, jnp.asarray(0, x.dtype), jax.lax.add, kernel, stride, pads)
+        count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, kernel, stride, pads)
     return total / count[None, ..., None]
 
 

@@ -333,7 +333,7 @@ def mini_resnet():
 
     torch.manual_seed(0)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)
-    return _randomise_bn(model), (torch.randn(2, 3, 32, 32, generator=_gen(12)),)
+    return _randomise_bn(model), (torch.randn(4, 3, 64, 64, generator=_gen(12)),)
 
 
 def resnet18():
