@@ -20,6 +20,11 @@ on a fresh ``nnx.merge`` of the state).
   whole global batch from the shared key and keeps its own rows, so ``pmap`` drops exactly the
   units one device would (bit for bit).
 
+A subclass of ``nnx.BatchNorm`` with a ``__call__`` of its own gets the same treatment when it
+says ``masked_call = True`` (its ``mask=`` argument means what ``nnx.BatchNorm``'s does); with
+``unbiased_running_var = True`` its ``var`` averages the unbiased batch variance, as torch's
+``running_var`` does, under ``pmap`` too (``jaxlight.port.nn``'s batch norms say both).
+
 A BatchNorm whose input does not keep the batch axis first (e.g. ``(B*T, C)`` after a reshape)
 cannot be told which rows are padding; the step then raises a :class:`LayerError` naming the
 layer before the first step, rather than let padding enter the statistics.
@@ -28,6 +33,7 @@ layer before the first step, rather than let padding enter the statistics.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +153,15 @@ class PaddedBatchNorm:
         x, _, _, scale, bias = bn.promote_dtype((x, bn.mean[...], bn.var[...], scale, bias), dtype=bn.dtype)
         mean, var = batch_stats(x, reduction_axes, self.mask, bn.dtype, axis_name, bn.axis_index_groups,
                                 bn.use_fast_variance)
+        stat = var
+        if getattr(bn, "unbiased_running_var", False):
+            # torch's running_var: the unbiased estimate, n / (n - 1) times the biased one, n
+            # the global batch's real values per feature.
+            rows = jax.lax.psum(jnp.sum(self.mask > 0), axis_name, axis_index_groups=bn.axis_index_groups)
+            n = (rows * math.prod(x.shape[i] for i in reduction_axes if i != 0)).astype(var.dtype)
+            stat = var * n / jnp.maximum(n - 1, 1)
         bn.mean[...] = jax.lax.stop_gradient(bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean)
-        bn.var[...] = jax.lax.stop_gradient(bn.momentum * bn.var[...] + (1 - bn.momentum) * var)
+        bn.var[...] = jax.lax.stop_gradient(bn.momentum * bn.var[...] + (1 - bn.momentum) * stat)
         return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, bn.dtype, bn.epsilon)
 
 
@@ -230,7 +243,8 @@ def stand_ins(model, mask, axis_name=None):
     rows = mask.shape[0]
 
     def make(layer, path):
-        if isinstance(layer, nnx.BatchNorm) and type(layer).__call__ is nnx.BatchNorm.__call__:
+        if isinstance(layer, nnx.BatchNorm) and (type(layer).__call__ is nnx.BatchNorm.__call__
+                                                 or getattr(layer, "masked_call", False)):
             return PaddedBatchNorm(layer, path, mask, axis_name)
         if axis_name is not None and isinstance(layer, nnx.Dropout) and type(layer).__call__ is nnx.Dropout.__call__:
             return GlobalRowsDropout(layer, axis_name, rows)
