@@ -159,7 +159,12 @@ class ClassSource:
         lines += ["        " + ln for ln in self.init_lines] or (["        pass"] if not top else [])
         if self.call_lines is not None:
             params = ", ".join(("self",) + self.call_params)
-            lines += ["", f"    def __call__({params}):"] + ["        " + ln for ln in self.call_lines]
+            lines += ["", f"    def __call__({params}):"]
+            if top and self.call_params:
+                # numpy inputs would keep numpy's operators (x * 2 stays numpy, without .at[]).
+                names = ", ".join(self.call_params)
+                lines.append(f"        {names} = {', '.join(f'jnp.asarray({p})' for p in self.call_params)}")
+            lines += ["        " + ln for ln in self.call_lines]
         return "\n".join(lines)
 
 
@@ -231,9 +236,7 @@ class Emitter:
             return ("bad", None, None)
         if n.op == "call_function":
             name = O.function_name(n.target)
-            label = getattr(n.target, "__qualname__", None) or getattr(n.target, "__name__", str(n.target))
-            mod = getattr(n.target, "__module__", None) or ""
-            label = f"{mod}.{label}" if mod and not mod.startswith("_operator") else label
+            label = _function_label(n.target)
         else:
             name = O.method_name(n.target)
             label = f"Tensor.{n.target}"
@@ -322,6 +325,8 @@ class Emitter:
                 continue
             if not (hasattr(target, "op") and isinstance(target.meta.get("jl"), TensorInfo)):
                 continue
+            if n.meta.get("jl") is None:  # x[i] = v returns None: its value is the updated x
+                n.meta["jl"] = target.meta["jl"]
             base = self._alias_root(target)
             if base.op in ("placeholder", "get_attr"):
                 what = "an input of forward" if base.op == "placeholder" else f"parameter/buffer {base.target!r}"
@@ -667,7 +672,7 @@ class Emitter:
             return f"jax.lax.stop_gradient({self.ref(obj, 'cf')})"
         if attr in ("values", "indices") and not isinstance(obj.meta.get("jl"), TensorInfo):
             return f"{self.ref(obj, 'cf', wrap=True)}.{attr}"
-        raise O.BindError(f"attribute .{attr} is not supported")
+        raise O.BindError("this attribute is not supported")
 
     def _getitem(self, n, info) -> str:
         obj, idx = n.args
@@ -831,16 +836,37 @@ def _bool_index(idx) -> bool:
                for i in items)
 
 
+def _function_label(target) -> str:
+    """How the user wrote a function: ``torch.nonzero``, ``F.gelu``, ``torch.fft.fft``..."""
+    import operator
+
+    import torch
+    import torch.nn.functional as TF
+
+    for label, ns in (("torch", torch), ("F", TF), ("torch.fft", torch.fft), ("torch.linalg", torch.linalg),
+                      ("torch.special", torch.special), ("math", math), ("operator", operator)):
+        for name in dir(ns):
+            if not name.startswith("_") and getattr(ns, name, None) is target:
+                return f"{label}.{name}"
+    mod = getattr(target, "__module__", "") or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+    return f"{mod + '.' if mod else ''}{name}"
+
+
 def _describe(n) -> str:
     if n.op == "call_module":
         return f"self.{n.target}(...)"
     if n.op == "call_method":
         return f"Tensor.{n.target}"
     if n.op == "call_function":
-        t = n.target
-        mod = getattr(t, "__module__", "") or ""
-        name = getattr(t, "__name__", str(t))
-        if mod in ("_operator", "operator"):
-            return f"operator {name}"
-        return f"{mod + '.' if mod else ''}{name}"
+        import builtins
+        import operator
+
+        if n.target is builtins.getattr:
+            return f"Tensor.{n.args[1]}"
+        if n.target is operator.getitem:
+            return "indexing"
+        if n.target is operator.setitem:
+            return "item assignment"
+        return _function_label(n.target)
     return f"{n.op} {n.target}"

@@ -107,7 +107,7 @@ class PortReport:
 
 def as_input_tuple(example_inputs) -> tuple:
     """``example_inputs`` as a tuple of torch tensors; raises ``ValueError`` naming the one that
-    is not a tensor or whose batch axis differs from the first's."""
+    is not a tensor."""
     import torch
 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -116,11 +116,6 @@ def as_input_tuple(example_inputs) -> tuple:
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"example_inputs[{i}] is a {type(x).__name__}, not a torch.Tensor")
-        if x.ndim == 0:
-            raise ValueError(f"example_inputs[{i}] is a scalar; every input needs a leading batch axis")
-        if x.shape[0] != inputs[0].shape[0]:
-            raise ValueError(f"example_inputs[{i}] has batch size {x.shape[0]} (shape {tuple(x.shape)}), "
-                             f"example_inputs[0] {inputs[0].shape[0]}: the inputs must share their first (batch) axis")
     return inputs
 
 
@@ -183,6 +178,12 @@ def resolve_loss(torch_module, inputs: tuple, loss, targets, seed: int):
 # The report
 
 
+def jax_leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
 def _tol(t) -> str:
     return f"{t.atol:g} + {t.rtol:g}|t|"
 
@@ -238,6 +239,12 @@ def _weights_row(torch_module, translation) -> Row:
     return Row("weights", worst, worst_rel, "exact", not where, where)
 
 
+def _is_batch_norm(module) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return isinstance(module, _BatchNorm)
+
+
 def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *, steps: int = 3,
                tolerances: dict | None = None, loss_kind: str | None = None) -> PortReport:
     """The report of one port (see the module docstring).
@@ -256,8 +263,16 @@ def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *,
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    from jaxlight.port import task
+
     data = {"inputs": tuple(inputs), "target": target}
-    b = int(np.shape(inputs[0])[0])
+    batched = task.batch_first(data)
+    if not batched:  # (not batch-first: the example set as one row of a batch of one; see jaxlight.port.task)
+        import jax
+
+        data = jax.tree.map(lambda a: np.asarray(a)[None], data)
+        loss = (task.unbatched(loss[0]), task.torch_unbatched(loss[1]))
+    b = int(np.shape(jax_leaves(data)[0])[0])
     layout = translation.layout
     tols = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     runs = {}
@@ -270,10 +285,13 @@ def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *,
     sgd, adam = runs["sgd"], runs["adam"]
     stats = tuple(layout.stat_names)
     names = set(layout.torch_names)
+    norms = {n for n, m in torch_module.named_modules() if _is_batch_norm(m)}
+    bn_stats = {s for s in stats if s.rpartition(".")[0] in norms}
 
     def of(report, *levels, stat: bool | None = None):
+        """The comparisons of ``levels``; ``stat``: only (True) or but (False) batch-norm statistics."""
         return [c for c in report.comparisons if c.level in levels
-                and (stat is None or (c.name in stats) == stat)]
+                and (stat is None or (c.name in bn_stats) == stat)]
 
     steps_tol = _tol(tols["step"]) + (f"; later {_tol(tols['trajectory'])}" if steps > 1 else "")
     rows = [
@@ -289,14 +307,15 @@ def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *,
              stats),
     ]
     bn = of(sgd, "step", "trajectory", stat=True) + of(adam, "step", "trajectory", stat=True)
-    rows.append(_row("BatchNorm running stats", bn, steps_tol, None, names, stats) if stats else
+    rows.append(_row("BatchNorm running stats", bn, steps_tol, None, names, stats) if bn_stats else
                 Row("BatchNorm running stats", None, None, "-", True, note="no BatchNorm in the model"))
     if not of(sgd, "input_grad"):
         rows[4] = Row("input gradient", None, None, "-", True, note="no floating-point input")
     torch_name = type(torch_module).__name__
     loss_name = {"cross_entropy": "cross-entropy on drawn labels", "mse": "squared error to a drawn target",
                  None: "your loss"}[loss_kind]
+    what = f"batch of {b}" if batched else "the examples as one batch (not batch-first)"
     title = (f"jaxlight port: {torch_name} (torch) -> {translation.module_name}.{translation.class_name} (NNX); "
-             f"batch of {b}, {loss_name}, {steps} step(s) SGD lr {SGD[1]:g} and Adam lr {ADAM[1]:g}")
+             f"{what}, {loss_name}, {steps} step(s) SGD lr {SGD[1]:g} and Adam lr {ADAM[1]:g}")
     notes = list(dict.fromkeys(sgd.notes + adam.notes))
     return PortReport(rows, runs, title, notes)

@@ -47,15 +47,17 @@ def port_config(port, folder: Path, *, loss=None, data=None, optimizer=None, max
     """The ``jaxlight fit`` config of a port saved in ``folder`` (absolute paths, so that it runs
     from any working directory): the ported class, ``init: {checkpoint: folder}`` (the ported
     weights), the report's loss and the saved examples unless others are given, Adam."""
-    from jaxlight.port.task import LOSSES
+    from jaxlight.port.task import LOSSES, batch_first
 
     t = port.translation
     if loss is None:
         if port.loss_kind is None:
             raise ValueError("Port.save: the report used your own loss; name it for the config: "
                              "save(folder, loss='mypkg.losses.loss_fn') (a dotted path to loss_fn(model, batch))")
-        loss = LOSSES[port.loss_kind][2]
-    batch = int(port.example_inputs[0].shape[0])
+        whole = not batch_first({"inputs": tuple(port.example_inputs), "target": port.targets})
+        loss = LOSSES[port.loss_kind + ("_whole" if whole else "")][2]
+    examples = {"inputs": tuple(port.example_inputs), "target": port.targets}
+    batch = int(port.example_inputs[0].shape[0]) if batch_first(examples) else 1
     return {
         "seed": int(seed),
         "model": {"class_path": f"{t.module_name}.{t.class_name}", "init_args": dict(t.init_args or {})},

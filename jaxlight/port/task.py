@@ -14,6 +14,11 @@ layout (NCHW stays NCHW). Both losses keep jaxlight's loss contract, ``loss_fn(m
   tuple with one array per such leaf. A leaf without the batch axis first (an RNN's final
   state ``(layers, B, H)``) adds its overall mean to every example.
 
+Inputs that are not batch-first (a sequence-first RNN's ``(T, B, F)``, inputs whose first axes
+differ) cannot be cut into rows: the whole example set is then one row of a batch of one
+(every array gets a leading axis of 1), and the ``*_whole`` losses (:func:`unbatched`) take that
+row apart and return the mean of the losses as the row's loss.
+
 :func:`example_data` reads the ``examples.npz`` that ``Port.save`` writes: the example inputs
 and targets as an ``ArrayDataset`` of such batches, the default ``data`` of the saved
 ``config.yaml``.
@@ -26,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["cross_entropy", "mse", "torch_cross_entropy", "torch_mse", "example_data", "write_examples", "LOSSES"]
+__all__ = ["cross_entropy", "mse", "torch_cross_entropy", "torch_mse", "unbatched", "torch_unbatched",
+           "cross_entropy_whole", "mse_whole", "batch_first", "example_data", "write_examples", "LOSSES"]
 
 
 def _batch_size(batch) -> int:
@@ -108,17 +114,52 @@ def torch_mse(model, batch):
     return total, {}
 
 
+def batch_first(tree) -> bool:
+    """Whether every array of ``tree`` has the same first axis (rows of one batch)."""
+    leaves = jax.tree.leaves(tree)
+    return all(np.ndim(a) >= 1 for a in leaves) and len({np.shape(a)[0] for a in leaves}) == 1
+
+
+def unbatched(loss_fn):
+    """``loss_fn`` on a batch whose every array holds the whole example set under a leading
+    axis of 1: the row taken apart, the mean of its losses as the row's loss ``(1,)``."""
+    def whole(model, batch):
+        losses, metrics = loss_fn(model, jax.tree.map(lambda a: a[0], batch))
+        return jnp.mean(losses)[None], {k: jnp.mean(v)[None] for k, v in metrics.items()}
+
+    return whole
+
+
+def torch_unbatched(torch_loss_fn):
+    """:func:`unbatched` in torch."""
+    def whole(model, batch):
+        import jax as _jax
+
+        losses, metrics = torch_loss_fn(model, _jax.tree.map(lambda a: a[0], batch))
+        return losses.mean()[None], {k: v.float().mean()[None] for k, v in metrics.items()}
+
+    return whole
+
+
+cross_entropy_whole = unbatched(cross_entropy)
+mse_whole = unbatched(mse)
+
 # name -> (jax loss, torch loss, dotted path of the jax loss for a config)
 LOSSES = {
     "cross_entropy": (cross_entropy, torch_cross_entropy, "jaxlight.port.task.cross_entropy"),
     "mse": (mse, torch_mse, "jaxlight.port.task.mse"),
+    "cross_entropy_whole": (cross_entropy_whole, torch_unbatched(torch_cross_entropy),
+                            "jaxlight.port.task.cross_entropy_whole"),
+    "mse_whole": (mse_whole, torch_unbatched(torch_mse), "jaxlight.port.task.mse_whole"),
 }
 
 
 def write_examples(path, inputs: tuple, target) -> None:
     """``examples.npz``: ``input_0 ... input_{n-1}``, and ``target`` (an array) or ``target_0 ...``
-    (a tuple of arrays), so that :func:`example_data` gives back the same batch structure."""
+    (a tuple of arrays), so that :func:`example_data` gives back the same batch structure (as one
+    row of a batch of one when they are not batch-first)."""
     arrays = {f"input_{i}": np.asarray(x) for i, x in enumerate(inputs)}
+    arrays["whole"] = np.asarray(not batch_first({"inputs": tuple(inputs), "target": target}))
     if isinstance(target, (tuple, list)):
         arrays.update({f"target_{i}": np.asarray(t) for i, t in enumerate(target)})
     elif target is not None:
@@ -137,12 +178,14 @@ def example_data(path: str):
     from jaxlight.data import ArrayDataset
 
     with np.load(path) as f:
-        files = set(f.files)
+        files = set(f.files) - {"whole"}
         inputs = tuple(np.asarray(f[f"input_{i}"]) for i in range(sum(k.startswith("input_") for k in files)))
         if "target" in files:
             target = np.asarray(f["target"])
         else:
             target = tuple(np.asarray(f[f"target_{i}"]) for i in range(sum(k.startswith("target_") for k in files)))
+        whole = bool(f["whole"]) if "whole" in f.files else False
     if not inputs:
         raise ValueError(f"{path}: no input_0 array; not an examples file written by Port.save")
-    return ArrayDataset({"inputs": inputs, "target": target})
+    tree = {"inputs": inputs, "target": target}
+    return ArrayDataset(jax.tree.map(lambda a: a[None], tree) if whole else tree)

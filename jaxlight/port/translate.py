@@ -136,19 +136,20 @@ class _Translator:
     def run(self) -> Translation:
         from jaxlight.port import codegen
 
+        from jaxlight.port.modules import classify
+
         graphs = self.capture()
         emitters = {}
         for q, g in graphs.items():
             em = codegen.Emitter(g, graphs, self.problems)
             em.analyse()
             emitters[q] = em
-        self.check_modules()
-        self.raise_problems()
-        from jaxlight.port.modules import classify
-
-        # A Sequential's forward is nn.Sequential's own loop: its graph was traced for its
-        # children's inputs and checks, and is not written out.
-        calls = {q: em.emit() for q, em in emitters.items() if classify(graphs[q].module) == "class"}
+        # Every graph is written out before anything is raised, so that the problems found while
+        # writing (an argument an op does not take) are listed with the others. A Sequential's
+        # forward is nn.Sequential's own loop: its graph is checked, not used.
+        calls = {q: em.emit() for q, em in emitters.items()}
+        calls = {q: lines for q, lines in calls.items() if classify(graphs[q].module) == "class"}
+        self.check_modules(emitters)
         self.raise_problems()
         source, class_name = self.write_source(graphs, emitters, calls)
         self.raise_problems()
@@ -187,12 +188,15 @@ class _Translator:
 
     def raise_problems(self) -> None:
         if self.problems:
-            raise UnsupportedError(self.problems)
+            raise UnsupportedError(sorted(self.problems, key=lambda p: (p.site.file, p.site.line)))
 
     # ---------------------------------------------------------------- module-level checks
-    def check_modules(self) -> None:
+    def check_modules(self, emitters: dict) -> None:
         from jaxlight.port import capture
         from jaxlight.port.modules import classify
+
+        called = {f"{q}.{n.target}" if q else n.target for q, em in emitters.items() for n in em.nodes
+                  if n.op == "call_module"}
 
         seen: dict[int, str] = {}
         for name, t in self.root.state_dict(keep_vars=True).items():
@@ -204,7 +208,7 @@ class _Translator:
             kind = classify(m)
             own = [n for n, p in m.named_parameters(recurse=False)] + [
                 n for n, b in m.named_buffers(recurse=False)]
-            if kind == "unsupported" and own:
+            if kind == "unsupported" and own and qual not in called:
                 self.problems.append(capture.Problem(capture._forward_site(m),
                                                      f"module {qual!r} ({type(m).__module__}.{type(m).__qualname__}) "
                                                      f"holds parameters and has no translation"))
