@@ -529,7 +529,9 @@ def check_parity(
             loss_t = torch_losses(tb0)  # the same forward is differentiated below
         for level, cap, train in (("forward", cap_t, True), ("forward_eval", cap_te, False)):
             out_j, calls_j = _forward(state, padded0, mask0, train)
-            out_j = [a[real0] for a in out_j]
+            # The real rows of the outputs that keep the batch axis (an RNN's final state
+            # (layers, B, H) does not; it is compared whole).
+            out_j = [a[real0] if a.shape[:1] == real0.shape else a for a in out_j]
             ref = cap.outputs()
             if not ref and level == "forward":
                 report.notes.append("torch_loss_fn does not call the torch model itself: no outputs compared")

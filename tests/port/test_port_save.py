@@ -143,3 +143,41 @@ def test_jaxlight_fit_fine_tunes_from_the_ported_weights(saved, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
     assert proc.returncode == 0 and proc.stdout.strip() == p.class_path, proc.stderr[-3000:]
+
+
+class SequenceFirst(nn.Module):
+    """An LSTM on (T, B, F) inputs (torch's default layout) from a given state (1, B, H): the
+    inputs do not share a first axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x, h0):
+        out, _ = self.lstm(x, (h0, torch.zeros_like(h0)))
+        return self.head(out)
+
+
+def test_inputs_that_are_not_batch_first_are_one_row(tmp_path):
+    """Not cut into rows: the saved examples are one row of a batch of one, and the config's loss
+    takes that row whole; its value is torch's mean squared error on the examples."""
+    import jax
+
+    from jaxlight.port import task
+
+    torch.manual_seed(0)
+    net = SequenceFirst()
+    x, h0 = torch.randn(7, 4, 3), torch.randn(1, 4, 5)  # (T, B, F), (layers, B, H)
+    p = jaxlight.port(net, (x, h0), steps=1)
+    assert p.report.ok and "not batch-first" in p.report.title, str(p.report)
+    folder = p.save(tmp_path / "seq")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["loss"] == "jaxlight.port.task.mse_whole" and config["trainer"]["batch_size"] == 1
+    data = task.example_data(str(folder / "examples.npz"))
+    assert len(data) == 1
+    batch = jax.tree.map(lambda a: a, data.data)
+    losses, _ = task.mse_whole(p.model, batch)
+    with torch.no_grad():
+        expected = ((net(x, h0) - torch.from_numpy(p.targets[0])) ** 2).mean()
+    assert losses.shape == (1,) and float(losses[0]) == pytest.approx(float(expected), rel=1e-5)
