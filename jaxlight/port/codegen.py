@@ -114,7 +114,7 @@ def attr_access(root, path: str) -> str:
     if not path:
         return out
     for part in path.split("."):
-        kind = M.classify(node) if node is not root else "class"
+        kind = M.classify(node)
         if kind in ("sequential", "list"):
             out += f"[{int(part)}]"
         elif kind == "dict":
@@ -174,6 +174,8 @@ def _class_doc(module, holder: bool) -> str:
     cls = type(module)
     where = ""
     try:
+        if cls.__module__.startswith("torch."):
+            raise TypeError  # (torch's own classes: the name says where)
         path = inspect.getsourcefile(cls)
         line = inspect.getsourcelines(cls)[1]
         from jaxlight.port.capture import _short

@@ -163,6 +163,13 @@ class _Translator:
         from jaxlight.port.modules import classify
 
         graphs: dict[str, capture.Graph] = {}
+        if classify(self.root) == "layer":  # a single torch layer: nothing of it to trace
+            from jaxlight.port.modules import LAYERS, torch_layer_name
+
+            name = torch_layer_name(self.root)
+            for issue in LAYERS[name].check(self.root):
+                self.problems.append(capture.Problem(capture.UNKNOWN, f"torch.nn.{name}: {issue} is not supported"))
+            return graphs
         queue = [("", self.root, self.inputs, {})]
         while queue:
             qual, mod, args, kwargs = queue.pop(0)
@@ -238,9 +245,9 @@ class _Translator:
                 elif classify(child) in ("sequential", "list", "dict"):
                     visit_container(cq, child)
             top = qual == ""
-            if top and classify(m) == "sequential":
+            if top and classify(m) in ("sequential", "layer"):
                 name_of[qual] = root_name
-                texts[root_name] = self.sequential_root(m, name_of)
+                texts[root_name] = self.subclass_root(m, name_of)
                 order.append(root_name)
                 return
             src = self.class_source(qual, m, graphs.get(qual), emitters.get(qual), calls.get(qual), name_of)
@@ -275,16 +282,29 @@ class _Translator:
         source = header + "\n\n\n".join(classes) + "\n"
         return source, root_name
 
-    def sequential_root(self, m, name_of) -> str:
-        """A torch ``nn.Sequential`` as the top module: a subclass of ``nn.Sequential`` whose
-        ``__init__`` builds the layers (their names stay ``"0"``, ``"1"``...)."""
+    def subclass_root(self, m, name_of) -> str:
+        """A torch ``nn.Sequential`` or a single layer as the top module: a subclass of its
+        ``jaxlight.port.nn`` class whose ``__init__`` passes the arguments (the parameter names
+        stay torch's: ``"0"``, ``"1"``... of a Sequential, ``kernel`` of a Linear)."""
         from jaxlight.port import codegen
+        from jaxlight.port.modules import LAYERS, classify, torch_layer_name
 
         lines = self.ctor(m, "", name_of)
-        body = ["super().__init__("] + lines[1:-1] + [")", "jaxlight.save_hyperparameters(self)"]
+        head = lines[0]
+        base = head[:head.index("(")]
+        if len(lines) > 1:  # nn.Sequential(\n    layer,\n ...)
+            body = ["super().__init__("] + lines[1:-1] + [")"]
+        else:
+            body = ["super().__init__(" + head[head.index("(") + 1:]]
+        body.append("jaxlight.save_hyperparameters(self)")
         doc = codegen._class_doc(m, False)
-        return "\n".join([f"class @@NAME@@(nn.Sequential):", f'    """{doc}"""', "",
-                          "    def __init__(self, *, rngs: nnx.Rngs):"] + ["        " + ln for ln in body])
+        lines = [f"class @@NAME@@({base}):", f'    """{doc}"""', "",
+                 "    def __init__(self, *, rngs: nnx.Rngs):"] + ["        " + ln for ln in body]
+        if classify(m) == "layer" and LAYERS[torch_layer_name(m)].layout == "cl":
+            # The model takes and returns torch's layout; the layer runs channels-last.
+            lines += ["", "    def __call__(self, x):",
+                      "        return F.channels_first(super().__call__(F.channels_last(jnp.asarray(x))))"]
+        return "\n".join(lines)
 
     def class_source(self, qual: str, m, graph, emitter, call_lines, name_of):
         from jaxlight.port import codegen
