@@ -229,67 +229,78 @@ class _Translator:
 
     # ---------------------------------------------------------------- source
     def write_source(self, graphs: dict, emitters: dict, calls: dict):
-        from jaxlight.port import codegen
+        """One class per group of instances of a torch class whose generated text is the same
+        up to numbers in their constructors: those numbers that differ between instances become
+        the class's ``__init__`` arguments (``BasicBlock(in_channels=64, out_channels=128)``)."""
         from jaxlight.port.modules import classify
 
-        texts: dict[str, str] = {}  # class name -> text
-        name_of: dict[str, str] = {}  # qualname -> class name
-        order: list[str] = []
         root_name = _ident_class(type(self.root).__name__)
-
-        def visit(qual: str, m) -> None:
-            for cname, child in m.named_children():
-                cq = f"{qual}.{cname}" if qual else cname
-                if classify(child) in ("class",):
-                    visit(cq, child)
-                elif classify(child) in ("sequential", "list", "dict"):
-                    visit_container(cq, child)
-            top = qual == ""
-            if top and classify(m) in ("sequential", "layer"):
-                name_of[qual] = root_name
-                texts[root_name] = self.subclass_root(m, name_of)
-                order.append(root_name)
-                return
-            src = self.class_source(qual, m, graphs.get(qual), emitters.get(qual), calls.get(qual), name_of)
-            text = src.text("@@NAME@@", top)
-            if top:
-                name = root_name
-            else:
-                base = _ident_class(type(m).__name__)
-                name = next((n for n, t in texts.items() if t == text and re.fullmatch(rf"{base}\d*", n)), None)
-                if name is None:
-                    name, k = base, 1
-                    while name in texts or name == root_name:
-                        k += 1
-                        name = f"{base}{k}"
-            name_of[qual] = name
-            if name not in texts:
-                texts[name] = text
+        instances = self.class_instances()
+        height: dict[str, int] = {}  # 0: no generated class below it
+        for qual in sorted(instances, key=lambda q: -(q.count(".") + 1) if q else 0):
+            below = [h for q, h in height.items() if q.startswith(qual + ".") or (qual == "" and q)]
+            height[qual] = 1 + max(below, default=-1)
+        # Deepest classes first: a parent's text holds its children's class names and arguments.
+        self.name_of: dict[str, tuple[str, list]] = {}
+        texts: dict[str, str] = {}
+        order: list[str] = []
+        used_names: set[str] = {root_name}
+        for level in sorted(set(height.values())):
+            groups: dict[tuple, list] = {}
+            for qual in [q for q in instances if height[q] == level]:
+                m = instances[qual]
+                if qual == "" and classify(m) in ("sequential", "layer"):
+                    self.name_of[qual] = (root_name, [])
+                    texts[root_name] = self.subclass_root(m)
+                    order.append(root_name)
+                    continue
+                slots = _Slots()
+                src = self.class_source(qual, m, graphs.get(qual), emitters.get(qual), calls.get(qual), slots)
+                template = src.text("@@NAME@@", qual == "")
+                groups.setdefault((type(m), template, qual == ""), []).append((qual, slots))
+            for (cls, template, top), members in groups.items():
+                name = root_name if top else _ident_class(cls.__name__)
+                k = 1
+                while not top and name in used_names:
+                    k += 1
+                    name = f"{_ident_class(cls.__name__)}{k}"
+                used_names.add(name)
+                text, params = _parametrise(template, [slots for _, slots in members])
+                for qual, slots in members:
+                    self.name_of[qual] = (name, [(p, slots.values[cols[0]]) for p, cols in params])
+                texts[name] = text.replace("@@NAME@@", name)
                 order.append(name)
-
-        def visit_container(qual: str, m) -> None:
-            for cname, child in m.named_children():
-                cq = f"{qual}.{cname}"
-                if classify(child) == "class":
-                    visit(cq, child)
-                elif classify(child) in ("sequential", "list", "dict"):
-                    visit_container(cq, child)
-
-        visit("", self.root)
-        classes = [texts[n].replace("@@NAME@@", n) for n in order]
-        del codegen
         header = _HEADER.format(cls=f"{type(self.root).__module__}.{type(self.root).__qualname__}")
-        source = header + "\n\n\n".join(classes) + "\n"
+        source = header + "\n\n\n".join(texts[n] for n in order) + "\n"
         return source, root_name
 
-    def subclass_root(self, m, name_of) -> str:
+    def class_instances(self) -> dict:
+        """``{qualname: module}`` of every module written as a generated class (the root, user
+        classes, torch modules built from others), found through containers."""
+        from jaxlight.port.modules import classify
+
+        found = {"": self.root}
+
+        def walk(qual: str, m) -> None:
+            for cname, child in m.named_children():
+                cq = f"{qual}.{cname}" if qual else cname
+                kind = classify(child)
+                if kind == "class":
+                    found[cq] = child
+                if kind in ("class", "sequential", "list", "dict"):
+                    walk(cq, child)
+
+        walk("", self.root)
+        return found
+
+    def subclass_root(self, m) -> str:
         """A torch ``nn.Sequential`` or a single layer as the top module: a subclass of its
         ``jaxlight.port.nn`` class whose ``__init__`` passes the arguments (the parameter names
         stay torch's: ``"0"``, ``"1"``... of a Sequential, ``kernel`` of a Linear)."""
         from jaxlight.port import codegen
         from jaxlight.port.modules import LAYERS, classify, torch_layer_name
 
-        lines = self.ctor(m, "", name_of)
+        lines = self.ctor(m, "", None, "")
         head = lines[0]
         base = head[:head.index("(")]
         if len(lines) > 1:  # nn.Sequential(\n    layer,\n ...)
@@ -306,7 +317,7 @@ class _Translator:
                       "        return F.channels_first(super().__call__(F.channels_last(jnp.asarray(x))))"]
         return "\n".join(lines)
 
-    def class_source(self, qual: str, m, graph, emitter, call_lines, name_of):
+    def class_source(self, qual: str, m, graph, emitter, call_lines, slots):
         from jaxlight.port import codegen
 
         init = []
@@ -314,15 +325,16 @@ class _Translator:
             if p is None:
                 init.append(f"self.{pname} = None")
             else:
-                init.append(f"self.{pname} = nnx.Param(jnp.zeros({tuple(p.shape)!r}, "
+                init.append(f"self.{pname} = nnx.Param(jnp.zeros({slots.lit(tuple(p.shape), pname, 'shape')}, "
                             f"{codegen.dtype_expr(p.dtype)}))")
         for bname, b in m._buffers.items():
             if b is None or bname in getattr(m, "_non_persistent_buffers_set", ()):
                 continue
-            init.append(f"self.{bname} = nn.Buffer(jnp.zeros({tuple(b.shape)!r}, {_buffer_dtype(b)}))")
+            init.append(f"self.{bname} = nn.Buffer(jnp.zeros({slots.lit(tuple(b.shape), bname, 'shape')}, "
+                        f"{_buffer_dtype(b)}))")
         for cname, child in m.named_children():
             cq = f"{qual}.{cname}" if qual else cname
-            lines = self.ctor(child, cq, name_of)
+            lines = self.ctor(child, cq, slots, cname)
             init.append(f"self.{cname} = {lines[0]}")
             init.extend(lines[1:])
         if emitter is not None:
@@ -331,22 +343,29 @@ class _Translator:
         params = tuple(codegen._ident(p) for p in graph.params) if graph is not None else ()
         return codegen.ClassSource(qual, m, init, call_lines, params)
 
-    def ctor(self, m, qual: str, name_of: dict) -> list[str]:
-        """The constructor expression of a submodule, as lines (the first one follows ``=``)."""
+    def ctor(self, m, qual: str, slots, attr: str) -> list[str]:
+        """The constructor expression of a submodule, as lines (the first one follows ``=``);
+        numbers go through ``slots`` (None: written as they are)."""
+        import inspect
+
+        from jaxlight.port import nn as pnn
         from jaxlight.port.modules import LAYERS, classify, torch_layer_name
 
+        lit = slots.lit if slots is not None else (lambda v, a, p: _lit(v))
         kind = classify(m)
         if kind == "layer":
             spec = LAYERS[torch_layer_name(m)]
             args, kwargs = spec.ctor(m)
-            parts = [_lit(a) for a in args] + [f"{k}={_lit(v)}" for k, v in kwargs.items()]
+            names = [p for p in inspect.signature(getattr(pnn, spec.nn_name).__init__).parameters][1:]
+            parts = [lit(a, attr, names[i] if i < len(names) else str(i)) for i, a in enumerate(args)]
+            parts += [f"{k}={lit(v, attr, k)}" for k, v in kwargs.items()]
             if spec.rngs:
                 parts.append("rngs=rngs")
             return [f"nn.{spec.nn_name}({', '.join(parts)})"]
         if kind in ("sequential", "list", "dict"):
             items = []
             for cname, child in m.named_children():
-                sub = self.ctor(child, f"{qual}.{cname}", name_of)
+                sub = self.ctor(child, f"{qual}.{cname}", slots, f"{attr}_{cname}")
                 prefix = f"{cname!r}: " if kind == "dict" else ""
                 items.append([prefix + sub[0]] + sub[1:])
             opener, closer = {"sequential": ("nn.Sequential(", ")"), "list": ("nnx.List([", "])"),
@@ -360,7 +379,9 @@ class _Translator:
             lines.append(closer)
             return lines
         if kind == "class":
-            return [f"{name_of[qual]}(rngs=rngs)"]
+            name, params = self.name_of[qual]
+            parts = [f"{p}={lit(v, attr, p)}" for p, v in params] + ["rngs=rngs"]
+            return [f"{name}({', '.join(parts)})"]
         return [f"None  # {type(m).__module__}.{type(m).__qualname__}: not called by forward, no translation"]
 
     # ---------------------------------------------------------------- layout
@@ -441,6 +462,76 @@ def _buffer_dtype(b) -> str:
     from jaxlight.port.codegen import dtype_expr
 
     return dtype_expr(b.dtype)
+
+
+class _Slots:
+    """The numbers of one class instance's constructor text, each replaced by a placeholder
+    (``@@S0@@``...), with where it came from (attribute, argument) to name it if it becomes an
+    argument of the class."""
+
+    def __init__(self):
+        self.values: list = []
+        self.hints: list[tuple[str, str]] = []
+
+    def lit(self, v, attr: str, param: str) -> str:
+        if isinstance(v, tuple):
+            items = [self.lit(x, attr, param) for x in v]
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
+            self.values.append(v)
+            self.hints.append((attr, param))
+            return f"@@S{len(self.values) - 1}@@"
+        return _lit(v)
+
+
+_WIDTHS = {"in_channels", "out_channels", "num_features", "num_channels", "in_features", "out_features",
+           "embed_dim", "embedding_dim", "hidden_size", "input_size", "normalized_shape", "channels", "features",
+           "width"}
+
+
+def _parametrise(template: str, members: list) -> tuple[str, list]:
+    """The class text for instances sharing ``template``: each number that is the same in all
+    of them written as it is, the others as ``__init__`` arguments (numbers that vary together
+    share one). Returns ``(text, [(argument name, [slot indices])])``."""
+    columns = list(zip(*[m.values for m in members])) if members[0].values else []
+    hints = members[0].hints
+    params: list[tuple[str, list]] = []
+    by_values: dict[tuple, int] = {}
+    replace: dict[int, str] = {}
+    for j, col in enumerate(columns):
+        if len(set(map(repr, col))) == 1:
+            replace[j] = _lit(col[0])
+            continue
+        key = tuple(map(repr, col))
+        if key in by_values:
+            params[by_values[key]][1].append(j)
+        else:
+            by_values[key] = len(params)
+            params.append(("", [j]))
+    named, taken = [], {"self", "rngs"}
+    for _, cols in params:
+        names = [hints[j][1] for j in cols]
+        if len(set(names)) == 1:
+            name = names[0]
+        elif all(n in _WIDTHS for n in names):
+            name = "width"
+        else:
+            attr, param = hints[cols[0]]
+            name = f"{attr}_{param}"
+        name = re.sub(r"\W", "_", name).strip("_") or "arg"
+        base, k = name, 1
+        while name in taken or keyword.iskeyword(name) or not name.isidentifier():
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        named.append((name, cols))
+        for j in cols:
+            replace[j] = name
+    text = re.sub(r"@@S(\d+)@@", lambda mt: replace[int(mt.group(1))], template)
+    if named:
+        sig = ", ".join(f"{n}: {type(members[0].values[cols[0]]).__name__}" for n, cols in named)
+        text = text.replace("def __init__(self, *, rngs: nnx.Rngs):", f"def __init__(self, {sig}, *, rngs: nnx.Rngs):", 1)
+    return text, named
 
 
 def _lit(v) -> str:
