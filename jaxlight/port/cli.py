@@ -57,6 +57,10 @@ def port_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps compared (SGD with momentum, and Adam)")
     p.add_argument("--seed", type=int, default=0, help="draws the inputs and the report's labels or target")
     p.add_argument("--module-name", help="name of the generated module (default: from the torch class)")
+    p.add_argument("--fit-loss", help="config.yaml's loss for jaxlight fit: multiclass | binary | regression | a dotted "
+                                      "path (default: the report's loss, on {inputs, target} batches)")
+    p.add_argument("--fit-data", help="config.yaml's data for jaxlight fit: a dotted path, or a YAML mapping "
+                                      "{class_path: ..., init_args: {...}} (default: the example inputs, examples.npz)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks to stderr")
     return p
 
@@ -158,6 +162,26 @@ def _build(target: str, init_args_json: str):
     return module
 
 
+def _fit_data(value: str | None):
+    """``--fit-data``: a dotted path, or a YAML mapping ``{class_path, init_args}``."""
+    if value is None:
+        return None
+    import yaml
+
+    from jaxlight.commands import UsageError
+
+    try:
+        spec = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--fit-data: not a dotted path nor YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(spec, str) and "." in spec:
+        return spec
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str) and set(spec) <= {"class_path", "init_args"}:
+        return spec
+    raise UsageError(f"--fit-data {value!r}: expected a dotted path (mypkg.data.digits) or "
+                     f"{{class_path: ..., init_args: {{...}}}}")
+
+
 def run_port(args: argparse.Namespace):
     """Port, print the table, write ``--out``; raises :class:`ParityFailed` when parity does not hold."""
     from jaxlight.commands import UsageError, prepare_output_dir
@@ -172,6 +196,7 @@ def run_port(args: argparse.Namespace):
     found = list_checkpoints(out)
     if found and not (out / "port.json").is_file():
         raise UsageError(f"--out {out} holds checkpoints ({found[-1].name}...) that no port wrote; choose another folder")
+    data = _fit_data(args.fit_data)
     import torch
 
     import jaxlight.port
@@ -186,7 +211,7 @@ def run_port(args: argparse.Namespace):
             raise
         raise UsageError(str(exc)) from None
     print(ported.report, flush=True)
-    folder = ported.save(out)
+    folder = ported.save(out, loss=args.fit_loss, data=data)
     print(f"wrote {folder}: {ported.translation.module_name}.py, {list_checkpoints(folder)[-1].name}/, config.yaml "
           f"(fine-tune: PYTHONPATH={folder} jaxlight fit --config {folder / 'config.yaml'})", flush=True)
     if not ported.report.ok:
