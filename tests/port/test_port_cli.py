@@ -122,7 +122,7 @@ def test_an_unsupported_op_exits_2_naming_it(nets, tmp_path):
     (["{nets}:Net", "--init-args", "[1]", "--input", "float32[2,1,8,8]"], "--init-args"),
     (["{nets}:Net", "--init-args", '{"depth": 3}', "--input", "float32[2,1,8,8]"], "unexpected keyword"),
     (["{nets}:Net", "--input", "float32[2,1,8,8]", "float32[3,4]"], "unrecognized"),
-    (["{nets}:Net", "--input", "float32[2,1,8,8]", "--input", "float32[3,4]"], "batch size 3"),
+    (["{nets}:Net", "--input", "float32[2,1,8,8]", "--fit-data", "digits"], "--fit-data 'digits'"),
 ])
 def test_usage_errors_exit_2_with_one_line(nets, tmp_path, args, culprit, capsys):
     from jaxlight.cli import main

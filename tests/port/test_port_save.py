@@ -181,3 +181,22 @@ def test_inputs_that_are_not_batch_first_are_one_row(tmp_path):
     with torch.no_grad():
         expected = ((net(x, h0) - torch.from_numpy(p.targets[0])) ** 2).mean()
     assert losses.shape == (1,) and float(losses[0]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_config_starts_from_the_ported_weights(saved, monkeypatch):
+    """``init: {checkpoint: folder}``: the model ``jaxlight fit`` builds holds the torch module's
+    weights, exactly; a checkpoint that is not there is one config error naming the key."""
+    from jaxlight import config as config_mod
+    from jaxlight.interop import model_to_torch
+
+    net, x, p, folder = saved
+    monkeypatch.syspath_prepend(str(folder))
+    _, _, plain, _ = config_mod.parse("fit", ["--config", str(folder / "config.yaml")])
+    run = config_mod.build_run(plain, load_data=False)
+    built = model_to_torch(run.model, p.layout)
+    for name, value in net.state_dict().items():
+        if name in built:
+            np.testing.assert_array_equal(built[name], value.numpy(), err_msg=name)
+    plain["init"] = {"checkpoint": str(folder / "missing")}
+    with pytest.raises(config_mod.ConfigError, match=r"^init\.checkpoint: no checkpoint found"):
+        config_mod.build_run(plain, load_data=False)
