@@ -201,6 +201,7 @@ class Emitter:
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.site = {n: site_of_stack(n.stack_trace) for n in self.nodes}
         self.extra_attrs: list[tuple[str, str]] = []  # (name, constructor) not from torch (functional dropout)
+        self.used_attrs: dict = {}  # numeric attributes of the torch module the code reads (self.heads)
         self.mode_info: dict = {}  # node -> (train value, eval value) of a mode-dependent argument
         self.ok = True
 
@@ -390,6 +391,7 @@ class Emitter:
         self.expr: dict = {}
         self.inline: set = set()
         self.var: dict = {}
+        self.name_numbers()
         self.plan_inline()
         self.plan_names()
         lines = []
@@ -427,7 +429,7 @@ class Emitter:
             if getattr(self, "inplace_nodes", {}).get(u) is n:
                 continue  # the target of an in-place op keeps its name
             returned = u.op == "output" and self.site[n].text.startswith("return")
-            if self._is_shape(n) or self.site[u] == self.site[n] or returned:
+            if self._is_shape(n) or self._same_statement(n, u) or returned:
                 cand.add(n)
         changed = True
         while changed:
@@ -472,18 +474,31 @@ class Emitter:
             site = self.site[n]
             name, names, aug = assigned_names(site)
             finals = [s for s in statements if self.site[s] == site and not any(
-                self.site[u] == site and u.op != "output" and (u in statements or u in self.inline)
+                self._same_statement(s, u) and u.op != "output" and (u in statements or u in self.inline)
                 for u in s.users)]
             want = None
             if names and self._unpackable(n, names):
                 self._plan_unpack(n, names, holder)
                 continue
-            if n in finals and n is finals[-1] and name:
+            if n in finals and name and (n is finals[-1] or self._loop_iteration(n, finals[-1])):
                 want = name
+            elif names and len(finals) == len(names) and n in finals and isinstance(names[finals.index(n)], str):
+                want = names[finals.index(n)]  # q, k, v = qkv[0], qkv[1], qkv[2]
             inplace_target = getattr(self, "inplace_nodes", {}).get(n)
             if want is None and inplace_target is not None and inplace_target in self.var:
                 want = self.var[inplace_target]
             self.var[n] = self._claim(want or n.name, n, holder)
+
+    def _loop_iteration(self, n, u) -> bool:
+        """Whether ``u`` is the same source expression as ``n`` in a later iteration of a Python
+        loop (``for blk in self.blocks: x = blk(x)`` calls blocks.0, blocks.1... on one line)."""
+        if n.op != "call_module" or u.op != "call_module" or self.site[n] != self.site[u]:
+            return False
+        pattern = lambda t: re.sub(r"\.\d+(?=\.|$)", ".*", t)  # noqa: E731
+        return pattern(n.target) == pattern(u.target)
+
+    def _same_statement(self, n, u) -> bool:
+        return self.site[u] == self.site[n] and not self._loop_iteration(n, u)
 
     def _unpackable(self, n, names) -> bool:
         users = list(n.users)
@@ -542,11 +557,61 @@ class Emitter:
             return f"({text})" if wrap and v in self.inline and _needs_parens(text) else text
         return self.literal(v, wrap)
 
+    def name_numbers(self) -> None:
+        """Numbers the source line reads from the module's own attributes (``self.heads``,
+        ``x * self.scale``): fx sees only their values; the generated code keeps the names
+        (and ``__init__`` sets them). A number is named only where the line's syntax puts
+        ``self.<attr>`` in that very argument, so a ``2`` elsewhere on the line stays ``2``."""
+        for n in self.nodes:
+            if n.op not in ("call_function", "call_method") or not self._in_own_forward(self.site[n]):
+                continue
+            uses = _self_attribute_arguments(self.site[n].text)
+            if not uses:
+                continue
+            if n.op == "call_method":
+                key, offset = n.target, 1
+            else:
+                key, offset = _callable_key(n.target), 0
+            args = list(n.args)
+            for i in range(offset, len(args)):
+                args[i] = self._named(args[i], uses.get((key, i - offset)))
+            kwargs = {k: self._named(v, uses.get((key, k))) for k, v in n.kwargs.items()}
+            n.args, n.kwargs = tuple(args), kwargs
+
+    def _named(self, value, attr):
+        if attr is None:
+            return value
+        if isinstance(attr, tuple):  # a tuple argument: element by element
+            if isinstance(value, (tuple, list)) and len(value) == len(attr):
+                return type(value)(self._named(v, a) for v, a in zip(value, attr))
+            return value
+        own = self.root.__dict__.get(attr)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and type(own) is type(value) \
+                and own == value:
+            self.used_attrs[attr] = own
+            return (_NamedInt if isinstance(value, int) else _NamedFloat)(value, f"self.{attr}")
+        return value
+
+    def _in_own_forward(self, site) -> bool:
+        import inspect
+
+        if not hasattr(self, "_forward_lines"):
+            try:
+                fn = type(self.root).forward
+                lines, start = inspect.getsourcelines(fn)
+                self._forward_lines = (inspect.getsourcefile(fn), start, start + len(lines))
+            except (OSError, TypeError):
+                self._forward_lines = None
+        f = self._forward_lines
+        return f is not None and site.file == f[0] and f[1] <= site.line < f[2]
+
     def literal(self, v, wrap: bool = False) -> str:
         import torch
 
         if isinstance(v, bool) or v is None:
             return repr(v)
+        if isinstance(v, (_NamedInt, _NamedFloat)):
+            return v.expr
         if isinstance(v, float):
             if math.isinf(v):
                 text = "math.inf" if v > 0 else "-math.inf"
@@ -748,6 +813,68 @@ class Emitter:
         self.extra_attrs.append((name, f"nn.Dropout({p!r}, rngs=rngs)  # {_describe(node)} of forward, "
                                        f"switched by model.train() / model.eval()"))
         return f"self.{name}"
+
+
+class _NamedInt(int):
+    """An int that came from ``self.<attr>``: behaves as the number, written as the name."""
+
+    def __new__(cls, value, expr):
+        obj = super().__new__(cls, value)
+        obj.expr = expr
+        return obj
+
+
+class _NamedFloat(float):
+    def __new__(cls, value, expr):
+        obj = super().__new__(cls, value)
+        obj.expr = expr
+        return obj
+
+
+_AST_NAMES = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv", ast.FloorDiv: "floordiv",
+              ast.Mod: "mod", ast.Pow: "pow", ast.MatMult: "matmul"}
+
+
+def _self_attribute_arguments(text: str) -> dict:
+    """``{(callable, position or keyword): attr}`` for each argument of a call or operand of an
+    arithmetic operator on the line that is exactly ``self.<attr>`` (tuples element by element:
+    the value is then a tuple of attrs or None)."""
+    try:
+        tree = ast.parse(text.strip().rstrip(":"))
+    except SyntaxError:
+        return {}
+
+    def attr_of(node):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            return node.attr
+        if isinstance(node, (ast.Tuple, ast.List)):
+            inner = tuple(attr_of(e) for e in node.elts)
+            return inner if any(a is not None for a in inner) else None
+        return None
+
+    uses: dict = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else (f.id if isinstance(f, ast.Name) else None)
+            if name is None:
+                continue
+            for i, a in enumerate(node.args):
+                if attr_of(a) is not None:
+                    uses.setdefault((name, i), attr_of(a))
+            for kw in node.keywords:
+                if kw.arg and attr_of(kw.value) is not None:
+                    uses.setdefault((name, kw.arg), attr_of(kw.value))
+        elif isinstance(node, ast.BinOp) and type(node.op) in _AST_NAMES:
+            name = _AST_NAMES[type(node.op)]
+            for i, a in enumerate((node.left, node.right)):
+                if attr_of(a) is not None:
+                    uses.setdefault((name, i), attr_of(a))
+    return uses
+
+
+def _callable_key(target) -> str:
+    return getattr(target, "__name__", "")
 
 
 def _torch_layout_expr(rule: Rule, base: str) -> str:

@@ -332,6 +332,9 @@ class _Translator:
                 continue
             init.append(f"self.{bname} = nn.Buffer(jnp.zeros({slots.lit(tuple(b.shape), bname, 'shape')}, "
                         f"{_buffer_dtype(b)}))")
+        if emitter is not None:
+            for aname, value in emitter.used_attrs.items():
+                init.append(f"self.{aname} = {slots.lit(value, aname, aname)}")
         for cname, child in m.named_children():
             cq = f"{qual}.{cname}" if qual else cname
             lines = self.ctor(child, cq, slots, cname)
