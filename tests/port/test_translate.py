@@ -33,6 +33,15 @@ def ported(name):
     return model, inputs, translate(model, inputs)
 
 
+ALL = sorted(ZOO) + [pytest.param(name, marks=pytest.mark.slow) for name in sorted(SLOW)]
+
+# Gradient atol, as a fraction of the largest gradient. resnet18: 20 layers of train-mode batch
+# norm whose last ones see 8 values per channel (batch 2, 2x2 maps) amplify float32 rounding:
+# one weight in 10^5 differs by ~1e-5 of the largest gradient (measured: torch's own float32
+# gradient is 2e-5 of it away from its float64 one).
+GRAD_ATOL = {"resnet18": 5e-5}
+
+
 def _np(x):
     return x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
@@ -76,7 +85,7 @@ def _assert_close(got, want, what, rtol=1e-4, atol=1e-5):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", ALL)
 def test_weights_convert_exactly(name):
     model, _, t = ported(name)
     state = model.state_dict()
@@ -90,7 +99,7 @@ def test_weights_convert_exactly(name):
         assert np.array_equal(value.view(np.uint8), want.view(np.uint8)), f"{key} is not bit-identical"
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", ALL)
 def test_forward_eval_and_train_match_torch(name):
     model, inputs, t = ported(name)
     arrays = [x.numpy() for x in inputs]
@@ -119,7 +128,7 @@ def test_forward_eval_and_train_match_torch(name):
             _assert_close(stats[key], _np(torch_state[key]), f"{name} {key} after a train step", atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", ALL)
 def test_gradients_match_torch(name):
     model, inputs, t = ported(name)
     tm = _torch_train(copy.deepcopy(model))
@@ -149,7 +158,7 @@ def test_gradients_match_torch(name):
         want = named[key].grad
         want = np.zeros_like(g) if want is None else want.numpy()
         scale = max(1.0, float(np.abs(want).max()))
-        _assert_close(g, want, f"{name} d/d {key}", atol=1e-5 * scale)
+        _assert_close(g, want, f"{name} d/d {key}", atol=GRAD_ATOL.get(name, 1e-5) * scale)
     for i, g in zip(floats, g_inputs):
         want = tin[i].grad.numpy()
         _assert_close(g, want, f"{name} d/d input {i}", atol=1e-5 * max(1.0, float(np.abs(want).max())))
