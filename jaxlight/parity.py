@@ -326,8 +326,8 @@ class _RoundingNotes:
         i = np.unravel_index(int(np.argmax(diff)), diff.shape)
         gj, gt = self.grads[name]
         self.report.notes.append(
-            f"{level} step {step}, {name}{list(int(k) for k in i)}: |jax - torch| = {diff[i]:.3g} beyond tolerance, "
-            f"explained by rounding: its gradient was within rounding of zero (the two frameworks' gradients "
+            f"after step {step} ({level} level), {name}{list(int(k) for k in i)}: |jax - torch| = {diff[i]:.3g} beyond "
+            f"tolerance, explained by rounding: its gradient was within rounding of zero (the two frameworks' gradients "
             f"differ there; at the last step jax {gj[i]:.3g}, torch {gt[i]:.3g}), and Adam turns such a difference "
             f"into steps of up to lr ({self.lr:g}); Adam on the two gradient histories explains "
             f"{float(self.explained[name][i]):.3g} ({int(excused.sum())} element(s) of {name} excused so)")
@@ -403,9 +403,9 @@ def check_parity(
             statistics instead of converting the torch model's, to check a conversion made
             elsewhere (a port's): a weight it got wrong then shows at its layer.
 
-    Dropout is switched off on both sides (torch ``Dropout`` modules in eval mode, NNX
-    ``Dropout.deterministic = True``): the two frameworks draw different masks, so their train
-    steps cannot agree with it on. BatchNorm trains with batch statistics on both sides; see
+    Dropout is switched off on both sides (torch ``Dropout`` modules in eval mode and
+    ``MultiheadAttention``'s attention dropout at 0 for the run, NNX ``Dropout`` at rate 0): the
+    two frameworks draw different masks, so their train steps cannot agree with it on. BatchNorm trains with batch statistics on both sides; see
     ``docs/parity-user-models.md`` for how ``running_var`` is compared.
 
     Returns:
@@ -512,6 +512,7 @@ def check_parity(
     adam = _is_adam(optimizer, torch_optimizer, topt)
     rounding = _RoundingNotes(report, lr, batch_size, *_adam_constants(kwargs, topt)) if adam else None
     bn = _BatchNormTracker(torch_model, layout, jax_model)
+    no_dropout = _TorchNoDropout()
     try:
         padded0, mask0, tb0 = batch(0)
         real0 = np.asarray(mask0) > 0
@@ -522,10 +523,10 @@ def check_parity(
         # 1. forward, eval mode and train mode, layer by layer where a layer diverges. Eval
         # first: torch's train-mode forward moves its running statistics.
         _torch_mode(torch_model, False)
-        with torch.no_grad(), _TorchCapture(torch_model, layout) as cap_te:
+        with torch.no_grad(), _TorchCapture(torch_model, layout) as cap_te, no_dropout:
             torch_loss_fn(torch_model, tb0)
         _torch_mode(torch_model, True)
-        with _TorchCapture(torch_model, layout) as cap_t:
+        with _TorchCapture(torch_model, layout) as cap_t, no_dropout:
             loss_t = torch_losses(tb0)  # the same forward is differentiated below
         for level, cap, train in (("forward", cap_t, True), ("forward_eval", cap_te, False)):
             out_j, calls_j = _forward(state, padded0, mask0, train)
@@ -575,7 +576,8 @@ def check_parity(
                 if step > 0:
                     _, _, tb = batch(step)
                     topt.zero_grad()
-                    loss_t = torch_losses(tb)
+                    with no_dropout:
+                        loss_t = torch_losses(tb)
                     loss_t.backward()
                     grads_t = grads_to_numpy(torch_model)
                 if rounding is not None:
@@ -616,6 +618,8 @@ def check_parity(
     finally:
         bn.close()
         torch_model.train()
+    if no_dropout.seen:
+        report.notes.append("dropout in torch functions switched off on the torch side: " + ", ".join(sorted(no_dropout.seen)))
     report.jax_state = state
     return report
 
@@ -693,6 +697,45 @@ def _torch_dropouts(torch_model) -> list[str]:
     from torch.nn.modules.dropout import _DropoutNd
 
     return [n for n, m in torch_model.named_modules() if isinstance(m, _DropoutNd) and m.p > 0]
+
+
+def _TorchNoDropout():
+    """A ``torch.overrides.TorchFunctionMode`` under which torch's dropout is the identity: the
+    functional forms a ``forward`` calls itself (``F.dropout(x, p, self.training)``), the
+    attention dropout of ``F.scaled_dot_product_attention`` and of ``nn.MultiheadAttention``
+    (``F.multi_head_attention_forward``), which no module mode reaches. ``seen``: the functions
+    it switched off."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    identity = {F.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+
+    class NoDropout(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in identity:
+                self.seen.add(f"{func.__module__}.{func.__name__}")
+                return args[0] if args else kwargs["input"]
+            if func is F.scaled_dot_product_attention:
+                p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+                if p:
+                    self.seen.add("scaled_dot_product_attention(dropout_p)")
+                    if len(args) > 4:
+                        args = (*args[:4], 0.0, *args[5:])
+                    else:
+                        kwargs["dropout_p"] = 0.0
+            elif func is F.multi_head_attention_forward and kwargs.get("training", True):
+                self.seen.add("MultiheadAttention(dropout)")
+                kwargs["training"] = False  # (its only use there: the attention dropout)
+            return func(*args, **kwargs)
+
+    return NoDropout()
 
 
 def _torch_mode(torch_model, train: bool) -> None:

@@ -263,3 +263,33 @@ def test_input_gradients_are_compared_by_check_parity():
                          torch_loss_fn=torch_loss_fn, optimizer="sgd", lr=0.1, batch_size=8, steps=1,
                          input_grads=True)
     assert plain.ok, str(plain)
+
+
+class Dropouts(nn.Module):
+    """Dropout no module mode reaches: functional, and inside attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, dropout=0.2, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.dropout(x, 0.3, self.training)
+        a, _ = self.attn(h, h, h)
+        a = a + torch.nn.functional.scaled_dot_product_attention(h, h, h, None, 0.4 if self.training else 0.0, True)
+        return self.fc(a.mean(1))
+
+
+def test_dropout_in_functions_and_attention_is_off_on_both_sides():
+    torch.manual_seed(0)
+    net = Dropouts()
+    p = jaxlight.port(net, (torch.randn(8, 5, 6),), steps=1)
+    print(p.report)
+    assert p.report.ok, str(p.report)
+    note = next(n for n in p.report.notes if "switched off on the torch side" in n)
+    for what in ("MultiheadAttention(dropout)", "scaled_dot_product_attention(dropout_p)", "functional.dropout"):
+        assert what in note, note
+    # and only for the check: the torch module still drops in train mode afterwards
+    net.train()
+    x = torch.ones(4, 5, 6)
+    assert not torch.equal(net(x), net(x))
