@@ -372,7 +372,7 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
     if end_peak["peak_flops"] > peak["peak_flops"]:  # the less loaded snapshot is the ceiling
         res["peak"] = end_peak
         for row in res["results"]:
-            if "fraction_of_peak" in row:
+            if row.get("fraction_of_peak") is not None:
                 row["fraction_of_peak"] *= peak["peak_flops"] / end_peak["peak_flops"]
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     report.write_all(res, out)
