@@ -646,7 +646,11 @@ class Emitter:
     def tensor_literal(self, t) -> str:
         if t.numel() > 0 and bool((t == t.reshape(-1)[0]).all()):
             return f"jnp.full({tuple(t.shape)!r}, {t.reshape(-1)[0].item()!r}, dtype={dtype_expr(t.dtype)})"
-        if t.numel() > 64:
+        expanded = [st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)]
+        if any(expanded):  # an expanded constant: the small one, broadcast
+            base = t[tuple(slice(0, 1) if e else slice(None) for e in expanded)].clone()
+            return f"jnp.broadcast_to({self.tensor_literal(base)}, {tuple(t.shape)!r})"
+        if t.numel() > 256:
             raise O.BindError(f"a constant tensor of {t.numel()} elements inside forward is not supported "
                               f"(register it as a buffer)")
         return f"jnp.asarray({t.tolist()!r}, dtype={dtype_expr(t.dtype)})"

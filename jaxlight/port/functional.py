@@ -29,6 +29,7 @@ Numerics that differ from a naive JAX spelling, and why each function exists:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import namedtuple
 from typing import Sequence
@@ -475,6 +476,18 @@ def _max_pool(x, nd, kernel_size, stride, padding, dilation, ceil_mode, return_i
     pads = _pool_pads(spatial, kernel, stride, padding, dilation, ceil_mode)
     # A Python scalar as the initial value: JAX then uses its differentiable max / sum windows.
     init = -math.inf if jnp.issubdtype(x.dtype, jnp.floating) else int(jnp.iinfo(x.dtype).min)
+    if any(d != 1 for d in dilation):
+        # JAX has no gradient for a dilated max window: the max of the kernel's strided slices.
+        xp = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=init)
+        outs = [(n + lo + hi - d * (k - 1) - 1) // s + 1
+                for n, (lo, hi), k, s, d in zip(spatial, pads, kernel, stride, dilation)]
+        best = None
+        for offset in itertools.product(*[range(k) for k in kernel]):
+            index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                          for o, d, n, s in zip(offset, dilation, outs, stride))
+            part = xp[(slice(None), *index)]
+            best = part if best is None else jnp.maximum(best, part)
+        return best
     return jax.lax.reduce_window(x, init, jax.lax.max, (1, *kernel, 1), (1, *stride, 1),
                                  [(0, 0), *pads, (0, 0)], window_dilation=(1, *dilation, 1))
 
@@ -502,7 +515,7 @@ def _avg_pool(x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad,
         return total / divisor_override
     if count_include_pad:
         # torch counts the explicit padding but not the extra right padding of ceil_mode.
-        ones = jnp.pad(jnp.ones(spatial, x.dtype), list(zip(padding, padding)))
+        ones = jnp.ones(tuple(n + 2 * p for n, p in zip(spatial, padding)), x.dtype)
         pads_extra = [(0, hi - p) for (_, hi), p in zip(pads, padding)]
         count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, kernel, stride, pads_extra)
     else:

@@ -65,7 +65,7 @@ class Sig:
                 raise BindError(f"missing argument {name!r}")
             else:
                 out[name] = default
-        ignored = {k for k in kwargs if k in _IGNORED_KWARGS}
+        ignored = {k for k in kwargs if k in _IGNORED_KWARGS or (k == "out" and kwargs[k] is None)}
         for k in ignored:
             kwargs.pop(k)
         if args:
@@ -550,14 +550,21 @@ def _repeat_interleave(ctx, b):
     return f"F.repeat_interleave({ctx.e(b['input'])}, {ctx.e(b['repeats'])}{dim})"
 
 
+def _sequence(ctx, tensors) -> str:
+    """A list of tensors as written (``[a, b]``), or a value that is a tuple of them."""
+    if isinstance(tensors, (tuple, list)):
+        return "[" + ", ".join(ctx.e(t) for t in tensors) + "]"
+    return ctx.e(tensors)
+
+
 @op("cat concat concatenate", "tensors, dim=0", "cat", tensor_args=("tensors",))
 def _cat(ctx, b):
-    return f"jnp.concatenate([{', '.join(ctx.e(t) for t in b['tensors'])}], axis={ctx.cat_axis(b)})"
+    return f"jnp.concatenate({_sequence(ctx, b['tensors'])}, axis={ctx.cat_axis(b)})"
 
 
 @op("stack", "tensors, dim=0", "cf", tensor_args=("tensors",))
 def _stack(ctx, b):
-    return f"jnp.stack([{', '.join(ctx.e(t) for t in b['tensors'])}], axis={ctx.e(b['dim'])})"
+    return f"jnp.stack({_sequence(ctx, b['tensors'])}, axis={ctx.e(b['dim'])})"
 
 
 @op("split", "input, split_size_or_sections, dim=0", "cf")
