@@ -228,6 +228,8 @@ def make_tracer(classify, root):
         def __init__(self):
             super().__init__()
             self.record_stack_traces = True
+            # Buffers as graph values too (a causal mask sliced to the sequence: self.bias[:, :, :T, :T]).
+            self.proxy_buffer_attributes = True
             self.opaque: dict[str, Any] = {}
             self.root_module = root
 

@@ -115,15 +115,15 @@ def attr_access(root, path: str) -> str:
         return out
     for part in path.split("."):
         kind = M.classify(node)
-        if kind in ("sequential", "list"):
+        if kind in ("sequential", "list") and part.isdigit():
             out += f"[{int(part)}]"
-        elif kind == "dict":
+        elif kind in ("dict", "sequential"):
             out += f"[{part!r}]"
         else:
             if not part.isidentifier() or keyword.iskeyword(part):
                 raise O.BindError(f"attribute name {part!r} is not a Python identifier")
             out += f".{part}"
-        node = getattr(node, part) if not kind == "dict" else node[part]
+        node = node[part] if kind == "dict" else getattr(node, part)
     return out
 
 
@@ -480,6 +480,12 @@ class Emitter:
             if names and self._unpackable(n, names):
                 self._plan_unpack(n, names, holder)
                 continue
+            if names and self._unpackable(n, names, inlined=True):
+                # B, T = x.size(): name the sizes even where each is used once.
+                for u in n.users:
+                    self.inline.discard(u)
+                self._plan_unpack(n, names, holder)
+                continue
             if n in finals and name and (n is finals[-1] or self._loop_iteration(n, finals[-1])):
                 want = name
             elif names and len(finals) == len(names) and n in finals and isinstance(names[finals.index(n)], str):
@@ -489,25 +495,49 @@ class Emitter:
                 want = self.var[inplace_target]
             self.var[n] = self._claim(want or n.name, n, holder)
 
-    def _loop_iteration(self, n, u) -> bool:
-        """Whether ``u`` is the same source expression as ``n`` in a later iteration of a Python
-        loop (``for blk in self.blocks: x = blk(x)`` calls blocks.0, blocks.1... on one line)."""
-        if n.op != "call_module" or u.op != "call_module" or self.site[n] != self.site[u]:
-            return False
+    def _iterations(self) -> dict:
+        """``{node: k}``: the iteration of a Python loop a node comes from. A line run several
+        times (``for blk in self.blocks: x = x + blk(self.ln(x))``) leaves the same sequence of
+        operations on it again and again (modules compared up to their index in a list); each
+        repetition is written as a statement of its own. A single op repeated (``a + b + c``)
+        is one expression, not a loop."""
         pattern = lambda t: re.sub(r"\.\d+(?=\.|$)", ".*", t)  # noqa: E731
-        return pattern(n.target) == pattern(u.target)
+        by_site: dict = {}
+        for n in self.nodes:
+            if n.op in ("call_module", "call_function", "call_method"):
+                by_site.setdefault(self.site[n], []).append(n)
+        out = {}
+        for site, nodes in by_site.items():
+            sig = [(n.op, pattern(n.target) if n.op == "call_module" else n.target) for n in nodes]
+            for p in range(1, len(sig) // 2 + 1):
+                if len(sig) % p or sig != sig[:p] * (len(sig) // p):
+                    continue
+                if p == 1 and sig[0][0] != "call_module":
+                    break
+                for i, n in enumerate(nodes):
+                    out[n] = i // p
+                break
+        return out
+
+    def _loop_iteration(self, n, u) -> bool:
+        """Whether ``u`` comes from a later iteration of the loop ``n`` is in (see :meth:`_iterations`)."""
+        if not hasattr(self, "_iteration"):
+            self._iteration = self._iterations()
+        return self.site[n] == self.site[u] and self._iteration.get(n, 0) != self._iteration.get(u, 0)
 
     def _same_statement(self, n, u) -> bool:
         return self.site[u] == self.site[n] and not self._loop_iteration(n, u)
 
-    def _unpackable(self, n, names) -> bool:
+    def _unpackable(self, n, names, inlined: bool = False) -> bool:
         users = list(n.users)
         if not users or not isinstance(n.meta.get("jl"), tuple):
             return False
         for u in users:
             kind, name, _ = self.resolved.get(u, (None, None, None))
             if not (kind == "special" and name == "getitem" and isinstance(u.args[1], int) and u.args[0] is n
-                    and self.site[u] == self.site[n] and u not in self.inline):
+                    and self.site[u] == self.site[n] and (inlined or u not in self.inline)):
+                return False
+            if inlined and u in self.inline and not self._is_shape(u):
                 return False
             if not 0 <= u.args[1] < len(names):
                 return False

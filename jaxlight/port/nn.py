@@ -50,7 +50,7 @@ from jaxlight.port import functional as F
 __all__ = [
     "Linear", "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "LayerNorm", "GroupNorm", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN", "MultiheadAttention", "Dropout",
-    "Dropout1d", "Dropout2d", "Sequential", "Buffer", "PReLU", "Activation", "Identity", "Flatten", "Unflatten",
+    "Dropout1d", "Dropout2d", "Sequential", "NamedSequential", "Buffer", "PReLU", "Activation", "Identity", "Flatten", "Unflatten",
     "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
     "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "Upsample", "PixelShuffle",
     "ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "SELU", "CELU", "Softplus", "Mish",
@@ -596,30 +596,51 @@ class Dropout2d(nnx.Dropout):
         super().__init__(p, broadcast_dims=(1, 2), rngs=rngs)
 
 
-class Sequential(nnx.List):
-    """``torch.nn.Sequential``: its layers under ``"0"``, ``"1"``... (torch's names), called in
-    order. Takes and returns torch's layout; between its layers a feature map stays
+def _chain(layers, x):
+    """Call ``layers`` in order on ``x`` (torch's layout in and out); a feature map stays
     channels-last from a channels-last layer (``port_layout = "cl"``: convolutions, batch norms,
     pools) through elementwise ones (``"any"``) until a torch-layout layer needs it back."""
+    last = False  # whether x is channels-last now
+    for layer in layers:
+        want = getattr(layer, "port_layout", "cf")
+        if getattr(x, "ndim", 0) >= 3:
+            if want == "cl" and not last:
+                x, last = F.channels_last(x), True
+            elif want == "cf" and last:
+                x, last = F.channels_first(x), False
+        else:
+            last = False
+        x = layer(x)
+        if getattr(x, "ndim", 0) < 3:
+            last = False
+    return F.channels_first(x) if last else x
+
+
+class Sequential(nnx.List):
+    """``torch.nn.Sequential``: its layers under ``"0"``, ``"1"``... (torch's names), called in
+    order; takes and returns torch's layout (layouts between layers: see :func:`_chain`)."""
 
     def __init__(self, *layers):
         super().__init__(layers)
 
     def __call__(self, x):
-        last = False  # whether x is channels-last now
-        for layer in self:
-            want = getattr(layer, "port_layout", "cf")
-            if getattr(x, "ndim", 0) >= 3:
-                if want == "cl" and not last:
-                    x, last = F.channels_last(x), True
-                elif want == "cf" and last:
-                    x, last = F.channels_first(x), False
-            else:
-                last = False
-            x = layer(x)
-            if getattr(x, "ndim", 0) < 3:
-                last = False
-        return F.channels_first(x) if last else x
+        return _chain(self, x)
+
+
+class NamedSequential(nnx.Module):
+    """``torch.nn.Sequential(OrderedDict(...))``: its layers under torch's names, called in
+    that order (``seq["conv"]`` or ``getattr(seq, "conv")``)."""
+
+    def __init__(self, layers: dict):
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+        self.port_order = tuple(layers)
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    def __call__(self, x):
+        return _chain([getattr(self, n) for n in self.port_order], x)
 
 
 # ----------------------------------------------------------------------------------------- #

@@ -251,7 +251,7 @@ class _Translator:
                 m = instances[qual]
                 if qual == "" and classify(m) in ("sequential", "layer"):
                     self.name_of[qual] = (root_name, [])
-                    texts[root_name] = self.subclass_root(m)
+                    texts[root_name] = self.subclass_root(m).replace("@@NAME@@", root_name)
                     order.append(root_name)
                     continue
                 slots = _Slots()
@@ -303,10 +303,8 @@ class _Translator:
         lines = self.ctor(m, "", None, "")
         head = lines[0]
         base = head[:head.index("(")]
-        if len(lines) > 1:  # nn.Sequential(\n    layer,\n ...)
-            body = ["super().__init__("] + lines[1:-1] + [")"]
-        else:
-            body = ["super().__init__(" + head[head.index("(") + 1:]]
+        # nn.Sequential(\n    layer,\n ...) or one line: the arguments go to super().__init__.
+        body = ["super().__init__(" + head[head.index("(") + 1:]] + lines[1:]
         body.append("jaxlight.save_hyperparameters(self)")
         doc = codegen._class_doc(m, False)
         lines = [f"class @@NAME@@({base}):", f'    """{doc}"""', "",
@@ -371,8 +369,14 @@ class _Translator:
                 sub = self.ctor(child, f"{qual}.{cname}", slots, f"{attr}_{cname}")
                 prefix = f"{cname!r}: " if kind == "dict" else ""
                 items.append([prefix + sub[0]] + sub[1:])
-            opener, closer = {"sequential": ("nn.Sequential(", ")"), "list": ("nnx.List([", "])"),
-                              "dict": ("nnx.Dict({", "})")}[kind]
+            if kind == "sequential" and _named_sequential(m):
+                kind = "dict"
+                items = [[f"{cname!r}: " + item[0]] + item[1:]
+                         for cname, item in zip([c for c, _ in m.named_children()], items)]
+                opener, closer = "nn.NamedSequential({", "})"
+            else:
+                opener, closer = {"sequential": ("nn.Sequential(", ")"), "list": ("nnx.List([", "])"),
+                                  "dict": ("nnx.Dict({", "})")}[kind]
             if not items:
                 return [opener + closer]
             lines = [opener]
@@ -535,6 +539,11 @@ def _parametrise(template: str, members: list) -> tuple[str, list]:
         sig = ", ".join(f"{n}: {type(members[0].values[cols[0]]).__name__}" for n, cols in named)
         text = text.replace("def __init__(self, *, rngs: nnx.Rngs):", f"def __init__(self, {sig}, *, rngs: nnx.Rngs):", 1)
     return text, named
+
+
+def _named_sequential(m) -> bool:
+    """Whether a torch Sequential names its layers (``OrderedDict``) rather than 0, 1, ..."""
+    return [n for n, _ in m.named_children()] != [str(i) for i in range(len(list(m.children())))]
 
 
 def _lit(v) -> str:
