@@ -747,6 +747,11 @@ class Emitter:
         return "cf"
 
     def _check_layer_call(self, n, mod, spec) -> None:
+        import inspect
+
+        names = list(inspect.signature(type(mod).forward).parameters)[1:]
+        for issue in spec.call_check(mod, {**dict(zip(names, n.args)), **n.kwargs}):
+            raise O.BindError(issue)
         if spec.layout == "cl" and n.args and _is_node(n.args[0]):
             info = n.args[0].meta.get("jl")
             name = type(mod).__name__

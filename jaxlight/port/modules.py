@@ -24,6 +24,7 @@ class LayerSpec:
     layout: str = "cf"  # "cl": channels-last feature maps in and out; "any": elementwise; "cf": torch layout
     check: Callable = lambda m: []  # module -> [problem]
     rngs: bool = True  # the constructor takes rngs=
+    call_check: Callable = lambda m, kwargs: []  # (module, the call's keyword arguments) -> [problem]
 
 
 def _bias_rules(m, t, j, weight_kind):
@@ -211,6 +212,82 @@ def _mha_rules(m, t, j):
     return rules, []
 
 
+def _encoder_layer(m):
+    kw = {"dim_feedforward": m.linear1.out_features}
+    _opt(kw, "dropout", float(m.dropout.p), 0.1)
+    _opt(kw, "activation", _activation_name(m), "relu")
+    _opt(kw, "layer_norm_eps", m.norm1.eps, 1e-5)
+    _opt(kw, "batch_first", m.self_attn.batch_first, False)
+    _opt(kw, "norm_first", m.norm_first, False)
+    _opt(kw, "bias", m.linear1.bias is not None, True)
+    return [m.self_attn.embed_dim, m.self_attn.num_heads], kw
+
+
+def _activation_name(m) -> str | None:
+    import torch.nn.functional as TF
+
+    act = m.activation
+    if act is TF.relu or type(act).__name__ == "ReLU":
+        return "relu"
+    if (act is TF.gelu) or (type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "none"):
+        return "gelu"
+    return None
+
+
+def _encoder_layer_check(m):
+    out = [] if _activation_name(m) else [f"activation {m.activation!r} (relu or exact gelu only)"]
+    return out + [f"self_attn: {issue}" for issue in _mha_check(m.self_attn)]
+
+
+def _encoder_layer_rules(m, t, j):
+    rules = _mha_rules(m.self_attn, t + "self_attn.", j + ("self_attn",))[0]
+    for name in ("linear1", "linear2"):
+        rules += _bias_rules(getattr(m, name), f"{t}{name}.", j + (name,), "linear")[0]
+    for name in ("norm1", "norm2"):
+        rules += _norm_rules(getattr(m, name), f"{t}{name}.", j + (name,))[0]
+    return rules, []
+
+
+def _encoder(m):
+    from jaxlight.port.translate import _layer_ctor  # (the nested layer's constructor text)
+
+    kw = {"norm": _Raw(_layer_ctor(m.norm) if m.norm is not None else "None")}
+    return [_Raw(_layer_ctor(m.layers[0])), m.num_layers], kw
+
+
+def _encoder_check(m):
+    out = _encoder_layer_check(m.layers[0])
+    first = _encoder_layer(m.layers[0])
+    if any(_encoder_layer(layer) != first for layer in m.layers):
+        out.append("layers configured differently from one another")
+    if m.norm is not None and type(m.norm).__name__ != "LayerNorm":
+        out.append(f"a final norm of type {type(m.norm).__name__}")
+    return out
+
+
+def _encoder_rules(m, t, j):
+    rules = []
+    for i, layer in enumerate(m.layers):
+        rules += _encoder_layer_rules(layer, f"{t}layers.{i}.", j + ("layers", str(i)))[0]
+    if m.norm is not None:
+        rules += _norm_rules(m.norm, t + "norm.", j + ("norm",))[0]
+    return rules, []
+
+
+def _encoder_call_check(m, kwargs: dict):
+    if getattr(m, "use_nested_tensor", False) and kwargs.get("src_key_padding_mask") is not None:
+        return ["with a src_key_padding_mask and enable_nested_tensor=True, torch returns zeros at the padded "
+                "positions in eval mode without gradients (nested tensors); build it with enable_nested_tensor=False"]
+    return []
+
+
+class _Raw(str):
+    """Constructor text written as it is (a nested layer)."""
+
+    def __repr__(self):
+        return str(self)
+
+
 def _none(m, t, j):
     return [], []
 
@@ -299,6 +376,10 @@ LAYERS: dict[str, LayerSpec] = {
     "GRU": LayerSpec("GRU", _rnn, _rnn_rules),
     "RNN": LayerSpec("RNN", _rnn, _rnn_rules),
     "MultiheadAttention": LayerSpec("MultiheadAttention", _mha, _mha_rules, check=_mha_check),
+    "TransformerEncoderLayer": LayerSpec("TransformerEncoderLayer", _encoder_layer, _encoder_layer_rules,
+                                         check=_encoder_layer_check),
+    "TransformerEncoder": LayerSpec("TransformerEncoder", _encoder, _encoder_rules, check=_encoder_check,
+                                    call_check=_encoder_call_check),
     "Dropout": LayerSpec("Dropout", _dropout, _none, "any"),
     "Dropout1d": LayerSpec("Dropout1d", _dropout, _none, "cl"),
     "Dropout2d": LayerSpec("Dropout2d", _dropout, _none, "cl"),

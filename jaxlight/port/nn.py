@@ -17,6 +17,7 @@ layer computes, in train and in eval mode:
 | ``Embedding`` | :class:`Embedding` (``nnx.Embed``) | ``weight`` -> ``embedding`` | ids |
 | ``LSTM``, ``GRU``, ``RNN`` | :class:`LSTM`, :class:`GRU`, :class:`RNN` | ``weight_ih_l0`` -> ``kernel_ih_l0`` (transposed), biases kept | torch layout |
 | ``MultiheadAttention`` | :class:`MultiheadAttention` | ``in_proj_weight`` -> ``in_proj_kernel`` (transposed) | torch layout |
+| ``TransformerEncoder(Layer)`` | :class:`TransformerEncoder`, :class:`TransformerEncoderLayer` | its parts' | torch layout |
 | ``Dropout`` | :class:`Dropout` (``nnx.Dropout``) | | any |
 
 "Channels-last": the port moves feature maps to ``(B, *spatial, C)`` before the first
@@ -49,7 +50,8 @@ from jaxlight.port import functional as F
 
 __all__ = [
     "Linear", "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "LayerNorm", "GroupNorm", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN", "MultiheadAttention", "Dropout",
+    "LayerNorm", "GroupNorm", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN", "MultiheadAttention",
+    "TransformerEncoderLayer", "TransformerEncoder", "Dropout",
     "Dropout1d", "Dropout2d", "Sequential", "NamedSequential", "Buffer", "PReLU", "Activation", "Identity", "Flatten", "Unflatten",
     "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
     "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "Upsample", "PixelShuffle",
@@ -561,6 +563,62 @@ class MultiheadAttention(nnx.Module):
             return out, None
         weights = weights.reshape(B, h, L, S)
         return out, (weights.mean(axis=1) if average_attn_weights else weights)
+
+
+class TransformerEncoderLayer(nnx.Module):
+    """``torch.nn.TransformerEncoderLayer`` (post-norm, or pre-norm with ``norm_first``), called
+    as torch's: ``(src, src_mask=None, src_key_padding_mask=None, is_causal=False)``. Its parts
+    keep torch's names (``self_attn``, ``linear1``, ``linear2``, ``norm1``, ``norm2``, the
+    dropouts); ``activation`` is ``"relu"`` or ``"gelu"`` (exact)."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, *, rngs: nnx.Rngs):
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                            rngs=rngs)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, rngs=rngs)
+        self.norm_first = norm_first
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
+        self.activation = activation
+
+    def _sa_block(self, x, mask, key_padding_mask):
+        x = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return self.dropout1(x)
+
+    def _ff_block(self, x):
+        act = jax.nn.relu if self.activation == "relu" else F.gelu
+        return self.dropout2(self.linear2(self.dropout(act(self.linear1(x)))))
+
+    def __call__(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask))
+        return self.norm2(x + self._ff_block(x))
+
+
+class TransformerEncoder(nnx.Module):
+    """``torch.nn.TransformerEncoder(encoder_layer, num_layers, norm)``: ``num_layers`` copies of
+    ``encoder_layer`` (``layers.0``, ``layers.1``...) and an optional final ``norm``."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm=None,
+                 *, rngs: nnx.Rngs | None = None):
+        self.layers = nnx.List([encoder_layer] + [nnx.clone(encoder_layer) for _ in range(num_layers - 1)])
+        self.norm = norm
+
+    def __call__(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        x = src
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
+        return x if self.norm is None else self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------- #

@@ -541,6 +541,19 @@ def _parametrise(template: str, members: list) -> tuple[str, list]:
     return text, named
 
 
+def _layer_ctor(m) -> str:
+    """The one-line ``jaxlight.port.nn`` constructor of a supported torch layer (for layers
+    built from another layer: ``nn.TransformerEncoder(nn.TransformerEncoderLayer(...), 2)``)."""
+    from jaxlight.port.modules import LAYERS, torch_layer_name
+
+    spec = LAYERS[torch_layer_name(m)]
+    args, kwargs = spec.ctor(m)
+    parts = [_lit(a) for a in args] + [f"{k}={_lit(v)}" for k, v in kwargs.items()]
+    if spec.rngs:
+        parts.append("rngs=rngs")
+    return f"nn.{spec.nn_name}({', '.join(parts)})"
+
+
 def _named_sequential(m) -> bool:
     """Whether a torch Sequential names its layers (``OrderedDict``) rather than 0, 1, ..."""
     return [n for n, _ in m.named_children()] != [str(i) for i in range(len(list(m.children())))]

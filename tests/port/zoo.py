@@ -18,6 +18,7 @@ counterpart in ``ZOO``.
 | bag_classifier | Embedding, class token and positional embedding as free parameters, a buffer, ModuleDict heads |
 | seq2seq | LSTM encoder (2 layers, bidirectional) -> LSTM decoder started from its states, sequence-first |
 | tensor_ops | split / chunk / einsum / where / clamp / indexing / stack / expand / casts / arange / max / in-place |
+| transformer_classifier | nn.TransformerEncoder (pre-norm, gelu, final norm) with a key padding mask |
 | mini_resnet | torchvision's BasicBlock (downsample, shared inplace ReLU), Sequential stages, AdaptiveAvgPool2d |
 | vit | a vision transformer in plain tensor ops: patch reshape, class token, positional embedding, qkv attention |
 | resnet18 (slow) | torchvision.models.resnet18 |
@@ -326,6 +327,32 @@ def tensor_ops():
     return _seeded(TensorOps), (torch.randn(3, 5, 12, generator=_gen(11)),)
 
 
+class TransformerClassifier(nn.Module):
+    """torch's own nn.TransformerEncoder (pre-norm, gelu, final norm) over embedded tokens with a
+    key padding mask, mean-pooled over the real tokens."""
+
+    def __init__(self, vocab=25, dim=16, heads=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=32, dropout=0.1, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, norm=nn.LayerNorm(dim),
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.encoder(self.embed(tokens), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def transformer_classifier():
+    tokens = torch.randint(1, 25, (3, 6), generator=_gen(16))
+    tokens[0, 4:] = 0
+    return _seeded(TransformerClassifier), (tokens,)
+
+
 def mini_resnet():
     """torchvision's ResNet with BasicBlock (downsample blocks, shared inplace ReLU), one block
     per stage: the resnet18 code path at 1/4 of its depth and a small image."""
@@ -426,6 +453,7 @@ ZOO = {
     "tensor_ops": tensor_ops,
     "mini_resnet": mini_resnet,
     "vit": vit,
+    "transformer_classifier": transformer_classifier,
 }
 
 SLOW = {
