@@ -32,7 +32,10 @@ mode: graphs that differ (beyond dropout written as a function of ``self.trainin
 from __future__ import annotations
 
 import ast
+import bisect
 import dataclasses
+import dis
+import inspect
 import linecache
 import operator
 import os
@@ -207,6 +210,20 @@ class Problem:
     what: str
 
 
+def _in_assert(frame) -> bool:
+    """Whether ``frame`` is testing the condition of an ``assert`` statement."""
+    if frame is None:
+        return False
+    insts = list(dis.get_instructions(frame.f_code))
+    at = bisect.bisect_left([i.offset for i in insts], frame.f_lasti)
+    if at + 1 >= len(insts):
+        return False
+    inst, nxt = insts[at], insts[at + 1]
+    jump = inst.opname.startswith("POP_JUMP") and "IF_TRUE" in inst.opname
+    raises = nxt.opname == "LOAD_ASSERTION_ERROR" or (nxt.opname == "LOAD_GLOBAL" and nxt.argval == "AssertionError")
+    return jump and raises
+
+
 def make_tracer(classify, root):
     """A ``torch.fx.Tracer`` that keeps the supported torch layers as leaves and traces each
     user class (and ``nn.Sequential``) called with tensors only as a leaf of its own, to be
@@ -220,6 +237,14 @@ def make_tracer(classify, root):
 
         def __setitem__(self, key, value):
             self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+        def __bool__(self):
+            # ``assert T <= self.block_size``: recorded as torch._assert (checks of sizes; the
+            # port drops them) instead of failing as control flow.
+            if _in_assert(inspect.currentframe().f_back):
+                self.tracer.create_proxy("call_function", torch._assert, (self, "assertion in forward"), {})
+                return True
+            return super().__bool__()
 
     class Tracer(fx.Tracer):
         def proxy(self, node):
@@ -399,3 +424,36 @@ def run_example(graph: Graph):
         for m, t in modes.items():
             m.training = t
     return calls
+
+
+def no_grad_sites(module, inputs: tuple) -> set:
+    """The source lines of ``forward`` (and everything it calls) that run with gradients off
+    (``with torch.no_grad():``): fx records the operations, not the context manager, so the
+    module's own forward is run once with a torch function mode watching the grad mode."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    sites: set = set()
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if not torch.is_grad_enabled():
+                for frame in reversed(traceback.extract_stack()):
+                    if not _is_library(frame.filename):
+                        sites.add((frame.filename, frame.lineno))
+                        break
+            return func(*args, **(kwargs or {}))
+
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.enable_grad():
+            # Not leaves: a forward that writes its input in place still runs (and is refused later).
+            args = [x.detach().clone().requires_grad_(True).clone() if x.is_floating_point() else x.clone()
+                    for x in inputs]
+            with Watch():
+                module(*args)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    return sites

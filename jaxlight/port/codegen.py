@@ -216,6 +216,17 @@ class Emitter:
         for n in self.nodes:
             self.resolved[n] = self._resolve(n)
         self._compare_modes()
+        # Asserts go, and what only feeds them (x.shape[1] <= 8): sizes are static under jit.
+        for n in reversed(self.nodes):
+            kind = self.resolved[n][0]
+            if kind in ("op", "special") and n.users and all(self.resolved[u][0] == "drop" for u in n.users) \
+                    and not (self.resolved[n][2] is not None and self.resolved[n][2].inplace):
+                self.resolved[n] = ("drop", self.resolved[n][1], None)
+        for n in reversed(self.nodes):
+            if self.resolved[n][0] == "drop":
+                self.g.graph.erase_node(n)
+        self.nodes = [n for n in self.nodes if self.resolved[n][0] != "drop"]
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
         self._inplace()
 
     def _resolve(self, n):
@@ -237,6 +248,9 @@ class Emitter:
                 return ("class", type(mod).__name__, None)
             self.problem(n, f"module {n.target!r} ({type(mod).__module__}.{type(mod).__qualname__}) is not supported")
             return ("bad", None, None)
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_assert" and \
+                getattr(n.target, "__module__", "").startswith("torch"):
+            return ("drop", "assert", None)  # an assert on sizes: static under jit, nothing to compute
         if n.op == "call_function":
             name = O.function_name(n.target)
             label = _function_label(n.target)
@@ -404,6 +418,9 @@ class Emitter:
             except O.BindError as exc:
                 self.problem(n, f"{_describe(n)}: {exc}")
                 text = "None"
+            inner = n.users and all(u.meta.get("no_grad") and self.site[u] == self.site[n] for u in n.users)
+            if n.meta.get("no_grad") and not inner and self.resolved[n][1] not in _NO_GRAD_ANYWAY:
+                text = f"jax.lax.stop_gradient({text})"  # computed under torch.no_grad() in forward
             self.expr[n] = text
             if n.op == "output":
                 lines.append(f"return {text}")
@@ -665,6 +682,8 @@ class Emitter:
             return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         if isinstance(v, list):
             return "[" + ", ".join(self.ref(x, "cf") for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k!r}: {self.ref(x, 'cf')}" for k, x in v.items()) + "}"
         if isinstance(v, slice):
             return "slice(" + ", ".join(self.ref(x, "cf") for x in (v.start, v.stop, v.step)) + ")"
         if v is Ellipsis:
@@ -914,6 +933,11 @@ def _self_attribute_arguments(text: str) -> dict:
 
 def _callable_key(target) -> str:
     return getattr(target, "__name__", "")
+
+
+# Ops whose result never has a gradient in torch: no need to say so again.
+_NO_GRAD_ANYWAY = {"detach", "new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like",
+                   "full_like", "empty_like", "getattr", "size", "dim"}
 
 
 def _torch_layout_expr(rule: Rule, base: str) -> str:

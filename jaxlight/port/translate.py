@@ -170,6 +170,10 @@ class _Translator:
             for issue in LAYERS[name].check(self.root):
                 self.problems.append(capture.Problem(capture.UNKNOWN, f"torch.nn.{name}: {issue} is not supported"))
             return graphs
+        try:
+            self.no_grad = capture.no_grad_sites(self.root, self.inputs)
+        except Exception:  # noqa: BLE001 - the traced run below reports the user's error with its line
+            self.no_grad = set()
         queue = [("", self.root, self.inputs, {})]
         while queue:
             qual, mod, args, kwargs = queue.pop(0)
@@ -186,6 +190,10 @@ class _Translator:
                                                      f"{type(exc).__name__}: {exc}"))
                 continue
             graphs[qual] = g
+            for n in g.graph.nodes:
+                site = capture.site_of_stack(n.stack_trace)
+                if (site.file, site.line) in self.no_grad:
+                    n.meta["no_grad"] = True
             for sub, m in g.opaque.items():
                 full = f"{qual}.{sub}" if qual else sub
                 if sub in calls and full not in graphs:

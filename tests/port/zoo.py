@@ -19,6 +19,7 @@ counterpart in ``ZOO``.
 | seq2seq | LSTM encoder (2 layers, bidirectional) -> LSTM decoder started from its states, sequence-first |
 | tensor_ops | split / chunk / einsum / where / clamp / indexing / stack / expand / casts / arange / max / in-place |
 | transformer_classifier | nn.TransformerEncoder (pre-norm, gelu, final norm) with a key padding mask |
+| gpt | nanoGPT's attention: a causal mask buffer sliced to T, arange positions, a size assert, a block loop |
 | mini_resnet | torchvision's BasicBlock (downsample, shared inplace ReLU), Sequential stages, AdaptiveAvgPool2d |
 | vit | a vision transformer in plain tensor ops: patch reshape, class token, positional embedding, qkv attention |
 | resnet18 (slow) | torchvision.models.resnet18 |
@@ -353,6 +354,53 @@ def transformer_classifier():
     return _seeded(TransformerClassifier), (tokens,)
 
 
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd=16, n_head=2, block_size=8):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        assert T <= self.bias.shape[-1], "sequence longer than the block"
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class GPT(nn.Module):
+    """A nanoGPT-style decoder: a causal mask buffer sliced to the sequence, positions from
+    torch.arange, a size assert, a loop over a ModuleList of blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(20, 16)
+        self.wpe = nn.Embedding(8, 16)
+        self.h = nn.ModuleList([CausalSelfAttention() for _ in range(2)])
+        self.ln_f = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 20, bias=False)
+
+    def forward(self, idx):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = x + block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt():
+    return _seeded(GPT), (torch.randint(0, 20, (2, 6), generator=_gen(17)),)
+
+
 def mini_resnet():
     """torchvision's ResNet with BasicBlock (downsample blocks, shared inplace ReLU), one block
     per stage: the resnet18 code path at 1/4 of its depth and a small image."""
@@ -454,6 +502,7 @@ ZOO = {
     "mini_resnet": mini_resnet,
     "vit": vit,
     "transformer_classifier": transformer_classifier,
+    "gpt": gpt,
 }
 
 SLOW = {
