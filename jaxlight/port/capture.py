@@ -130,11 +130,16 @@ def assigned_names(site: Site) -> tuple[str | None, list[str | None] | None, boo
         if isinstance(t, ast.Name):
             return t.id, None, False
         if isinstance(t, (ast.Tuple, ast.List)):
-            names = [e.id if isinstance(e, ast.Name) else None for e in t.elts]
-            return None, names, False
+            return None, _target_names(t), False
     if isinstance(stmt, ast.Return):
         return None, None, False
     return None, None, False
+
+
+def _target_names(t) -> list:
+    """``a, (h, c)`` -> ``["a", ["h", "c"]]`` (None for targets that are not names)."""
+    return [e.id if isinstance(e, ast.Name) else (_target_names(e) if isinstance(e, (ast.Tuple, ast.List)) else None)
+            for e in t.elts]
 
 
 # ----------------------------------------------------------------------------------------- #

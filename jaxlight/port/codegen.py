@@ -423,7 +423,7 @@ class Emitter:
                 text = f"jax.lax.stop_gradient({text})"  # computed under torch.no_grad() in forward
             self.expr[n] = text
             if n.op == "output":
-                lines.append(f"return {text}")
+                lines.append(f"return {text[1:-1] if isinstance(n.args[0], tuple) and len(n.args[0]) > 1 else text}")
                 continue
             if n in self.inline or n in self.absorbed:
                 continue
@@ -561,6 +561,12 @@ class Emitter:
         return len(n.meta["jl"]) == len(names)
 
     def _plan_unpack(self, n, names, holder) -> None:
+        """``a, (h, c) = ...``: the value's getitem users take the names of the assignment's
+        targets, nested tuples included; ``_`` stays ``_`` where nothing reads it."""
+        self.unpack[n] = self._pattern(n, names, holder)
+        self.var[n] = "(" + self.unpack[n] + ")"
+
+    def _pattern(self, n, names, holder) -> str:
         parts = []
         by_index = {u.args[1]: u for u in n.users}
         for i, nm in enumerate(names):
@@ -569,13 +575,19 @@ class Emitter:
                 parts.append("_")
                 continue
             self.absorbed.add(u)
-            if isinstance(nm, str) and nm != "_":
+            if isinstance(nm, list) and self._unpackable(u, nm):
+                inner = self._pattern(u, nm, holder)
+                self.var[u] = "(" + inner + ")"
+                parts.append(self.var[u])
+                continue
+            if nm == "_" and not u.users:
+                self.var[u] = "_"
+            elif isinstance(nm, str) and nm != "_":
                 self.var[u] = self._claim(nm, u, holder)
             else:
                 self.var[u] = self._claim(u.name, u, holder)
             parts.append(self.var[u])
-        self.var[n] = "(" + ", ".join(parts) + ")"
-        self.unpack[n] = ", ".join(parts)
+        return ", ".join(parts)
 
     def _claim(self, want: str, n, holder: dict) -> str:
         base = _ident(want)
