@@ -117,6 +117,13 @@ class PaddedBatchNorm:
     def __init__(self, layer: nnx.BatchNorm, path: str, mask, axis_name):
         self.layer, self.path, self.mask, self.axis_name = layer, path, mask, axis_name
 
+    def __getattr__(self, name):
+        # The layer's own attributes for whoever asks its stand-in (a ported nn.Sequential reads
+        # ``port_layout`` to keep feature maps channels-last into a batch norm).
+        if name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
     def __call__(self, x, use_running_average=None, *, mask=None):
         bn = self.layer
         running = bn.use_running_average if use_running_average is None else use_running_average
@@ -171,6 +178,11 @@ class GlobalRowsDropout:
 
     def __init__(self, layer: nnx.Dropout, axis_name, rows: int):
         self.layer, self.axis_name, self.rows = layer, axis_name, rows
+
+    def __getattr__(self, name):  # (as PaddedBatchNorm's)
+        if name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
 
     def __call__(self, inputs, *, deterministic=None, rngs=None):
         d = self.layer
