@@ -14,9 +14,9 @@ torch.set_num_threads(1)
 FAST = ("small_cnn", "bag_classifier")  # the fast tier's share; the whole zoo is in the slow tier
 
 
-def _check(name, make):
+def _check(name, make, tolerances=None):
     model, inputs = make()
-    p = jaxlight.port(model, inputs, steps=2)
+    p = jaxlight.port(model, inputs, steps=2, tolerances=tolerances)
     print(p.report)
     assert p.report.ok, str(p.report)
     rows = {r.check: r for r in p.report.rows}
@@ -36,4 +36,9 @@ def test_the_report_holds_on_the_zoo(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW))
 def test_the_report_holds_on_the_big_models(name):
-    _check(name, SLOW[name])
+    # resnet18 on a batch of 2: twenty batch norms over 2 values (1x1 maps at layer4) amplify
+    # float32 rounding in the first conv's gradient to ~5e-5 (measured 5.4e-5, forward 5e-6):
+    # a gradient atol of 1e-4 instead of 1e-5 for the deep models, every other level the default.
+    from jaxlight.parity import Tolerance
+
+    _check(name, SLOW[name], {"grad": Tolerance(rtol=1e-3, atol=1e-4)})
