@@ -202,6 +202,7 @@ class Emitter:
         self.site = {n: site_of_stack(n.stack_trace) for n in self.nodes}
         self.extra_attrs: list[tuple[str, str]] = []  # (name, constructor) not from torch (functional dropout)
         self.used_attrs: dict = {}  # numeric attributes of the torch module the code reads (self.heads)
+        self.input_writes: dict = {}  # placeholder name -> the in-place node that writes it
         self.mode_info: dict = {}  # node -> (train value, eval value) of a mode-dependent argument
         self.ok = True
 
@@ -345,7 +346,12 @@ class Emitter:
             if n.meta.get("jl") is None:  # x[i] = v returns None: its value is the updated x
                 n.meta["jl"] = target.meta["jl"]
             base = self._alias_root(target)
-            if base.op in ("placeholder", "get_attr"):
+            if base.op == "placeholder" and self.g.qualname and base is target:
+                # A submodule writing its own input (nn.Sequential(nn.ReLU(inplace=True), ...)):
+                # the caller's value changes; translate.py checks at each call site that nothing
+                # reads that value afterwards.
+                self.input_writes[base.target] = n
+            elif base.op in ("placeholder", "get_attr"):
                 what = "an input of forward" if base.op == "placeholder" else f"parameter/buffer {base.target!r}"
                 self.problem(n, f"{_describe(n)} writes in place to {what}" +
                              (" (through a view)" if base is not target else "") + "; not supported")
@@ -361,6 +367,33 @@ class Emitter:
                     u.replace_input_with(target, n)
             self.inplace_nodes = getattr(self, "inplace_nodes", {})
             self.inplace_nodes[n] = target
+
+    def check_input_writes(self, call, params: tuple, written: set) -> set:
+        """At ``call`` (this graph calling a submodule that writes its inputs ``written``): the
+        values passed there must not be read afterwards, nor be this graph's parameters or
+        buffers. Returns the names of this graph's own inputs passed through (written too)."""
+        passed = set()
+        for i, name in enumerate(params):
+            if name not in written:
+                continue
+            arg = call.args[i] if i < len(call.args) else call.kwargs.get(name)
+            if not _is_node(arg):
+                continue
+            base = self._alias_root(arg)
+            group = [m for m in self.nodes if self._alias_root(m) is base]
+            after = [u for m in group for u in m.users if self.pos.get(u, -1) > self.pos[call]]
+            if base.op == "get_attr":
+                self.problem(call, f"{_describe(call)} writes in place to parameter/buffer {base.target!r}; "
+                                   f"not supported")
+            elif after:
+                self.problem(call, f"{_describe(call)} writes its input in place, and that value is read again "
+                                   f"afterwards (line {self.site[after[0]].line}); not supported")
+            elif base.op == "placeholder":
+                if self.g.qualname:
+                    passed.add(base.target)
+                else:
+                    self.problem(call, f"{_describe(call)} writes in place to an input of forward; not supported")
+        return passed
 
     def _inplace_target(self, n):
         kind, name, op = self.resolved.get(n, (None, None, None))

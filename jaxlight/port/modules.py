@@ -448,6 +448,8 @@ def classify(m) -> str:
         return "sequential"
     for cls in type(m).__mro__:
         if cls.__module__.startswith("torch.nn") and cls.__name__ in _CONTAINERS:
+            if type(m).forward is not tnn.Module.forward:
+                return "class"  # a ModuleDict subclass with a forward of its own (densenet's _DenseBlock)
             return _CONTAINERS[cls.__name__]
     if type(m).__module__.startswith("torch.") and not list(m.children()):
         if type(m).forward is tnn.Module.forward:

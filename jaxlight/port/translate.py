@@ -144,6 +144,7 @@ class _Translator:
             em = codegen.Emitter(g, graphs, self.problems)
             em.analyse()
             emitters[q] = em
+        self.check_input_writes(graphs, emitters)
         # Every graph is written out before anything is raised, so that the problems found while
         # writing (an argument an op does not take) are listed with the others. A Sequential's
         # forward is nn.Sequential's own loop: its graph is checked, not used.
@@ -200,6 +201,25 @@ class _Translator:
                     a, k = calls[sub]
                     queue.append((full, m, tuple(a), dict(k)))
         return graphs
+
+    def check_input_writes(self, graphs: dict, emitters: dict) -> None:
+        """Submodules that write their inputs in place: at every call, the caller must not read
+        the value again (deepest first, as a module passing its own input on writes it too)."""
+        for qual in sorted(graphs, key=lambda q: -q.count(".") if q else 1):
+            written = set(emitters[qual].input_writes)
+            if not written or not qual:
+                continue
+            parent, _, sub = qual.rpartition(".")
+            while parent not in emitters and parent:
+                parent, _, head = parent.rpartition(".")
+                sub = f"{head}.{sub}"
+            em = emitters.get(parent)
+            if em is None:
+                continue
+            for call in [n for n in em.nodes if n.op == "call_module" and n.target == sub]:
+                passed = em.check_input_writes(call, graphs[qual].params, written)
+                for name in passed:
+                    em.input_writes.setdefault(name, call)
 
     def raise_problems(self) -> None:
         if self.problems:

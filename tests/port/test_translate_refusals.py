@@ -169,3 +169,31 @@ def test_bad_arguments_are_a_port_error():
         translate(lambda x: x, (torch.randn(2),))
     with pytest.raises(PortError, match="tuple of torch tensors"):
         translate(nn.Linear(2, 2), ([1.0, 2.0],))
+
+
+class PreActivation(nn.Module):
+    """nn.Sequential(nn.ReLU(inplace=True), ...) writes the caller's value: fine when the
+    caller does not read it again, refused when it does (torch would see the ReLU'd values)."""
+
+    def __init__(self, reuse: bool):
+        super().__init__()
+        self.reuse = reuse
+        self.body = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4))
+
+    def forward(self, x):
+        h = x * 1.0
+        out = self.body(h)
+        return out + h if self.reuse else out
+
+
+def test_a_submodule_writing_its_input_is_ported_when_the_caller_does_not_read_it_again():
+    import numpy as np
+
+    x = torch.randn(3, 4)
+    model = PreActivation(reuse=False)
+    t = translate(model, (x,))
+    np.testing.assert_allclose(np.asarray(t.model(x.numpy())), model(x).detach().numpy(), rtol=1e-6)
+    with pytest.raises(UnsupportedError) as info:
+        translate(PreActivation(reuse=True), (x,))
+    ((where, what),) = info.value.problems
+    assert where.endswith(f":{line_of(PreActivation.forward, 'self.body(h)')}") and "read again" in what
