@@ -346,6 +346,12 @@ class Emitter:
             if n.meta.get("jl") is None:  # x[i] = v returns None: its value is the updated x
                 n.meta["jl"] = target.meta["jl"]
             base = self._alias_root(target)
+            group = [m for m in self.nodes if m is not target and self._alias_root(m) is base]
+            after = [u for m in group for u in m.users if self.pos[u] > self.pos[n] and u is not n]
+            if after:
+                self.problem(n, f"{_describe(n)} writes in place to a view whose other views or base are used "
+                                f"afterwards (line {self.site[after[0]].line}); not supported")
+                continue
             if base.op == "placeholder" and self.g.qualname and base is target:
                 # A submodule writing its own input (nn.Sequential(nn.ReLU(inplace=True), ...)):
                 # the caller's value changes; translate.py checks at each call site that nothing
@@ -355,12 +361,6 @@ class Emitter:
                 what = "an input of forward" if base.op == "placeholder" else f"parameter/buffer {base.target!r}"
                 self.problem(n, f"{_describe(n)} writes in place to {what}" +
                              (" (through a view)" if base is not target else "") + "; not supported")
-                continue
-            group = [m for m in self.nodes if m is not target and self._alias_root(m) is base]
-            after = [u for m in group for u in m.users if self.pos[u] > self.pos[n] and u is not n]
-            if after:
-                self.problem(n, f"{_describe(n)} writes in place to a view whose other views or base are used "
-                                f"afterwards (line {self.site[after[0]].line}); not supported")
                 continue
             for u in list(target.users):
                 if u is not n and self.pos[u] > self.pos[n]:
