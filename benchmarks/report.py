@@ -11,11 +11,15 @@ __all__ = ["markdown", "plots", "write_all"]
 
 LABELS = {"jax_fused": "jaxlight fused", "jax_step": "jaxlight per-step", "jax_trainer": "jaxlight Trainer",
           "torch_dataloader": "torch tutorial DataLoader", "torch_memory": "torch in-memory",
-          "torch_compile": "torch.compile", "lightning": "Lightning Trainer"}
+          "torch_compile": "torch.compile", "lightning": "Lightning Trainer", "jax_ported": "jaxlight fused, ported"}
 
 
 def _fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
+
+
+def _percent(x):
+    return None if x is None else 100 * x
 
 
 def _load(values) -> str:
@@ -116,7 +120,7 @@ def markdown(res: dict) -> str:
         first = f"{r['warmup_s']:.2f}" + (" (1st epoch)" if "first_epoch_s" in r else "")
         lines.append(f"| {r['model']} | {r['batch_size']} | {LABELS[r['variant']]} | {r['samples_per_s']:,.0f} | "
                      f"{r['s_per_epoch']:.2f} | {_fmt(r.get('ratio_to_fused'), '.2f')} | "
-                     f"{_fmt(100 * r['fraction_of_peak'], '.1f')} | {first} | {_fmt(r.get('compile_s'), '.2f')} | "
+                     f"{_fmt(_percent(r.get('fraction_of_peak')), '.1f')} | {first} | {_fmt(r.get('compile_s'), '.2f')} | "
                      f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_load_range(r)} |")
     if any(r.get("timing") == "whole epochs" for r in res["results"]):
         lines += ["", "jaxlight: whole epochs of `loop.fit` (fused, per-step) and `Trainer.fit`, one per repeat; "

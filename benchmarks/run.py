@@ -61,6 +61,9 @@ class Settings:
     throughput: bool = True           # False: time to accuracy only
     allow_busy: bool = False          # run on a busy machine anyway (tables marked BUSY MACHINE)
     torch_threads: int | None = None  # None: torch's default (one per core)
+    # Ported models (--ported): (group name, MODULE:CALLABLE, init args JSON, per-example input
+    # shape). Their groups run the same variants: torch on the module, jaxlight on its port.
+    ported: tuple = ()
     # The recipes' learning rates (jaxlight.recipes: mlp 1e-2, cnn 1e-3, lstm 2e-3), Adam.
     lr: dict = field(default_factory=lambda: {m: recipe_for(m).lr for m in ("mlp", "cnn", "lstm")})
 
@@ -179,7 +182,7 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
 
     from benchmarks.variants import Context, Skip, make
 
-    ctx = Context(model, batch_size, settings.lr[model], *data, data_dir=data_dir, seed=settings.seed)
+    ctx = _context(settings, model, batch_size, data, data_dir, settings.seed)
     window = max(settings.min_window, min(ctx.num_batches, settings.window_samples // batch_size))
     rows, live, times = {}, {}, {}
     for name in settings.variants:
@@ -241,7 +244,8 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
             continue
         step_s = statistics.median(times[name])
         row.update(step_seconds=times[name], step_s=step_s, samples_per_s=batch_size / step_s,
-                   s_per_epoch=step_s * ctx.num_batches, fraction_of_peak=flops / step_s / peak,
+                   s_per_epoch=step_s * ctx.num_batches,
+                   fraction_of_peak=None if flops is None else flops / step_s / peak,
                    # What the first call cost beyond the steady steps it ran: compilation,
                    # mostly (plus first-touch allocation and thread-pool start-up).
                    compile_s=max(0.0, row["warmup_s"] - row["warmup_steps"] * step_s))
@@ -252,6 +256,40 @@ def _measure_group(settings: Settings, model: str, batch_size: int, data, data_d
     live.clear()
     gc.collect()
     return list(rows.values())
+
+
+def _context(settings: Settings, model: str, batch_size: int, data, data_dir, seed: int):
+    """The variants' Context for a group: a built-in model, or a ported one (its torch module
+    built from ``--ported``, the images reshaped to its per-example input shape)."""
+    from benchmarks.variants import Context
+
+    spec = next((p for p in settings.ported if p[0] == model), None)
+    lr = settings.lr.get(model, 1e-3)
+    if spec is None:
+        return Context(model, batch_size, lr, *data, data_dir=data_dir, seed=seed)
+    _, target, init_args, shape = spec
+    train_x, train_y, test_x, test_y = data
+    factory = ported_factory(target, init_args)
+    return Context(model, batch_size, lr, train_x.reshape((-1, *shape)), train_y, test_x.reshape((-1, *shape)),
+                   test_y, data_dir=data_dir, seed=seed, torch_factory=factory)
+
+
+def ported_factory(target: str, init_args: str):
+    """``seed -> torch module`` for ``--ported MODULE:CALLABLE`` (``jaxlight port``'s loading)."""
+    import json
+
+    import torch
+
+    from jaxlight.port.cli import load_callable
+
+    fn, kwargs = load_callable(target), json.loads(init_args)
+
+    def build(seed: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return fn(**kwargs)
+
+    return build
 
 
 def _mark_if_busy(res: dict) -> None:
@@ -296,18 +334,21 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
            "torch_threads_source": "--torch-threads" if settings.torch_threads else "torch's default",
            "torch_default_threads": torch_default_threads, "load_check": load, "busy": load["busy"],
            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "flops": {}, "results": [], "tta": []}
-    for model in settings.models if settings.throughput else ():
-        res["flops"][model] = {b: {"xla": flops_mod.step_flops(model, b), "analytic": flops_mod.analytic_flops(model, b)}
-                               for b in settings.batch_sizes}
+    groups = tuple(settings.models) + tuple(p[0] for p in settings.ported)
+    for model in groups if settings.throughput else ():
+        builtin = model in settings.models
+        if builtin:  # (a ported model's FLOPs are not counted: its row has no fraction of peak)
+            res["flops"][model] = {b: {"xla": flops_mod.step_flops(model, b),
+                                       "analytic": flops_mod.analytic_flops(model, b)} for b in settings.batch_sizes}
         for b in settings.batch_sizes:
-            res["results"] += _measure_group(settings, model, b, data, data_dir, res["flops"][model][b]["analytic"],
-                                             peak["peak_flops"])
+            flops = res["flops"][model][b]["analytic"] if builtin else None
+            res["results"] += _measure_group(settings, model, b, data, data_dir, flops, peak["peak_flops"])
             _mark_if_busy(res)
             report.write_all(res, out)  # partial results survive an interrupted run
     # Seed-major (seed 0: A B C, seed 1: A B C, ...): drift in the load hits every variant alike.
     for model, target, max_epochs, names in settings.tta:
         for seed, name in ((seed, name) for seed in settings.tta_seeds for name in names):
-            ctx = Context(model, settings.tta_batch_size, settings.lr[model], *data, data_dir=data_dir, seed=seed)
+            ctx = _context(settings, model, settings.tta_batch_size, data, data_dir, seed)
             load_before = list(loadavg())
             try:
                 t = time_to_accuracy(name, ctx, target, max_epochs, settings.tta_evals_per_epoch, settings.tta_max_seconds)
@@ -331,11 +372,38 @@ def run(settings: Settings, out: Path, data_dir: str | None) -> dict:
     if end_peak["peak_flops"] > peak["peak_flops"]:  # the less loaded snapshot is the ceiling
         res["peak"] = end_peak
         for row in res["results"]:
-            if "fraction_of_peak" in row:
+            if row.get("fraction_of_peak") is not None:
                 row["fraction_of_peak"] *= peak["peak_flops"] / end_peak["peak_flops"]
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     report.write_all(res, out)
     return res
+
+
+def _ported_settings(parser, args) -> tuple:
+    """``Settings.ported`` from ``--ported``; a module that cannot be loaded is refused now."""
+    import json
+
+    try:
+        shape = tuple(int(d) for d in args.ported_input.split(","))
+    except ValueError:
+        parser.error(f"--ported-input: cannot read {args.ported_input!r}; expected e.g. 1,28,28")
+    if math.prod(shape) != 28 * 28:
+        parser.error(f"--ported-input {args.ported_input}: the MNIST images have 784 values, not {shape}")
+    try:
+        json.loads(args.ported_init_args)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--ported-init-args: not JSON ({exc})")
+    from jaxlight.commands import UsageError
+    from jaxlight.port.cli import load_callable
+
+    out = []
+    for target in args.ported:
+        try:
+            fn = load_callable(target)
+        except UsageError as exc:
+            parser.error(f"--ported {exc}")
+        out.append((f"ported:{getattr(fn, '__name__', target)}", target, args.ported_init_args, shape))
+    return tuple(out)
 
 
 def main(argv=None) -> int:
@@ -362,6 +430,13 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-busy", action="store_true",
                         help=f"run although the 1-minute load average exceeds {BUSY_PER_CORE} per core; "
                              f"every table is then marked '{BUSY_MARK}'")
+    parser.add_argument("--ported", action="append", default=[], metavar="MODULE:CALLABLE",
+                        help="also time a torch model (class or function, as for jaxlight port; it takes MNIST "
+                             "images) against its port: a group 'ported:<name>' with the same variants, torch on "
+                             "the module, jaxlight on its port")
+    parser.add_argument("--ported-init-args", default="{}", help="JSON keyword arguments for --ported's CALLABLE")
+    parser.add_argument("--ported-input", default="28,28",
+                        help="the per-example input shape --ported's module takes, e.g. 1,28,28 (default 28,28)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own); on a shared, oversubscribed CPU "
                              "torch's OpenMP barriers stall, and 1 thread is faster")
@@ -416,6 +491,8 @@ def main(argv=None) -> int:
         overrides["lr"] = {**settings.lr, **lr}
     if args.no_tta:
         overrides["tta"] = ()
+    if args.ported:
+        overrides["ported"] = _ported_settings(parser, args)
     settings = dataclasses.replace(settings, **overrides)
 
     from benchmarks import hardware

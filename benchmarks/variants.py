@@ -12,6 +12,12 @@ initialisation) with Adam at the recipe's learning rate on MNIST, batch ``B``:
 | ``torch_memory`` | in-memory float tensors, batches by index (``torch_ref.data.MemoryLoader``'s way) |
 | ``torch_compile`` | ``torch_memory`` with ``torch.compile(model)`` |
 | ``lightning`` | PyTorch Lightning's ``Trainer.fit`` on the ``torch_ref`` model, in-memory ``DataLoader`` |
+| ``jax_ported`` | ``jax_fused`` on the port (``jaxlight.port``) of the torch model the torch variants train |
+
+A ported model (``Context.torch_factory``, ``benchmarks.run --ported MODULE:CALLABLE``) takes the
+place of the built-in one: the torch variants train the torch module, the jaxlight variants its
+port. In a built-in model's group, ``jax_ported`` beside ``jax_fused`` times the port of
+``torch_ref``'s twin against the hand-written model (``x fused``).
 
 Interface: ``v = make(name, ctx)``; ``v.accuracy()`` is the test accuracy now. jaxlight's
 variants are timed as their users run them, in whole epochs: ``v.run_epoch()`` trains one epoch
@@ -32,7 +38,7 @@ import numpy as np
 __all__ = ["VARIANTS", "Skip", "Context", "make"]
 
 VARIANTS = ("jax_fused", "jax_step", "jax_trainer", "torch_dataloader", "torch_memory",
-            "torch_compile", "lightning")
+            "torch_compile", "lightning", "jax_ported")
 
 
 class Skip(Exception):
@@ -43,9 +49,10 @@ class Skip(Exception):
 class Context:
     """What every variant needs: the model, batch size, learning rate and the data.
 
-    ``train_x (N, 28, 28) uint8``, ``train_y (N,) int32``, the same for test; ``data_dir`` is
-    where torchvision finds ``MNIST/raw`` for the tutorial's loader; ``seed`` fixes weights and
-    order.
+    ``train_x (N, 28, 28) uint8`` (or the ported module's per-example shape), ``train_y (N,)
+    int32``, the same for test; ``data_dir`` is where torchvision finds ``MNIST/raw`` for the
+    tutorial's loader; ``seed`` fixes weights and order. ``torch_factory``: ``seed -> torch
+    module`` of a ported model (None: the built-in ``model``).
     """
 
     model: str
@@ -57,10 +64,30 @@ class Context:
     test_y: np.ndarray
     data_dir: str | None = None
     seed: int = 0
+    torch_factory: object = None
 
     @property
     def num_batches(self) -> int:
         return -(-len(self.train_y) // self.batch_size)
+
+
+def torch_model(ctx: Context):
+    """The torch module of the group: the ported one, or ``torch_ref``'s built-in twin."""
+    import torch_ref.models
+
+    return ctx.torch_factory(ctx.seed) if ctx.torch_factory is not None else torch_ref.models.build_model(ctx.model,
+                                                                                                           ctx.seed)
+
+
+def ported_model(ctx: Context):
+    """The port (``jaxlight.port``, its report skipped) of :func:`torch_model`, traced on one
+    batch of the training images as the torch variants feed them (``/ 255``)."""
+    import torch
+
+    from jaxlight.port import port
+
+    x = torch.from_numpy(ctx.train_x[:ctx.batch_size]).float().div(255)
+    return port(torch_model(ctx), (x,), check=False).model
 
 
 # -- jaxlight -----------------------------------------------------------------------------------
@@ -76,14 +103,15 @@ class _JaxEpochs:
     """
 
     steps_per_call: int | None = None  # K; None: the library's default (the whole epoch, mostly)
+    ported = False  # True: the port of the torch model, not the hand-written jaxlight model
 
     def __init__(self, ctx: Context):
         import jax
         from jaxlight import ArrayDataset, build_model, create_train_state, make_optimizer, tasks
 
         self.jax, self.ctx = jax, ctx
-        self.state = create_train_state(build_model(ctx.model, ctx.seed), make_optimizer("adam", ctx.lr),
-                                        tasks.multiclass(), ctx.seed)
+        model = ported_model(ctx) if self.ported or ctx.torch_factory is not None else build_model(ctx.model, ctx.seed)
+        self.state = create_train_state(model, make_optimizer("adam", ctx.lr), tasks.multiclass(), ctx.seed)
         self.train = ArrayDataset(ctx.train_x, ctx.train_y).to_device()
         self.test = ArrayDataset(ctx.test_x, ctx.test_y).to_device()
 
@@ -154,6 +182,13 @@ class _JaxEpochs:
 class JaxFused(_JaxEpochs):
     """``jaxlight.loop.fit`` on an ``ArrayDataset`` on the device, the default K (the whole
     epoch in one compiled program, except where ``default_steps_per_call`` says otherwise)."""
+
+
+class JaxPorted(_JaxEpochs):
+    """``jax_fused`` on the port of the group's torch model (:func:`ported_model`): beside
+    ``jax_fused`` in a built-in model's group, the port against the hand-written model."""
+
+    ported = True
 
 
 class JaxStep(_JaxEpochs):
@@ -245,11 +280,10 @@ class JaxTrainer(_JaxEpochs):
 class _Torch:
     def __init__(self, ctx: Context):
         import torch
-        import torch_ref.models
 
         self.torch, self.ctx = torch, ctx
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = torch_ref.models.build_model(ctx.model, ctx.seed).to(self.device)
+        self.model = torch_model(ctx).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=ctx.lr)
         self.net = self.model
         self.gen = torch.Generator().manual_seed(ctx.seed)
@@ -459,7 +493,7 @@ class Lightning(_Torch):
 
 _CLASSES = {"jax_fused": JaxFused, "jax_step": JaxStep, "jax_trainer": JaxTrainer,
             "torch_dataloader": TorchDataLoader, "torch_memory": TorchMemory, "torch_compile": TorchCompile,
-            "lightning": Lightning}
+            "lightning": Lightning, "jax_ported": JaxPorted}
 
 
 def make(name: str, ctx: Context):

@@ -80,6 +80,7 @@ __all__ = [
     "models",
     "predict",
     "optim",
+    "port",
     "recipe_for",
     "recipes",
     "save_hyperparameters",

@@ -1,4 +1,4 @@
-"""``jaxlight train`` and ``jaxlight compare``: thin on purpose; the work is in the library.
+"""``jaxlight train``, ``jaxlight compare`` and ``jaxlight port``: thin on purpose; the work is in the library.
 
 ``torch-ref train`` (``torch_ref/cli.py``) takes the same flags from :func:`train_parser` and
 prints and writes the same format (``jaxlight.report``).
@@ -10,8 +10,9 @@ Exit codes (both command lines; docs/reliability.md says which failure gives whi
 1     failed while running (a checkpoint or metrics.json could not be written: full disk...)
 2     refused before training: a usage error (argparse's convention), a bad path or data
       folder, a checkpoint folder in use or holding another run, a resume whose
-      configuration differs from the checkpoint's
-3     training diverged: the loss became NaN or Inf (the message names the step)
+      configuration differs from the checkpoint's; ``port``: an op it cannot port
+3     training diverged: the loss became NaN or Inf (the message names the step); ``port``:
+      the port's parity report does not hold (``jaxlight.port.cli``)
 130   stopped by SIGINT (Ctrl-C): saved first when --ckpt-dir is set; a second Ctrl-C aborts
 143   stopped by SIGTERM: likewise
 ====  =====================================================================================
@@ -376,6 +377,9 @@ def _main(argv: list[str] | None) -> int:
     from jaxlight.compare import compare_parser, run_compare
 
     compare_parser(sub)
+    from jaxlight.port.cli import ParityFailed, port_parser, run_port
+
+    port_parser(sub)
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
     from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
     from jaxlight.data import MNISTError
@@ -388,16 +392,30 @@ def _main(argv: list[str] | None) -> int:
             check_trainer_flags(args)
             check_parallel_flags(args)
             return run_train(args)
+        if args.command == "port":
+            return run_port(args)
         return run_compare(args)
 
     return run_cli("jaxlight", run, args, {
         NonFiniteLossError: EXIT_DIVERGED,
         FloatingPointError: EXIT_DIVERGED,  # (compare: either framework's run diverged)
+        ParityFailed: EXIT_DIVERGED,  # (port: the port does not compute what the torch module does)
         CheckpointWriteError: EXIT_FAILED,
         OSError: EXIT_FAILED,  # (metrics.json or a log could not be written)
         UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,
         CheckpointError: EXIT_USAGE,  # (refused before training: locked, another run's, corrupt, mismatched)
+        **_port_errors(args),
     })
+
+
+def _port_errors(args) -> dict:
+    """``jaxlight port`` and ``compare --ported``: an op it cannot port is a usage error (exit 2),
+    raised before any output."""
+    if getattr(args, "command", None) != "port" and not getattr(args, "ported", None):
+        return {}
+    from jaxlight.port import PortError
+
+    return {PortError: EXIT_USAGE}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
     seed: 0
     model: {class_path: mypkg.nets.Net, init_args: {width: 128}}   # an nnx.Module; rngs from seed
-    init: null                      # or torch, or {"encoder.*.kernel": jax.nn.initializers.orthogonal}
+    init: null                      # or torch, {checkpoint: PATH}, or {"encoder.*.kernel": jax.nn.initializers.orthogonal}
     loss: multiclass                # a built-in task, or mypkg.nets.loss_fn
     data: {class_path: mypkg.data.digits, init_args: {}}            # -> train[, val[, test]]
     optimizer: {class_path: optax.adamw, init_args: {learning_rate: 1.0e-3}}
@@ -503,7 +503,8 @@ def make_parser(command: str, paths: dict):
         cls = _resolve_model_class(paths["model"])
         p.add_class_arguments(cls, "model.init_args", skip={"rngs"}, fail_untyped=False, sub_configs=True)
     p.add_argument("--init", type=Any, default=None,
-                   help="null (the model's own), torch (PyTorch's defaults), or {pattern: initializer}, or a list of these")
+                   help="null (the model's own), torch (PyTorch's defaults), {checkpoint: PATH} (a checkpoint's "
+                        "weights: fine-tuning), or {pattern: initializer}, or a list of these")
     p.add_argument("--loss", type=Any, default=None,
                    help="multiclass, binary, regression, or a dotted path to loss_fn(model, batch)")
     for part, what in (("data", "a function returning train[, val[, test]]"),
@@ -729,6 +730,8 @@ def _init(model, value, seed: int, key: str = "init"):
         where = f"{key}[{i}]" if isinstance(value, list) else key
         if item == "torch":
             init_torch(model, seed)
+        elif isinstance(item, dict) and set(item) == {"checkpoint"}:
+            _init_from_checkpoint(model, item["checkpoint"], f"{where}.checkpoint")
         elif isinstance(item, dict) and "class_path" not in item:
             inits = {pattern: _initializer(spec, f"{where}.{pattern}") for pattern, spec in item.items()}
             try:
@@ -736,8 +739,23 @@ def _init(model, value, seed: int, key: str = "init"):
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         else:
-            raise ConfigError(f"{where}: expected torch or {{pattern: initializer}}, got {item!r}")
+            raise ConfigError(f"{where}: expected torch, {{checkpoint: PATH}} or {{pattern: initializer}}, got {item!r}")
     return model
+
+
+def _init_from_checkpoint(model, path, key: str) -> None:
+    """The parameters and batch statistics of a checkpoint (a ``step_*`` folder, or the newest
+    good one under a folder) into the freshly built ``model``: a fine-tuning start. Weights
+    only: no optimizer state, step or data position (``--ckpt_path`` resumes a run instead)."""
+    from jaxlight.checkpoint import CheckpointError, load_model
+
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}: expected the path of a checkpoint folder, got {path!r}")
+    try:
+        load_model(path, model, which="last")
+    except CheckpointError as exc:
+        raise ConfigError(f"{key}: {_first(exc)}") from None
+    model.train()  # (load_model leaves it in eval mode, for inference)
 
 
 def _initializer(spec, key: str):

@@ -21,6 +21,12 @@ model, :data:`LAYOUTS`) lists them; a user porting a model writes their own list
 | ``flatten_linear`` | ``weight (out, C*H*W)``, inputs flattened from NCHW | ``kernel (H*W*C, out)``, inputs flattened from NHWC | rows permuted (C, H, W) -> (H, W, C), then transpose |
 | ``lstm`` | ``weight_ih_l0 (4H, in)``, ``weight_hh_l0 (4H, H)`` | ``kernel_ih (in, 4H)``, ``kernel_hh (H, 4H)`` | transpose; gate order i, f, g, o kept; both biases kept (``bias_ih``, ``bias_hh``) |
 | ``embed`` | ``Embedding.weight (num, dim)`` | ``embedding (num, dim)`` | none |
+| ``conv1d`` | ``Conv1d.weight`` OIK (``ConvTranspose1d``: IOK) | ``kernel`` KIO (KOI) | ``transpose(2, 1, 0)`` |
+| ``array`` | any tensor (a class token, a positional embedding, a buffer) | the same array | none, any shape |
+| ``int64`` | an int64 buffer (position ids) | int32 (JAX's default integer) | a cast, refused unless every value fits in int32 |
+
+``conv`` is also ``ConvTranspose2d``'s rule: its ``weight (I, O/groups, kH, kW)`` becomes
+``kernel (kH, kW, O/groups, I)`` by the same axis permutation (``jaxlight.port.nn``).
 
 BatchNorm maps ``weight``/``bias`` to the ``nnx.Param`` ``scale``/``bias`` (``copy``) and the
 buffers ``running_mean``/``running_var`` to the ``nnx.BatchStat`` ``mean``/``var`` (``copy``,
@@ -92,8 +98,8 @@ class Rule:
     Attributes:
         torch_name: the ``state_dict`` key, e.g. ``"fc1.weight"``.
         jax_path: the path in the ``nnx.State`` of parameters, e.g. ``("fc1", "kernel")``.
-        kind: ``copy``, ``linear``, ``conv``, ``flatten_linear`` or ``lstm`` (see the module
-            docstring's table).
+        kind: ``copy``, ``linear``, ``conv``, ``flatten_linear``, ``lstm``, ``embed``,
+            ``conv1d``, ``array`` or ``int64`` (see the module docstring's table).
         chw: for ``flatten_linear``: the ``(C, H, W)`` of the feature map PyTorch flattens.
         variable: ``"param"`` (an ``nnx.Param``, a torch parameter) or ``"batch_stat"`` (an
             ``nnx.BatchStat``, a torch buffer such as ``running_mean``).
@@ -135,8 +141,8 @@ class Rule:
         return np.ascontiguousarray(_TO_TORCH[self.kind](a, self))
 
 
-def _check_ndim(rule: Rule, a: np.ndarray, ndim: int, side: str) -> None:
-    if np.ndim(a) != ndim:
+def _check_ndim(rule: Rule, a: np.ndarray, ndim: int | None, side: str) -> None:
+    if ndim is not None and np.ndim(a) != ndim:
         name = rule.torch_name if side == "PyTorch" else rule.jax_name
         raise ConversionError(f"{name}: a {rule.kind} parameter has {ndim} dimensions, got shape {np.shape(a)}")
 
@@ -155,8 +161,19 @@ def _flat_to_torch(k, rule):
     return k.reshape(h, w_, c, out).transpose(3, 2, 0, 1).reshape(out, c * h * w_)
 
 
+def _int64_to_jax(a, rule):
+    a = np.asarray(a)
+    info = np.iinfo(np.int32)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+        raise ConversionError(f"{rule.torch_name}: values outside int32, which JAX's integers hold")
+    return a.astype(np.int32)
+
+
 _TO_JAX = {
     "copy": lambda a, r: a,
+    "conv1d": lambda a, r: a.transpose(2, 1, 0),  # OIK -> KIO
+    "array": lambda a, r: a,
+    "int64": _int64_to_jax,
     "linear": lambda a, r: a.T,
     "conv": lambda a, r: a.transpose(2, 3, 1, 0),  # OIHW -> HWIO
     "flatten_linear": _flat_to_jax,
@@ -165,13 +182,17 @@ _TO_JAX = {
 }
 _TO_TORCH = {
     "copy": lambda a, r: a,
+    "conv1d": lambda a, r: a.transpose(2, 1, 0),  # KIO -> OIK
+    "array": lambda a, r: a,
+    "int64": lambda a, r: np.asarray(a).astype(np.int64),
     "linear": lambda a, r: a.T,
     "conv": lambda a, r: a.transpose(3, 2, 0, 1),  # HWIO -> OIHW
     "flatten_linear": _flat_to_torch,
     "lstm": lambda a, r: a.T,
     "embed": lambda a, r: a,
 }
-_TORCH_NDIM = {"copy": 1, "linear": 2, "conv": 4, "flatten_linear": 2, "lstm": 2, "embed": 2}
+_TORCH_NDIM = {"copy": 1, "linear": 2, "conv": 4, "flatten_linear": 2, "lstm": 2, "embed": 2, "conv1d": 3,
+               "array": None, "int64": None}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ on a fresh ``nnx.merge`` of the state).
   whole global batch from the shared key and keeps its own rows, so ``pmap`` drops exactly the
   units one device would (bit for bit).
 
+A subclass of ``nnx.BatchNorm`` with a ``__call__`` of its own gets the same treatment when it
+says ``masked_call = True`` (its ``mask=`` argument means what ``nnx.BatchNorm``'s does); with
+``unbiased_running_var = True`` its ``var`` averages the unbiased batch variance, as torch's
+``running_var`` does, under ``pmap`` too (``jaxlight.port.nn``'s batch norms say both).
+
 A BatchNorm whose input does not keep the batch axis first (e.g. ``(B*T, C)`` after a reshape)
 cannot be told which rows are padding; the step then raises a :class:`LayerError` naming the
 layer before the first step, rather than let padding enter the statistics.
@@ -28,6 +33,7 @@ layer before the first step, rather than let padding enter the statistics.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +117,13 @@ class PaddedBatchNorm:
     def __init__(self, layer: nnx.BatchNorm, path: str, mask, axis_name):
         self.layer, self.path, self.mask, self.axis_name = layer, path, mask, axis_name
 
+    def __getattr__(self, name):
+        # The layer's own attributes for whoever asks its stand-in (a ported nn.Sequential reads
+        # ``port_layout`` to keep feature maps channels-last into a batch norm).
+        if name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
     def __call__(self, x, use_running_average=None, *, mask=None):
         bn = self.layer
         running = bn.use_running_average if use_running_average is None else use_running_average
@@ -147,8 +160,15 @@ class PaddedBatchNorm:
         x, _, _, scale, bias = bn.promote_dtype((x, bn.mean[...], bn.var[...], scale, bias), dtype=bn.dtype)
         mean, var = batch_stats(x, reduction_axes, self.mask, bn.dtype, axis_name, bn.axis_index_groups,
                                 bn.use_fast_variance)
+        stat = var
+        if getattr(bn, "unbiased_running_var", False):
+            # torch's running_var: the unbiased estimate, n / (n - 1) times the biased one, n
+            # the global batch's real values per feature.
+            rows = jax.lax.psum(jnp.sum(self.mask > 0), axis_name, axis_index_groups=bn.axis_index_groups)
+            n = (rows * math.prod(x.shape[i] for i in reduction_axes if i != 0)).astype(var.dtype)
+            stat = var * n / jnp.maximum(n - 1, 1)
         bn.mean[...] = jax.lax.stop_gradient(bn.momentum * bn.mean[...] + (1 - bn.momentum) * mean)
-        bn.var[...] = jax.lax.stop_gradient(bn.momentum * bn.var[...] + (1 - bn.momentum) * var)
+        bn.var[...] = jax.lax.stop_gradient(bn.momentum * bn.var[...] + (1 - bn.momentum) * stat)
         return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, bn.dtype, bn.epsilon)
 
 
@@ -158,6 +178,11 @@ class GlobalRowsDropout:
 
     def __init__(self, layer: nnx.Dropout, axis_name, rows: int):
         self.layer, self.axis_name, self.rows = layer, axis_name, rows
+
+    def __getattr__(self, name):  # (as PaddedBatchNorm's)
+        if name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
 
     def __call__(self, inputs, *, deterministic=None, rngs=None):
         d = self.layer
@@ -230,7 +255,8 @@ def stand_ins(model, mask, axis_name=None):
     rows = mask.shape[0]
 
     def make(layer, path):
-        if isinstance(layer, nnx.BatchNorm) and type(layer).__call__ is nnx.BatchNorm.__call__:
+        if isinstance(layer, nnx.BatchNorm) and (type(layer).__call__ is nnx.BatchNorm.__call__
+                                                 or getattr(layer, "masked_call", False)):
             return PaddedBatchNorm(layer, path, mask, axis_name)
         if axis_name is not None and isinstance(layer, nnx.Dropout) and type(layer).__call__ is nnx.Dropout.__call__:
             return GlobalRowsDropout(layer, axis_name, rows)

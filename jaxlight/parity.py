@@ -8,7 +8,9 @@ examples the jaxlight side does, without the padding of the last batch), then co
 
 1. ``forward`` and ``forward_eval``: the outputs on the first batch in train mode (BatchNorm on
    batch statistics) and in eval mode (on the running statistics);
-2. ``loss`` and ``grad``: the loss and every parameter's gradient on that batch;
+2. ``loss`` and ``grad``: the loss and every parameter's gradient on that batch, and with
+   ``input_grads=True`` ``input_grad``: the loss's gradient with respect to every
+   floating-point leaf of the batch (the model's inputs);
 3. ``step``: every parameter and running statistic after one optimizer step
    (``jaxlight.optim`` against ``torch_ref.optim`` with the same arguments: SGD, SGD with
    momentum, Adam, AdamW);
@@ -57,9 +59,10 @@ import numpy as np
 from jaxlight.interop import (Layout, batch_stats_from_torch, batch_stats_to_torch, layout_for, params_from_torch,
                               params_to_torch)
 
-__all__ = ["Tolerance", "DEFAULT_TOLERANCES", "LEVELS", "Divergence", "ParityReport", "check_parity", "compare_arrays"]
+__all__ = ["Tolerance", "DEFAULT_TOLERANCES", "LEVELS", "Comparison", "Divergence", "ParityReport", "check_parity",
+           "compare_arrays"]
 
-LEVELS = ("forward", "forward_eval", "loss", "grad", "step", "trajectory")
+LEVELS = ("forward", "forward_eval", "loss", "grad", "input_grad", "step", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,25 @@ DEFAULT_TOLERANCES = {
     "forward_eval": Tolerance(rtol=1e-5, atol=1e-5),
     "loss": Tolerance(rtol=1e-5, atol=1e-6),
     "grad": Tolerance(rtol=1e-3, atol=1e-5),
+    "input_grad": Tolerance(rtol=1e-3, atol=1e-5),
     "step": Tolerance(rtol=1e-3, atol=1e-4),
     "trajectory": Tolerance(rtol=1e-2, atol=2e-3),
 }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One tensor compared: ``level``, ``step``, ``name`` (as in :class:`Divergence`), the largest
+    difference ``max_abs = max |jax - torch|``, the same relative to the tensor's scale
+    ``max_rel = max_abs / max(max |torch|, atol)`` (``atol`` the level's: a tensor of rounding
+    noise is not divided by ~0), and whether the tolerance was exceeded."""
+
+    level: str
+    step: int
+    name: str
+    max_abs: float
+    max_rel: float
+    exceeded: bool
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,10 @@ class ParityReport:
             gradients: see the module docstring).
         jax_state: the jaxlight side's final ``TrainState`` (what ``loop.fit`` gives from the same
             initial weights on the same batches, bit for bit).
+        comparisons: every tensor compared, in order (:class:`Comparison`).
+        first_layers: for each forward level whose outputs differ, the torch name of the first
+            layer whose output differs (when one can be singled out).
+        stat_names: the torch names of the batch statistics among them (``running_mean``...).
     """
 
     model: str
@@ -147,6 +170,9 @@ class ParityReport:
     history: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     jax_state: object = None
+    comparisons: list = field(default_factory=list)
+    stat_names: tuple = ()
+    first_layers: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -207,6 +233,11 @@ class _Checker:
             d = max(d, float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0)))
         if level not in self.report.worst or d > self.report.worst[level][0]:
             self.report.worst[level] = (d, name, step)
+        # Relative to the tensor's scale, floored at atol: a tensor that is all rounding noise
+        # (a gradient cancelled to ~1e-9) would otherwise show a "relative error" of 100 %.
+        scale = max(float(np.max(np.abs(np.asarray(torch_value, np.float64)), initial=0.0)), tol.atol)
+        rel = d / scale if scale > 0 else (0.0 if d == 0 else float("inf"))
+        self.report.comparisons.append(Comparison(level, step, name, d, rel, exceeded))
         if exceeded and self.report.divergence is None:
             self.report.divergence = Divergence(level, step, name, d, index, ja, to, tol)
         return exceeded
@@ -238,7 +269,8 @@ class _RoundingNotes:
     zero (the noise is then the whole value) or a ReLU input rounding to the other side of 0
     produces.
     An optimizer that differs (learning rate, betas, decay) is not explained: the same
-    gradients give the same explained updates. A difference within what is explained is reported in
+    gradients give the same explained updates; nor is a parameter whose first gradient already
+    differed beyond the ``grad`` tolerance (a broken model, not rounding). A difference within what is explained is reported in
     the notes (parameter, element, both gradients), not as a divergence; ordinary elements,
     whose gradients agree to ~1e-6, are judged by the usual tolerance.
     """
@@ -253,6 +285,7 @@ class _RoundingNotes:
         self.grads: dict[str, tuple] = {}
         self.t = 0
         self.noted: set = set()
+        self.wrong_grads: set = set()
 
     def _update(self, name: str, side: int, g):
         m, v = self.moments[name][side]
@@ -279,7 +312,9 @@ class _RoundingNotes:
             self.grads[name] = (gj, gt)
 
     def excuse(self, name: str):
-        if name not in self.explained or not np.any(self.qualified[name]):
+        # A parameter whose first gradient already differed beyond the grad tolerance is not
+        # excused: its gradients differ by a bug, not by rounding near zero.
+        if name not in self.explained or not np.any(self.qualified[name]) or name in self.wrong_grads:
             return None
         return _Excuse(self, name)
 
@@ -291,8 +326,8 @@ class _RoundingNotes:
         i = np.unravel_index(int(np.argmax(diff)), diff.shape)
         gj, gt = self.grads[name]
         self.report.notes.append(
-            f"{level} step {step}, {name}{list(int(k) for k in i)}: |jax - torch| = {diff[i]:.3g} beyond tolerance, "
-            f"explained by rounding: its gradient was within rounding of zero (the two frameworks' gradients "
+            f"after step {step} ({level} level), {name}{list(int(k) for k in i)}: |jax - torch| = {diff[i]:.3g} beyond "
+            f"tolerance, explained by rounding: its gradient was within rounding of zero (the two frameworks' gradients "
             f"differ there; at the last step jax {gj[i]:.3g}, torch {gt[i]:.3g}), and Adam turns such a difference "
             f"into steps of up to lr ({self.lr:g}); Adam on the two gradient histories explains "
             f"{float(self.explained[name][i]):.3g} ({int(excused.sum())} element(s) of {name} excused so)")
@@ -318,6 +353,8 @@ def check_parity(
     stop_at_divergence: bool = True,
     flatten: dict | None = None,
     torch_batch: Callable | None = None,
+    input_grads: bool | tuple = False,
+    own_weights: bool = False,
 ) -> ParityReport:
     """Run both frameworks side by side from the torch model's weights and compare them.
 
@@ -357,10 +394,18 @@ def check_parity(
             see ``derive_layout``.
         torch_batch: numpy pytree -> torch pytree for ``torch_loss_fn``. Default: tensors of
             the same dtype, integers as int64 (what ``torch.nn.functional.cross_entropy`` takes).
+        input_grads: also compare the gradient of the first batch's loss with respect to every
+            floating-point leaf of the batch (level ``input_grad``; named by the leaf's path in
+            the batch, e.g. ``['inputs'][0]``): what a model's callers backpropagate through.
+            A tuple of the batch's top-level keys limits it to their leaves (``("inputs",)``:
+            not the targets).
+        own_weights: start the jaxlight side from ``jax_model``'s own parameters and batch
+            statistics instead of converting the torch model's, to check a conversion made
+            elsewhere (a port's): a weight it got wrong then shows at its layer.
 
-    Dropout is switched off on both sides (torch ``Dropout`` modules in eval mode, NNX
-    ``Dropout.deterministic = True``): the two frameworks draw different masks, so their train
-    steps cannot agree with it on. BatchNorm trains with batch statistics on both sides; see
+    Dropout is switched off on both sides (torch ``Dropout`` modules in eval mode and
+    ``MultiheadAttention``'s attention dropout at 0 for the run, NNX ``Dropout`` at rate 0): the
+    two frameworks draw different masks, so their train steps cannot agree with it on. BatchNorm trains with batch statistics on both sides; see
     ``docs/parity-user-models.md`` for how ``running_var`` is compared.
 
     Returns:
@@ -405,16 +450,20 @@ def check_parity(
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     kwargs = dict(optimizer_kwargs or {})
     opt_label = optimizer + "".join(f" {k}={v}" for k, v in kwargs.items())
-    report = ParityReport(layout.name, opt_label, steps, tols)
+    report = ParityReport(layout.name, opt_label, steps, tols, stat_names=tuple(layout.stat_names))
     check = _Checker(report)
     if layout.dropped:
         report.notes.append(f"not compared (no NNX counterpart): {', '.join(layout.dropped)}")
 
     # Same initial weights and statistics: the torch model's, converted.
     graphdef, template, stats_template, rest = nnx.split(jax_model, nnx.Param, nnx.BatchStat, ...)
+    rest = jax.tree.map(jax.numpy.copy, rest)  # (the engine donates its state: jax_model's RNG state stays intact)
     arrays = state_dict_to_numpy(torch_model)
-    params = params_from_torch(arrays, template, layout)
-    stats = batch_stats_from_torch(arrays, stats_template, layout)
+    if own_weights:  # (copies on the host: the engine donates its state's buffers)
+        params, stats = jax.tree.map(np.array, jax.device_get((template, stats_template)))
+    else:
+        params = params_from_torch(arrays, template, layout)
+        stats = batch_stats_from_torch(arrays, stats_template, layout)
     tx = make_optimizer(optimizer, lr, **kwargs)
     topt = (torch_optimizer or (lambda p: torch_ref.optim.make_optimizer(optimizer, p, lr, **kwargs)))(
         torch_model.parameters())
@@ -462,33 +511,41 @@ def check_parity(
 
     adam = _is_adam(optimizer, torch_optimizer, topt)
     rounding = _RoundingNotes(report, lr, batch_size, *_adam_constants(kwargs, topt)) if adam else None
-    bn = _BatchNormTracker(torch_model, layout)
+    bn = _BatchNormTracker(torch_model, layout, jax_model)
+    no_dropout = _TorchNoDropout()
     try:
         padded0, mask0, tb0 = batch(0)
         real0 = np.asarray(mask0) > 0
+        inputs = _float_leaves(padded0, tb0, None if input_grads is True else input_grads) if input_grads else {}
+        for leaf in inputs.values():
+            leaf[1].requires_grad_(True)
 
         # 1. forward, eval mode and train mode, layer by layer where a layer diverges. Eval
         # first: torch's train-mode forward moves its running statistics.
         _torch_mode(torch_model, False)
-        with torch.no_grad(), _TorchCapture(torch_model, layout) as cap_te:
+        with torch.no_grad(), _TorchCapture(torch_model, layout) as cap_te, no_dropout:
             torch_loss_fn(torch_model, tb0)
         _torch_mode(torch_model, True)
-        with _TorchCapture(torch_model, layout) as cap_t:
+        with _TorchCapture(torch_model, layout) as cap_t, no_dropout:
             loss_t = torch_losses(tb0)  # the same forward is differentiated below
         for level, cap, train in (("forward", cap_t, True), ("forward_eval", cap_te, False)):
             out_j, calls_j = _forward(state, padded0, mask0, train)
-            out_j = [a[real0] for a in out_j]
+            # The real rows of the outputs that keep the batch axis (an RNN's final state
+            # (layers, B, H) does not; it is compared whole).
+            out_j = [a[real0] if a.shape[:1] == real0.shape else a for a in out_j]
             ref = cap.outputs()
             if not ref and level == "forward":
                 report.notes.append("torch_loss_fn does not call the torch model itself: no outputs compared")
             if len(out_j) != len(ref):
                 raise ValueError(f"the model's outputs have {len(out_j)} arrays in jaxlight, {len(ref)} in torch")
             exceeded = [check(level, 0, "outputs", a, b) for a, b in zip(out_j, ref)]
-            if any(exceeded) and report.divergence.level == level and report.divergence.name == "outputs":
+            if any(exceeded):
                 layer = _first_layer([(p, [a[real0] if a.shape[:1] == real0.shape else a for a in leaves])
                                       for p, leaves in calls_j], cap, layout, report.tolerances[level])
                 if layer is not None:
-                    report.divergence = Divergence(level, 0, *layer, report.tolerances[level])
+                    report.first_layers[level] = layer[0]
+                    if report.divergence.level == level and report.divergence.name == "outputs":
+                        report.divergence = Divergence(level, 0, *layer, report.tolerances[level])
 
         # 2. loss and gradients: the engine's own gradient (the first half of its train step).
         grads_j, metrics_j, _ = jax.device_get(_grads_jit(state, padded0, mask0))
@@ -498,7 +555,16 @@ def check_parity(
         grads_t = grads_to_numpy(torch_model)
         grads_jt = params_to_torch(grads_j, layout)
         for name in layout.torch_names:
-            check("grad", 0, name, grads_jt[name], grads_t[name])
+            if check("grad", 0, name, grads_jt[name], grads_t[name]) and rounding is not None:
+                rounding.wrong_grads.add(name)
+        if input_grads:
+            if not inputs:
+                report.notes.append("input gradients: the batch has no floating-point leaf")
+            grads_x = jax.device_get(_input_grads_jit(state, padded0, mask0, tuple(i for i, _ in inputs.values())))
+            for (name, (_, leaf_t)), g in zip(inputs.items(), grads_x):
+                g_t = leaf_t.grad
+                check("input_grad", 0, name, np.asarray(g)[real0],
+                      np.zeros(tuple(leaf_t.shape), np.float32) if g_t is None else g_t.detach().numpy())
 
         # 3. one optimizer step, 4. the trajectory: the epoch runner's steps, one per call.
         step, epoch = 0, 0
@@ -510,7 +576,8 @@ def check_parity(
                 if step > 0:
                     _, _, tb = batch(step)
                     topt.zero_grad()
-                    loss_t = torch_losses(tb)
+                    with no_dropout:
+                        loss_t = torch_losses(tb)
                     loss_t.backward()
                     grads_t = grads_to_numpy(torch_model)
                 if rounding is not None:
@@ -551,6 +618,8 @@ def check_parity(
     finally:
         bn.close()
         torch_model.train()
+    if no_dropout.seen:
+        report.notes.append("dropout in torch functions switched off on the torch side: " + ", ".join(sorted(no_dropout.seen)))
     report.jax_state = state
     return report
 
@@ -630,6 +699,45 @@ def _torch_dropouts(torch_model) -> list[str]:
     return [n for n, m in torch_model.named_modules() if isinstance(m, _DropoutNd) and m.p > 0]
 
 
+def _TorchNoDropout():
+    """A ``torch.overrides.TorchFunctionMode`` under which torch's dropout is the identity: the
+    functional forms a ``forward`` calls itself (``F.dropout(x, p, self.training)``), the
+    attention dropout of ``F.scaled_dot_product_attention`` and of ``nn.MultiheadAttention``
+    (``F.multi_head_attention_forward``), which no module mode reaches. ``seen``: the functions
+    it switched off."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    identity = {F.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+
+    class NoDropout(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in identity:
+                self.seen.add(f"{func.__module__}.{func.__name__}")
+                return args[0] if args else kwargs["input"]
+            if func is F.scaled_dot_product_attention:
+                p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+                if p:
+                    self.seen.add("scaled_dot_product_attention(dropout_p)")
+                    if len(args) > 4:
+                        args = (*args[:4], 0.0, *args[5:])
+                    else:
+                        kwargs["dropout_p"] = 0.0
+            elif func is F.multi_head_attention_forward and kwargs.get("training", True):
+                self.seen.add("MultiheadAttention(dropout)")
+                kwargs["training"] = False  # (its only use there: the attention dropout)
+            return func(*args, **kwargs)
+
+    return NoDropout()
+
+
 def _torch_mode(torch_model, train: bool) -> None:
     from torch.nn.modules.dropout import _DropoutNd
 
@@ -641,6 +749,52 @@ def _torch_mode(torch_model, train: bool) -> None:
 
 # ----------------------------------------------------------------------------------------- #
 # The jaxlight side: the engine's pure pieces, jitted here only to be run eagerly from Python
+
+
+def _float_leaves(padded, torch_batch, keys=None) -> dict:
+    """``{path: (index among the jax batch's leaves, torch tensor)}`` of the batch leaves that
+    are floating point on both sides, by their path in the batch (``['inputs'][0]``); with
+    ``keys``, only those under these top-level keys."""
+    import jax
+    import torch
+
+    torch_leaves = {jax.tree_util.keystr(p): t for p, t in jax.tree_util.tree_flatten_with_path(torch_batch)[0]}
+    out = {}
+    for i, (p, a) in enumerate(jax.tree_util.tree_flatten_with_path(padded)[0]):
+        name = jax.tree_util.keystr(p)
+        if keys is not None and not (p and getattr(p[0], "key", getattr(p[0], "idx", None)) in keys):
+            continue
+        t = torch_leaves.get(name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and np.issubdtype(np.asarray(a).dtype, np.floating):
+            out[name] = (i, t)
+    return out
+
+
+def _input_grads_jit(state, batch, mask, which: tuple):
+    """The gradient of the engine's loss (the one ``apply_grads`` differentiates, train mode)
+    with respect to the batch leaves ``which`` (their positions among the leaves)."""
+    import jax
+
+    key = tuple(which)
+    if key not in _INPUT_GRADS:
+        from jaxlight.step import _loss_for_grad
+
+        def grads(state, batch, mask):
+            leaves, treedef = jax.tree.flatten(batch)
+
+            def loss(xs):
+                full = list(leaves)
+                for i, x in zip(key, xs):
+                    full[i] = x
+                return _loss_for_grad(state.params, state, jax.tree.unflatten(treedef, full), mask, None)[0]
+
+            return jax.grad(loss)([leaves[i] for i in key])
+
+        _INPUT_GRADS[key] = jax.jit(grads)
+    return _INPUT_GRADS[key](state, batch, mask)
+
+
+_INPUT_GRADS: dict = {}
 
 
 def _grads_jit(state, batch, mask):
@@ -748,6 +902,18 @@ class _TorchCapture:
         return next((o for n, o in reversed(self.calls) if n == ""), [])
 
 
+def _submodule(model, path: tuple):
+    """The NNX submodule at ``path`` (attribute names, list indices), or None."""
+    for key in path:
+        if model is None:
+            return None
+        try:
+            model = getattr(model, key) if hasattr(model, key) else model[int(key) if key.isdigit() else key]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return model
+
+
 def _to_nnx_layout(torch_module, a: np.ndarray) -> np.ndarray:
     """A torch layer's output in NNX's layout: channels-first feature maps of convolutions and
     batch norms (NCHW, NCL) become channels-last."""
@@ -792,15 +958,19 @@ class _BatchNormTracker:
     NNX's ``var`` averages the biased one. From torch's update
     ``rv_t = (1 - m) rv_{t-1} + m * n/(n-1) * v_t`` the NNX value follows exactly:
     ``e_t = (1 - m) e_{t-1} + (n-1)/n * (rv_t - (1 - m) rv_{t-1})``, starting from the converted
-    ``e_0 = rv_0``. ``running_mean`` is the same in both and is compared directly."""
+    ``e_0 = rv_0``. ``running_mean`` is the same in both and is compared directly, and so is the
+    ``var`` of an NNX layer that averages torch's unbiased estimate itself (its class says
+    ``unbiased_running_var = True``: ``jaxlight.port.nn``'s batch norms)."""
 
-    def __init__(self, torch_model, layout: Layout):
+    def __init__(self, torch_model, layout: Layout, jax_model=None):
         mods = dict(torch_model.named_modules())
         self.mods = {}
         self.handles = []
         self.n: dict[str, int] = {}
         for name in layout.stat_names:
-            if name.endswith("running_var"):
+            rule = layout.rule(name)
+            if name.endswith("running_var") and not getattr(_submodule(jax_model, rule.jax_path[:-1]),
+                                                            "unbiased_running_var", False):
                 mname = name[: -len(".running_var")]
                 m = mods[mname]
                 self.mods[name] = m

@@ -88,7 +88,11 @@ class MemoryLoader:
     """Batches of in-memory tensors, by index.
 
     Args:
-        data: host arrays; uint8 images become float32 ``/ 255`` once, here.
+        data: host arrays: an ``ArrayDataset`` of ``{"x", "y"}`` (batches ``(x, y)``; uint8
+            images become float32 ``/ 255`` once, here), or of any other pytree (batches are
+            that pytree of tensors, integers as int64: what a loss function
+            ``loss_fn(model, batch)`` in jaxlight's contract takes, as ``jaxlight.parity``
+            feeds it).
         batch_size: examples per batch (the last batch is shorter, as ``DataLoader``'s).
         shuffle: reshuffle every epoch with ``generator``.
         order: instead of shuffling, a fixed schedule: a callable ``epoch -> (idx, mask)``
@@ -98,30 +102,49 @@ class MemoryLoader:
 
     def __init__(self, data: ArrayDataset, batch_size: int, shuffle: bool = True,
                  generator: torch.Generator | None = None, order=None, label_dtype=torch.int64):
-        x = torch.from_numpy(np.array(data.x))
-        self.x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-        y = torch.from_numpy(np.array(data.y))
-        self.y = y.to(label_dtype) if not torch.is_floating_point(y) else y.float()
+        import jax
+
+        tree = data.data if isinstance(data, ArrayDataset) else data
+        self.tree = None
+        if isinstance(tree, dict) and set(tree) == {"x", "y"}:
+            x = torch.from_numpy(np.array(tree["x"]))
+            self.x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+            y = torch.from_numpy(np.array(tree["y"]))
+            self.y = y.to(label_dtype) if not torch.is_floating_point(y) else y.float()
+            self.n = len(self.y)
+        else:
+            def tensor(a):
+                a = np.array(a)
+                return torch.from_numpy(a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a)
+
+            self.tree = jax.tree.map(tensor, tree)
+            self.n = len(jax.tree.leaves(self.tree)[0])
         self.batch_size, self.shuffle, self.generator, self.order = batch_size, shuffle, generator, order
         self.epoch = 0
 
     def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
+        return -(-self.n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple]:
+    def _take(self, keep):
+        if self.tree is None:
+            return self.x[keep], self.y[keep]
+        import jax
+
+        return jax.tree.map(lambda t: t[keep], self.tree)
+
+    def __iter__(self) -> Iterator:
         if self.order is not None:
             idx, mask = self.order(self.epoch)
             self.epoch += 1
             for bi, bm in zip(idx, mask):
                 keep = torch.from_numpy(np.asarray(bi)[np.asarray(bm) > 0].astype(np.int64))
-                yield self.x[keep], self.y[keep]
+                yield self._take(keep)
             return
-        n = len(self.y)
+        n = self.n
         perm = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         self.epoch += 1
         for start in range(0, n, self.batch_size):
-            keep = perm[start:start + self.batch_size]
-            yield self.x[keep], self.y[keep]
+            yield self._take(perm[start:start + self.batch_size])
 
 
 def _tutorial_mnist(root: Path, train: bool, binary: bool):

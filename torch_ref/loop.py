@@ -11,7 +11,7 @@ import torch
 
 from torch_ref.tasks import Task
 
-__all__ = ["EpochResult", "NonFiniteLossError", "train_epoch", "evaluate", "fit"]
+__all__ = ["EpochResult", "NonFiniteLossError", "loss_and_metrics", "train_epoch", "evaluate", "fit"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -38,10 +38,25 @@ def _finish(total: dict) -> dict:
     return out
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, task: Task,
+def loss_and_metrics(model: torch.nn.Module, task, batch):
+    """``(loss, {"loss", metrics..., "count"})`` of one batch: a built-in ``Task`` on ``(x, y)``
+    batches, or a loss function in jaxlight's contract, ``loss_fn(model, batch) -> (losses (B,),
+    {name: (B,)})``, on any batch (the mean over the batch, as ``reduction="mean"``)."""
+    if isinstance(task, Task):
+        x, y = batch
+        return task.loss_and_metrics(model(x), y)
+    losses, metrics = task(model, batch)
+    loss = losses.mean()
+    with torch.no_grad():
+        values = {k: float(torch.as_tensor(v).float().mean()) for k, v in metrics.items()}
+    return loss, {"loss": float(loss.detach()), **values, "count": float(losses.shape[0])}
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, task,
                 on_step: Callable[[dict], None] | None = None, epoch: int = 0, first_step: int = 0) -> dict:
     """One pass over ``loader``: ``zero_grad, loss.backward(), step()`` per batch, as the
-    tutorial does. Returns the example-weighted mean loss and metric.
+    tutorial does. Returns the example-weighted mean loss and metric. ``task``: a built-in
+    ``Task``, or a loss function on the loader's batches (:func:`loss_and_metrics`).
 
     Raises:
         NonFiniteLossError: a batch's loss is NaN or Inf; training stops before that update, as
@@ -49,9 +64,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader
     """
     model.train()
     total: dict = {}
-    for batch, (x, y) in enumerate(loader):
+    for batch, data in enumerate(loader):
         optimizer.zero_grad()
-        loss, metrics = task.loss_and_metrics(model(x), y)
+        loss, metrics = loss_and_metrics(model, task, data)
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(
                 f"training loss is {metrics['loss']} at step {first_step + batch + 1} (epoch {epoch + 1}, "
@@ -65,11 +80,11 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, task: Task) -> dict:
+def evaluate(model: torch.nn.Module, loader, task) -> dict:
     model.eval()
     total: dict = {}
-    for x, y in loader:
-        _accumulate(total, task.loss_and_metrics(model(x), y)[1])
+    for data in loader:
+        _accumulate(total, loss_and_metrics(model, task, data)[1])
     return _finish(total)
 
 

@@ -79,7 +79,8 @@ def test_levels_1_to_4(model, opt, datasets, jax_model):
     assert report.ok, str(report)
     assert report.steps_checked == steps_for(model, opt)
     levels = [lv for lv in LEVELS if lv in report.worst]
-    assert levels == list(LEVELS if report.steps > 1 else LEVELS[:-1])
+    # (input_grad: only with input_grads=True; MNIST's uint8 images have no gradient anyway)
+    assert levels == [lv for lv in (LEVELS if report.steps > 1 else LEVELS[:-1]) if lv != "input_grad"]
     # Levels 1-3 are tight for every model and optimizer: the defaults, no exceptions.
     assert report.worst["forward"][0] <= 1e-6 and report.worst["grad"][0] <= 1e-6, str(report)
 

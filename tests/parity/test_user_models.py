@@ -355,12 +355,13 @@ def test_user_models_pass_every_level(pair, opt, kw, lr):
     torch_cls, nnx_cls, shape, flatten = PAIRS[pair]
     report = check_parity(warmed(torch_cls, shape), nnx_cls(rngs=nnx.Rngs(0)), data=data(shape),
                           loss_fn=jax_loss, torch_loss_fn=torch_loss, optimizer=opt, lr=lr, optimizer_kwargs=kw,
-                          steps=5, flatten=flatten)
+                          steps=5, flatten=flatten, input_grads=True)
     print(report)
     assert report.ok, str(report)
     assert [lv for lv in LEVELS if lv in report.worst] == list(LEVELS)
     assert report.worst["forward"][0] <= 2e-6 and report.worst["forward_eval"][0] <= 2e-6, str(report)
-    assert report.worst["grad"][0] <= 1e-6, str(report)
+    assert report.worst["grad"][0] <= 1e-6 and report.worst["input_grad"][0] <= 1e-6, str(report)
+    assert report.worst["input_grad"][1] == "['x']"  # (the batch leaf, by its path)
     assert any("num_batches_tracked" in note for note in report.notes)
     assert any("dropout off" in note for note in report.notes) == (pair == "mlp")
 
