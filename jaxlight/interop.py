@@ -26,7 +26,7 @@ model, :data:`LAYOUTS`) lists them; a user porting a model writes their own list
 | ``int64`` | an int64 buffer (position ids) | int32 (JAX's default integer) | a cast, refused unless every value fits in int32 |
 
 ``conv`` is also ``ConvTranspose2d``'s rule: its ``weight (I, O/groups, kH, kW)`` becomes
-``kernel (kH, kW, O/groups, I)`` by the same axis permutation (``jaxlight.port.nn``).
+``kernel (kH, kW, O/groups, I)`` by the same axis permutation (``jaxlight.porting.nn``).
 
 BatchNorm maps ``weight``/``bias`` to the ``nnx.Param`` ``scale``/``bias`` (``copy``) and the
 buffers ``running_mean``/``running_var`` to the ``nnx.BatchStat`` ``mean``/``var`` (``copy``,

@@ -17,7 +17,7 @@ from flax import nnx
 from torch import nn
 
 import jaxlight
-from jaxlight.port.report import check_port, resolve_loss
+from jaxlight.porting.report import check_port, resolve_loss
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,7 @@ from flax import nnx
 from zoo import SLOW, ZOO
 
 from jaxlight import interop
-from jaxlight.port.translate import translate
+from jaxlight.porting.translate import translate
 
 torch.set_num_threads(1)
 

@@ -138,11 +138,11 @@ def _outputs(torch_module, inputs: tuple):
 
 def resolve_loss(torch_module, inputs: tuple, loss, targets, seed: int):
     """``((loss_fn, torch_loss_fn), target, kind)`` for the report: the user's pair, or the
-    default for the module's outputs (:mod:`jaxlight.port.task`) with labels or a target drawn
+    default for the module's outputs (:mod:`jaxlight.porting.task`) with labels or a target drawn
     from ``seed``. ``kind`` is ``"cross_entropy"``, ``"mse"`` or None (the user's loss)."""
     import torch
 
-    from jaxlight.port import task
+    from jaxlight.porting import task
 
     rng = np.random.default_rng(seed)
     if loss is not None:
@@ -251,7 +251,7 @@ def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *,
 
     Args:
         torch_module: the original (not modified: each run trains a deep copy).
-        translation: ``jaxlight.port.translate.translate``'s result (``model``, ``layout``).
+        translation: ``jaxlight.porting.translate.translate``'s result (``model``, ``layout``).
         inputs: the example inputs as numpy arrays (one batch of ``B`` rows).
         target: the batch's ``"target"``.
         loss: ``(loss_fn, torch_loss_fn)`` on ``{"inputs", "target"}`` batches.
@@ -263,11 +263,11 @@ def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *,
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from jaxlight.port import task
+    from jaxlight.porting import task
 
     data = {"inputs": tuple(inputs), "target": target}
     batched = task.batch_first(data)
-    if not batched:  # (not batch-first: the example set as one row of a batch of one; see jaxlight.port.task)
+    if not batched:  # (not batch-first: the example set as one row of a batch of one; see jaxlight.porting.task)
         import jax
 
         data = jax.tree.map(lambda a: np.asarray(a)[None], data)

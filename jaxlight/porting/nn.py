@@ -1,7 +1,7 @@
 """NNX layers with PyTorch's constructor arguments and PyTorch's arithmetic: what the source
 written by ``jaxlight.port`` builds its models from.
 
-Generated source imports this module as ``nn`` (``from jaxlight.port import nn``), so that a
+Generated source imports this module as ``nn`` (``from jaxlight.porting import nn``), so that a
 ported ``__init__`` reads like the torch one: ``self.conv1 = nn.Conv2d(3, 64, kernel_size=(7, 7),
 stride=(2, 2), padding=(3, 3), bias=False, rngs=rngs)``. Each class takes torch's arguments,
 holds torch's parameters under Flax's names and layouts (below), and computes what the torch
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlight.models.init import torch_bias_init, torch_kernel_init, uniform_init
-from jaxlight.port import functional as F
+from jaxlight.porting import functional as F
 
 __all__ = [
     "Linear", "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
