@@ -66,10 +66,8 @@ def _conv_transpose(m):
 
 
 def _conv_check(m):
-    out = []
-    if getattr(m, "padding_mode", "zeros") != "zeros" and type(m).__name__.startswith("ConvTranspose"):
-        out.append(f"padding_mode={m.padding_mode!r}")
-    return out
+    return _issues((getattr(m, "padding_mode", "zeros") != "zeros" and type(m).__name__.startswith("ConvTranspose"),
+                    f"padding_mode={getattr(m, 'padding_mode', None)!r}"))
 
 
 def _batchnorm(m):
@@ -81,12 +79,8 @@ def _batchnorm(m):
 
 
 def _batchnorm_check(m):
-    out = []
-    if m.momentum is None:
-        out.append("momentum=None (a cumulative average over num_batches_tracked)")
-    if not m.track_running_stats:
-        out.append("track_running_stats=False (batch statistics in eval mode too)")
-    return out
+    return _issues((m.momentum is None, "momentum=None (a cumulative average over num_batches_tracked)"),
+                   (not m.track_running_stats, "track_running_stats=False (batch statistics in eval mode too)"))
 
 
 def _batchnorm_rules(m, t, j):
@@ -130,13 +124,14 @@ def _embedding(m):
     return [m.num_embeddings, m.embedding_dim], kw
 
 
+def _issues(*pairs) -> list:
+    """The messages whose condition holds: a layer configuration without a translation."""
+    return [message for condition, message in pairs if condition]
+
+
 def _embedding_check(m):
-    out = []
-    if m.max_norm is not None:
-        out.append("max_norm (renormalises the weight in place during forward)")
-    if m.scale_grad_by_freq:
-        out.append("scale_grad_by_freq=True")
-    return out
+    return _issues((m.max_norm is not None, "max_norm (renormalises the weight in place during forward)"),
+                   (m.scale_grad_by_freq, "scale_grad_by_freq=True"))
 
 
 def _embedding_bag(m):
@@ -146,10 +141,7 @@ def _embedding_bag(m):
 
 
 def _embedding_bag_check(m):
-    out = _embedding_check(m)
-    if getattr(m, "include_last_offset", False):
-        out.append("include_last_offset=True")
-    return out
+    return _embedding_check(m) + _issues((getattr(m, "include_last_offset", False), "include_last_offset=True"))
 
 
 def _rnn(m):
@@ -191,12 +183,7 @@ def _mha(m):
 
 
 def _mha_check(m):
-    out = []
-    if m.bias_k is not None:
-        out.append("add_bias_kv=True")
-    if m.add_zero_attn:
-        out.append("add_zero_attn=True")
-    return out
+    return _issues((m.bias_k is not None, "add_bias_kv=True"), (m.add_zero_attn, "add_zero_attn=True"))
 
 
 def _mha_rules(m, t, j):
@@ -293,7 +280,8 @@ def _none(m, t, j):
 
 
 def _attrs(*names, defaults=None):
-    """A parameter-free layer rebuilt from the torch module's attributes of these names."""
+    """A parameter-free layer rebuilt from the torch module's attributes of these names (those
+    at their default left out; a pool's ``stride`` equal to its kernel too)."""
     defaults = defaults or {}
 
     def ctor(m):
@@ -302,7 +290,7 @@ def _attrs(*names, defaults=None):
             v = getattr(m, n)
             if isinstance(v, list):
                 v = tuple(v)
-            if n in defaults and defaults[n] == v:
+            if (n in defaults and defaults[n] == v) or (n == "stride" and v == getattr(m, "kernel_size", None)):
                 continue
             kw[n] = v
         return [], kw
@@ -323,13 +311,10 @@ def _pool_check(m):
 
 
 def _upsample_check(m):
-    out = []
-    if m.mode != "nearest":
-        out.append(f"mode={m.mode!r} (nearest only)")
     sf = m.scale_factor
-    if sf is not None and any(float(f) != int(f) for f in (sf if isinstance(sf, (tuple, list)) else (sf,))):
-        out.append("a non-integer scale_factor")
-    return out
+    return _issues((m.mode != "nearest", f"mode={m.mode!r} (nearest only)"),
+                   (sf is not None and any(float(f) != int(f) for f in (sf if isinstance(sf, (tuple, list)) else (sf,))),
+                    "a non-integer scale_factor"))
 
 
 _POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "count_include_pad": True,
@@ -337,20 +322,7 @@ _POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": Fals
 
 
 def _pool_ctor(*names):
-    def ctor(m):
-        kw = {}
-        for n in names:
-            v = getattr(m, n)
-            if isinstance(v, list):
-                v = tuple(v)
-            if n == "stride" and v == m.kernel_size:
-                continue
-            if n in _POOL_DEFAULTS and _POOL_DEFAULTS[n] == v:
-                continue
-            kw[n] = v
-        return [], kw
-
-    return ctor
+    return _attrs(*names, defaults=_POOL_DEFAULTS)
 
 
 LAYERS: dict[str, LayerSpec] = {

@@ -13,6 +13,7 @@ Anything not in this table is refused by ``translate()`` with its source line.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -103,10 +104,12 @@ def op(names, sig: str, layout: str = "cf", inplace: bool = False, tensor_args=(
 
 
 def simple(names: str, template: str, sig: str = "input", layout: str = "cf", tensor_args=("input",)):
-    """An op written as a template over its bound arguments' expressions."""
+    """An op written as a template over its bound arguments' expressions (a ``*sizes``
+    argument as one tuple)."""
+    varargs = {name for name, _, kind in Sig.parse(sig).params if kind == "var"}
 
     def emit(ctx, b):
-        return template.format(**{k: ctx.e(v) for k, v in b.items()})
+        return template.format(**{k: ctx.tuple_expr(v) if k in varargs else ctx.e(v) for k, v in b.items()})
 
     for n in names.split():
         OPS[n] = Op(Sig.parse(sig), emit, layout, False, tuple(tensor_args))
@@ -167,11 +170,6 @@ def _hardtanh(ctx, b):
 @op("clamp clip", "input, min=None, max=None", "any", tensor_args=("input", "min", "max"))
 def _clamp(ctx, b):
     return f"jnp.clip({ctx.e(b['input'])}, {ctx.e(b['min'])}, {ctx.e(b['max'])})"
-
-
-@op("clamp_ clip_", "input, min=None, max=None", "any", inplace=True, tensor_args=("input", "min", "max"))
-def _clamp_(ctx, b):
-    return _clamp(ctx, b)
 
 
 @op("clamp_min", "input, min", "any")
@@ -250,11 +248,6 @@ def _div(ctx, b):
     return f"F.div({ctx.e(b['input'])}, {ctx.e(b['other'])}, rounding_mode={b['rounding_mode']!r})"
 
 
-@op("div_", "input, other, *, rounding_mode=None", "any", inplace=True, tensor_args=("input", "other"))
-def _div_(ctx, b):
-    return _div(ctx, b)
-
-
 for _name, _fn in {"maximum": "jnp.maximum", "minimum": "jnp.minimum", "fmod": "jnp.fmod", "atan2": "jnp.arctan2",
                    "logical_and": "jnp.logical_and", "logical_or": "jnp.logical_or",
                    "logical_xor": "jnp.logical_xor", "hypot": "jnp.hypot", "fmax": "jnp.fmax", "fmin": "jnp.fmin",
@@ -274,16 +267,15 @@ def _masked_fill(ctx, b):
     return f"F.masked_fill({ctx.e(b['input'])}, {ctx.e(b['mask'])}, {ctx.e(b['value'])})"
 
 
-@op("masked_fill_", "input, mask, value", "any", inplace=True, tensor_args=("input", "mask", "value"))
-def _masked_fill_(ctx, b):
-    return _masked_fill(ctx, b)
-
-
 @op("lerp", "input, end, weight", "any", tensor_args=("input", "end", "weight"))
 def _lerp(ctx, b):
     return f"{ctx.e(b['input'], wrap=True)} + {ctx.e(b['weight'], wrap=True)} * " \
            f"({ctx.e(b['end'])} - {ctx.e(b['input'], wrap=True)})"
 
+
+# The in-place methods (x.clamp_(0), x.masked_fill_(m, v), x.div_(2)) write their input.
+for _name in ("clamp", "clip", "masked_fill", "div"):
+    OPS[_name + "_"] = dataclasses.replace(OPS[_name], inplace=True)
 
 # ----------------------------------------------------------------------------------------- #
 # Casts and no-ops
@@ -394,30 +386,22 @@ def _norm(ctx, b):
     return f"jnp.linalg.norm({ctx.e(b['input'])}, ord={ctx.e(ordv)}, axis={ctx.axis(b['dim'])}{keep})"
 
 
-@op("cumsum", "input, dim, *, dtype=None", "cf")
-def _cumsum(ctx, b):
-    return f"jnp.cumsum({ctx.e(b['input'])}, axis={ctx.e(b['dim'])})"
+simple("cumsum", "jnp.cumsum({input}, axis={dim})", "input, dim, *, dtype=None")
+simple("cumprod", "jnp.cumprod({input}, axis={dim})", "input, dim, *, dtype=None")
 
 
-@op("cumprod", "input, dim, *, dtype=None", "cf")
-def _cumprod(ctx, b):
-    return f"jnp.cumprod({ctx.e(b['input'])}, axis={ctx.e(b['dim'])})"
+def _softmax(fn):
+    def emit(ctx, b):
+        x = ctx.e(b["input"]) if b["dtype"] is None else f"{ctx.e(b['input'], wrap=True)}.astype({ctx.e(b['dtype'])})"
+        if b["dim"] is None:  # torch's legacy implicit dimension
+            return f"F.{fn}({x})"
+        return f"jax.nn.{fn}({x}, axis={ctx.e(b['dim'])})"
+
+    return emit
 
 
-@op("softmax", "input, dim=None, _stacklevel=3, dtype=None", "cf")
-def _softmax(ctx, b):
-    x = ctx.e(b["input"]) if b["dtype"] is None else f"{ctx.e(b['input'], wrap=True)}.astype({ctx.e(b['dtype'])})"
-    if b["dim"] is None:
-        return f"F.softmax({x})"
-    return f"jax.nn.softmax({x}, axis={ctx.e(b['dim'])})"
-
-
-@op("log_softmax", "input, dim=None, _stacklevel=3, dtype=None", "cf")
-def _log_softmax(ctx, b):
-    x = ctx.e(b["input"]) if b["dtype"] is None else f"{ctx.e(b['input'], wrap=True)}.astype({ctx.e(b['dtype'])})"
-    if b["dim"] is None:
-        return f"F.log_softmax({x})"
-    return f"jax.nn.log_softmax({x}, axis={ctx.e(b['dim'])})"
+for _name in ("softmax", "log_softmax"):
+    OPS[_name] = Op(Sig.parse("input, dim=None, _stacklevel=3, dtype=None"), _softmax(_name), "cf")
 
 
 @op("glu", "input, dim=-1", "cf")
@@ -512,34 +496,17 @@ def _squeeze(ctx, b):
     return f"F.squeeze({ctx.e(b['input'])}{dim})"
 
 
-@op("unsqueeze", "input, dim", "cf")
-def _unsqueeze(ctx, b):
-    return f"jnp.expand_dims({ctx.e(b['input'])}, {ctx.e(b['dim'])})"
-
-
-@op("expand", "input, *size", "cf")
-def _expand(ctx, b):
-    return f"F.expand({ctx.e(b['input'])}, {ctx.tuple_expr(b['size'])})"
+simple("unsqueeze", "jnp.expand_dims({input}, {dim})", "input, dim")
+simple("expand", "F.expand({input}, {size})", "input, *size")
+simple("broadcast_to", "F.expand({input}, {size})", "input, *size")
+simple("repeat", "F.repeat({input}, {repeats})", "input, *repeats")
+simple("tile", "jnp.tile({input}, {dims})", "input, *dims")
+simple("flip", "jnp.flip({input}, {dims})", "input, *dims")
 
 
 @op("expand_as broadcast_as", "input, other", "cf", tensor_args=("input", "other"))
 def _expand_as(ctx, b):
     return f"jnp.broadcast_to({ctx.e(b['input'])}, {ctx.e(b['other'], wrap=True)}.shape)"
-
-
-@op("broadcast_to", "input, size", "cf")
-def _broadcast_to(ctx, b):
-    return f"F.expand({ctx.e(b['input'])}, {ctx.tuple_expr(b['size'])})"
-
-
-@op("repeat", "input, *repeats", "cf")
-def _repeat(ctx, b):
-    return f"F.repeat({ctx.e(b['input'])}, {ctx.tuple_expr(b['repeats'])})"
-
-
-@op("tile", "input, dims", "cf")
-def _tile(ctx, b):
-    return f"jnp.tile({ctx.e(b['input'])}, {ctx.tuple_expr(b['dims'])})"
 
 
 @op("repeat_interleave", "input, repeats, dim=None, *, output_size=None", "cf")
@@ -567,44 +534,14 @@ def _stack(ctx, b):
     return f"jnp.stack({_sequence(ctx, b['tensors'])}, axis={ctx.e(b['dim'])})"
 
 
-@op("split", "input, split_size_or_sections, dim=0", "cf")
-def _split(ctx, b):
-    return f"F.split({ctx.e(b['input'])}, {ctx.e(b['split_size_or_sections'])}, dim={ctx.e(b['dim'])})"
-
-
-@op("chunk", "input, chunks, dim=0", "cf")
-def _chunk(ctx, b):
-    return f"F.chunk({ctx.e(b['input'])}, {ctx.e(b['chunks'])}, dim={ctx.e(b['dim'])})"
-
-
-@op("unbind", "input, dim=0", "cf")
-def _unbind(ctx, b):
-    return f"F.unbind({ctx.e(b['input'])}, {ctx.e(b['dim'])})"
-
-
-@op("narrow", "input, dim, start, length", "cf")
-def _narrow(ctx, b):
-    return f"F.narrow({ctx.e(b['input'])}, {ctx.e(b['dim'])}, {ctx.e(b['start'])}, {ctx.e(b['length'])})"
-
-
-@op("select", "input, dim, index", "cf")
-def _select(ctx, b):
-    return f"jnp.take({ctx.e(b['input'])}, {ctx.e(b['index'])}, axis={ctx.e(b['dim'])})"
-
-
-@op("index_select", "input, dim, index", "cf", tensor_args=("input", "index"))
-def _index_select(ctx, b):
-    return f"F.index_select({ctx.e(b['input'])}, {ctx.e(b['dim'])}, {ctx.e(b['index'])})"
-
-
-@op("gather", "input, dim, index, *, sparse_grad=False", "cf", tensor_args=("input", "index"))
-def _gather(ctx, b):
-    return f"F.gather({ctx.e(b['input'])}, {ctx.e(b['dim'])}, {ctx.e(b['index'])})"
-
-
-@op("flip", "input, *dims", "cf")
-def _flip(ctx, b):
-    return f"jnp.flip({ctx.e(b['input'])}, {ctx.tuple_expr(b['dims'])})"
+simple("split", "F.split({input}, {split_size_or_sections}, dim={dim})", "input, split_size_or_sections, dim=0")
+simple("chunk", "F.chunk({input}, {chunks}, dim={dim})", "input, chunks, dim=0")
+simple("unbind", "F.unbind({input}, {dim})", "input, dim=0")
+simple("narrow", "F.narrow({input}, {dim}, {start}, {length})", "input, dim, start, length")
+simple("select", "jnp.take({input}, {index}, axis={dim})", "input, dim, index")
+simple("index_select", "F.index_select({input}, {dim}, {index})", "input, dim, index", tensor_args=("input", "index"))
+simple("gather", "F.gather({input}, {dim}, {index})", "input, dim, index, *, sparse_grad=False",
+       tensor_args=("input", "index"))
 
 
 @op("roll", "input, shifts, dims=None", "cf")
