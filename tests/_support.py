@@ -32,6 +32,20 @@ def assert_params_close(actual, expected) -> None:
         np.testing.assert_allclose(a, e, rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL)
 
 
+def userpkg_run(width: int, learning_rate: float, **trainer) -> str:
+    """A ``jaxlight fit`` config of the test package's ``Net`` on its blobs, with Adam, as YAML."""
+    import yaml
+
+    return yaml.safe_dump({
+        "seed": 0,
+        "model": {"class_path": "userpkg.nets.Net", "init_args": {"width": width}},
+        "loss": "userpkg.nets.loss_fn",
+        "data": {"class_path": "userpkg.data.blobs", "init_args": {}},
+        "optimizer": {"class_path": "optax.adam", "init_args": {"learning_rate": learning_rate}},
+        "trainer": {"batch_size": 64, "enable_progress_bar": False, **trainer},
+    })
+
+
 def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 1200,
                cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` against this checkout (not whatever is installed)."""

@@ -417,16 +417,6 @@ def test_a_replacement_keeps_the_old_checkpoint_until_it_is_complete_and_a_full_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000006"]
 
 
-USERPKG_RUN = """
-seed: 0
-model: {class_path: userpkg.nets.Net, init_args: {width: 8}}
-loss: userpkg.nets.loss_fn
-data: {class_path: userpkg.data.blobs, init_args: {}}
-optimizer: {class_path: optax.adam, init_args: {learning_rate: 1.0e-2}}
-trainer: {batch_size: 64, enable_progress_bar: false}
-"""
-
-
 def _job(*args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     env.pop("XLA_FLAGS", None)
@@ -451,7 +441,9 @@ def test_kill_9_while_a_checkpoint_is_replaced_leaves_a_complete_one(tmp_path, m
 
 @pytest.mark.integration
 def test_kill_9_where_an_epoch_end_would_replace_a_step_save_then_ckpt_path_last_resumes(tmp_path):
-    (tmp_path / "run.yaml").write_text(USERPKG_RUN)
+    from _support import userpkg_run
+
+    (tmp_path / "run.yaml").write_text(userpkg_run(8, 1e-2))
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     flags = ["--config", str(tmp_path / "run.yaml"), "--trainer.ckpt_dir", str(ckpt), "--trainer.out", str(out),
              "--trainer.ckpt_every", "3"]  # 192 examples in batches of 64: the epoch ends on step 3

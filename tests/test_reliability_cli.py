@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import BAD_OUTPUT_PATHS, ROOT, bad_output_paths, one_line_error
+from _support import BAD_OUTPUT_PATHS, ROOT, bad_output_paths, one_line_error, userpkg_run
 
 pytestmark = pytest.mark.integration
 
@@ -308,19 +308,9 @@ sys.argv[0] = "jaxlight"
 runpy.run_module("jaxlight.cli", run_name="__main__")
 """
 
-FIT_RUN = """
-seed: 0
-model: {class_path: userpkg.nets.Net, init_args: {width: 8192}}
-loss: userpkg.nets.loss_fn
-data: {class_path: userpkg.data.blobs, init_args: {}}
-optimizer: {class_path: optax.adam, init_args: {learning_rate: 1.0e-3}}
-trainer: {max_epochs: 2, batch_size: 64, enable_progress_bar: false}
-"""
-
-
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_failed_async_save_of_jaxlight_fit_is_one_line_with_the_details_in_train_log(tmp_path, verbose):
-    (tmp_path / "run.yaml").write_text(FIT_RUN)
+    (tmp_path / "run.yaml").write_text(userpkg_run(8192, 1e-3, max_epochs=2))
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     env = _env(JAX_ENABLE_COMPILATION_CACHE="false", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     result = subprocess.run([sys.executable, "-c", FIT_FULL_DISK, "fit", "--config", str(tmp_path / "run.yaml"),
