@@ -156,8 +156,8 @@ def checkpoint_code(command: str, argv: list[str]):
     ckpt = _flag(argv, "--ckpt_path")
     trust = command != "fit" and "--trust_code" in argv
     named = any(a.split("=", 1)[0] in ("--config", "--model", "--model.class_path") for a in argv)
-    if command == "fit" or ckpt is None or (ckpt in ("best", "last") and not trust):
-        return CodePolicy(), None
+    if command == "fit" or ckpt is None or (ckpt in ("best", "last") and not trust) or (named and not trust):
+        return CodePolicy(), None  # (your own code: nothing to resolve early)
     if ckpt in ("best", "last"):
         where = _ckpt_dir(argv)
         if where is None:
