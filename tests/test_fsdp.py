@@ -354,6 +354,8 @@ class BiasBeforeNorm(nnx.Module):
         return self.head(self.drop(nnx.relu(self.bn(self.backbone(x)))))
 
 
+@pytest.mark.slow  # 160 steps on 8, 4 and 1 devices; fast counterpart: test_checkpoint.py's layout moves to
+# and from fsdp (each restore bit for bit on the saved arrays)
 def test_an_fsdp_run_resumed_on_another_device_count_parts_only_where_rounding_is_amplified(tmp_path):
     """Stopped on 8 devices and resumed on 4 and on 1, against the run never stopped on 8. The
     checkpoint adds nothing: the resumed run is bitwise the state moved in memory and trained on.
