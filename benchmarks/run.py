@@ -280,7 +280,7 @@ def ported_factory(target: str, init_args: str):
 
     import torch
 
-    from jaxlight.porting.cli import load_callable
+    from jaxlight.bridge.porting.cli import load_callable
 
     fn, kwargs = load_callable(target), json.loads(init_args)
 
@@ -394,7 +394,7 @@ def _ported_settings(parser, args) -> tuple:
     except json.JSONDecodeError as exc:
         parser.error(f"--ported-init-args: not JSON ({exc})")
     from jaxlight.commands import UsageError
-    from jaxlight.porting.cli import load_callable
+    from jaxlight.bridge.porting.cli import load_callable
 
     out = []
     for target in args.ported:

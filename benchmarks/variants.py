@@ -84,7 +84,7 @@ def ported_model(ctx: Context):
     batch of the training images as the torch variants feed them (``/ 255``)."""
     import torch
 
-    from jaxlight.porting import port
+    from jaxlight.bridge.porting import port
 
     x = torch.from_numpy(ctx.train_x[:ctx.batch_size]).float().div(255)
     return port(torch_model(ctx), (x,), check=False).model

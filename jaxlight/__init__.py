@@ -14,7 +14,7 @@ _NAMES = {
     "load_task_data": "jaxlight.data",
     "EpochRunner": "jaxlight.loop", "evaluate": "jaxlight.loop", "fit": "jaxlight.loop",
     "predict": "jaxlight.loop", "train_epoch": "jaxlight.loop",
-    "port": "jaxlight.porting",
+    "port": "jaxlight.bridge.porting",
     "load_from_checkpoint": "jaxlight.checkpoint", "save_hyperparameters": "jaxlight.hparams",
     "init_params": "jaxlight.models.init", "init_torch": "jaxlight.models.init", "freeze": "jaxlight.optim",
     "MODELS": "jaxlight.models", "build_model": "jaxlight.models", "count_params": "jaxlight.models",

@@ -12,7 +12,7 @@ Exit codes (both command lines; docs/reliability.md says which failure gives whi
       folder, a checkpoint folder in use or holding another run, a resume whose
       configuration differs from the checkpoint's; ``port``: an op it cannot port
 3     training diverged: the loss became NaN or Inf (the message names the step); ``port``:
-      the port's parity report does not hold (``jaxlight.porting.cli``)
+      the port's parity report does not hold (``jaxlight.bridge.porting.cli``)
 130   stopped by SIGINT (Ctrl-C): saved first when --ckpt-dir is set; a second Ctrl-C aborts
 143   stopped by SIGTERM: likewise
 ====  =====================================================================================
@@ -374,10 +374,10 @@ def _main(argv: list[str] | None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_trainer_flags(train_parser(sub, "JAX"))
     parallel_flags(sub.choices["train"])
-    from jaxlight.compare import compare_parser, run_compare
+    from jaxlight.bridge.compare import compare_parser, run_compare
 
     compare_parser(sub)
-    from jaxlight.porting.cli import ParityFailed, port_parser, run_port
+    from jaxlight.bridge.porting.cli import ParityFailed, port_parser, run_port
 
     port_parser(sub)
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
@@ -413,7 +413,7 @@ def _port_errors(args) -> dict:
     raised before any output."""
     if getattr(args, "command", None) != "port" and not getattr(args, "ported", None):
         return {}
-    from jaxlight.porting import PortError
+    from jaxlight.bridge.porting import PortError
 
     return {PortError: EXIT_USAGE}
 

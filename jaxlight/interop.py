@@ -26,7 +26,7 @@ model, :data:`LAYOUTS`) lists them; a user porting a model writes their own list
 | ``int64`` | an int64 buffer (position ids) | int32 (JAX's default integer) | a cast, refused unless every value fits in int32 |
 
 ``conv`` is also ``ConvTranspose2d``'s rule: its ``weight (I, O/groups, kH, kW)`` becomes
-``kernel (kH, kW, O/groups, I)`` by the same axis permutation (``jaxlight.porting.nn``).
+``kernel (kH, kW, O/groups, I)`` by the same axis permutation (``jaxlight.bridge.porting.nn``).
 
 BatchNorm maps ``weight``/``bias`` to the ``nnx.Param`` ``scale``/``bias`` (``copy``) and the
 buffers ``running_mean``/``running_var`` to the ``nnx.BatchStat`` ``mean``/``var`` (``copy``,
@@ -241,7 +241,7 @@ class Layout:
     @property
     def modules(self) -> dict[str, tuple[str, ...]]:
         """``{torch module name: jaxlight module path}`` of every layer with a rule, in order:
-        where :func:`jaxlight.parity.check_parity` captures per-layer outputs."""
+        where :func:`jaxlight.bridge.parity.check_parity` captures per-layer outputs."""
         out: dict[str, tuple[str, ...]] = {}
         for r in self.rules:
             out.setdefault(r.torch_name.rpartition(".")[0], r.jax_path[:-1])

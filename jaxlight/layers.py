@@ -23,7 +23,7 @@ on a fresh ``nnx.merge`` of the state).
 A subclass of ``nnx.BatchNorm`` with a ``__call__`` of its own gets the same treatment when it
 says ``masked_call = True`` (its ``mask=`` argument means what ``nnx.BatchNorm``'s does); with
 ``unbiased_running_var = True`` its ``var`` averages the unbiased batch variance, as torch's
-``running_var`` does, under ``pmap`` too (``jaxlight.porting.nn``'s batch norms say both).
+``running_var`` does, under ``pmap`` too (``jaxlight.bridge.porting.nn``'s batch norms say both).
 
 A BatchNorm whose input does not keep the batch axis first (e.g. ``(B*T, C)`` after a reshape)
 cannot be told which rows are padding; the step then raises a :class:`LayerError` naming the

@@ -24,7 +24,7 @@ LAYERS = [
     ("parallel", ("jaxlight.parallel",)),
     ("loop", ("jaxlight.loop",)),
     ("trainer", ("jaxlight.trainer", "jaxlight.callbacks", "jaxlight.loggers")),
-    ("cli", ("jaxlight.cli", "jaxlight.configcli", "jaxlight.commands", "jaxlight.compare")),
+    ("cli", ("jaxlight.cli", "jaxlight.configcli", "jaxlight.commands", "jaxlight.bridge.compare")),
 ]
 
 
@@ -162,7 +162,7 @@ GRAPH = import_graph(ROOT / "jaxlight")
 
 def test_every_module_is_read():
     assert {"jaxlight.step", "jaxlight.loop", "jaxlight.trainer", "jaxlight.data.stream", "jaxlight.cli",
-            "jaxlight.compare"} <= set(GRAPH)
+            "jaxlight.bridge.compare"} <= set(GRAPH)
     assert "jaxlight.step" in {t for t, *_ in GRAPH["jaxlight.parallel"]}
 
 
@@ -213,7 +213,7 @@ def test_the_checks_catch_a_planted_upward_import_load_and_cycle(tmp_path):
                 from jaxlight.trainer import Trainer   # annotations only: not counted
             """,
         "trainer.py": "from jaxlight.step import check_batch\n",
-        "cli.py": "def main():\n    from jaxlight.compare import run\n",
+        "cli.py": "def main():\n    from jaxlight.bridge.compare import run\n",
         "compare.py": "from .cli import main\n",
     }))
     assert upward_imports(graph) == [
@@ -222,6 +222,6 @@ def test_the_checks_catch_a_planted_upward_import_load_and_cycle(tmp_path):
     ]
     assert upward_loads(graph) == ["jaxlight.models -> jaxlight.hparams -> jaxlight.checkpoint -> jaxlight.state"]
     assert sorted(cycles_through(graph, ["jaxlight.cli", "jaxlight.state", "jaxlight.step"])) == [
-        "jaxlight.cli -> jaxlight.compare -> jaxlight.cli",
+        "jaxlight.cli -> jaxlight.bridge.compare -> jaxlight.cli",
         "jaxlight.state -> jaxlight.tasks -> jaxlight.state",
     ]

@@ -91,7 +91,7 @@ class MemoryLoader:
         data: host arrays: an ``ArrayDataset`` of ``{"x", "y"}`` (batches ``(x, y)``; uint8
             images become float32 ``/ 255`` once, here), or of any other pytree (batches are
             that pytree of tensors, integers as int64: what a loss function
-            ``loss_fn(model, batch)`` in jaxlight's contract takes, as ``jaxlight.parity``
+            ``loss_fn(model, batch)`` in jaxlight's contract takes, as ``jaxlight.bridge.parity``
             feeds it).
         batch_size: examples per batch (the last batch is shorter, as ``DataLoader``'s).
         shuffle: reshuffle every epoch with ``generator``.

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from jaxlight.compare import render_markdown, render_table
+from jaxlight.bridge.compare import render_markdown, render_table
 
 
 def test_compare_command_writes_table_json_markdown_and_plot(cli_main, tmp_path):

@@ -2,7 +2,7 @@
 accuracy.
 
 Each framework draws its own initial weights and shuffles with its own generator, per seed
-(``jaxlight.compare``). The mean test accuracies must agree within
+(``jaxlight.bridge.compare``). The mean test accuracies must agree within
 ``max(3 * sqrt(std_jax^2/K + std_torch^2/K), 0.3 points)`` (``compare.agreement_tolerance``),
 and both must meet the accuracy floor for the settings used. Settings are cut to fit the test
 budget on 2 CPU cores; ``the README`` has the longer runs.
@@ -11,7 +11,7 @@ budget on 2 CPU cores; ``the README`` has the longer runs.
 import numpy as np
 import pytest
 
-from jaxlight.compare import agreement_tolerance, compare, render_table
+from jaxlight.bridge.compare import agreement_tolerance, compare, render_table
 from jaxlight.recipes import recipe_for
 
 # model, recipe overrides, seeds, accuracy floor (both frameworks, every seed's mean)

@@ -12,7 +12,7 @@ from torch import nn
 
 import jaxlight
 from jaxlight import interop, layers
-from jaxlight.parity import check_parity
+from jaxlight.bridge.parity import check_parity
 from torch_ref.interop import state_dict_to_numpy
 
 

@@ -214,7 +214,7 @@ def test_jaxlight_never_imports_torch():
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[2])
-    code = ("import sys, jaxlight, jaxlight.interop, jaxlight.parity, jaxlight.compare, jaxlight.cli; "
+    code = ("import sys, jaxlight, jaxlight.interop, jaxlight.bridge.parity, jaxlight.bridge.compare, jaxlight.cli; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": root}, cwd=root)

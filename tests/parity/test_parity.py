@@ -13,7 +13,7 @@ import torch
 
 import torch_ref
 from jaxlight.data import load_task_data
-from jaxlight.parity import DEFAULT_TOLERANCES, LEVELS, Tolerance, check_parity
+from jaxlight.bridge.parity import DEFAULT_TOLERANCES, LEVELS, Tolerance, check_parity
 from jaxlight.recipes import recipe_for
 
 MODELS = ["linear", "logistic", "softmax", "mlp", "cnn", "lstm"]

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from jaxlight import interop
 from jaxlight.interop import ConversionError, Rule
 from jaxlight.models.rnn import LSTM
-from jaxlight.parity import LEVELS, check_parity
+from jaxlight.bridge.parity import LEVELS, check_parity
 from torch_ref.interop import load_numpy_state_dict, state_dict_to_numpy
 
 D, H, K = 12, 32, 3

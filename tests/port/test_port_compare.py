@@ -36,7 +36,7 @@ def blobs(n: int = 384, seed: int = 0):
 
 
 def test_compare_trains_both_frameworks_on_a_ported_pair():
-    from jaxlight.compare import JAX_DRAW_OFFSET, compare, ported_pair, render_table
+    from jaxlight.bridge.compare import JAX_DRAW_OFFSET, compare, ported_pair, render_table
     from jaxlight.recipes import Recipe
 
     pair = ported_pair(Blobs, (torch.randn(8, 4),))

@@ -17,7 +17,7 @@ from flax import nnx
 from torch import nn
 
 import jaxlight
-from jaxlight.porting.report import check_port, resolve_loss
+from jaxlight.bridge.porting.report import check_port, resolve_loss
 
 torch.set_num_threads(1)
 
@@ -231,7 +231,7 @@ def test_input_gradients_are_compared_by_check_parity():
     import optax
     import torch.nn.functional as F
 
-    from jaxlight.parity import check_parity
+    from jaxlight.bridge.parity import check_parity
 
     class Stopped(nnx.Module):
         def __init__(self, *, rngs):

@@ -59,7 +59,7 @@ def test_the_saved_layout(saved):
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["model"]["class_path"] == f"{t.module_name}.{t.class_name}"
     assert config["init"] == {"checkpoint": str(folder)}
-    assert config["loss"] == "jaxlight.porting.task.cross_entropy"
+    assert config["loss"] == "jaxlight.bridge.porting.task.cross_entropy"
 
 
 def test_saving_again_replaces_the_port_but_never_another_run(saved, tmp_path):
@@ -159,7 +159,7 @@ def test_inputs_that_are_not_batch_first_are_one_row(tmp_path):
     takes that row whole; its value is torch's mean squared error on the examples."""
     import jax
 
-    from jaxlight.porting import task
+    from jaxlight.bridge.porting import task
 
     torch.manual_seed(0)
     net = SequenceFirst()
@@ -168,7 +168,7 @@ def test_inputs_that_are_not_batch_first_are_one_row(tmp_path):
     assert p.report.ok and "not batch-first" in p.report.title, str(p.report)
     folder = p.save(tmp_path / "seq")
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    assert config["loss"] == "jaxlight.porting.task.mse_whole" and config["trainer"]["batch_size"] == 1
+    assert config["loss"] == "jaxlight.bridge.porting.task.mse_whole" and config["trainer"]["batch_size"] == 1
     data = task.example_data(str(folder / "examples.npz"))
     assert len(data) == 1
     batch = jax.tree.map(lambda a: a, data.data)

@@ -39,6 +39,6 @@ def test_the_report_holds_on_the_big_models(name):
     # resnet18 on a batch of 2: twenty batch norms over 2 values (1x1 maps at layer4) amplify
     # float32 rounding in the first conv's gradient to ~5e-5 (measured 5.4e-5, forward 5e-6):
     # a gradient atol of 1e-4 instead of 1e-5 for the deep models, every other level the default.
-    from jaxlight.parity import Tolerance
+    from jaxlight.bridge.parity import Tolerance
 
     _check(name, SLOW[name], {"grad": Tolerance(rtol=1e-3, atol=1e-4)})

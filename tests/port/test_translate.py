@@ -21,7 +21,7 @@ from flax import nnx
 from zoo import SLOW, ZOO
 
 from jaxlight import interop
-from jaxlight.porting.translate import translate
+from jaxlight.bridge.porting.translate import translate
 
 torch.set_num_threads(1)
 
@@ -55,7 +55,7 @@ def _leaves(out):
 
 
 def _torch_train(model):
-    """torch's train mode with dropout off (as jaxlight.parity does)."""
+    """torch's train mode with dropout off (as jaxlight.bridge.parity does)."""
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):

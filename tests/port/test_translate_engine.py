@@ -17,8 +17,8 @@ from torch.nn import functional as F
 import jaxlight
 from jaxlight import interop
 from jaxlight.data import ArrayDataset
-from jaxlight.porting import nn as pnn
-from jaxlight.porting.translate import translate
+from jaxlight.bridge.porting import nn as pnn
+from jaxlight.bridge.porting.translate import translate
 
 torch.set_num_threads(1)
 

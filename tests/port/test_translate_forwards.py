@@ -17,7 +17,7 @@ from torch.nn import functional as F
 import zoo
 
 from jaxlight import interop
-from jaxlight.porting.translate import translate
+from jaxlight.bridge.porting.translate import translate
 
 torch.set_num_threads(1)
 

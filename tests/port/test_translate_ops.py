@@ -11,7 +11,7 @@ from flax import nnx
 from torch import nn
 from torch.nn import functional as F
 
-from jaxlight.porting.translate import translate
+from jaxlight.bridge.porting.translate import translate
 
 torch.set_num_threads(1)
 

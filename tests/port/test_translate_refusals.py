@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from jaxlight.porting.translate import PortError, UnsupportedError, translate
+from jaxlight.bridge.porting.translate import PortError, UnsupportedError, translate
 
 
 def line_of(fn, text: str) -> int:

@@ -47,7 +47,7 @@ def port_config(port, folder: Path, *, loss=None, data=None, optimizer=None, max
     """The ``jaxlight fit`` config of a port saved in ``folder`` (absolute paths, so that it runs
     from any working directory): the ported class, ``init: {checkpoint: folder}`` (the ported
     weights), the report's loss and the saved examples unless others are given, Adam."""
-    from jaxlight.porting.task import LOSSES, batch_first
+    from jaxlight.bridge.porting.task import LOSSES, batch_first
 
     t = port.translation
     if loss is None:
@@ -64,7 +64,7 @@ def port_config(port, folder: Path, *, loss=None, data=None, optimizer=None, max
         "init": {"checkpoint": str(folder)},
         "loss": loss,
         "data": _spec(data, "data") if data is not None else {
-            "class_path": "jaxlight.porting.task.example_data", "init_args": {"path": str(folder / "examples.npz")}},
+            "class_path": "jaxlight.bridge.porting.task.example_data", "init_args": {"path": str(folder / "examples.npz")}},
         "optimizer": _spec(optimizer, "optimizer") if optimizer is not None else {
             "class_path": "optax.adam", "init_args": {"learning_rate": 1.0e-3}},
         "trainer": {"max_epochs": int(max_epochs), "batch_size": int(batch_size or batch),
@@ -94,7 +94,7 @@ def write_port(port, folder, *, loss=None, data=None, optimizer=None, max_epochs
 
     from jaxlight.checkpoint import save_checkpoint
     from jaxlight.hparams import import_path, run_record
-    from jaxlight.porting.task import write_examples
+    from jaxlight.bridge.porting.task import write_examples
     from jaxlight.state import create_train_state
 
     folder = Path(folder).absolute()

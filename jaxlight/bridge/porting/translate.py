@@ -1,22 +1,22 @@
 """``translate()``: a torch module -> readable Flax NNX source, the NNX model built from it
 holding the torch weights, and the conversion layout.
 
-    >>> from jaxlight.porting.translate import translate
+    >>> from jaxlight.bridge.porting.translate import translate
     >>> t = translate(torch_net, (torch.randn(8, 1, 28, 28),))   # doctest: +SKIP
     >>> print(t.source)                                          # doctest: +SKIP
     >>> t.model(x_numpy)                                         # torch's layout in and out  # doctest: +SKIP
 
 The steps, one module each:
 
-1. **Capture** (:mod:`jaxlight.porting.capture`): ``torch.fx`` traces ``forward`` with the supported
+1. **Capture** (:mod:`jaxlight.bridge.porting.capture`): ``torch.fx`` traces ``forward`` with the supported
    layers kept as leaves and every user class traced on its own, in train and eval mode,
    and runs the graph on the example inputs for every value's shape and dtype.
-2. **Check**: every op (:mod:`jaxlight.porting.ops`), layer (:mod:`jaxlight.porting.modules`), in-place
+2. **Check**: every op (:mod:`jaxlight.bridge.porting.ops`), layer (:mod:`jaxlight.bridge.porting.modules`), in-place
    write and mode-dependent branch is checked; whatever cannot be ported is collected, with
    the torch source line it comes from, and raised as one :class:`UnsupportedError` before
    anything is generated.
-3. **Generate** (:mod:`jaxlight.porting.codegen`): one NNX class per torch class, built from
-   ``jaxlight.porting.nn`` layers; ``__call__`` follows ``forward`` line by line.
+3. **Generate** (:mod:`jaxlight.bridge.porting.codegen`): one NNX class per torch class, built from
+   ``jaxlight.bridge.porting.nn`` layers; ``__call__`` follows ``forward`` line by line.
 4. **Convert**: the layout (``jaxlight.interop.Layout``: every ``state_dict`` key -> NNX path and
    permutation) moves the weights and buffers into the model built from the source.
 
@@ -134,9 +134,9 @@ class _Translator:
         self.problems: list = []
 
     def run(self) -> Translation:
-        from jaxlight.porting import codegen
+        from jaxlight.bridge.porting import codegen
 
-        from jaxlight.porting.modules import classify
+        from jaxlight.bridge.porting.modules import classify
 
         graphs = self.capture()
         emitters = {}
@@ -160,12 +160,12 @@ class _Translator:
 
     # ---------------------------------------------------------------- capture
     def capture(self) -> dict:
-        from jaxlight.porting import capture
-        from jaxlight.porting.modules import classify
+        from jaxlight.bridge.porting import capture
+        from jaxlight.bridge.porting.modules import classify
 
         graphs: dict[str, capture.Graph] = {}
         if classify(self.root) == "layer":  # a single torch layer: nothing of it to trace
-            from jaxlight.porting.modules import LAYERS, torch_layer_name
+            from jaxlight.bridge.porting.modules import LAYERS, torch_layer_name
 
             name = torch_layer_name(self.root)
             for issue in LAYERS[name].check(self.root):
@@ -227,8 +227,8 @@ class _Translator:
 
     # ---------------------------------------------------------------- module-level checks
     def check_modules(self, emitters: dict) -> None:
-        from jaxlight.porting import capture
-        from jaxlight.porting.modules import classify
+        from jaxlight.bridge.porting import capture
+        from jaxlight.bridge.porting.modules import classify
 
         called = {f"{q}.{n.target}" if q else n.target for q, em in emitters.items() for n in em.nodes
                   if n.op == "call_module"}
@@ -260,7 +260,7 @@ class _Translator:
         """One class per group of instances of a torch class whose generated text is the same
         up to numbers in their constructors: those numbers that differ between instances become
         the class's ``__init__`` arguments (``BasicBlock(in_channels=64, out_channels=128)``)."""
-        from jaxlight.porting.modules import classify
+        from jaxlight.bridge.porting.modules import classify
 
         root_name = _ident_class(type(self.root).__name__)
         instances = self.class_instances()
@@ -305,7 +305,7 @@ class _Translator:
     def class_instances(self) -> dict:
         """``{qualname: module}`` of every module written as a generated class (the root, user
         classes, torch modules built from others), found through containers."""
-        from jaxlight.porting.modules import classify
+        from jaxlight.bridge.porting.modules import classify
 
         found = {"": self.root}
 
@@ -323,10 +323,10 @@ class _Translator:
 
     def subclass_root(self, m) -> str:
         """A torch ``nn.Sequential`` or a single layer as the top module: a subclass of its
-        ``jaxlight.porting.nn`` class whose ``__init__`` passes the arguments (the parameter names
+        ``jaxlight.bridge.porting.nn`` class whose ``__init__`` passes the arguments (the parameter names
         stay torch's: ``"0"``, ``"1"``... of a Sequential, ``kernel`` of a Linear)."""
-        from jaxlight.porting import codegen
-        from jaxlight.porting.modules import LAYERS, classify, torch_layer_name
+        from jaxlight.bridge.porting import codegen
+        from jaxlight.bridge.porting.modules import LAYERS, classify, torch_layer_name
 
         lines = self.ctor(m, "", None, "")
         head = lines[0]
@@ -344,7 +344,7 @@ class _Translator:
         return "\n".join(lines)
 
     def class_source(self, qual: str, m, graph, emitter, call_lines, slots):
-        from jaxlight.porting import codegen
+        from jaxlight.bridge.porting import codegen
 
         init = []
         for pname, p in m._parameters.items():
@@ -377,8 +377,8 @@ class _Translator:
         numbers go through ``slots`` (None: written as they are)."""
         import inspect
 
-        from jaxlight.porting import nn as pnn
-        from jaxlight.porting.modules import LAYERS, classify, torch_layer_name
+        from jaxlight.bridge.porting import nn as pnn
+        from jaxlight.bridge.porting.modules import LAYERS, classify, torch_layer_name
 
         lit = slots.lit if slots is not None else (lambda v, a, p: _lit(v))
         kind = classify(m)
@@ -421,8 +421,8 @@ class _Translator:
 
     # ---------------------------------------------------------------- layout
     def layout(self) -> Layout:
-        from jaxlight.porting import capture
-        from jaxlight.porting.modules import LAYERS, classify, torch_layer_name
+        from jaxlight.bridge.porting import capture
+        from jaxlight.bridge.porting.modules import LAYERS, classify, torch_layer_name
 
         rules: list[Rule] = []
         dropped: list[str] = []
@@ -494,7 +494,7 @@ def _to_numpy(t):
 
 
 def _buffer_dtype(b) -> str:
-    from jaxlight.porting.codegen import dtype_expr
+    from jaxlight.bridge.porting.codegen import dtype_expr
 
     return dtype_expr(b.dtype)
 
@@ -570,9 +570,9 @@ def _parametrise(template: str, members: list) -> tuple[str, list]:
 
 
 def _layer_ctor(m) -> str:
-    """The one-line ``jaxlight.porting.nn`` constructor of a supported torch layer (for layers
+    """The one-line ``jaxlight.bridge.porting.nn`` constructor of a supported torch layer (for layers
     built from another layer: ``nn.TransformerEncoder(nn.TransformerEncoderLayer(...), 2)``)."""
-    from jaxlight.porting.modules import LAYERS, torch_layer_name
+    from jaxlight.bridge.porting.modules import LAYERS, torch_layer_name
 
     spec = LAYERS[torch_layer_name(m)]
     args, kwargs = spec.ctor(m)
@@ -612,8 +612,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxlight
-from jaxlight.porting import functional as F
-from jaxlight.porting import nn
+from jaxlight.bridge.porting import functional as F
+from jaxlight.bridge.porting import nn
 
 
 '''

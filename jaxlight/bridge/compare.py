@@ -3,7 +3,7 @@
 Each framework draws its own initial weights (from the same distributions: PyTorch's defaults,
 ``jaxlight.models.init``) and shuffles with its own generator, over several seeds; the question
 is whether they reach the same test metric, not the same bits (for that, see
-``jaxlight.parity``). The two means agree when their difference is within
+``jaxlight.bridge.parity``). The two means agree when their difference is within
 
     tolerance = max(Z * sqrt(std_jax**2 / K + std_torch**2 / K), floor)
 
@@ -28,7 +28,7 @@ PATH``): each seed builds the torch module afresh under ``torch.manual_seed(seed
 side, and for the jaxlight side converts the module the same constructor draws under
 ``torch.manual_seed(seed + JAX_DRAW_OFFSET)``: the same initial distribution, an independent
 draw, as for the built-ins. The batches are ``{"inputs": (x, ...), "target": y}``
-(``jaxlight.porting.task``) unless your loss pair says otherwise; the metric is the test accuracy
+(``jaxlight.bridge.porting.task``) unless your loss pair says otherwise; the metric is the test accuracy
 when the loss reports ``accuracy``, else the test loss.
 
 Example:
@@ -108,14 +108,14 @@ def ported_pair(torch_factory, example_inputs, loss: tuple | None = None, name: 
             on every call; the pair seeds torch before each call.
         example_inputs: the tensors ``forward`` takes (traced once, to write the port).
         loss: ``(loss_fn, torch_loss_fn)`` in jaxlight's contract; default: the port's default
-            for the model's outputs (``jaxlight.porting.task``: cross-entropy for a classifier,
+            for the model's outputs (``jaxlight.bridge.porting.task``: cross-entropy for a classifier,
             else the squared error), on ``{"inputs", "target"}`` batches.
         name: for the tables (default: the torch class name).
     """
     import torch
 
     from jaxlight.interop import model_from_torch
-    from jaxlight.porting import port
+    from jaxlight.bridge.porting import port
     from torch_ref.interop import state_dict_to_numpy
 
     def torch_model(seed: int):
@@ -436,7 +436,7 @@ def _ported_from_args(args: argparse.Namespace):
 
     from jaxlight.commands import UsageError
     from jaxlight.data import ArrayDataset
-    from jaxlight.porting.cli import _build, load_callable, parse_input
+    from jaxlight.bridge.porting.cli import _build, load_callable, parse_input
 
     if not args.data:
         raise UsageError("--ported needs --data MODULE:FUNCTION (your data function: train, val, test)")

@@ -1,6 +1,6 @@
 """The parity report of a port: does the NNX model compute what the torch module computes?
 
-:func:`check_port` runs ``jaxlight.parity.check_parity`` (the shipped engine: a ``TrainState``,
+:func:`check_port` runs ``jaxlight.bridge.parity.check_parity`` (the shipped engine: a ``TrainState``,
 ``jaxlight.step.apply_grads``, the steps of ``jaxlight.loop.EpochRunner`` one per call, on the
 padded, masked batches ``loop.fit`` and the ``Trainer`` run) twice on copies of the torch module,
 once with SGD with momentum and once with Adam, from the port's own weights (``own_weights``:
@@ -21,7 +21,7 @@ BatchNorm running stats     ``running_mean`` / ``running_var`` after each step o
 ==========================  =====================================================================
 
 Each row gives the largest absolute difference, the largest relative one (``max |jax - torch|
-/ max |torch|`` of a tensor), the tolerance (``jaxlight.parity.DEFAULT_TOLERANCES``: an element
+/ max |torch|`` of a tensor), the tolerance (``jaxlight.bridge.parity.DEFAULT_TOLERANCES``: an element
 agrees when ``|jax - torch| <= atol + rtol |torch|``), pass or FAIL, and where it first fails:
 the torch module name of the first layer whose output differs (forward rows; torch forward hooks
 against the NNX submodule of the same name) or of the parameter. Dropout is off on both sides
@@ -138,11 +138,11 @@ def _outputs(torch_module, inputs: tuple):
 
 def resolve_loss(torch_module, inputs: tuple, loss, targets, seed: int):
     """``((loss_fn, torch_loss_fn), target, kind)`` for the report: the user's pair, or the
-    default for the module's outputs (:mod:`jaxlight.porting.task`) with labels or a target drawn
+    default for the module's outputs (:mod:`jaxlight.bridge.porting.task`) with labels or a target drawn
     from ``seed``. ``kind`` is ``"cross_entropy"``, ``"mse"`` or None (the user's loss)."""
     import torch
 
-    from jaxlight.porting import task
+    from jaxlight.bridge.porting import task
 
     rng = np.random.default_rng(seed)
     if loss is not None:
@@ -217,7 +217,7 @@ def _row(check: str, comparisons: list, tolerance: str, parity=None, names=(), s
 def _weights_row(torch_module, translation) -> Row:
     """``Port.model``'s weights, converted back to torch's layout, against the ``state_dict``."""
     from jaxlight.interop import model_to_torch
-    from jaxlight.parity import Tolerance, compare_arrays
+    from jaxlight.bridge.parity import Tolerance, compare_arrays
     from torch_ref.interop import state_dict_to_numpy
 
     mine = model_to_torch(translation.model, translation.layout)
@@ -251,23 +251,23 @@ def check_port(torch_module, translation, inputs: tuple, target, loss: tuple, *,
 
     Args:
         torch_module: the original (not modified: each run trains a deep copy).
-        translation: ``jaxlight.porting.translate.translate``'s result (``model``, ``layout``).
+        translation: ``jaxlight.bridge.porting.translate.translate``'s result (``model``, ``layout``).
         inputs: the example inputs as numpy arrays (one batch of ``B`` rows).
         target: the batch's ``"target"``.
         loss: ``(loss_fn, torch_loss_fn)`` on ``{"inputs", "target"}`` batches.
         steps: optimizer steps per run.
-        tolerances: overrides of ``jaxlight.parity.DEFAULT_TOLERANCES``.
+        tolerances: overrides of ``jaxlight.bridge.parity.DEFAULT_TOLERANCES``.
         loss_kind: for the title (``"cross_entropy"``, ``"mse"``; None: the user's loss).
     """
-    from jaxlight.parity import DEFAULT_TOLERANCES, check_parity
+    from jaxlight.bridge.parity import DEFAULT_TOLERANCES, check_parity
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from jaxlight.porting import task
+    from jaxlight.bridge.porting import task
 
     data = {"inputs": tuple(inputs), "target": target}
     batched = task.batch_first(data)
-    if not batched:  # (not batch-first: the example set as one row of a batch of one; see jaxlight.porting.task)
+    if not batched:  # (not batch-first: the example set as one row of a batch of one; see jaxlight.bridge.porting.task)
         import jax
 
         data = jax.tree.map(lambda a: np.asarray(a)[None], data)

@@ -1,7 +1,7 @@
 """NNX layers with PyTorch's constructor arguments and PyTorch's arithmetic: what the source
 written by ``jaxlight.port`` builds its models from.
 
-Generated source imports this module as ``nn`` (``from jaxlight.porting import nn``), so that a
+Generated source imports this module as ``nn`` (``from jaxlight.bridge.porting import nn``), so that a
 ported ``__init__`` reads like the torch one: ``self.conv1 = nn.Conv2d(3, 64, kernel_size=(7, 7),
 stride=(2, 2), padding=(3, 3), bias=False, rngs=rngs)``. Each class takes torch's arguments,
 holds torch's parameters under Flax's names and layouts (below), and computes what the torch
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlight.models.init import torch_bias_init, torch_kernel_init, uniform_init
-from jaxlight.porting import functional as F
+from jaxlight.bridge.porting import functional as F
 
 __all__ = [
     "Linear", "Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -212,7 +212,7 @@ class _BatchNorm(nnx.BatchNorm):
 
     port_layout = "cl"
     masked_call = True  # (jaxlight.layers: __call__ honours mask= as nnx.BatchNorm does)
-    unbiased_running_var = True  # (jaxlight.parity / jaxlight.layers: var averages torch's estimate)
+    unbiased_running_var = True  # (jaxlight.bridge.parity / jaxlight.layers: var averages torch's estimate)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, rngs: nnx.Rngs):

@@ -1,4 +1,4 @@
-"""``jaxlight.porting``: bring a PyTorch model (``jaxlight.port(torch_module, inputs)``). Its Flax NNX twin as readable source, the weights
+"""``jaxlight.bridge.porting``: bring a PyTorch model (``jaxlight.port(torch_module, inputs)``). Its Flax NNX twin as readable source, the weights
 moved exactly, and the proof that both compute the same thing.
 
     >>> import jaxlight
@@ -10,16 +10,16 @@ moved exactly, and the proof that both compute the same thing.
 
 The parts, one job each:
 
-- :mod:`jaxlight.porting.translate`: the torch module -> NNX source, the model built from it, the
+- :mod:`jaxlight.bridge.porting.translate`: the torch module -> NNX source, the model built from it, the
   conversion layout (``translate()``; refuses what it cannot port with :class:`UnsupportedError`);
-- :mod:`jaxlight.porting.report`: the parity report, run through ``jaxlight.parity.check_parity``
+- :mod:`jaxlight.bridge.porting.report`: the parity report, run through ``jaxlight.bridge.parity.check_parity``
   (the shipped engine: ``EpochRunner``'s steps, ``apply_grads``);
-- :mod:`jaxlight.porting.task`: the default losses a report and a fine-tuning config use, and the
+- :mod:`jaxlight.bridge.porting.task`: the default losses a report and a fine-tuning config use, and the
   example data saved beside a port;
-- :mod:`jaxlight.porting.cli`: ``jaxlight port MODULE:CALLABLE --input ... --out DIR``.
+- :mod:`jaxlight.bridge.porting.cli`: ``jaxlight port MODULE:CALLABLE --input ... --out DIR``.
 
 ``jaxlight.port`` is :func:`port`, exported from here; the package has its own name so that
-importing ``jaxlight.porting.nn`` (what generated source does) never rebinds ``jaxlight.port``.
+importing ``jaxlight.bridge.porting.nn`` (what generated source does) never rebinds ``jaxlight.port``.
 Importing this package loads neither torch nor JAX; :func:`port` needs torch (the ``torch``
 extra).
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 
 __all__ = ["Port", "PortError", "PortReport", "UnsupportedError", "port"]
 
-_LAZY = {"PortError": "jaxlight.porting.translate", "UnsupportedError": "jaxlight.porting.translate",
-         "PortReport": "jaxlight.porting.report", "Translation": "jaxlight.porting.translate"}
+_LAZY = {"PortError": "jaxlight.bridge.porting.translate", "UnsupportedError": "jaxlight.bridge.porting.translate",
+         "PortReport": "jaxlight.bridge.porting.report", "Translation": "jaxlight.bridge.porting.translate"}
 
 
 def __getattr__(name: str):
@@ -40,7 +40,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'jaxlight.porting' has no attribute {name!r}")
+    raise AttributeError(f"module 'jaxlight.bridge.porting' has no attribute {name!r}")
 
 
 class Port:
@@ -51,13 +51,13 @@ class Port:
         model: the ``nnx.Module`` built from :attr:`source`, holding the torch module's
             parameters and buffers converted exactly (permutations only), in train mode.
         source: the Python source of the NNX module class(es).
-        report: the parity report (:class:`jaxlight.porting.report.PortReport`): ``.ok``, and
+        report: the parity report (:class:`jaxlight.bridge.porting.report.PortReport`): ``.ok``, and
             ``str(report)`` is the table. None when ``port(..., check=False)``.
-        translation: what ``jaxlight.porting.translate.translate`` returned (``layout``: every
+        translation: what ``jaxlight.bridge.porting.translate.translate`` returned (``layout``: every
             torch ``state_dict`` key -> NNX path and permutation; ``module_name``,
             ``class_name``, ``init_args``).
         example_inputs: the example inputs, as numpy arrays.
-        targets: the targets the report's loss used (see :mod:`jaxlight.porting.task`).
+        targets: the targets the report's loss used (see :mod:`jaxlight.bridge.porting.task`).
         loss: ``(jax loss_fn, torch loss_fn)`` the report used.
     """
 
@@ -96,15 +96,15 @@ class Port:
         checkpoint of :attr:`model`, recording ``class_path`` ``<module_name>.<class_name>`` and
         its ``init_args``), ``folder/examples.npz`` (the example inputs and targets) and
         ``folder/config.yaml``: a ``jaxlight fit --config`` run that starts from the ported
-        weights (``init: {checkpoint: folder}``). See :mod:`jaxlight.porting.save`.
+        weights (``init: {checkpoint: folder}``). See :mod:`jaxlight.bridge.porting.save`.
 
         Args:
             folder: created if missing; must not hold another checkpoint.
             loss: the config's ``loss`` (a built-in task name or a dotted path to
                 ``loss_fn(model, batch)``); default: the report's loss when it was a default
-                one (``jaxlight.porting.task.cross_entropy`` / ``mse``).
+                one (``jaxlight.bridge.porting.task.cross_entropy`` / ``mse``).
             data: the config's ``data`` (a dotted path or ``{class_path, init_args}``); default:
-                ``jaxlight.porting.task.example_data`` on ``folder/examples.npz``.
+                ``jaxlight.bridge.porting.task.example_data`` on ``folder/examples.npz``.
             optimizer: the config's ``optimizer`` (default ``optax.adam``, learning rate 1e-3).
             max_epochs, batch_size, seed: the config's ``trainer.max_epochs``,
                 ``trainer.batch_size`` (default: the examples' batch) and ``seed``.
@@ -116,7 +116,7 @@ class Port:
         (the generated module lies in the checkpoint's folder, so loading runs code saved with
         the checkpoint only when you say so).
         """
-        from jaxlight.porting.save import write_port
+        from jaxlight.bridge.porting.save import write_port
 
         return write_port(self, folder, loss=loss, data=data, optimizer=optimizer, max_epochs=max_epochs,
                           batch_size=batch_size, seed=seed)
@@ -139,11 +139,11 @@ def port(torch_module, example_inputs, *, loss: tuple | None = None, targets=Non
             ``loss_fn(model, batch) -> (losses (B,), metrics)`` with ``batch = {"inputs": (x,
             ...), "target": y}`` (``torch_loss_fn`` the same on tensors). Default: cross-entropy
             against labels drawn from ``seed`` for a classifier's output ``(B, C)``, else the mean
-            squared error to a fixed random target (:mod:`jaxlight.porting.task`).
+            squared error to a fixed random target (:mod:`jaxlight.bridge.porting.task`).
         targets: the batch's ``"target"`` for your ``loss`` (numpy or torch, leading axis ``B``);
             default: the drawn labels or target.
         steps: optimizer steps compared, for SGD with momentum and for Adam each.
-        tolerances: overrides of ``jaxlight.parity.DEFAULT_TOLERANCES``, by level.
+        tolerances: overrides of ``jaxlight.bridge.parity.DEFAULT_TOLERANCES``, by level.
         module_name: the generated module's name (default: from the torch class).
         seed: the labels' and targets' draw.
         check: False skips the report (``Port.report`` is None): the translation alone.
@@ -156,8 +156,8 @@ def port(torch_module, example_inputs, *, loss: tuple | None = None, targets=Non
             with the torch source line it comes from, raised before anything is generated.
         ValueError: example inputs that are not tensors or do not share a batch axis.
     """
-    from jaxlight.porting import report as report_mod
-    from jaxlight.porting.translate import translate
+    from jaxlight.bridge.porting import report as report_mod
+    from jaxlight.bridge.porting.translate import translate
 
     inputs = report_mod.as_input_tuple(example_inputs)
     translation = translate(torch_module, inputs, module_name=module_name)

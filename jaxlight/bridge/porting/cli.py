@@ -199,15 +199,15 @@ def run_port(args: argparse.Namespace):
     data = _fit_data(args.fit_data)
     import torch
 
-    import jaxlight.porting
+    import jaxlight.bridge.porting
 
     module = _build(args.target, args.init_args)
     generator = torch.Generator().manual_seed(args.seed)
     inputs = tuple(parse_input(spec, module, generator) for spec in args.input)
     try:
-        ported = jaxlight.porting.port(module, inputs, steps=args.steps, seed=args.seed, module_name=args.module_name)
+        ported = jaxlight.bridge.porting.port(module, inputs, steps=args.steps, seed=args.seed, module_name=args.module_name)
     except ValueError as exc:
-        if isinstance(exc, jaxlight.porting.PortError):
+        if isinstance(exc, jaxlight.bridge.porting.PortError):
             raise
         raise UsageError(str(exc)) from None
     print(ported.report, flush=True)

@@ -960,7 +960,7 @@ class _BatchNormTracker:
     ``e_t = (1 - m) e_{t-1} + (n-1)/n * (rv_t - (1 - m) rv_{t-1})``, starting from the converted
     ``e_0 = rv_0``. ``running_mean`` is the same in both and is compared directly, and so is the
     ``var`` of an NNX layer that averages torch's unbiased estimate itself (its class says
-    ``unbiased_running_var = True``: ``jaxlight.porting.nn``'s batch norms)."""
+    ``unbiased_running_var = True``: ``jaxlight.bridge.porting.nn``'s batch norms)."""
 
     def __init__(self, torch_model, layout: Layout, jax_model=None):
         mods = dict(torch_model.named_modules())

@@ -6,7 +6,7 @@ share a class); one attribute per torch submodule, named as in torch's ``state_d
 expression, as they were written; variable names are taken from the assignment on that line).
 
 Layouts: values keep torch's layout, except feature maps between channels-last layers
-(``jaxlight.porting.nn``: convolutions, batch norms, pools), which stay channels-last until a
+(``jaxlight.bridge.porting.nn``: convolutions, batch norms, pools), which stay channels-last until a
 torch-layout operation needs them: the generated code converts explicitly
 (``F.channels_last(x)`` / ``F.channels_first(x)``). Every generated class takes and returns
 torch's layout; XLA removes the transposes that meet at class boundaries.
@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass, field
 
 from jaxlight.interop import Rule
-from jaxlight.porting import modules as M
-from jaxlight.porting import ops as O
-from jaxlight.porting.capture import Problem, Site, TensorInfo, assigned_names, site_of_stack
+from jaxlight.bridge.porting import modules as M
+from jaxlight.bridge.porting import ops as O
+from jaxlight.bridge.porting.capture import Problem, Site, TensorInfo, assigned_names, site_of_stack
 
 _RESERVED = {"self", "jax", "jnp", "nnx", "nn", "F", "math", "jaxlight", "int", "float", "min", "max", "abs",
              "round", "range", "len", "tuple", "list", "dict", "print", "sum", "any", "all", "None", "True", "False"}
@@ -178,7 +178,7 @@ def _class_doc(module, holder: bool) -> str:
             raise TypeError  # (torch's own classes: the name says where)
         path = inspect.getsourcefile(cls)
         line = inspect.getsourcelines(cls)[1]
-        from jaxlight.porting.capture import _short
+        from jaxlight.bridge.porting.capture import _short
 
         where = f" ({_short(path)}:{line})"
     except (OSError, TypeError):
@@ -997,7 +997,7 @@ def _torch_layout_expr(rule: Rule, base: str) -> str:
 
 
 class _Ctx:
-    """What an :class:`jaxlight.porting.ops.Op` sees while writing its expression."""
+    """What an :class:`jaxlight.bridge.porting.ops.Op` sees while writing its expression."""
 
     def __init__(self, emitter: Emitter, mode: str, name: str, node):
         self.em, self.mode, self.name, self.node = emitter, mode, name, node

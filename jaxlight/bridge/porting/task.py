@@ -146,11 +146,11 @@ mse_whole = unbatched(mse)
 
 # name -> (jax loss, torch loss, dotted path of the jax loss for a config)
 LOSSES = {
-    "cross_entropy": (cross_entropy, torch_cross_entropy, "jaxlight.porting.task.cross_entropy"),
-    "mse": (mse, torch_mse, "jaxlight.porting.task.mse"),
+    "cross_entropy": (cross_entropy, torch_cross_entropy, "jaxlight.bridge.porting.task.cross_entropy"),
+    "mse": (mse, torch_mse, "jaxlight.bridge.porting.task.mse"),
     "cross_entropy_whole": (cross_entropy_whole, torch_unbatched(torch_cross_entropy),
-                            "jaxlight.porting.task.cross_entropy_whole"),
-    "mse_whole": (mse_whole, torch_unbatched(torch_mse), "jaxlight.porting.task.mse_whole"),
+                            "jaxlight.bridge.porting.task.cross_entropy_whole"),
+    "mse_whole": (mse_whole, torch_unbatched(torch_mse), "jaxlight.bridge.porting.task.mse_whole"),
 }
 
 

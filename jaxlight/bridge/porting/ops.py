@@ -4,7 +4,7 @@ as the JAX expression it becomes.
 An :class:`Op` binds the call's arguments to torch's signature (so ``x.sum(1, keepdim=True)``
 and ``torch.sum(x, dim=1, keepdim=True)`` are one case), then writes one expression with the
 codegen context (``ctx.e(value)``: an argument's expression). ``layout`` says how the op treats
-channels-last feature maps (``jaxlight.porting.nn``): ``"any"`` for elementwise ops (they run in
+channels-last feature maps (``jaxlight.bridge.porting.nn``): ``"any"`` for elementwise ops (they run in
 whatever layout their inputs are in), ``"cl"`` for pools (channels-last in and out), ``"cf"``
 for everything else (torch's layout; the codegen converts channels-last inputs first).
 

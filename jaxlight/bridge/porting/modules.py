@@ -1,4 +1,4 @@
-"""The torch layers the port keeps as layers: for each, the ``jaxlight.porting.nn`` constructor
+"""The torch layers the port keeps as layers: for each, the ``jaxlight.bridge.porting.nn`` constructor
 call that rebuilds it, the conversion rules of its parameters (``jaxlight.interop.Rule``), the
 layout it runs in, and the configurations it refuses.
 
@@ -19,7 +19,7 @@ from jaxlight.interop import Rule
 @dataclass
 class LayerSpec:
     nn_name: str
-    ctor: Callable  # module -> (args list, kwargs dict) of the jaxlight.porting.nn constructor
+    ctor: Callable  # module -> (args list, kwargs dict) of the jaxlight.bridge.porting.nn constructor
     rules: Callable  # (module, torch prefix, jax path) -> (rules, dropped)
     layout: str = "cf"  # "cl": channels-last feature maps in and out; "any": elementwise; "cf": torch layout
     check: Callable = lambda m: []  # module -> [problem]
@@ -236,7 +236,7 @@ def _encoder_layer_rules(m, t, j):
 
 
 def _encoder(m):
-    from jaxlight.porting.translate import _layer_ctor  # (the nested layer's constructor text)
+    from jaxlight.bridge.porting.translate import _layer_ctor  # (the nested layer's constructor text)
 
     kw = {"norm": _Raw(_layer_ctor(m.norm) if m.norm is not None else "None")}
     return [_Raw(_layer_ctor(m.layers[0])), m.num_layers], kw
@@ -409,7 +409,7 @@ def torch_layer_name(m) -> str | None:
 
 
 def classify(m) -> str:
-    """``"layer"`` (kept as a ``jaxlight.porting.nn`` layer), ``"sequential"``, ``"list"``,
+    """``"layer"`` (kept as a ``jaxlight.bridge.porting.nn`` layer), ``"sequential"``, ``"list"``,
     ``"dict"`` (containers), ``"class"`` (its ``forward`` traced as a class of its own) or
     ``"unsupported"`` (a torch layer without a translation)."""
     import torch.nn as tnn

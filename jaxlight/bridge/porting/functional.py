@@ -1,7 +1,7 @@
 """PyTorch's tensor functions with PyTorch's semantics, on JAX arrays: what ported ``__call__``
 methods call where ``jax.numpy`` has no function of the same meaning.
 
-Generated source imports this module as ``F`` (``from jaxlight.porting import functional as F``),
+Generated source imports this module as ``F`` (``from jaxlight.bridge.porting import functional as F``),
 so a ported line reads like the torch line it comes from: ``F.flatten(x, 1)``,
 ``F.chunk(qkv, 3, dim=-1)``, ``F.max_pool2d(x, 2)``. Where a function of ``jax.numpy`` or
 ``jax.nn`` means exactly what torch's does, the generated code calls it directly
@@ -10,7 +10,7 @@ so a ported line reads like the torch line it comes from: ``F.flatten(x, 1)``,
 Layouts: arrays are in torch's layout (``(B, C, H, W)``, ``(B, T, C)``), except for the
 functions that say ``channels-last``: the pooling functions take ``(B, H, W, C)`` /
 ``(B, L, C)``, the layout the port's convolutions run in (:func:`channels_last`,
-:func:`channels_first` convert; see ``jaxlight.porting.nn``).
+:func:`channels_first` convert; see ``jaxlight.bridge.porting.nn``).
 
 Numerics that differ from a naive JAX spelling, and why each function exists:
 
