@@ -35,14 +35,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jaxlight.hparams import import_path
+from jaxlight.recipes import MODEL_DIR, RECIPES
 
 __all__ = ["BUILTIN_CONFIGS", "ConfigError", "Run", "build_run", "builtin_config", "parse", "PARTS"]
 
 PARTS = ("seed", "model", "init", "loss", "data", "optimizer", "trainer")
 CALLED = ("model", "data", "optimizer")  # the parts given as {class_path, init_args}
 TASK_NAMES = ("multiclass", "binary", "regression")
-BUILTIN_CONFIGS = ("linear", "logistic", "softmax", "mlp", "cnn", "lstm")
-CONFIG_DIR = Path(__file__).parent / "configs"
+# The built-in configs lie beside their models (jaxlight/models/<name>.yaml); each is its model's recipe.
+CONFIG_DIR = MODEL_DIR
+BUILTIN_CONFIGS = tuple(RECIPES)
 
 # Trainer settings a config adds to TrainerConfig's fields (what the Trainer is built with).
 TRAINER_EXTRAS = {
@@ -70,7 +72,7 @@ class ConfigError(ValueError):
 
 
 def builtin_config(name: str) -> Path:
-    """The packaged config file of a built-in recipe (``jaxlight/configs/<name>.yaml``)."""
+    """The packaged config file of a built-in model (``jaxlight/models/<name>.yaml``)."""
     if name not in BUILTIN_CONFIGS:
         raise ConfigError(f"--config {name}: no such file and no built-in config of that name "
                           f"(built-in: {', '.join(BUILTIN_CONFIGS)})")

@@ -11,7 +11,9 @@
   none (``None``): the step then comes from ``TrainState.step``.
 
 Every layout difference is one explicit :class:`Rule` per parameter. A :class:`Layout` (one per
-model, :data:`LAYOUTS`) lists them; a user porting a model writes their own list of rules.
+model) lists them. A built-in model's layout is derived from the model and its torch twin
+(``jaxlight.bridge.layout_for``, which a model name given to the functions below resolves
+through); a user's model pair gets one from :func:`derive_layout` or writes its own rules.
 
 | rule kind | PyTorch | jaxlight | conversion |
 | --- | --- | --- | --- |
@@ -67,7 +69,6 @@ __all__ = [
     "ConversionError",
     "Rule",
     "Layout",
-    "LAYOUTS",
     "layout_for",
     "params_from_torch",
     "params_to_torch",
@@ -254,41 +255,17 @@ class Layout:
         raise KeyError(torch_name)
 
 
-def _dense(prefix: str, jax_prefix: tuple[str, ...] | None = None) -> tuple[Rule, ...]:
-    jp = jax_prefix or (prefix,)
-    return (Rule(f"{prefix}.weight", jp + ("kernel",), "linear"), Rule(f"{prefix}.bias", jp + ("bias",)))
-
-
-def _conv(prefix: str) -> tuple[Rule, ...]:
-    return (Rule(f"{prefix}.weight", (prefix, "kernel"), "conv"), Rule(f"{prefix}.bias", (prefix, "bias")))
-
-
-LAYOUTS: dict[str, Layout] = {
-    "linear": Layout("linear", _dense("linear")),
-    "logistic": Layout("logistic", _dense("linear")),
-    "softmax": Layout("softmax", _dense("linear")),
-    "mlp": Layout("mlp", _dense("fc1") + _dense("fc2")),
-    "cnn": Layout("cnn", _conv("conv1") + _conv("conv2") + (
-        Rule("fc1.weight", ("fc1", "kernel"), "flatten_linear", chw=(64, 7, 7)),
-        Rule("fc1.bias", ("fc1", "bias")),
-    ) + _dense("fc2")),
-    "lstm": Layout("lstm", (
-        Rule("lstm.weight_ih_l0", ("lstm", "kernel_ih"), "lstm"),
-        Rule("lstm.weight_hh_l0", ("lstm", "kernel_hh"), "lstm"),
-        Rule("lstm.bias_ih_l0", ("lstm", "bias_ih")),
-        Rule("lstm.bias_hh_l0", ("lstm", "bias_hh")),
-    ) + _dense("fc")),
-}
-
-
 def layout_for(model: str | Layout) -> Layout:
-    """A model's layout by its command-line name (or a user's own ``Layout``, unchanged)."""
+    """A user's own ``Layout``, unchanged, or a built-in model's by its command-line name: that
+    one is derived from the model and its torch twin (``jaxlight.bridge.layout_for``; needs the
+    ``torch`` extra)."""
     if isinstance(model, Layout):
         return model
-    if model not in LAYOUTS:
-        raise ValueError(f"no conversion layout for model {model!r}; known: {sorted(LAYOUTS)} "
-                         f"(or pass your own jaxlight.interop.Layout)")
-    return LAYOUTS[model]
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a built-in model's name or a jaxlight.interop.Layout, got {type(model).__name__}")
+    from jaxlight.bridge.layouts import layout_for as builtin_layout
+
+    return builtin_layout(model)
 
 
 # ----------------------------------------------------------------------------------------- #

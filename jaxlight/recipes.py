@@ -1,4 +1,8 @@
-"""Each model's default training recipe, shared by ``jaxlight`` and ``torch_ref``.
+"""Each built-in model's default training recipe, shared by ``jaxlight`` and ``torch_ref``.
+
+A recipe is read from the model's config file, which lies beside the model
+(``jaxlight/models/<name>.yaml``, what ``jaxlight fit --config <name>`` runs): the file is the one
+place its numbers are written. Adding ``jaxlight/models/<name>.yaml`` adds the recipe.
 
 | model | task | data | optimizer | lr | batch | epochs |
 | --- | --- | --- | --- | --- | --- | --- |
@@ -9,15 +13,23 @@
 | cnn | multiclass | MNIST | adam | 0.001 | 32 | 1 |
 | lstm | multiclass | MNIST | adam | 0.002 | 64 | 2 |
 
-Pure Python: ``torch_ref`` reads the same table.
+Pure Python (PyYAML, no JAX): ``torch_ref`` and the command lines read the same table.
+
+    >>> from jaxlight.recipes import recipe_for
+    >>> recipe_for("mlp", epochs=1)
+    Recipe(model='mlp', task='multiclass', dataset='mnist', optimizer='adam', lr=0.01, batch_size=64, epochs=1, momentum=0.0, weight_decay=None, seed=0)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
 
-__all__ = ["Recipe", "RECIPES", "recipe_for"]
+__all__ = ["Recipe", "RECIPES", "MODEL_DIR", "recipe_for", "recipe_from_config"]
+
+MODEL_DIR = Path(__file__).parent / "models"
 
 
 @dataclass(frozen=True)
@@ -40,16 +52,32 @@ class Recipe:
         return kwargs
 
 
-RECIPES = {
-    "linear": Recipe("linear", "regression", "synthetic-regression", "sgd", lr=0.05, epochs=10),
-    "logistic": Recipe("logistic", "binary", "mnist-zero", "adam", lr=1e-3, epochs=2),
-    "softmax": Recipe("softmax", "multiclass", "mnist", "adam", lr=1e-3, epochs=2),
-    "mlp": Recipe("mlp", "multiclass", "mnist", "adam", lr=1e-2, epochs=10),
-    # Batch 32: with PyTorch's (small) default init, batch 64 reaches only ~98.3-98.5% in one
-    # epoch at lr 1e-3 or 2e-3; batch 32 reaches ~98.7%.
-    "cnn": Recipe("cnn", "multiclass", "mnist", "adam", lr=1e-3, batch_size=32, epochs=1),
-    "lstm": Recipe("lstm", "multiclass", "mnist", "adam", lr=2e-3, epochs=2),
-}
+def recipe_from_config(model: str, config: Mapping) -> Recipe:
+    """The recipe a built-in config file (a parsed ``jaxlight/models/<model>.yaml``) runs: its loss,
+    dataset, optimizer (``jaxlight.optim.<name>`` and its ``lr``, ``momentum``, ``weight_decay``),
+    the trainer's ``max_epochs`` and ``batch_size``, and its seed."""
+    try:
+        opt = config["optimizer"]
+        kwargs = opt.get("init_args") or {}
+        trainer = config["trainer"]
+        return Recipe(model, task=config["loss"], dataset=config["data"]["init_args"]["dataset"],
+                      optimizer=opt["class_path"].rsplit(".", 1)[-1], lr=kwargs["lr"],
+                      batch_size=trainer["batch_size"], epochs=trainer["max_epochs"],
+                      momentum=kwargs.get("momentum", 0.0), weight_decay=kwargs.get("weight_decay"),
+                      seed=config.get("seed", 0))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{MODEL_DIR / (model + '.yaml')}: not a built-in recipe (missing or malformed "
+                         f"key {exc})") from None
+
+
+def _read_recipes() -> dict[str, Recipe]:
+    import yaml
+
+    return {p.stem: recipe_from_config(p.stem, yaml.safe_load(p.read_text()))
+            for p in sorted(MODEL_DIR.glob("*.yaml"))}
+
+
+RECIPES: dict[str, Recipe] = _read_recipes()
 
 
 def recipe_for(model: str, **overrides) -> Recipe:

@@ -363,7 +363,7 @@ def check_parity(
             starting point (it is trained in place).
         jax_model: the NNX module (its structure is used; its weights and batch statistics are
             replaced by the converted torch ones; it is not modified).
-        model: the conversion layout: a model name of ``jaxlight.interop.LAYOUTS``, a ``Layout``
+        model: the conversion layout: a built-in model's name (``jaxlight.bridge.layout_for``), a ``Layout``
             for your own pair, or None to derive it from the two models
             (``jaxlight.interop.derive_layout``, with ``flatten``).
         task: ``"regression"``, ``"binary"`` or ``"multiclass"`` (``jaxlight.tasks``), with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -201,8 +202,13 @@ class CNN(nnx.Module):
 
     Activations are NHWC (Flax's layout; PyTorch's is NCHW). The flatten before ``fc1`` therefore
     orders the 7x7x64 features as (H, W, C), where PyTorch orders them (C, H, W):
-    ``jaxlight.interop`` permutes ``fc1``'s rows when converting.
+    ``jaxlight.interop`` permutes ``fc1``'s rows when converting; :attr:`torch_flatten` says so
+    to ``jaxlight.bridge.layout_for``, which derives the layout from this model and its torch twin.
     """
+
+    # {torch Linear name: (C, H, W)} of the feature maps torch flattens NCHW where this model
+    # flattens NHWC (``jaxlight.interop.derive_layout``'s ``flatten``).
+    torch_flatten: ClassVar[dict] = {"fc1": (64, 7, 7)}
 
     def __init__(self, num_classes: int = 10, *, rngs: nnx.Rngs):
         save_hyperparameters(self)  # (load_from_checkpoint rebuilds it from a checkpoint)

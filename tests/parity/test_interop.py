@@ -55,7 +55,7 @@ def test_converted_models_compute_the_same_outputs(name, jax_model):
 def test_cnn_flatten_permutation_maps_each_feature():
     # Column j of torch's fc1 reads feature (c, h, w) = unravel(j, (64, 7, 7)); after conversion
     # the row of jaxlight's kernel that reads (h, w, c) must hold it.
-    rule = interop.LAYOUTS["cnn"].rule("fc1.weight")
+    rule = interop.layout_for("cnn").rule("fc1.weight")
     w = np.arange(256 * 3136, dtype=np.float32).reshape(256, 3136)
     k = rule.to_jax(w)
     for c, h, w_ in [(0, 0, 0), (63, 6, 6), (5, 2, 3), (17, 6, 0)]:
@@ -78,7 +78,7 @@ def test_rule_shapes(kind, torch_shape, jax_shape):
 def test_lstm_gate_blocks_keep_torch_order():
     # Rows [0:H) of weight_ih are the input gate, [H:2H) forget, [2H:3H) cell, [3H:4H) output.
     w = np.repeat(np.arange(4, dtype=np.float32), 128)[:, None] * np.ones((1, 28), np.float32)
-    k = interop.LAYOUTS["lstm"].rule("lstm.weight_ih_l0").to_jax(w)
+    k = interop.layout_for("lstm").rule("lstm.weight_ih_l0").to_jax(w)
     assert [float(k[0, g * 128]) for g in range(4)] == [0.0, 1.0, 2.0, 3.0]
 
 
