@@ -60,3 +60,54 @@ def test_no_jaxlight_module_imports_torch_when_imported():
     assert offenders == []
     planted = ast.parse("try:\n    import torch.nn as nn\nexcept ImportError:\n    pass\ndef f():\n    import torch\n")
     assert list(_import_time_imports(planted)) == ["torch.nn"]
+
+
+def _all_imports(tree: ast.AST):
+    """``(module, name)`` of every import statement anywhere, function bodies included
+    (``name`` is None for ``import module``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, None) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield from ((node.module, alias.name) for alias in node.names)
+
+
+def test_only_the_bridge_imports_torch_or_torch_ref():
+    """One direction between the packages: the cross-framework code lives in jaxlight/bridge/,
+    and no other jaxlight module imports torch, torchvision or torch_ref, not even inside a
+    function. The planted source shows the check sees a function-level import."""
+    forbidden = ("torch", "torchvision", "torch_ref")
+    offenders = []
+    for path in sorted((ROOT / "jaxlight").rglob("*.py")):
+        if (ROOT / "jaxlight" / "bridge") in path.parents:
+            continue
+        for module, _ in _all_imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] in forbidden:
+                offenders.append(f"{path.relative_to(ROOT)}: import {module}")
+    assert offenders == []
+    assert any((ROOT / "jaxlight" / "bridge").rglob("*.py"))
+    planted = ast.parse("def f():\n    from torch_ref.interop import state_dict_to_numpy\n")
+    assert [m for m, _ in _all_imports(planted)] == ["torch_ref.interop"]
+
+
+def _private(module: str, name: str | None) -> bool:
+    return any(part.startswith("_") for part in module.split(".")) or (name or "").startswith("_")
+
+
+# torch_ref/cli.py shares the command-line plumbing of jaxlight/cli.py and is checked with it.
+SHARED_CLI = ("cli.py",)
+
+
+def test_torch_ref_imports_only_public_jaxlight_names():
+    """torch_ref depends on jaxlight through its public surface only: no ``_private`` name and
+    no ``_private`` module, at any level."""
+    offenders = []
+    for path in sorted((ROOT / "torch_ref").rglob("*.py")):
+        if path.name in SHARED_CLI and path.parent == ROOT / "torch_ref":
+            continue
+        for module, name in _all_imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] == "jaxlight" and _private(module, name):
+                offenders.append(f"{path.relative_to(ROOT)}: from {module} import {name}")
+    assert offenders == []
+    assert _private("jaxlight.data.mnist", "_md5") and _private("jaxlight._impl", "x")
+    assert not _private("jaxlight.data.mnist", "verify_checksum")

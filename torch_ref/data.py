@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from jaxlight.data import ArrayDataset, find_mnist, load_task_data
-from jaxlight.data.mnist import MNIST_FILES, _md5, _read_bytes, _verify_checksum, default_cache_dir
+from jaxlight.data.mnist import MNIST_FILES, default_cache_dir, md5, read_bytes, verify_checksum
 
 __all__ = ["LOADERS", "MemoryLoader", "make_loaders", "torchvision_root"]
 
@@ -37,12 +37,12 @@ def _decompressed_copy(source: Path, name: str) -> Path:
     from ``source`` when it is missing or differs, and written through a temporary file and a
     rename, so that a kill while writing never leaves a truncated copy under its name."""
     target = default_cache_dir() / "torchvision" / "MNIST" / "raw" / name
-    if target.is_file() and _md5(target.read_bytes()) == MNIST_FILES[name][0]:
+    if target.is_file() and md5(target.read_bytes()) == MNIST_FILES[name][0]:
         return target
-    _verify_checksum(source, name, verify=True)
+    verify_checksum(source, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{name}.", delete=False) as tmp:
-        tmp.write(_read_bytes(source))
+        tmp.write(read_bytes(source))
         tmp.flush()
         os.fsync(tmp.fileno())
     os.replace(tmp.name, target)
@@ -77,7 +77,7 @@ def torchvision_root(data_dir: str | os.PathLike | None = None) -> Path:
     for name in MNIST_FILES:
         if (folder / name).is_file():
             source = (folder / name).resolve()
-            _verify_checksum(source, name, verify=True)
+            verify_checksum(source, name)
         else:
             source = _decompressed_copy(folder / (name + ".gz"), name)
         os.symlink(source.resolve(), raw / name)

@@ -50,6 +50,9 @@ __all__ = [
     "find_mnist",
     "download_mnist",
     "read_idx",
+    "read_bytes",
+    "md5",
+    "verify_checksum",
     "load_mnist",
 ]
 
@@ -156,12 +159,18 @@ def find_mnist(data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _md5(data: bytes) -> str:
+def md5(data: bytes) -> str:
+    """The hex MD5 digest of ``data``: what :data:`MNIST_FILES` publishes for each file.
+
+    >>> md5(b"")
+    'd41d8cd98f00b204e9800998ecf8427e'
+    """
     return hashlib.md5(data).hexdigest()
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's uncompressed bytes; a damaged ``.gz`` is an error naming the file."""
+def read_bytes(path: Path) -> bytes:
+    """The file's uncompressed bytes (a ``.gz`` is decompressed); a damaged ``.gz`` is an
+    :class:`MNISTError` naming the file."""
     if path.suffix != ".gz":
         return path.read_bytes()
     try:
@@ -188,7 +197,7 @@ def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.nd
             the file size, a truncated body or a damaged gzip stream.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if len(data) < 4:
         raise MNISTError(f"{path}: {len(data)} bytes, too short for an IDX header")
     zero0, zero1, type_code, ndim = data[0], data[1], data[2], data[3]
@@ -221,13 +230,13 @@ def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.nd
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-def _verify_checksum(path: Path, name: str, verify: bool) -> None:
-    if not verify:
-        return
+def verify_checksum(path: Path, name: str) -> None:
+    """Check the MNIST file ``name`` (a key of :data:`MNIST_FILES`) at ``path``, raw or ``.gz``,
+    against its published MD5; a mismatch is an :class:`MNISTError` naming the file."""
     raw_md5, gz_md5 = MNIST_FILES[name]
-    actual = _md5(_read_bytes(path))
+    actual = md5(read_bytes(path))
     if actual != raw_md5:
-        if path.suffix == ".gz" and _md5(path.read_bytes()) == gz_md5:
+        if path.suffix == ".gz" and md5(path.read_bytes()) == gz_md5:
             return  # pragma: no cover - the two sums always agree for a good file
         raise MNISTError(
             f"{path}: checksum mismatch: md5 of its contents is {actual}, the published MNIST "
@@ -256,8 +265,9 @@ def _read_split(folder: Path, split: str, verify: bool) -> MNISTSplit:
             f"{label_path}: label {int(labels[bad])} at index {bad} is outside 0-9"
         )
     # Checksums last: the structural checks above give the more precise message.
-    _verify_checksum(image_path, image_name, verify)
-    _verify_checksum(label_path, label_name, verify)
+    if verify:
+        verify_checksum(image_path, image_name)
+        verify_checksum(label_path, label_name)
     return MNISTSplit(images=images, labels=labels.astype(np.int32))
 
 
@@ -322,7 +332,7 @@ def _download_all(folder: Path, mirrors: tuple[str, ...], show_progress: bool, r
     """Each missing file into ``folder``: downloaded, checked against its MD5, decompressed."""
     for name, (raw_md5, gz_md5) in MNIST_FILES.items():
         final = folder / name
-        if final.is_file() and _md5(final.read_bytes()) == raw_md5:
+        if final.is_file() and md5(final.read_bytes()) == raw_md5:
             continue
         gz_path = folder / (name + ".gz")
         errors = []
@@ -332,7 +342,7 @@ def _download_all(folder: Path, mirrors: tuple[str, ...], show_progress: bool, r
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 errors.append(f"{mirror}{name}.gz: {exc}")
                 continue
-            if _md5(gz_path.read_bytes()) != gz_md5:
+            if md5(gz_path.read_bytes()) != gz_md5:
                 errors.append(f"{mirror}{name}.gz: checksum mismatch")
                 gz_path.unlink()
                 continue
@@ -344,10 +354,10 @@ def _download_all(folder: Path, mirrors: tuple[str, ...], show_progress: bool, r
         # Decompress to a temporary file first so an interrupted run never leaves a half file
         # under the final name.
         with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
-            tmp.write(_read_bytes(gz_path))
+            tmp.write(read_bytes(gz_path))
         os.replace(tmp.name, final)
         gz_path.unlink()
-        _verify_checksum(final, name, verify=True)
+        verify_checksum(final, name)
 
 
 def _where_to_put_it(data_dir: str | os.PathLike | None = None) -> str:
