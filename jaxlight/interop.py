@@ -593,10 +593,14 @@ def derive_layout(torch_model, jax_model, *, flatten: Mapping[str, tuple[int, in
         ConversionError: a layer without a rule, layers that cannot be paired (listing both
             sides), or a pair configured differently (BatchNorm ``eps``/``momentum``, bias, affine).
 
-    Example:
-        >>> layout = derive_layout(torch_net, nnx_net, flatten={"fc1": (64, 7, 7)})  # doctest: +SKIP
-        >>> arrays = torch_ref.interop.state_dict_to_numpy(torch_net)               # doctest: +SKIP
-        >>> jax_net = model_from_torch(arrays, nnx_net, layout)                     # doctest: +SKIP
+    Example (the built-in CNN pair, whose ``fc1`` reads a flattened feature map):
+        >>> import jaxlight, torch_ref
+        >>> from torch_ref.interop import state_dict_to_numpy
+        >>> torch_net, nnx_net = torch_ref.build_model("cnn"), jaxlight.build_model("cnn")
+        >>> layout = derive_layout(torch_net, nnx_net, flatten={"fc1": (64, 7, 7)})
+        >>> [r.kind for r in layout.rules if r.torch_name.endswith("weight")]
+        ['conv', 'conv', 'flatten_linear', 'linear']
+        >>> jax_net = model_from_torch(state_dict_to_numpy(torch_net), nnx_net, layout)
     """
     flatten = dict(flatten or {})
     tl = _torch_layers(torch_model)
@@ -638,8 +642,12 @@ def model_from_torch(arrays: Mapping[str, np.ndarray], jax_model, model: str | L
     state, such as dropout RNG counts, is kept). ``num_batches_tracked`` is ignored.
 
     Example:
-        >>> layout = derive_layout(torch_net, nnx_net)                               # doctest: +SKIP
-        >>> nnx_net = model_from_torch(state_dict_to_numpy(torch_net), nnx_net, layout)  # doctest: +SKIP
+        >>> import jaxlight, torch_ref
+        >>> from torch_ref.interop import state_dict_to_numpy
+        >>> torch_net, nnx_net = torch_ref.build_model("mlp", seed=1), jaxlight.build_model("mlp")
+        >>> nnx_net = model_from_torch(state_dict_to_numpy(torch_net), nnx_net, derive_layout(torch_net, nnx_net))
+        >>> bool((nnx_net.fc1.kernel[...] == torch_net.fc1.weight.detach().numpy().T).all())
+        True
     """
     from flax import nnx
 

@@ -10,8 +10,8 @@ in a ``torch_flatten`` class attribute (``{torch Linear name: (C, H, W)}``, the 
     >>> from jaxlight.bridge import layout_for
     >>> [(r.torch_name, r.kind) for r in layout_for("mlp").rules]
     [('fc1.weight', 'linear'), ('fc1.bias', 'copy'), ('fc2.weight', 'linear'), ('fc2.bias', 'copy')]
-    >>> layout_for("cnn").rule("fc1.weight").chw
-    (64, 7, 7)
+
+The CNN's ``fc1`` comes out as a ``flatten_linear`` rule with ``chw=(64, 7, 7)``.
 """
 
 from __future__ import annotations

@@ -39,14 +39,14 @@ either direction on the first step (:class:`_RoundingNotes` tells such elements 
 
 This module needs torch (the ``torch`` extra) and imports it only when called.
 
-Example:
+Example (on the synthetic regression data; ``steps=100`` on MNIST is what the tests run):
     >>> import torch_ref, jaxlight
-    >>> from jaxlight.data import load_task_data
-    >>> train, _, _ = load_task_data("mnist", data_dir)                       # doctest: +SKIP
-    >>> report = check_parity(torch_ref.build_model("mlp"), jaxlight.build_model("mlp"), "mlp",
-    ...                       task="multiclass", optimizer="adam", lr=1e-3,
-    ...                       data=train.take(2000), steps=100)              # doctest: +SKIP
-    >>> print(report)                                                        # doctest: +SKIP
+    >>> from jaxlight.data import make_regression
+    >>> data = make_regression(n_train=256, n_test=64, seed=0)
+    >>> report = check_parity(torch_ref.build_model("linear"), jaxlight.build_model("linear"), "linear",
+    ...                       task="regression", optimizer="sgd", lr=0.05, data=data.train, steps=2)
+    >>> report.ok, report.steps_checked
+    (True, 2)
 """
 
 from __future__ import annotations
@@ -412,14 +412,17 @@ def check_parity(
         A :class:`ParityReport`; ``report.ok`` is False and ``report.divergence`` says where
         when anything differs beyond tolerance.
 
-    Example (a user's model pair and loss; ``docs/parity-user-models.md``):
-        >>> def loss_fn(model, batch):
-        ...     return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]), {}
-        >>> def torch_loss_fn(model, batch):
-        ...     return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none"), {}
-        >>> report = check_parity(torch_net, nnx_net, data={"x": x, "y": y}, loss_fn=loss_fn,
-        ...                       torch_loss_fn=torch_loss_fn, optimizer="adam", steps=20)  # doctest: +SKIP
-        >>> report.divergence                                   # e.g. level "forward", name "body.4"  # doctest: +SKIP
+    A user's model pair and loss (``docs/parity-user-models.md``)::
+
+        def loss_fn(model, batch):
+            return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]), {}
+
+        def torch_loss_fn(model, batch):
+            return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none"), {}
+
+        report = check_parity(torch_net, nnx_net, data={"x": x, "y": y}, loss_fn=loss_fn,
+                              torch_loss_fn=torch_loss_fn, optimizer="adam", steps=20)
+        report.divergence  # None, or where: e.g. level "forward", name "body.4"
     """
     import jax
     import torch

@@ -1,4 +1,19 @@
-"""The six models, in Flax NNX. ``torch_ref.models`` has the same names and layer structure."""
+"""The built-in models, in Flax NNX, one family per file. ``torch_ref.models`` has the same
+names, files and layer structure.
+
+A built-in model is one file and one entry in :data:`MODELS`, in each framework: the class in
+``jaxlight/models/<file>.py`` and its torch twin in ``torch_ref/models/<file>.py``, each listed
+under the same command-line name. Beside the model lies its config,
+``jaxlight/models/<name>.yaml``: what ``jaxlight fit --config <name>`` runs, and the recipe
+``jaxlight.recipes`` reads from it. The weight layout between the twins is derived from the two
+models (``jaxlight.bridge.layout_for``), never written by hand.
+
+    >>> from jaxlight.models import MODELS, build_model, count_params
+    >>> sorted(MODELS)
+    ['cnn', 'linear', 'logistic', 'lstm', 'mlp', 'softmax']
+    >>> count_params(build_model("mlp"))  # 784*256 + 256 + 256*10 + 10
+    203530
+"""
 
 from __future__ import annotations
 
@@ -24,7 +39,7 @@ __all__ = [
     "has_scan_slow_conv",
 ]
 
-# Command-line name -> class. The same names key torch_ref.models.MODELS.
+# Command-line name -> class: the registry. The same names key torch_ref.models.MODELS.
 MODELS = {
     "linear": LinearRegression,
     "logistic": LogisticRegression,

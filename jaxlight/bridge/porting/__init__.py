@@ -1,12 +1,17 @@
 """``jaxlight.bridge.porting``: bring a PyTorch model (``jaxlight.port(torch_module, inputs)``). Its Flax NNX twin as readable source, the weights
 moved exactly, and the proof that both compute the same thing.
 
-    >>> import jaxlight
-    >>> p = jaxlight.port(torch_net, (torch.randn(8, 1, 28, 28),))   # doctest: +SKIP
-    >>> print(p.report)                     # forward, gradients, SGD and Adam steps vs torch  # doctest: +SKIP
-    >>> p.model                             # the nnx.Module, holding torch_net's weights       # doctest: +SKIP
-    >>> print(p.source)                     # the NNX class(es), one attribute per torch submodule  # doctest: +SKIP
-    >>> p.save("ported/")                   # source + checkpoint + config.yaml for jaxlight fit   # doctest: +SKIP
+    >>> import jaxlight, torch
+    >>> torch_net = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh())
+    >>> p = jaxlight.port(torch_net, (torch.randn(8, 6),), check=False)   # check=True adds p.report
+    >>> p.model(torch.randn(2, 6).numpy()).shape     # the nnx.Module, holding torch_net's weights
+    (2, 3)
+    >>> "class Sequential(nn.Sequential):" in p.source   # the NNX class(es), one attribute per torch submodule
+    True
+
+``print(p.report)`` prints the parity table (forward, gradients, SGD and Adam steps against
+torch) and ``p.save("ported/")`` writes the source, a checkpoint and a ``config.yaml`` for
+``jaxlight fit``.
 
 The parts, one job each:
 

@@ -1,10 +1,13 @@
 """``translate()``: a torch module -> readable Flax NNX source, the NNX model built from it
 holding the torch weights, and the conversion layout.
 
+    >>> import torch
     >>> from jaxlight.bridge.porting.translate import translate
-    >>> t = translate(torch_net, (torch.randn(8, 1, 28, 28),))   # doctest: +SKIP
-    >>> print(t.source)                                          # doctest: +SKIP
-    >>> t.model(x_numpy)                                         # torch's layout in and out  # doctest: +SKIP
+    >>> t = translate(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh()), (torch.randn(8, 6),))
+    >>> t.class_name, [(r.torch_name, r.jax_name, r.kind) for r in t.layout.rules]
+    ('Sequential', [('0.weight', '0/kernel', 'linear'), ('0.bias', '0/bias', 'copy')])
+    >>> t.model(torch.randn(2, 6).numpy()).shape     # torch's layout in and out
+    (2, 3)
 
 The steps, one module each:
 
