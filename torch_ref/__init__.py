@@ -3,6 +3,9 @@
 It is the yardstick the JAX side is checked against, so it stays faithful to the tutorial it
 grew from (``DataLoader`` over ``torchvision.datasets.MNIST`` with ``ToTensor``), and adds an
 in-memory path only for fair speed comparisons.
+
+It imports only public ``jaxlight`` names (the MNIST files, the data order, the recipes), and
+``jaxlight`` imports it only from ``jaxlight.bridge``, so the packages depend one way.
 """
 
 import importlib
