@@ -213,7 +213,7 @@ def test_the_checks_catch_a_planted_upward_import_load_and_cycle(tmp_path):
                 from jaxlight.trainer import Trainer   # annotations only: not counted
             """,
         "trainer.py": "from jaxlight.step import check_batch\n",
-        "cli.py": "def main():\n    from jaxlight.bridge.compare import run\n",
+        "cli.py": "def main():\n    from jaxlight.compare import run\n",
         "compare.py": "from .cli import main\n",
     }))
     assert upward_imports(graph) == [
@@ -222,6 +222,6 @@ def test_the_checks_catch_a_planted_upward_import_load_and_cycle(tmp_path):
     ]
     assert upward_loads(graph) == ["jaxlight.models -> jaxlight.hparams -> jaxlight.checkpoint -> jaxlight.state"]
     assert sorted(cycles_through(graph, ["jaxlight.cli", "jaxlight.state", "jaxlight.step"])) == [
-        "jaxlight.cli -> jaxlight.bridge.compare -> jaxlight.cli",
+        "jaxlight.cli -> jaxlight.compare -> jaxlight.cli",
         "jaxlight.state -> jaxlight.tasks -> jaxlight.state",
     ]
