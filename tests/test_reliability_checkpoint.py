@@ -8,9 +8,9 @@ maps each case to its tests. Everything here trains the linear model on 256 synt
 import json
 import os
 import signal
-import threading
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
