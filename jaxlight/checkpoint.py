@@ -52,9 +52,22 @@ keeps at least two, so a complete one always survives. ``ModelCheckpoint`` saves
 docstring), so another run's checkpoint (or a ``step_*`` symlink) at the same step is never
 replaced: the save stops with a message naming it.
 
-Example:
-    >>> path = save_checkpoint("runs/ckpt", state, {"epoch": 1, "batch": 0})  # doctest: +SKIP
-    >>> state, meta, path = restore_latest("runs/ckpt", fresh_state)         # doctest: +SKIP
+Example (a fresh state of the same structure is the template a restore fills):
+    >>> import tempfile
+    >>> import jax, numpy as np
+    >>> from flax import nnx
+    >>> from jaxlight import create_train_state, optim, tasks
+    >>> from jaxlight.models import LinearRegression
+    >>> def new_state(seed):
+    ...     model = LinearRegression(8, rngs=nnx.Rngs(seed))
+    ...     return create_train_state(model, optim.adam(0.1), tasks.regression(), seed=seed)
+    >>> root = tempfile.mkdtemp()
+    >>> path = save_checkpoint(root, new_state(0), {"epoch": 1, "batch": 0})
+    >>> path.name, "meta.json" in verify_checkpoint(path)  # (the files its manifest vouches for)
+    ('step_000000000', True)
+    >>> restored, meta, path = restore_latest(root, new_state(1))
+    >>> meta["epoch"], all(jax.tree.leaves(jax.tree.map(np.array_equal, restored.params, new_state(0).params)))
+    (1, True)
 """
 
 from __future__ import annotations
@@ -1009,8 +1022,7 @@ def load_model(path: str | os.PathLike, model, which: str = "last"):
         IncompatibleCheckpointError: ``model`` does not fit the checkpoint; the message names
             the path and the first leaf that differs.
 
-    Example:
-        >>> model = load_model("runs/ckpt", build_model("mlp"), which="best")   # doctest: +SKIP
+    Example: ``model = load_model("runs/ckpt", build_model("mlp"), which="best")``.
     """
     if which not in ("best", "last"):
         raise ValueError(f"load_model: which must be 'best' or 'last', got {which!r}")
@@ -1335,10 +1347,9 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=
             with both ways to allow it) or cannot be imported, the recorded arguments do not
             fit, there is no best checkpoint, or the files are corrupt.
 
-    Example:
-        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")  # doctest: +SKIP
-        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", model=Net)      # doctest: +SKIP
-        >>> logits = model(x)                                                           # doctest: +SKIP
+    Example: ``model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")``
+    rebuilds the recorded class; ``load_from_checkpoint("runs/ckpt", model=Net)`` builds
+    ``Net`` with the recorded arguments; then ``logits = model(x)``.
     """
     if model is not None and not (inspect.isclass(model) and issubclass(model, nnx.Module)):
         raise TypeError(f"load_from_checkpoint: model must be an nnx.Module class (the class, not an instance: "

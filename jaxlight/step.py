@@ -353,8 +353,17 @@ def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | N
         The new state and ``{"loss", <the loss's metrics>, "count"}``: example-weighted means
         over the real rows of the window, ``count`` their number.
 
-    Example:
-        >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)  # doctest: +SKIP
+    Example (a window of 2 micro-batches of 3 rows, the last row of the second one padding):
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from jaxlight import create_train_state, optim, tasks
+        >>> from jaxlight.models import LinearRegression
+        >>> state = create_train_state(LinearRegression(2, rngs=nnx.Rngs(0)), optim.sgd(0.1), tasks.regression())
+        >>> batches = {"x": np.ones((2, 3, 2), np.float32), "y": np.zeros((2, 3, 1), np.float32)}
+        >>> masks = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+        >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)
+        >>> int(state.step), float(metrics["count"])
+        (1, 5.0)
     """
     if state.step_fn is not None:
         raise ValueError(_NO_ACCUMULATION)
@@ -809,7 +818,15 @@ def train_step(state: TrainState, batch, mask=None) -> tuple[TrainState, dict]:
         The new state and ``{"loss", <metrics>, "count"}`` for this batch.
 
     Example:
-        >>> state, metrics = train_step(state, {"x": images, "y": labels})   # doctest: +SKIP
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from jaxlight import create_train_state, optim, tasks
+        >>> from jaxlight.models import LinearRegression
+        >>> state = create_train_state(LinearRegression(2, rngs=nnx.Rngs(0)), optim.sgd(0.1), tasks.regression())
+        >>> x, y = np.ones((4, 2), np.float32), np.zeros((4, 1), np.float32)
+        >>> state, metrics = train_step(state, {"x": x, "y": y})
+        >>> int(state.step), sorted(metrics)
+        (1, ['count', 'loss', 'mse'])
     """
     check_not_donated(state)
     return _train_step_jit(state, *check_batch(state, batch, mask))
