@@ -57,7 +57,7 @@ from flax import nnx
 
 from jaxlight.data.stream import check_structure, leaf_name
 from jaxlight.errors import BatchError, DonatedStateError
-from jaxlight.layers import LayerError, stand_ins
+from jaxlight.layers import LayerError, StandIn, stand_ins
 from jaxlight.metrics import Metric
 from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import MODEL_STATE, TrainState
@@ -430,21 +430,19 @@ def model_outputs(loss_fn, model, batch, mask):
     return _first_model_call(model, lambda m: _call_loss_fn(loss_fn, m, batch, mask))
 
 
-class _FirstCall:
+class _FirstCall(StandIn):
     """The model as a loss function sees it, recording what its first call returned; every
-    attribute is the model's own."""
+    other attribute is the model's own."""
 
     def __init__(self, model):
-        self._model, self.outputs = model, []
+        super().__init__(model)
+        self.outputs = []
 
     def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
+        out = self.wrapped(*args, **kwargs)
         if not self.outputs:
             self.outputs.append(out)
         return out
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def _first_model_call(model, run):
@@ -615,21 +613,15 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
             raise BatchError(f"loss_fn returned a metric named {reserved!r}; jaxlight fills that one, pick another name")
 
 
-class _Float32Outputs:
+class _Float32Outputs(StandIn):
     """The model as the loss sees it under mixed precision: its calls return float32 (floating
     outputs cast), so the loss, its log-softmax and every reduction run in float32, as
     ``torch.autocast`` runs them (a bf16 cross-entropy rounds small losses to multiples of
     1/16). Every attribute is the model's own; only ``model(...)`` is cast."""
 
-    def __init__(self, model):
-        self._model = model
-
     def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
+        out = self.wrapped(*args, **kwargs)
         return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, out)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def _call_loss(state: TrainState, model, batch, mask, loss_fn=None):
