@@ -112,7 +112,7 @@ def test_tensorboard_hparams_text_and_a_resume_without_later_points(tmp_path):
     assert hp == {"model.width": 8.0, "model.act": "null", "lr": 0.5, "layers": "[1, 2]"}
     (text_tag,) = acc.PluginTagToContent("text")
     text = acc.Tensors(text_tag)[0].tensor_proto.string_val[0].decode()
-    assert text_tag.startswith("hparams") and text.splitlines() == [
+    assert text_tag == "hparams/text_summary" and text.splitlines() == [
         "model.width: 8", "model.act: null", "lr: 0.5", "layers: [1, 2]"]
 
 

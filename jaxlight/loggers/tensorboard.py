@@ -65,7 +65,8 @@ class TensorBoardLogger(Logger):
 
     def log_hyperparams(self, params):
         """The run's config in TensorBoard's HPARAMS tab (each leaf a dotted key:
-        ``model.init_args.width``), and as text under the tag ``hparams``."""
+        ``model.init_args.width``), and as one ``key: value`` line per leaf in the TEXT tab
+        (tag ``hparams/text_summary``, as ``SummaryWriter.add_text`` names it)."""
         from tensorboardX.summary import hparams
 
         flat = _flatten(json.loads(json.dumps(params, default=str)))
