@@ -52,14 +52,28 @@ keeps at least two, so a complete one always survives. ``ModelCheckpoint`` saves
 docstring), so another run's checkpoint (or a ``step_*`` symlink) at the same step is never
 replaced: the save stops with a message naming it.
 
-Example:
-    >>> path = save_checkpoint("runs/ckpt", state, {"epoch": 1, "batch": 0})  # doctest: +SKIP
-    >>> state, meta, path = restore_latest("runs/ckpt", fresh_state)         # doctest: +SKIP
+Example (a fresh state of the same structure is the template a restore fills):
+    >>> import tempfile
+    >>> import jax, numpy as np
+    >>> from flax import nnx
+    >>> from jaxlight import create_train_state, optim, tasks
+    >>> from jaxlight.models import LinearRegression
+    >>> def new_state(seed):
+    ...     model = LinearRegression(8, rngs=nnx.Rngs(seed))
+    ...     return create_train_state(model, optim.adam(0.1), tasks.regression(), seed=seed)
+    >>> root = tempfile.mkdtemp()
+    >>> path = save_checkpoint(root, new_state(0), {"epoch": 1, "batch": 0})
+    >>> path.name, "meta.json" in verify_checkpoint(path)  # (the files its manifest vouches for)
+    ('step_000000000', True)
+    >>> restored, meta, path = restore_latest(root, new_state(1))
+    >>> meta["epoch"], all(jax.tree.leaves(jax.tree.map(np.array_equal, restored.params, new_state(0).params)))
+    (1, True)
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
@@ -343,10 +357,11 @@ def _leaves(state: TrainState):
     return [(jax.tree_util.keystr(p), jax.random.key_data(v) if _is_key(v) else v) for p, v in flat]
 
 
-def _manager(root: Path, policy=None):
+def _manager(root: Path, policy=None, writes=None):
     """Orbax's ``CheckpointManager`` over ``root``: ``step_000000123`` folders written through a
     temporary folder and renamed when complete, asynchronously, each process writing the shards
-    its devices hold; deletion by ``policy`` (a :class:`_RunOwned`), after a save completes."""
+    its devices hold; deletion by ``policy`` (a :class:`_RunOwned`), after a save completes.
+    ``writes``: the handler that writes the arrays (an :func:`_array_writes`)."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
@@ -356,7 +371,54 @@ def _manager(root: Path, policy=None):
         # The step's folder is made before save returns (a mkdir): a folder that cannot be
         # written fails there, not in background threads that would wait for it.
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-    return ocp.CheckpointManager(root.absolute(), item_names=("arrays",), options=options)
+    types = ocp.type_handlers.create_type_handler_registry((jax.Array, writes or _array_writes()))
+    arrays = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("arrays", ocp.args.PyTreeSave, arrays)
+    registry.add("arrays", ocp.args.PyTreeRestore, arrays)
+    return ocp.CheckpointManager(root.absolute(), options=options, handler_registry=registry)
+
+
+def _array_writes():
+    """Orbax's ``ArrayHandler`` for ``jax.Array`` leaves, keeping the futures of its writes."""
+    return _array_writes_class()()
+
+
+@functools.cache
+def _array_writes_class():
+    """(Built at first use: Orbax is imported only when a checkpoint is written or read.)"""
+    import orbax.checkpoint as ocp
+
+    class ArrayWrites(ocp.type_handlers.ArrayHandler):
+        """When one write of a save fails, Orbax's ``wait_until_finished`` raises at once, while
+        the save's other writes (shards, shardings) may still be running and log their own
+        failure a moment later. :meth:`await_writes` awaits every future ``serialize`` returned
+        (Orbax's ``Future.result``): those logs come before the error a caller prints, and no
+        write lands in a folder being removed. Its array metadata store is the one of Orbax's
+        default ``jax.Array`` handler (read as Orbax's own ``resolve_array_metadata_store``
+        reads it), so a checkpoint's files are those the default handler writes."""
+
+        def __init__(self):
+            default = ocp.type_handlers.get_type_handler(jax.Array)
+            super().__init__(array_metadata_store=getattr(default, "_array_metadata_store", None))
+            self.futures: list = []
+
+        async def serialize(self, values, infos, args=None):
+            futures = await super().serialize(values, infos, args)
+            self.futures.extend(futures)
+            return futures
+
+        def await_writes(self, timeout: float = 60.0) -> None:
+            """Wait (up to ``timeout`` seconds in all) for every write since the last call."""
+            deadline = time.monotonic() + timeout
+            futures, self.futures = self.futures, []
+            for write in futures:
+                try:
+                    write.result(timeout=max(0.0, deadline - time.monotonic()))
+                except BaseException:  # noqa: BLE001 - the save's error, reported by the caller
+                    pass
+
+    return ArrayWrites
 
 
 class _RunOwned:
@@ -402,6 +464,8 @@ class CheckpointSaver:
         self._policy = _RunOwned(self.root)
         self._manager = None
         self._staging = None  # the manager of a replacement's staging folder, while one is written
+        self._writes = _array_writes()  # (the array writes of the manager of ``root``)
+        self._writing = None  # the array writes of the latest save (root's or the staging folder's)
         self._pending: tuple[threading.Thread, Path, list, Path | None] | None = None
         # Of the latest complete save: the seconds ``save`` held the caller (the copy on the
         # devices and Orbax's start) and the seconds until its manifest was written.
@@ -419,7 +483,7 @@ class CheckpointSaver:
                 if jax.process_index() == 0:
                     for stale in self.root.glob(".tmp-*"):
                         _remove(stale)
-                self._manager = _manager(self.root, self._policy)
+                self._manager = _manager(self.root, self._policy, self._writes)
             except Exception as exc:  # noqa: BLE001 - a folder that cannot be used, whatever the cause
                 raise CheckpointWriteError(f"could not write checkpoint {self.root}: {_short_cause(exc)}") from exc
         return self._manager
@@ -473,10 +537,11 @@ class CheckpointSaver:
         stage = parallel.any_process(stage)
         parallel.barrier(f"jaxlight-replace-{step}")
         manager.reload()
-        target = manager
+        target, self._writing = manager, self._writes
         if stage:
             try:
-                target = self._staging = _manager(staging, _RunOwned(staging))
+                self._writing = _array_writes()
+                target = self._staging = _manager(staging, _RunOwned(staging), self._writing)
             except Exception as exc:  # noqa: BLE001 - as a failure to start the write
                 self._failed(final, exc, staging)
         record = {
@@ -492,6 +557,7 @@ class CheckpointSaver:
         self._policy.owned = None if owned is None else set(owned)
         import orbax.checkpoint as ocp
 
+        self._writing.futures.clear()  # (the previous save's, all complete: wait() above)
         try:
             arrays = dict(zip((f"{i:06d}" for i in range(len(values))), copies))
             target.save(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays)), force=True)
@@ -567,7 +633,8 @@ class CheckpointSaver:
                 pass
 
     def _failed(self, final: Path, exc: BaseException, staging: Path | None = None):
-        _join_orbax_threads()  # (their own error logs come before ours, not after it)
+        if self._writing is not None:
+            self._writing.await_writes()  # (their own error logs come before ours, not after it)
         self._close_staging()
         if jax.process_index() == 0:
             if staging is None:
@@ -626,19 +693,6 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, meta: dict | Non
         return saver.save(state, meta, replace=replace)
     finally:
         saver.close()
-
-
-def _join_orbax_threads(timeout: float = 60.0) -> None:
-    """Wait for Orbax's worker threads that are still running after a save failed.
-
-    When one write of a save fails, Orbax reports it at once, while its other writes (metadata,
-    shardings) may still be running and log their own failure a moment later. Joining them keeps
-    those logs ahead of the error a caller prints, and no thread writes into a folder being removed.
-    """
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _short_cause(exc: BaseException) -> str:
@@ -968,8 +1022,7 @@ def load_model(path: str | os.PathLike, model, which: str = "last"):
         IncompatibleCheckpointError: ``model`` does not fit the checkpoint; the message names
             the path and the first leaf that differs.
 
-    Example:
-        >>> model = load_model("runs/ckpt", build_model("mlp"), which="best")   # doctest: +SKIP
+    Example: ``model = load_model("runs/ckpt", build_model("mlp"), which="best")``.
     """
     if which not in ("best", "last"):
         raise ValueError(f"load_model: which must be 'best' or 'last', got {which!r}")
@@ -1294,10 +1347,9 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=
             with both ways to allow it) or cannot be imported, the recorded arguments do not
             fit, there is no best checkpoint, or the files are corrupt.
 
-    Example:
-        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")  # doctest: +SKIP
-        >>> model, config = jaxlight.load_from_checkpoint("runs/ckpt", model=Net)      # doctest: +SKIP
-        >>> logits = model(x)                                                           # doctest: +SKIP
+    Example: ``model, config = jaxlight.load_from_checkpoint("runs/ckpt", which="best")``
+    rebuilds the recorded class; ``load_from_checkpoint("runs/ckpt", model=Net)`` builds
+    ``Net`` with the recorded arguments; then ``logits = model(x)``.
     """
     if model is not None and not (inspect.isclass(model) and issubclass(model, nnx.Module)):
         raise TypeError(f"load_from_checkpoint: model must be an nnx.Module class (the class, not an instance: "

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["LayerError", "PaddedBatchNorm", "GlobalRowsDropout", "batch_stats", "stand_ins", "references"]
+__all__ = ["LayerError", "StandIn", "PaddedBatchNorm", "GlobalRowsDropout", "batch_stats", "stand_ins", "references"]
 
 
 class LayerError(ValueError):
@@ -104,7 +104,37 @@ def _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, dtype, e
     return jnp.asarray(y, dtype)
 
 
-class PaddedBatchNorm:
+class StandIn:
+    """Takes the place of ``wrapped`` (a layer, or the model a loss function is given) while a
+    step is traced: a subclass defines ``__call__``; every other attribute is read from the
+    wrapped object, so code that reads a layer's fields (a ported ``nn.Sequential`` reads
+    ``port_layout``) or a model's submodules (``model.encoder(x)`` in a loss) sees them.
+    jaxlight's one forwarding class: every stand-in subclasses it.
+
+    >>> class Doubled(StandIn):
+    ...     def __call__(self, x):
+    ...         return 2 * self.wrapped(x)
+    >>> class Layer:
+    ...     features = 3
+    ...     def __call__(self, x):
+    ...         return x + 1
+    >>> layer = Doubled(Layer())
+    >>> layer(1), layer.features
+    (4, 3)
+    """
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def __getattr__(self, name):
+        # (Called only for names the stand-in lacks. ``wrapped`` is missing only before
+        # __init__ has run, as in copy.copy: no endless recursion then.)
+        if name == "wrapped":
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
+
+
+class PaddedBatchNorm(StandIn):
     """Stands in for one ``nnx.BatchNorm`` while a step traces the loss (see the module doc).
 
     Args:
@@ -115,17 +145,11 @@ class PaddedBatchNorm:
     """
 
     def __init__(self, layer: nnx.BatchNorm, path: str, mask, axis_name):
-        self.layer, self.path, self.mask, self.axis_name = layer, path, mask, axis_name
-
-    def __getattr__(self, name):
-        # The layer's own attributes for whoever asks its stand-in (a ported nn.Sequential reads
-        # ``port_layout`` to keep feature maps channels-last into a batch norm).
-        if name == "layer":
-            raise AttributeError(name)
-        return getattr(self.layer, name)
+        super().__init__(layer)
+        self.path, self.mask, self.axis_name = path, mask, axis_name
 
     def __call__(self, x, use_running_average=None, *, mask=None):
-        bn = self.layer
+        bn = self.wrapped
         running = bn.use_running_average if use_running_average is None else use_running_average
         feature_axes = _axes(jnp.ndim(x), bn.axis)
         reduction_axes = tuple(i for i in range(jnp.ndim(x)) if i not in feature_axes)
@@ -154,7 +178,7 @@ class PaddedBatchNorm:
 
     def _global(self, x, reduction_axes, feature_axes, axis_name):
         """The statistics of the global batch under ``pmap``; the rest as ``nnx.BatchNorm``."""
-        bn = self.layer
+        bn = self.wrapped
         scale = bn.scale[...] if bn.scale is not None else None
         bias = bn.bias[...] if bn.bias is not None else None
         x, _, _, scale, bias = bn.promote_dtype((x, bn.mean[...], bn.var[...], scale, bias), dtype=bn.dtype)
@@ -172,20 +196,16 @@ class PaddedBatchNorm:
         return _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, bn.dtype, bn.epsilon)
 
 
-class GlobalRowsDropout:
+class GlobalRowsDropout(StandIn):
     """Stands in for one ``nnx.Dropout`` inside ``pmap``: the mask of the global batch, this
     device's rows (see the module doc). Everything else is the layer's own call."""
 
     def __init__(self, layer: nnx.Dropout, axis_name, rows: int):
-        self.layer, self.axis_name, self.rows = layer, axis_name, rows
-
-    def __getattr__(self, name):  # (as PaddedBatchNorm's)
-        if name == "layer":
-            raise AttributeError(name)
-        return getattr(self.layer, name)
+        super().__init__(layer)
+        self.axis_name, self.rows = axis_name, rows
 
     def __call__(self, inputs, *, deterministic=None, rngs=None):
-        d = self.layer
+        d = self.wrapped
         off = d.deterministic if deterministic is None else deterministic
         shape = list(jnp.shape(inputs))
         for dim in d.broadcast_dims:

@@ -46,10 +46,18 @@ the mesh then spans every process's devices and each process feeds only its own 
 global batch (:meth:`Strategy.iterate_batches`), built into global arrays with
 ``jax.make_array_from_process_local_data``. See ``the README`` and ``jaxlight.launch``.
 
-Example:
-    >>> from jaxlight import parallel, loop                                   # doctest: +SKIP
-    >>> strategy = parallel.make_strategy("sharded", devices=8)              # doctest: +SKIP
-    >>> state, history = loop.fit(state, train, 2, 64, strategy=strategy)    # doctest: +SKIP
+Example (over every device there is; ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+gives a CPU 8 of them):
+    >>> from flax import nnx
+    >>> from jaxlight import create_train_state, loop, optim, parallel, tasks
+    >>> from jaxlight.data import make_regression
+    >>> from jaxlight.models import LinearRegression
+    >>> data = make_regression(n_train=256, n_test=64, seed=0)
+    >>> state = create_train_state(LinearRegression(8, rngs=nnx.Rngs(0)), optim.adam(0.1), tasks.regression())
+    >>> strategy = parallel.make_strategy("sharded")
+    >>> state, history = loop.fit(state, data.train, 2, 64, strategy=strategy)
+    >>> int(state.step), sorted(history[-1].metrics)
+    (8, ['count', 'loss', 'mse'])
 """
 
 from __future__ import annotations
@@ -757,10 +765,10 @@ def fsdp_spec(shape: tuple, num_devices: int) -> P:
     dimension; ``P()`` (replicated) when no dimension divides, and for scalars.
 
     Example:
-        >>> fsdp_spec((784, 256), 8), fsdp_spec((10,), 8), fsdp_spec((256, 10), 8)
-        (PartitionSpec('data',), PartitionSpec(), PartitionSpec('data',))
-        >>> fsdp_spec((3, 3, 32, 64), 8)
-        PartitionSpec(None, None, None, 'data')
+        >>> [tuple(fsdp_spec(shape, 8)) for shape in [(784, 256), (10,), (10, 256)]]
+        [('data',), (), (None, 'data')]
+        >>> tuple(fsdp_spec((3, 3, 32, 64), 8))
+        (None, None, None, 'data')
     """
     best = None
     for axis, size in enumerate(shape):

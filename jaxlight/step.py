@@ -57,7 +57,7 @@ from flax import nnx
 
 from jaxlight.data.stream import check_structure, leaf_name
 from jaxlight.errors import BatchError, DonatedStateError
-from jaxlight.layers import LayerError, stand_ins
+from jaxlight.layers import LayerError, StandIn, stand_ins
 from jaxlight.metrics import Metric
 from jaxlight.models import has_scan_slow_conv
 from jaxlight.state import MODEL_STATE, TrainState
@@ -353,8 +353,17 @@ def apply_accumulated_step(state: TrainState, batches, masks, axis_name: str | N
         The new state and ``{"loss", <the loss's metrics>, "count"}``: example-weighted means
         over the real rows of the window, ``count`` their number.
 
-    Example:
-        >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)  # doctest: +SKIP
+    Example (a window of 2 micro-batches of 3 rows, the last row of the second one padding):
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from jaxlight import create_train_state, optim, tasks
+        >>> from jaxlight.models import LinearRegression
+        >>> state = create_train_state(LinearRegression(2, rngs=nnx.Rngs(0)), optim.sgd(0.1), tasks.regression())
+        >>> batches = {"x": np.ones((2, 3, 2), np.float32), "y": np.zeros((2, 3, 1), np.float32)}
+        >>> masks = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+        >>> state, metrics = jax.jit(apply_accumulated_step)(state, batches, masks)
+        >>> int(state.step), float(metrics["count"])
+        (1, 5.0)
     """
     if state.step_fn is not None:
         raise ValueError(_NO_ACCUMULATION)
@@ -421,21 +430,19 @@ def model_outputs(loss_fn, model, batch, mask):
     return _first_model_call(model, lambda m: _call_loss_fn(loss_fn, m, batch, mask))
 
 
-class _FirstCall:
+class _FirstCall(StandIn):
     """The model as a loss function sees it, recording what its first call returned; every
-    attribute is the model's own."""
+    other attribute is the model's own."""
 
     def __init__(self, model):
-        self._model, self.outputs = model, []
+        super().__init__(model)
+        self.outputs = []
 
     def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
+        out = self.wrapped(*args, **kwargs)
         if not self.outputs:
             self.outputs.append(out)
         return out
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def _first_model_call(model, run):
@@ -606,21 +613,15 @@ def _check_loss_outputs(losses, metrics, batch_size: int, masked: bool):
             raise BatchError(f"loss_fn returned a metric named {reserved!r}; jaxlight fills that one, pick another name")
 
 
-class _Float32Outputs:
+class _Float32Outputs(StandIn):
     """The model as the loss sees it under mixed precision: its calls return float32 (floating
     outputs cast), so the loss, its log-softmax and every reduction run in float32, as
     ``torch.autocast`` runs them (a bf16 cross-entropy rounds small losses to multiples of
     1/16). Every attribute is the model's own; only ``model(...)`` is cast."""
 
-    def __init__(self, model):
-        self._model = model
-
     def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
+        out = self.wrapped(*args, **kwargs)
         return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, out)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
 
 
 def _call_loss(state: TrainState, model, batch, mask, loss_fn=None):
@@ -809,7 +810,15 @@ def train_step(state: TrainState, batch, mask=None) -> tuple[TrainState, dict]:
         The new state and ``{"loss", <metrics>, "count"}`` for this batch.
 
     Example:
-        >>> state, metrics = train_step(state, {"x": images, "y": labels})   # doctest: +SKIP
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from jaxlight import create_train_state, optim, tasks
+        >>> from jaxlight.models import LinearRegression
+        >>> state = create_train_state(LinearRegression(2, rngs=nnx.Rngs(0)), optim.sgd(0.1), tasks.regression())
+        >>> x, y = np.ones((4, 2), np.float32), np.zeros((4, 1), np.float32)
+        >>> state, metrics = train_step(state, {"x": x, "y": y})
+        >>> int(state.step), sorted(metrics)
+        (1, ['count', 'loss', 'mse'])
     """
     check_not_donated(state)
     return _train_step_jit(state, *check_batch(state, batch, mask))

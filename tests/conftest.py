@@ -27,6 +27,15 @@ import pytest  # noqa: E402
 from _support import ROOT, run_module  # noqa: E402,F401  (re-exported for fixtures)
 
 
+def pytest_ignore_collect(collection_path, config):
+    """The helper scripts and packages beside the tests (jobs run as subprocesses, userpkg, the
+    port zoo) are not collected: --doctest-modules, on for the library's examples, would import
+    them, and a job script runs when imported."""
+    if collection_path.suffix == ".py" and not collection_path.name.startswith(("test_", "conftest")):
+        return True
+    return None
+
+
 def _data_dir() -> Path:
     env = os.environ.get("JAXLIGHT_DATA")
     return Path(env) if env else ROOT.parent / "shared" / "data"

@@ -340,12 +340,12 @@ def test_a_billion_laughs_config_fails_in_seconds_in_its_own_process(tmp_path):
 
 
 def test_a_logger_whose_package_is_missing_fails_when_built_naming_the_extra(run_yaml, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX -> ImportError
     with pytest.raises(ImportError, match=r'pip install "jaxlight\[tensorboard\]"'):
         jaxlight.loggers.TensorBoardLogger(tmp_path / "tb")
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.logger", "tensorboard")
     assert code == 2 and err.strip().splitlines() == [
-        'jaxlight: error: trainer.logger: TensorBoardLogger needs the tensorboard package: '
+        'jaxlight: error: trainer.logger: TensorBoardLogger needs the tensorboardX package: '
         'pip install "jaxlight[tensorboard]"']
     assert not (tmp_path / "runs").exists()
 

@@ -90,6 +90,32 @@ def test_resume_drops_the_interrupted_runs_later_points(data, tmp_path):
     assert [e.step for e in acc.Scalars("val_loss")] == [5, 10, 15]
 
 
+def test_tensorboard_hparams_text_and_a_resume_without_later_points(tmp_path):
+    """The record reaches the HPARAMS tab and the text tab; a resume hides the interrupted
+    run's later points even when nothing is logged after it (the purge marker goes out at once)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.log_hyperparams({"model": {"width": 8, "act": None}, "lr": 0.5, "layers": [1, 2]})
+    for step in range(1, 6):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.finalize()
+    logger.resume(3)
+    logger.finalize()
+
+    acc = _tb(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    content = acc.PluginTagToContent("hparams")
+    starts = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    (start,) = [d.session_start_info for d in starts if d.HasField("session_start_info")]
+    hp = {k: v.ListFields()[0][1] for k, v in start.hparams.items()}
+    assert hp == {"model.width": 8.0, "model.act": "null", "lr": 0.5, "layers": "[1, 2]"}
+    (text_tag,) = acc.PluginTagToContent("text")
+    text = acc.Tensors(text_tag)[0].tensor_proto.string_val[0].decode()
+    assert text_tag == "hparams/text_summary" and text.splitlines() == [
+        "model.width: 8", "model.act: null", "lr: 0.5", "layers: [1, 2]"]
+
+
 def test_log_every_n_steps(data, tmp_path):
     _fit(data, tmp_path, epochs=2, log_every_n_steps=3)
     assert [int(r["step"]) for r in _csv(tmp_path) if r["train_loss_step"]] == [3, 6, 9]

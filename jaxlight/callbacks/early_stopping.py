@@ -19,7 +19,8 @@ class EarlyStopping(Callback):
         min_delta: the smallest change that counts as an improvement.
 
     Example:
-        >>> Trainer(TrainerConfig(max_epochs=50), callbacks=[EarlyStopping("val_loss", patience=3)])  # doctest: +SKIP
+        >>> from jaxlight import Trainer, TrainerConfig
+        >>> trainer = Trainer(TrainerConfig(max_epochs=50), callbacks=[EarlyStopping("val_loss", patience=3)])
     """
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):

@@ -17,11 +17,9 @@ in ``<root>/``, uncompressed or as ``.gz``. When no root holds them, they are do
 the standard mirrors into ``<first root>/MNIST/raw/``, checked against the published MD5 sums and
 decompressed there. Every file that is read is checked against its published checksum too.
 
-Example:
-    >>> from jaxlight.data import load_mnist
-    >>> train, test = load_mnist("../shared/data")          # doctest: +SKIP
-    >>> train.images.shape, train.images.dtype, train.labels.dtype
-    ((60000, 28, 28), dtype('uint8'), dtype('int32'))
+Example: ``train, test = load_mnist("data")`` gives ``train.images`` of shape
+``(60000, 28, 28)`` and dtype ``uint8`` and ``train.labels`` of dtype ``int32``; ``test`` holds
+the 10000 test examples the same way.
 """
 
 from __future__ import annotations
