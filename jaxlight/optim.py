@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlight.state import keyed_transformation
+
 __all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
-           "adamw", "sgd"]
+           "adamw", "sgd", "wrap_optimizer"]
 
 
 def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
@@ -349,3 +351,39 @@ def learning_rate(tx: optax.GradientTransformation, opt_state=None) -> LearningR
     places = len(schedules) + len(constants) + other
     raise ValueError(f"the optimizer scales its updates in {places} places (a learning rate per part?), so no "
                      f"single rate is the one applied; wrap it with optax.inject_hyperparams to log one")
+
+
+def wrap_optimizer(tx: optax.GradientTransformation, config) -> optax.GradientTransformation:
+    """``tx`` with a ``TrainerConfig``'s clipping and NaN skipping, through Optax.
+
+    Order: ``apply_if_finite(chain(clip_by_global_norm, tx))``. Gradient accumulation is not an
+    optimizer wrapper: the step itself averages a window's micro-batch gradients
+    (``jaxlight.step.apply_accumulated_step``), so clipping sees the accumulated gradient (as
+    Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
+    its window's update non-finite (skipped under ``nan_policy="skip"``).
+
+    The result is keyed (``jaxlight.state.keyed_transformation``): the optimizer is a static
+    field of the TrainState, and wrapping an equal ``tx`` with the same settings gives an equal
+    object, so a new Trainer per trial reuses the compiled programs (nothing is cached here:
+    a cache of optimizers would keep every trial's alive).
+
+    Args:
+        tx: the optimizer to wrap.
+        config: a ``jaxlight.trainer.TrainerConfig`` (its ``gradient_clip_norm`` and ``nan_policy``).
+
+    Example:
+        >>> from jaxlight.trainer import TrainerConfig
+        >>> tx = adam(1e-3)
+        >>> wrap_optimizer(tx, TrainerConfig()) is tx  # nothing to add
+        True
+        >>> clipped = wrap_optimizer(tx, TrainerConfig(gradient_clip_norm=1.0))
+        >>> clipped == wrap_optimizer(tx, TrainerConfig(gradient_clip_norm=1.0))  # keyed: equal wrappers
+        True
+    """
+    if config.gradient_clip_norm is None and config.nan_policy != "skip":
+        return tx
+    if config.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
+        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx))
+    if config.nan_policy == "skip":
+        tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
+    return tx
