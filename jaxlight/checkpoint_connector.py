@@ -168,13 +168,17 @@ class CheckpointConnector:
             raise errors[0]
 
     def finish(self) -> None:
-        """At the end of a fit that is failing already: finish the pending saves, keep its error."""
+        """When a fit ends: finish the saves still pending (the fit is failing already: its error is
+        the one reported) and release the folder locks the ModelCheckpoints took in ``on_fit_start``."""
         self.fitting = False
         if self.savers:
             try:
                 self.wait()
             except ckpt.CheckpointError:
                 pass
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                cb.release_lock()
 
     # -- which checkpoint -----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import optax
 from jaxlight.state import keyed_transformation
 
 __all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
-           "adamw", "sgd", "wrap_optimizer"]
+           "adamw", "sgd", "wrap_optimizer", "wrap_state"]
 
 
 def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
@@ -387,3 +387,29 @@ def wrap_optimizer(tx: optax.GradientTransformation, config) -> optax.GradientTr
     if config.nan_policy == "skip":
         tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
     return tx
+
+
+def wrap_state(state, config, wrapped: tuple | None = None):
+    """``state`` with its optimizer wrapped by :func:`wrap_optimizer` and a fresh optimizer state.
+
+    Args:
+        state: a ``jaxlight.state.TrainState``; refused when it has taken steps and wrapping
+            changes its optimizer (the optimizer state would restart).
+        config: a ``jaxlight.trainer.TrainerConfig``.
+        wrapped: ``(tx, wrapped_tx)`` of an earlier call: a state whose optimizer is that
+            ``wrapped_tx`` is returned as it is (not wrapped twice).
+
+    Returns:
+        ``(state, wrapped)``: the state and the ``(tx, wrapped_tx)`` pair to pass next time.
+    """
+    if wrapped is not None and state.tx is wrapped[1]:
+        return state, wrapped
+    tx = wrap_optimizer(state.tx, config)
+    if tx is not state.tx and tx != state.tx:
+        if int(state.step) != 0:
+            raise ValueError(
+                "gradient_clip_norm / nan_policy='skip' wrap the optimizer, "
+                f"which resets its state, but this state has taken {int(state.step)} steps; pass a fresh "
+                "state (and ckpt_path to resume), or build the optimizer with jaxlight.optim.wrap_optimizer")
+        return state.replace(tx=tx, opt_state=tx.init(state.params)), (state.tx, tx)
+    return state, wrapped

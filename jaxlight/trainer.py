@@ -55,7 +55,7 @@ from jaxlight.logger_connector import LoggerConnector
 from jaxlight.loggers import Logger
 from jaxlight.loop import EpochResult, EpochRunner, evaluate, predict, prepare_source, summarize
 from jaxlight.metrics import Metric, SavedStats, revive
-from jaxlight.optim import wrap_optimizer
+from jaxlight.optim import wrap_state
 from jaxlight.signal_connector import SignalConnector
 from jaxlight.state import TrainState
 from jaxlight.step import check_not_donated
@@ -163,9 +163,12 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.devices must be an int >= 1 or None, got {self.devices!r}")
 
 
-def _distinct_keys(callbacks) -> None:
-    """Give callbacks of one class distinct ``state_key``s by what sets them apart (several
-    ModelCheckpoints: their folders); refuse two that nothing tells apart."""
+def _callback_list(callbacks: list[Callback], progress_bar: bool) -> list[Callback]:
+    """``callbacks`` (with a ProgressBar when ``progress_bar`` and none is given), those of one
+    class given distinct ``state_key``s by what sets them apart (several ModelCheckpoints: their
+    folders); refuses two that nothing tells apart."""
+    if progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(ProgressBar())
     for cb in callbacks:
         if "_key_suffix" in vars(cb):
             del cb._key_suffix  # (a callback used by an earlier Trainer)
@@ -190,6 +193,7 @@ def _distinct_keys(callbacks) -> None:
     keys = [c.state_key for c in callbacks]
     if len(set(keys)) != len(keys):
         raise ValueError(f"two callbacks share a state_key ({keys}); override state_key to tell them apart")
+    return callbacks
 
 
 def _fit_sources(state: TrainState, train_data, val_data, config: TrainerConfig, strategy: parallel.Strategy):
@@ -217,9 +221,8 @@ class Trainer:
     ``logging`` (:class:`~jaxlight.logger_connector.LoggerConnector`: what the loggers get).
 
     Args:
-        config: a :class:`TrainerConfig`.
-        callbacks: :class:`~jaxlight.callbacks.Callback` instances, called in this order.
-        loggers: :class:`~jaxlight.loggers.Logger` instances.
+        config: a :class:`TrainerConfig`; callbacks: :class:`~jaxlight.callbacks.Callback`
+            instances, called in this order; loggers: :class:`~jaxlight.loggers.Logger` instances.
 
     Attributes (what callbacks read):
         global_step: steps (optimizer updates) taken (== ``int(state.step)``).
@@ -237,23 +240,17 @@ class Trainer:
         restored_from: the checkpoint this fit resumed (None: it started fresh).
     """
 
-    # What a checkpoint records about the run, checked on resume (``jaxlight.runconfig``): set
-    # ``run_config`` to a JSON dict describing the run (model, optimizer, lr, seed...), and
-    # ``allow_config_change`` to resume a checkpoint whose configuration differs (recorded).
+    # Recorded in every checkpoint (see CheckpointConnector): ``run_config``, a JSON dict describing
+    # the run (model, optimizer, lr, seed...), checked on resume unless ``allow_config_change``;
+    # ``hparams``, the run's resolved config (``jaxlight fit`` sets it), also sent to the loggers.
     run_config: dict | None = None
     allow_config_change: bool = False
-    # The run's resolved config (``jaxlight fit`` sets it; ``jaxlight.hparams.run_record``): kept
-    # in every checkpoint (``meta.json``'s ``hparams``) and sent to every logger. Without it the
-    # model's own record (``jaxlight.save_hyperparameters``) is kept.
     hparams: dict | None = None
 
     def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=()):
         self.config = config or TrainerConfig()
-        self.callbacks: list[Callback] = list(callbacks)
-        if self.config.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
-            self.callbacks.append(ProgressBar())
+        self.callbacks: list[Callback] = _callback_list(list(callbacks), self.config.enable_progress_bar)
         self.loggers: list[Logger] = list(loggers)
-        _distinct_keys(self.callbacks)
         self._wrapped: tuple | None = None
         # Resolved now, so that a device count that does not exist fails before any data loads.
         self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
@@ -276,50 +273,25 @@ class Trainer:
         self.checkpoints.reset()
         self.restored_from: Path | None = None
 
-    # -- what runs ----------------------------------------------------------------------------
-
-    @property
-    def _fast_dev(self) -> bool:
-        return self.config.fast_dev_run > 0
-
     @property
     def is_global_zero(self) -> bool:
-        """True in the process that writes (checkpoints, logs, progress): process 0 of a
-        multi-process run, always in a single-process one."""
+        """True in the process that writes logs and progress: process 0 of a multi-process run."""
         return jax.process_index() == 0
 
     @property
     def active_callbacks(self) -> list[Callback]:
-        """Callbacks that run in this mode (``fast_dev_run`` drops checkpointing; processes other
-        than 0 show no progress bar). Every process runs ModelCheckpoint: every process saves its own
-        shards (:meth:`save_checkpoint`), and all keep the same bookkeeping."""
+        """Callbacks that run in this mode: ``fast_dev_run`` drops ModelCheckpoint; only process 0
+        shows a progress bar (every process saves its own shards, with the same bookkeeping)."""
         return [c for c in self.callbacks
-                if not (self._fast_dev and isinstance(c, ModelCheckpoint))
+                if not (self.config.fast_dev_run > 0 and isinstance(c, ModelCheckpoint))
                 and not (isinstance(c, ProgressBar) and not self.is_global_zero)]
 
-    @property
-    def active_loggers(self) -> list[Logger]:
-        return self.logging.active
-
     def prepare(self, state: TrainState) -> TrainState:
-        """Apply the config to a fresh state: wrap its optimizer (``jaxlight.optim.wrap_optimizer``)
+        """Apply the config to a fresh state: wrap its optimizer (``jaxlight.optim.wrap_state``)
         and set the compute precision. ``fit`` calls it; call it yourself to build a template for
         ``jaxlight.checkpoint.restore_checkpoint``."""
-        dtype = PRECISIONS[self.config.precision]
-        if self._wrapped is not None and state.tx is self._wrapped[1]:
-            return state.replace(compute_dtype=dtype)
-        tx = wrap_optimizer(state.tx, self.config)
-        if tx is not state.tx and tx != state.tx:
-            if int(state.step) != 0:
-                raise ValueError(
-                    "gradient_clip_norm / nan_policy='skip' wrap the optimizer, "
-                    f"which resets its state, but this state has taken {int(state.step)} steps; pass a fresh "
-                    "state (and ckpt_path to resume), or build the optimizer with jaxlight.optim.wrap_optimizer")
-            self._wrapped = (state.tx, tx)
-            state = state.replace(tx=tx, opt_state=tx.init(state.params))
-        return state.replace(compute_dtype=dtype)
-
-    # -- fit ------------------------------------------------------------------------------------
+        state, self._wrapped = wrap_state(state, self.config, self._wrapped)
+        return state.replace(compute_dtype=PRECISIONS[self.config.precision])
 
     def fit(self, state: TrainState, train_data, val_data=None,
             ckpt_path: str | Path | None = None) -> TrainState:
@@ -327,29 +299,27 @@ class Trainer:
 
         Args:
             state: a fresh state from ``create_train_state`` (donated: do not reuse it).
-            train_data, val_data: an ``ArrayDataset`` (put on the device when it fits: fused
-                chunks) or any re-iterable of batches (a generator factory, a ``DataLoader``, a
-                ``grain`` loader: streamed from the host, one step per batch). Checked once
-                before training (``jaxlight.loop.prepare_source``).
-            ckpt_path: resume from a checkpoint: ``"last"`` (the newest good checkpoint of the
-                ModelCheckpoints' folders), a folder of ``step_*`` checkpoints (the newest good
-                one), or one ``step_*`` folder. Params, optimizer state, step, data position,
-                callback state and history continue exactly where they were saved.
+            train_data, val_data: an ``ArrayDataset`` (on the device when it fits: fused chunks)
+                or any re-iterable of batches (a generator factory, a ``DataLoader``: streamed
+                from the host, one step per batch), checked once (``jaxlight.loop.prepare_source``).
+            ckpt_path: resume from ``"last"`` (the newest good checkpoint of the ModelCheckpoints'
+                folders), a folder of ``step_*`` checkpoints (its newest good one) or one ``step_*``
+                folder: everything continues exactly where it was saved.
 
         Raises:
             NonFiniteLossError: the loss became NaN/Inf (``nan_policy="raise"``); nothing is
                 saved for that step.
             CheckpointError: a checkpoint could not be written or no good one was found.
         """
-        cfg = self.config
+        cfg, fast_dev = self.config, self.config.fast_dev_run > 0
         self._reset()
         check_not_donated(state)
         state = self.prepare(state)
         self._train, self._val = _fit_sources(state, train_data, val_data, self.config, self.strategy)
         self._num_examples = self._train.num_examples
         self.num_batches = nb = self._train.steps_per_epoch(cfg.accumulate_grad_batches)
-        self.max_epochs = 1 if self._fast_dev else cfg.max_epochs
-        self._max_steps = cfg.fast_dev_run if self._fast_dev else cfg.max_steps
+        self.max_epochs = 1 if fast_dev else cfg.max_epochs
+        self._max_steps = cfg.fast_dev_run if fast_dev else cfg.max_steps
         self.global_step = int(state.step)
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
@@ -383,18 +353,15 @@ class Trainer:
                     self._end_epoch(state)
                 if self.signals.received:
                     self.signals.save_and_stop(state)
-            if self._fast_dev and self._val is not None and not any(
+            if fast_dev and self._val is not None and not any(
                     k.startswith("val_") for k in self.callback_metrics):
                 self._validate(state)
             for cb in self.active_callbacks:
                 cb.on_fit_end(self, state)
             self.wait_for_checkpoints()
         finally:
-            self.checkpoints.finish()  # (fit is failing already: finish the pending saves, report that error)
+            self.checkpoints.finish()  # (pending saves of a failing fit; ModelCheckpoints' folder locks)
             self.signals.restore(previous)
-            for cb in self.callbacks:  # (the folder lock ModelCheckpoint took in on_fit_start)
-                if isinstance(cb, ModelCheckpoint):
-                    cb.release_lock()
             self.logging.finalize()
         return state
 
@@ -419,8 +386,7 @@ class Trainer:
         first = self.global_step  # steps first+1 .. first+K just ran
         self.skipped_steps.extend(_nonfinite_steps(metrics["loss"], first, self.epoch, self.batch,
                                                    self.config.nan_policy))
-        self.global_step += len(metrics["loss"])
-        self.batch += len(metrics["loss"])
+        self.global_step, self.batch = first + len(metrics["loss"]), self.batch + len(metrics["loss"])
         self._epoch_steps.append(metrics)
         self.logging.log_steps(first, metrics)
         # Validation first, so that a checkpoint saved at this step is scored on it.
@@ -431,11 +397,8 @@ class Trainer:
             cb.on_train_chunk_end(self, state, metrics)
 
     def _end_epoch(self, state) -> None:
-        train_metrics = _epoch_means(self._epoch_steps, bool(self.skipped_steps))
-        # Epoch-level metrics (jaxlight.metrics) are logged as train_<name>, their value being the epoch's.
-        whole = {k for k, v in self._epoch_steps[-1].items() if isinstance(v, (Metric, SavedStats))}
-        self.callback_metrics.update(train_metrics)
-        self.callback_metrics.update({f"train_{k}": train_metrics[k] for k in whole})
+        train_metrics, whole = _epoch_means(self._epoch_steps, bool(self.skipped_steps))
+        self.callback_metrics.update({**train_metrics, **{f"train_{k}": train_metrics[k] for k in whole}})
         self.epoch, self.batch = self.epoch + 1, 0
         val_every = self.config.val_every_n_epochs
         if self._val is not None and val_every and self.epoch % val_every == 0:
@@ -448,8 +411,6 @@ class Trainer:
         for cb in self.active_callbacks:
             cb.on_epoch_end(self, state, metrics)
         self.logging.flush()
-
-    # -- evaluation -----------------------------------------------------------------------------
 
     def _validate(self, state) -> dict:
         metrics = _evaluate(state, self._val, "val", self.strategy)
@@ -486,14 +447,13 @@ class Trainer:
         Args:
             data: an ``ArrayDataset``, a pytree of equally long arrays (``{"image": ...}``),
                 a re-iterable of batches, or (built-in tasks) a bare input array ``x``.
-            batch_size: rows per compiled call (default ``eval_batch_size``); the last batch is
-                padded, and the result does not depend on it (eval mode: rows are independent).
+            batch_size: rows per compiled call (default ``eval_batch_size``; the last batch is
+                padded); the result does not depend on it.
             predict_fn: ``predict_fn(model, batch) -> outputs``; default: the built-in task's
                 outputs, or for a user's loss the value of its first ``model(...)`` call.
             ckpt_path: predict with a checkpoint's weights (see :meth:`load_weights`).
 
-        Returns:
-            The outputs, any pytree of ``(N, ...)`` numpy arrays.
+        Returns: the outputs, any pytree of ``(N, ...)`` numpy arrays.
         """
         check_not_donated(state)
         state = self._for_evaluation(state, ckpt_path)
@@ -512,15 +472,12 @@ class Trainer:
         state, no trainer position): what ``test``/``predict``/``validate`` evaluate.
 
         Args:
-            ckpt_path: "best" (the best checkpoint by the monitored metric of the ModelCheckpoint
-                that monitors one; refused, naming them, when several do), "last" (the newest
-                good checkpoint of the ModelCheckpoints' folders), a folder of ``step_*``
-                checkpoints (its newest good one) or one ``step_*`` folder.
+            ckpt_path: "best" (by the metric of the ModelCheckpoint that monitors one; refused,
+                naming them, when several do), "last" (the newest good checkpoint of the
+                ModelCheckpoints' folders), a folder of ``step_*`` checkpoints or one of them.
         """
         state, self.loaded_from = self.checkpoints.load_weights(state, ckpt_path)
         return state
-
-    # -- logging and checkpoints (through the parts) -------------------------------------------
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Send ``{name: float}`` to every logger at ``step`` (default: the current step); values
@@ -532,13 +489,11 @@ class Trainer:
         return self.checkpoints.run_record()
 
     def run_segments(self) -> list[dict]:
-        """One entry per fit of this run (a resumed run has several): its configuration, the
-        steps it covered, and the configuration differences it accepted on resume."""
+        """One entry per fit of this run: its configuration, steps and accepted changes."""
         return self.checkpoints.run_segments()
 
     def checkpoint_meta(self, saved_by: str | None = None) -> dict:
-        """Everything besides the arrays that a resumed fit needs (JSON); ``saved_by``: the
-        ``state_key`` of the ModelCheckpoint that writes it."""
+        """``meta.json``: all but the arrays that a resume needs (``saved_by``: the saving callback's key)."""
         return self.checkpoints.meta(saved_by)
 
     def save_checkpoint(self, state: TrainState, directory: str | Path, replace: bool = True,
@@ -553,11 +508,8 @@ class Trainer:
         return self.checkpoints.saver(directory)
 
     def wait_for_checkpoints(self) -> None:
-        """Block until every pending save is complete (``fit`` calls it before it returns).
-
-        Raises:
-            CheckpointWriteError: a pending save failed; earlier checkpoints are intact.
-        """
+        """Block until every pending save is complete (``fit`` calls it before it returns); a failed
+        save raises ``CheckpointWriteError`` (earlier checkpoints are intact)."""
         self.checkpoints.wait()
 
 
@@ -579,10 +531,13 @@ def _nonfinite_steps(losses: np.ndarray, first: int, epoch: int, batch: int, nan
     return [int(first + j + 1) for j in np.flatnonzero(bad)]
 
 
-def _epoch_means(epoch_steps: list[dict], skipped: bool) -> dict:
-    """An epoch's metrics from its chunks' per-step host metrics (``jaxlight.loop.summarize``)."""
+def _epoch_means(epoch_steps: list[dict], skipped: bool) -> tuple[dict, set]:
+    """An epoch's metrics from its chunks' per-step host metrics (``jaxlight.loop.summarize``),
+    and the names of the epoch-level ones (``jaxlight.metrics``: logged as ``train_<name>``,
+    their value being the epoch's)."""
     stacked = jax.tree.map(lambda *chunks: np.concatenate(chunks), *revive(epoch_steps))
     if skipped:  # skipped steps have non-finite losses: leave them out of the means
         finite = np.isfinite(stacked["loss"])
         stacked = jax.tree.map(lambda v: v[finite], stacked)
-    return summarize(stacked)
+    whole = {k for k, v in epoch_steps[-1].items() if isinstance(v, (Metric, SavedStats))}
+    return summarize(stacked), whole
