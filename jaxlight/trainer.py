@@ -18,8 +18,10 @@ same numbers to float32 rounding; nothing else in the loop changes. Checkpoints 
 asynchronously, each array from where it lives, and restored straight into the strategy's
 layout, so a run resumes under any strategy and device count (``jaxlight.checkpoint``).
 
-Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` -> ``_run_epoch`` ->
-``_end_chunk`` / ``_end_epoch``.
+Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` (the loop over epochs and
+chunks) -> ``_end_chunk`` / ``_end_epoch``. Checkpoints, stop signals and loggers are parts beside
+the Trainer (``jaxlight.checkpoint_connector``, ``jaxlight.signal_connector``,
+``jaxlight.logger_connector``); its optimizer wrapping is ``jaxlight.optim.wrap_state``.
 
 Example:
     >>> from jaxlight import build_model, create_train_state, optim, tasks
