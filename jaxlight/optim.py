@@ -401,6 +401,14 @@ def wrap_state(state, config, wrapped: tuple | None = None):
 
     Returns:
         ``(state, wrapped)``: the state and the ``(tx, wrapped_tx)`` pair to pass next time.
+
+    Example:
+        >>> from jaxlight import build_model, create_train_state, tasks
+        >>> from jaxlight.trainer import TrainerConfig
+        >>> state = create_train_state(build_model("softmax"), sgd(0.1), tasks.multiclass())
+        >>> clipped, pair = wrap_state(state, TrainerConfig(gradient_clip_norm=1.0))
+        >>> clipped.tx is pair[1] and wrap_state(clipped, TrainerConfig(gradient_clip_norm=1.0), pair)[0] is clipped
+        True
     """
     if wrapped is not None and state.tx is wrapped[1]:
         return state, wrapped
