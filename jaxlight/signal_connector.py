@@ -44,7 +44,7 @@ class SignalConnector:
     def install(self) -> dict | None:
         """Handle SIGTERM and SIGINT until :meth:`restore`; returns the previous handlers."""
         trainer = self.trainer
-        trainer.stop_signal = None
+        trainer.stop_signal, self.received = None, False
         if not trainer.config.handle_sigterm or threading.current_thread() is not threading.main_thread():
             return None
 

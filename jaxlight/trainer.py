@@ -271,7 +271,6 @@ class Trainer:
         self.skipped_steps: list[int] = []
         self._epoch_steps: list[dict] = []  # per-step host metrics of the running epoch
         self._epoch_seconds = 0.0
-        self.signals.received = False
         self.checkpoints.reset()
         self.restored_from: Path | None = None
 
@@ -355,8 +354,7 @@ class Trainer:
                     self._end_epoch(state)
                 if self.signals.received:
                     self.signals.save_and_stop(state)
-            if fast_dev and self._val is not None and not any(
-                    k.startswith("val_") for k in self.callback_metrics):
+            if fast_dev and self._val is not None and not any(k.startswith("val_") for k in self.callback_metrics):
                 self._validate(state)
             for cb in self.active_callbacks:
                 cb.on_fit_end(self, state)
