@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlight.state import keyed_transformation
+
 __all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
-           "adamw", "sgd"]
+           "adamw", "sgd", "wrap_optimizer", "wrap_state"]
 
 
 def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
@@ -349,3 +351,73 @@ def learning_rate(tx: optax.GradientTransformation, opt_state=None) -> LearningR
     places = len(schedules) + len(constants) + other
     raise ValueError(f"the optimizer scales its updates in {places} places (a learning rate per part?), so no "
                      f"single rate is the one applied; wrap it with optax.inject_hyperparams to log one")
+
+
+def wrap_optimizer(tx: optax.GradientTransformation, config) -> optax.GradientTransformation:
+    """``tx`` with a ``TrainerConfig``'s clipping and NaN skipping, through Optax.
+
+    Order: ``apply_if_finite(chain(clip_by_global_norm, tx))``. Gradient accumulation is not an
+    optimizer wrapper: the step itself averages a window's micro-batch gradients
+    (``jaxlight.step.apply_accumulated_step``), so clipping sees the accumulated gradient (as
+    Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
+    its window's update non-finite (skipped under ``nan_policy="skip"``).
+
+    The result is keyed (``jaxlight.state.keyed_transformation``): the optimizer is a static
+    field of the TrainState, and wrapping an equal ``tx`` with the same settings gives an equal
+    object, so a new Trainer per trial reuses the compiled programs (nothing is cached here:
+    a cache of optimizers would keep every trial's alive).
+
+    Args:
+        tx: the optimizer to wrap.
+        config: a ``jaxlight.trainer.TrainerConfig`` (its ``gradient_clip_norm`` and ``nan_policy``).
+
+    Example:
+        >>> from jaxlight.trainer import TrainerConfig
+        >>> tx = adam(1e-3)
+        >>> wrap_optimizer(tx, TrainerConfig()) is tx  # nothing to add
+        True
+        >>> clipped = wrap_optimizer(tx, TrainerConfig(gradient_clip_norm=1.0))
+        >>> clipped == wrap_optimizer(tx, TrainerConfig(gradient_clip_norm=1.0))  # keyed: equal wrappers
+        True
+    """
+    if config.gradient_clip_norm is None and config.nan_policy != "skip":
+        return tx
+    if config.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
+        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx))
+    if config.nan_policy == "skip":
+        tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
+    return tx
+
+
+def wrap_state(state, config, wrapped: tuple | None = None):
+    """``state`` with its optimizer wrapped by :func:`wrap_optimizer` and a fresh optimizer state.
+
+    Args:
+        state: a ``jaxlight.state.TrainState``; refused when it has taken steps and wrapping
+            changes its optimizer (the optimizer state would restart).
+        config: a ``jaxlight.trainer.TrainerConfig``.
+        wrapped: ``(tx, wrapped_tx)`` of an earlier call: a state whose optimizer is that
+            ``wrapped_tx`` is returned as it is (not wrapped twice).
+
+    Returns:
+        ``(state, wrapped)``: the state and the ``(tx, wrapped_tx)`` pair to pass next time.
+
+    Example:
+        >>> from jaxlight import build_model, create_train_state, tasks
+        >>> from jaxlight.trainer import TrainerConfig
+        >>> state = create_train_state(build_model("softmax"), sgd(0.1), tasks.multiclass())
+        >>> clipped, pair = wrap_state(state, TrainerConfig(gradient_clip_norm=1.0))
+        >>> clipped.tx is pair[1] and wrap_state(clipped, TrainerConfig(gradient_clip_norm=1.0), pair)[0] is clipped
+        True
+    """
+    if wrapped is not None and state.tx is wrapped[1]:
+        return state, wrapped
+    tx = wrap_optimizer(state.tx, config)
+    if tx is not state.tx and tx != state.tx:
+        if int(state.step) != 0:
+            raise ValueError(
+                "gradient_clip_norm / nan_policy='skip' wrap the optimizer, "
+                f"which resets its state, but this state has taken {int(state.step)} steps; pass a fresh "
+                "state (and ckpt_path to resume), or build the optimizer with jaxlight.optim.wrap_optimizer")
+        return state.replace(tx=tx, opt_state=tx.init(state.params)), (state.tx, tx)
+    return state, wrapped

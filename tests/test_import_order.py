@@ -23,7 +23,8 @@ LAYERS = [
     ("step", ("jaxlight.step",)),
     ("parallel", ("jaxlight.parallel",)),
     ("loop", ("jaxlight.loop",)),
-    ("trainer", ("jaxlight.trainer", "jaxlight.callbacks", "jaxlight.loggers")),
+    ("trainer", ("jaxlight.trainer", "jaxlight.checkpoint_connector", "jaxlight.signal_connector",
+                 "jaxlight.logger_connector", "jaxlight.callbacks", "jaxlight.loggers")),
     ("cli", ("jaxlight.cli", "jaxlight.configcli", "jaxlight.commands", "jaxlight.bridge.compare")),
 ]
 

@@ -333,6 +333,23 @@ def test_predict_and_test(small):
     assert metrics["test_accuracy"] == pytest.approx(float(np.mean(trainer.predict(state, val.x).argmax(-1) == val.y)))
 
 
+def test_wrap_state_clips_as_the_formula_says_and_never_wraps_twice():
+    state = _state(tx=optim.sgd(1.0))
+    config = TrainerConfig(gradient_clip_norm=0.5)
+    wrapped, pair = optim.wrap_state(state, config)
+    again, same_pair = optim.wrap_state(wrapped, config, pair)
+    assert again is wrapped and same_pair is pair  # a state already wrapped is left as it is
+    grads = jax.tree.map(lambda p: np.full(p.shape, 3.0, np.float32), wrapped.params)
+    updates, _ = wrapped.tx.update(grads, wrapped.opt_state, wrapped.params)
+    norm = 3.0 * np.sqrt(sum(np.size(p) for p in jax.tree.leaves(wrapped.params)))
+    for u in jax.tree.leaves(updates):  # sgd(1.0) after clip_by_global_norm(0.5): -g * 0.5 / ||g||
+        np.testing.assert_allclose(np.asarray(u), -3.0 * 0.5 / norm, rtol=1e-6)
+    unchanged, no_pair = optim.wrap_state(state, TrainerConfig())
+    assert unchanged is state and no_pair is None  # nothing to wrap
+    with pytest.raises(ValueError, match="has taken 3 steps"):
+        optim.wrap_state(state.replace(step=jnp.asarray(3)), config)
+
+
 def test_wrapping_the_optimizer_of_a_trained_state_is_refused(small):
     trained = Trainer(_config(max_steps=2)).fit(_state(), small[0])
     with pytest.raises(ValueError, match="has taken 2 steps"):
