@@ -78,7 +78,7 @@ class CheckpointConnector:
         self.trainer = trainer
         self.savers: dict[str, ckpt.CheckpointSaver] = {}  # pending async saves, by folder
         self.fitting = False  # inside fit: saves are awaited at the next save or fit's end
-        self.hparams: dict | None = None  # the record kept in meta.json (``run_record``), per fit
+        self.hparams_record: dict | None = None  # kept in meta.json (``jaxlight.hparams.run_record``), per fit
         self.reset()
 
     def reset(self) -> None:
@@ -123,7 +123,7 @@ class CheckpointConnector:
             "skipped_steps": t.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in t.callbacks},
             "config": dataclasses.asdict(t.config),
-            "hparams": self.hparams if self.hparams is not None else run_record(t.hparams),
+            "hparams": self.hparams_record if self.hparams_record is not None else run_record(t.hparams),
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 

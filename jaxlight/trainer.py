@@ -325,10 +325,10 @@ class Trainer:
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
             state = self.checkpoints.restore(state, ckpt_path)
-        self.checkpoints.hparams = run_record(self.hparams, state)  # (read from the single-device state)
+        self.checkpoints.hparams_record = run_record(self.hparams, state)  # (read from the single-device state)
         state = self.strategy.prepare_state(state)
         if self.global_step == 0:
-            self.logging.log_hyperparams(self.checkpoints.hparams)
+            self.logging.log_hyperparams(self.checkpoints.hparams_record)
         previous = self.signals.install()
         self.checkpoints.fitting = True
         try:
