@@ -105,7 +105,9 @@ def _bytes(state):
     return [np.asarray(a).tobytes() for a in jax.tree.leaves(parallel.to_host_state(state).params)]
 
 
-@pytest.mark.parametrize("k, on_device", [(None, True), (3, True), (1, False)])
+# (chunks of 3 steps: the slow tier here; the fast tier runs them through the Trainer below,
+# steps_per_execution=3, bit for bit against the whole-epoch fit)
+@pytest.mark.parametrize("k, on_device", [(None, True), pytest.param(3, True, marks=pytest.mark.slow), (1, False)])
 def test_the_functional_loop_runs_it_fused_and_streamed(data, expected, k, on_device):
     state, history = loop.fit(gan.new_state(), data, 2, B, steps_per_call=k, on_device=on_device)
     assert int(state.step) == 8

@@ -62,7 +62,9 @@ def _params(state):
 
 
 @pytest.mark.parametrize("strategy, config", [
-    ("single", {}),
+    # (the bare injectable optimizer: the slow tier; the fast tier runs it inside jaxlight's own
+    # wrappers, the case below, and bare under the sharded strategy)
+    pytest.param("single", {}, marks=pytest.mark.slow),
     ("single", {"gradient_clip_norm": 1.0, "nan_policy": "skip"}),  # jaxlight's own optimizer wrappers
     ("sharded", {}),
 ])

@@ -11,8 +11,6 @@ from zoo import SLOW, ZOO
 
 torch.set_num_threads(1)
 
-FAST = ("small_cnn", "bag_classifier")  # the fast tier's share; the whole zoo is in the slow tier
-
 
 def _check(name, make, tolerances=None):
     model, inputs = make()
@@ -28,8 +26,14 @@ def _check(name, make, tolerances=None):
     return p
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST else [pytest.mark.slow]) for n in ZOO])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
 def test_the_report_holds_on_the_zoo(name):
+    """The slow tier's. The fast tier's checks of the same report: test_port_report.py's
+    ``test_a_correct_port_passes_every_check`` (every row compared, conv / BatchNorm / pool /
+    dropout / linear) and ``test_several_inputs_and_token_ids`` (embeddings, integer inputs, no
+    BatchNorm); each zoo model's weights, forward and gradients are checked against torch in
+    the fast tier by test_translate.py."""
     _check(name, ZOO[name])
 
 
