@@ -46,7 +46,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -64,6 +63,7 @@ from jaxlight.metrics import Metric, SavedStats, from_json, revive, to_json
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState, keyed_transformation
 from jaxlight.step import check_not_donated
+from jaxlight.trainer_config import TrainerConfig, compared_fields
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig", "wrap_optimizer"]
 
@@ -74,104 +74,10 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step."""
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
-    """How to train (what to train is the TrainState; where to save is ModelCheckpoint).
-
-    Attributes:
-        max_epochs: epochs to run (an epoch visits every example once, last batch padded).
-        max_steps: stop after this many steps (optimizer updates) in total; None: no limit.
-        batch_size: examples per batch (per micro-batch with ``accumulate_grad_batches``).
-        eval_batch_size: examples per validation/test step.
-        steps_per_execution: K steps (optimizer updates) per compiled call; None picks
-            ``jaxlight.step.default_steps_per_call`` (1 for convolutions on the CPU, else the
-            whole epoch). Results do not depend on it, only speed and hook frequency.
-        val_every_n_epochs: validate after every n-th epoch (None: not at epoch ends).
-        val_every_n_steps: also validate every n steps (None: not mid-epoch).
-        log_every_n_steps: send every n-th step's metrics to the loggers.
-        gradient_clip_norm: clip the (accumulated) gradient to this global norm
-            (``optax.clip_by_global_norm``); None: no clipping.
-        accumulate_grad_batches: one optimizer update per n consecutive batches, with the
-            example-weighted mean gradient over their real rows
-            (``jaxlight.step.apply_accumulated_step``): the update one batch of those rows
-            would give. A window never crosses an epoch's end; the last one takes the batches
-            left. Steps (``max_steps``, ``global_step``, logged steps, ``val_every_n_steps``,
-            K) count updates. BatchNorm computes its statistics per micro-batch (as in
-            Lightning).
-        precision: "float32", or "bf16" to compute the forward and backward pass in bfloat16
-            while parameters, gradients and optimizer state stay float32.
-        nan_policy: "raise" stops with :class:`NonFiniteLossError` naming the step; "skip"
-            drops updates whose gradients are not finite (``optax.apply_if_finite``; with
-            accumulation, the whole window's update) and keeps going.
-        fast_dev_run: n > 0 runs n training and n validation batches, then stops; no
-            checkpoints, no loggers (a smoke test of the whole pipeline).
-        overfit_batches: n > 0 trains on the first n batches only, unshuffled, and validates
-            on them too (a model that cannot overfit them has a bug).
-        handle_sigterm: on SIGTERM or SIGINT (Ctrl-C), finish the running chunk, save through the first
-            ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True). In a
-            multi-process run a SIGTERM to any process stops all of them at the same step.
-        enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
-        strategy: "single", "pmap", "sharded" or "fsdp" (``jaxlight.parallel``): the global
-            batch of ``batch_size`` examples is split over ``devices`` devices, gradients and
-            metrics are reduced over all of them; parameters and optimizer state stay
-            replicated, except under "fsdp", which splits them over the devices (each holds
-            about 1/n). Results match one device within float32 rounding
-            (``tests/test_trainer_parallel.py``); checkpoints restore under any strategy and
-            device count.
-        devices: how many devices (default: 1 for "single", every device otherwise; a
-            multi-process run always uses every process's devices).
-        check_finite: before training, scan the floating leaves of an ``ArrayDataset`` once
-            for NaN and infinity and refuse them naming the leaf and row (one pass over the
-            data; False skips it, e.g. for NaN-policy experiments).
-    """
-
-    max_epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 64
-    eval_batch_size: int = 1000
-    steps_per_execution: int | None = None
-    val_every_n_epochs: int | None = 1
-    val_every_n_steps: int | None = None
-    log_every_n_steps: int = 1
-    gradient_clip_norm: float | None = None
-    accumulate_grad_batches: int = 1
-    precision: str = "float32"
-    nan_policy: str = "raise"
-    fast_dev_run: int = 0
-    overfit_batches: int = 0
-    handle_sigterm: bool = True
-    enable_progress_bar: bool = True
-    strategy: str = "single"
-    devices: int | None = None
-    check_finite: bool = True
-
-    def __post_init__(self):
-        positive = ["max_epochs", "batch_size", "eval_batch_size", "log_every_n_steps", "accumulate_grad_batches"]
-        optional = ["max_steps", "steps_per_execution", "val_every_n_epochs", "val_every_n_steps"]
-        for name in positive + optional:
-            value = getattr(self, name)
-            if (value is not None or name in positive) and not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"TrainerConfig.{name} must be an int >= 1{' or None' if name in optional else ''}, got {value!r}")
-        for name in ("fast_dev_run", "overfit_batches"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise ValueError(f"TrainerConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
-        if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
-            raise ValueError(f"TrainerConfig.gradient_clip_norm must be > 0 or None, got {self.gradient_clip_norm!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainerConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        if self.nan_policy not in ("raise", "skip"):
-            raise ValueError(f"TrainerConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
-        if self.strategy not in parallel.STRATEGIES:
-            raise ValueError(f"TrainerConfig.strategy must be one of {list(parallel.STRATEGIES)}, got {self.strategy!r}")
-        if self.devices is not None and not (isinstance(self.devices, int) and not isinstance(self.devices, bool)
-                                             and self.devices >= 1):
-            raise ValueError(f"TrainerConfig.devices must be an int >= 1 or None, got {self.devices!r}")
-
-
 def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> optax.GradientTransformation:
-    """``tx`` with the config's clipping and NaN skipping, through Optax.
+    """``tx`` with the config's freezing, clipping and NaN skipping, through Optax.
 
-    Order: ``apply_if_finite(chain(clip_by_global_norm, tx))``. Gradient accumulation is not an
+    Order: ``apply_if_finite(chain(clip_by_global_norm, freeze(tx)))``. Gradient accumulation is not an
     optimizer wrapper: the step itself averages a window's micro-batch gradients
     (``jaxlight.step.apply_accumulated_step``), so clipping sees the accumulated gradient (as
     Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
@@ -182,11 +88,15 @@ def wrap_optimizer(tx: optax.GradientTransformation, config: TrainerConfig) -> o
     object, so a new Trainer per trial reuses the compiled programs (nothing is cached here:
     a cache of optimizers would keep every trial's alive).
     """
-    if config.gradient_clip_norm is None and config.nan_policy != "skip":
+    if config.freeze:  # (first: the clip inside sees only the trained parameters' gradient)
+        from jaxlight.optim import freeze
+
+        tx = keyed_transformation(freeze(tx, config.freeze))
+    if config.numerics.gradient_clip_norm is None and config.numerics.nan_policy != "skip":
         return tx
-    if config.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
-        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx))
-    if config.nan_policy == "skip":
+    if config.numerics.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
+        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.numerics.gradient_clip_norm), tx))
+    if config.numerics.nan_policy == "skip":
         tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
     return tx
 
@@ -246,6 +156,26 @@ def _parse_meta(meta: dict) -> dict:
     return parsed
 
 
+class _InConfig:
+    """A Trainer attribute read from its config (``path`` in :class:`TrainerConfig`); setting it
+    is refused, naming the config key, since a value set after construction would go unseen."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, trainer, owner=None):
+        if trainer is None:
+            return self
+        return functools.reduce(getattr, self.path.split("."), trainer.config)
+
+    def __set__(self, trainer, value):
+        raise AttributeError(f"Trainer.{self.name} is the config's trainer.{self.path}: build the Trainer with "
+                             f"TrainerConfig({self.path.split('.')[0]}=...)")
+
+
 class Trainer:
     """Fit, validate, test and predict with hooks, logging and exact-resume checkpoints.
 
@@ -272,13 +202,13 @@ class Trainer:
     def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=()):
         self.config = config or TrainerConfig()
         self.callbacks: list[Callback] = list(callbacks)
-        if self.config.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+        if self.config.logging.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.append(ProgressBar())
         self.loggers: list[Logger] = list(loggers)
         _distinct_keys(self.callbacks)
         self._wrapped: tuple | None = None
         # Resolved now, so that a device count that does not exist fails before any data loads.
-        self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
+        self.strategy: parallel.Strategy = parallel.make_strategy(self.config.parallel.strategy, self.config.parallel.devices)
         self.strategy.check_batch_size(self.config.batch_size)
         self._savers: dict[str, ckpt.CheckpointSaver] = {}  # pending async saves, by folder
         self._fitting = False
@@ -325,7 +255,7 @@ class Trainer:
         """Apply the config to a fresh state: wrap its optimizer (:func:`wrap_optimizer`) and set
         the compute precision. ``fit`` calls it; call it yourself to build a template for
         ``jaxlight.checkpoint.restore_checkpoint``."""
-        dtype = PRECISIONS[self.config.precision]
+        dtype = PRECISIONS[self.config.numerics.precision]
         if self._wrapped is not None and state.tx is self._wrapped[1]:
             return state.replace(compute_dtype=dtype)
         tx = wrap_optimizer(state.tx, self.config)
@@ -343,14 +273,14 @@ class Trainer:
         """``state`` with the config's compute precision; unlike :meth:`prepare` it leaves the
         optimizer alone (a trained state evaluates under any clipping/accumulation config)."""
         check_not_donated(state)
-        return state.replace(compute_dtype=PRECISIONS[self.config.precision])
+        return state.replace(compute_dtype=PRECISIONS[self.config.numerics.precision])
 
     def _sources(self, state: TrainState, train_data, val_data):
         """The training and validation data as the epoch runner reads them
         (``jaxlight.loop.prepare_source``): checked once, cut to the batches that
         ``overfit_batches`` and ``fast_dev_run`` keep, on the devices when they fit."""
         cfg, overfit, cut = self.config, self.config.overfit_batches, self.config.fast_dev_run
-        prepare = functools.partial(prepare_source, state, strategy=self.strategy, check_finite=cfg.check_finite)
+        prepare = functools.partial(prepare_source, state, strategy=self.strategy, check_finite=cfg.numerics.check_finite)
         train = prepare(train_data, "training set", cfg.batch_size, first_batches=overfit or cut)
         val = None
         if val_data is not None:
@@ -396,11 +326,11 @@ class Trainer:
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
             state = self._restore(state, ckpt_path)
-        self._hparams = run_record(self.hparams, state)  # (read from the single-device state)
+        self._hparams = run_record(self.config.hparams, state)  # (read from the single-device state)
         state = self.strategy.prepare_state(state)
         if self.global_step == 0:
             for logger in self.active_loggers:
-                logger.log_hyperparams({**self._hparams, "trainer": {**dataclasses.asdict(cfg),
+                logger.log_hyperparams({**self._hparams, "trainer": {**cfg.record(),
                                                                      **self._hparams.get("trainer", {})}})
         previous = self._install_sigterm()
         self._fitting = True
@@ -474,7 +404,7 @@ class Trainer:
         bad = ~np.isfinite(metrics["loss"])
         if bad.any():
             i = int(np.argmax(bad))
-            if self.config.nan_policy == "raise":
+            if self.config.numerics.nan_policy == "raise":
                 raise NonFiniteLossError(
                     f"training loss is {metrics['loss'][i]} at step {first + i + 1} (epoch {self.epoch + 1}, "
                     f"batch {self.batch + i + 1}); training stopped and no checkpoint was written for it. "
@@ -484,7 +414,7 @@ class Trainer:
         self.batch += len(metrics["loss"])
         self._epoch_steps.append(metrics)
         if self.active_loggers:
-            every = self.config.log_every_n_steps
+            every = self.config.logging.log_every_n_steps
             columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items()
                        if k != "count" and not isinstance(v, Metric)}  # (a Metric's value is the epoch's)
             for j in range(len(metrics["loss"])):
@@ -627,20 +557,16 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    # What a checkpoint records about the run, checked on resume (``jaxlight.runconfig``): set
-    # ``run_config`` to a JSON dict describing the run (model, optimizer, lr, seed...), and
-    # ``allow_config_change`` to resume a checkpoint whose configuration differs (recorded).
-    run_config: dict | None = None
-    allow_config_change: bool = False
-    # The run's resolved config (``jaxlight fit`` sets it; ``jaxlight.hparams.run_record``): kept
-    # in every checkpoint (``meta.json``'s ``hparams``) and sent to every logger. Without it the
-    # model's own record (``jaxlight.save_hyperparameters``) is kept.
-    hparams: dict | None = None
+    # What a checkpoint records about the run and a resume compares (``jaxlight.runconfig``), and the
+    # run's resolved config kept in every checkpoint and sent to the loggers: all read from the config.
+    run_config = _InConfig("run_config")
+    allow_config_change = _InConfig("checkpoint.allow_config_change")
+    hparams = _InConfig("hparams")
     _hparams: dict | None = None
 
     def run_record(self) -> dict:
         """This fit's configuration as a checkpoint records it (see ``jaxlight.runconfig``)."""
-        return {"run": dict(self.run_config or {}), "trainer": runconfig.trainer_fields(self.config)}
+        return {"run": dict(self.config.run_config or {}), "trainer": compared_fields(self.config)}
 
     def run_segments(self) -> list[dict]:
         """One entry per fit of this run (a resumed run has several): its configuration, the
@@ -670,8 +596,8 @@ class Trainer:
             "history": [_plain(dataclasses.asdict(r)) for r in self.history],
             "skipped_steps": self.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks},
-            "config": dataclasses.asdict(self.config),
-            "hparams": self._hparams if self._hparams is not None else run_record(self.hparams),
+            "config": self.config.record(),
+            "hparams": self._hparams if self._hparams is not None else run_record(self.config.hparams),
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 
@@ -770,7 +696,7 @@ class Trainer:
                 warnings.warn(w.message, w.category, stacklevel=2)
             if not exc.saved_optimizer:
                 raise
-            now = (self.run_config or {}).get("optimizer", "another one")
+            now = (self.config.run_config or {}).get("optimizer", "another one")
             raise runconfig.ConfigMismatchError(
                 f"{path} was saved with optimizer {exc.saved_optimizer}, this run uses {now}: their optimizer "
                 f"states hold different arrays, so --allow-config-change cannot accept this change (the saved state "
@@ -827,14 +753,14 @@ class Trainer:
         moved = saved_batch != self.config.batch_size or meta["num_examples"] != self._num_examples
         what = (f"batch_size {saved_batch} on {meta['num_examples']} training examples; this fit has batch_size "
                 f"{self.config.batch_size} on {self._num_examples}" + (f" ({'; '.join(diffs)})" if diffs else ""))
-        if moved and not self.allow_config_change:
+        if moved and not self.config.checkpoint.allow_config_change:
             raise runconfig.ConfigMismatchError(
                 f"{path} was saved with {what}: the saved data position would not mean the same batches. Resume "
                 f"with the same settings, or accept the change at an epoch's end (--allow-config-change)")
-        if diffs and not self.allow_config_change:
+        if diffs and not self.config.checkpoint.allow_config_change:
             raise runconfig.ConfigMismatchError(
                 f"{path} was written by a run configured differently: {'; '.join(diffs)}. Resume with the "
-                f"same settings, or accept the change (--allow-config-change, Trainer.allow_config_change)")
+                f"same settings, or accept the change (--allow-config-change, trainer.checkpoint.allow_config_change)")
         if moved and meta["batch"] != 0:
             raise runconfig.ConfigMismatchError(
                 f"{path} stopped inside epoch {meta['epoch'] + 1} (batch {meta['batch']}) and was saved with {what}: "
