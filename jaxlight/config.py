@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from jaxlight.hparams import import_path
 
-__all__ = ["BUILTIN_CONFIGS", "ConfigError", "Run", "build_run", "builtin_config", "parse", "PARTS"]
+__all__ = ["BUILTIN_CONFIGS", "ConfigError", "Run", "build_data", "build_run", "builtin_config", "parse", "PARTS"]
 
 PARTS = ("seed", "model", "init", "loss", "data", "optimizer", "trainer")
 CALLED = ("model", "data", "optimizer")  # the parts given as {class_path, init_args}
@@ -712,9 +712,8 @@ class Run:
     val: Any
     test: Any
     tx: Any
-    trainer_config: Any
-    trainer_extras: dict
-    callbacks: list
+    trainer_config: Any                # a jaxlight.trainer_config.TrainerConfig
+    callbacks: list                    # trainer.callbacks, built
 
 
 def _loss(value, key: str = "loss"):
@@ -894,15 +893,19 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
             raise ConfigError(f"trainer.callbacks[{i}]: {type(cb).__name__} is not a jaxlight.callbacks.Callback")
         callbacks.append(cb)
 
-    train = val = test = None
-    if load_data:
-        data_path = cfg["data"]["class_path"]
-        data_fn = _resolve_function(data_path, "data.class_path")
-        recorded_kind(data_fn, "data", data_path)
-        data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
-        _bind(data_fn, data_args, "data", data_path)
-        train, val, test = _data(data_fn, data_args, data_path)
-    return Run(cfg, seed, model, loss_fn, train, val, test, tx, trainer_config, extras, callbacks)
+    train, val, test = build_data(cfg) if load_data else (None, None, None)
+    return Run(cfg, seed, model, loss_fn, train, val, test, tx, trainer_config, callbacks)
+
+
+def build_data(cfg: dict) -> tuple:
+    """``(train, val, test)`` of a parsed config's ``data`` part (val, test: None when the data
+    function returns none); raises :class:`ConfigError` naming the key."""
+    data_path = cfg["data"]["class_path"]
+    data_fn = _resolve_function(data_path, "data.class_path")
+    recorded_kind(data_fn, "data", data_path)
+    data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
+    _bind(data_fn, data_args, "data", data_path)
+    return _data(data_fn, data_args, data_path)
 
 
 def _required_positional(fn) -> int:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
+__all__ = ["OPTIMIZERS", "check_keywords", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
            "adamw", "sgd"]
 
 
@@ -34,31 +34,55 @@ def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.Gra
     return optax.chain(optax.add_decayed_weights(weight_decay), tx)
 
 
-def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         **_) -> optax.GradientTransformation:
+def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)``."""
     return _with_l2(optax.adam(lr, b1=b1, b2=b2, eps=eps), weight_decay)
 
 
-def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          **_) -> optax.GradientTransformation:
+def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)``; default decay 0.01, as torch."""
     return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
-def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0, **_) -> optax.GradientTransformation:
+def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
     """``torch.optim.SGD(lr, momentum, weight_decay)`` (no dampening, no Nesterov)."""
     return _with_l2(optax.sgd(lr, momentum=momentum or None), weight_decay)
 
 
+# The optimizers by name: the one list of names (``jaxlight train --optimizer``'s choices, the
+# recipes, and torch_ref.optim, which builds each of them in PyTorch).
 OPTIMIZERS = {"adam": adam, "adamw": adamw, "sgd": sgd}
 
 
 def make_optimizer(name: str, lr, **kwargs) -> optax.GradientTransformation:
-    """The named optimizer; ``lr`` may be a float or an Optax schedule."""
+    """The named optimizer; ``lr`` may be a float or an Optax schedule.
+
+    Raises:
+        ValueError: an unknown name. TypeError: a keyword the optimizer does not take (named).
+
+    Example:
+        >>> make_optimizer("adam", 1e-3, momentum=0.9)
+        Traceback (most recent call last):
+        ...
+        TypeError: make_optimizer('adam'): unknown keyword 'momentum' (adam takes weight_decay, b1, b2, eps)
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    check_keywords(OPTIMIZERS[name], kwargs, f"make_optimizer({name!r})")
     return OPTIMIZERS[name](lr, **kwargs)
+
+
+def check_keywords(fn, kwargs: dict, where: str, positional: int = 1) -> None:
+    """Refuse a keyword ``fn`` does not take (a misspelt ``weight_decay``), naming it and the
+    ones it takes (its parameters after the first ``positional``)."""
+    import inspect
+
+    params = list(inspect.signature(fn).parameters)[positional:]
+    for key in kwargs:
+        if key not in params:
+            raise TypeError(f"{where}: unknown keyword {key!r} ({fn.__name__} takes {', '.join(params)})")
 
 
 def _dotted(key_path) -> str:
