@@ -12,13 +12,13 @@ often the host gets control (K = 1: every step; K = an epoch: once per epoch, th
 dense models; the default follows ``jaxlight.step.default_steps_per_call``). Chunks also end on
 the steps that validation or checkpointing asked for, so those happen exactly where requested.
 
-Data parallelism is one config field (``strategy="pmap"|"sharded"|"fsdp"``, ``devices=n``): the chunk
+Data parallelism is one config section (``parallel=ParallelConfig(strategy="pmap"|"sharded"|"fsdp", devices=n)``): the chunk
 is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
 same numbers to float32 rounding; nothing else in the loop changes. Checkpoints are written
 asynchronously, each array from where it lives, and restored straight into the strategy's
 layout, so a run resumes under any strategy and device count (``jaxlight.checkpoint``).
 
-Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` -> ``_run_epoch`` ->
+Read top to bottom: ``TrainerConfig`` (``jaxlight.trainer_config``), then ``Trainer.fit`` -> ``_run_epoch`` ->
 ``_end_chunk`` / ``_end_epoch``.
 
 Example:
@@ -280,7 +280,8 @@ class Trainer:
         (``jaxlight.loop.prepare_source``): checked once, cut to the batches that
         ``overfit_batches`` and ``fast_dev_run`` keep, on the devices when they fit."""
         cfg, overfit, cut = self.config, self.config.overfit_batches, self.config.fast_dev_run
-        prepare = functools.partial(prepare_source, state, strategy=self.strategy, check_finite=cfg.numerics.check_finite)
+        prepare = functools.partial(prepare_source, state, strategy=self.strategy,
+                                    check_finite=cfg.numerics.check_finite)
         train = prepare(train_data, "training set", cfg.batch_size, first_batches=overfit or cut)
         val = None
         if val_data is not None:
