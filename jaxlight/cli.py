@@ -408,6 +408,7 @@ def _main(argv: list[str] | None) -> int:
     port_parser(sub)
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
     from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
+    from jaxlight.config import ConfigError
     from jaxlight.data import MNISTError
     from jaxlight.parallel import ParallelError
     from jaxlight.step import BatchError
@@ -426,7 +427,7 @@ def _main(argv: list[str] | None) -> int:
         ParityFailed: EXIT_DIVERGED,  # (port: the port does not compute what the torch module does)
         CheckpointWriteError: EXIT_FAILED,
         OSError: EXIT_FAILED,  # (metrics.json or a log could not be written)
-        UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,
+        UsageError: EXIT_USAGE, ConfigError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,
         CheckpointError: EXIT_USAGE,  # (refused before training: locked, another run's, corrupt, mismatched)
         **_port_errors(args),
     })

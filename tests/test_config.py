@@ -78,7 +78,8 @@ def test_fit_from_a_yaml_file_and_from_flags_alone_train_the_same_parameters(run
     train, val, _ = blobs()
     state = jaxlight.create_train_state(Net(16, dropout=0.2, rngs=nnx.Rngs(0)),
                                         optax.adamw(1e-2, weight_decay=1e-4), loss_fn, seed=0)
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=32, logging={"enable_progress_bar": False}))
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=32,
+                                                      logging={"enable_progress_bar": False}))
     state = trainer.fit(state, train, val)
     python = {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(state.params)}
     for k in a:
@@ -415,7 +416,8 @@ def test_a_python_run_records_the_model_and_reloads_without_model_code(tmp_path)
     train, val, test = blobs()
     for model, folder in ((Net(8, rngs=nnx.Rngs(1)), tmp_path / "rec"), (Unrecorded(rngs=nnx.Rngs(1)), tmp_path / "unrec")):
         state = jaxlight.create_train_state(model, optax.adam(1e-2), loss_fn, seed=0)
-        trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64, logging={"enable_progress_bar": False}),
+        trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64,
+                                                          logging={"enable_progress_bar": False}),
                                    callbacks=[jaxlight.callbacks.ModelCheckpoint(folder, monitor="val_loss")])
         state = trainer.fit(state, train, val)
     loaded, config = jaxlight.load_from_checkpoint(tmp_path / "rec", which="last")
@@ -440,7 +442,8 @@ def test_load_model_returns_eval_mode_and_takes_which(tmp_path):
     state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
     # mode "max" on val_loss: the first checkpoint is the best, the newest is not.
     cb = jaxlight.callbacks.ModelCheckpoint(tmp_path, monitor="val_loss", mode="max")
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64, logging={"enable_progress_bar": False}),
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64,
+                                                      logging={"enable_progress_bar": False}),
                                callbacks=[cb])
     trainer.fit(state, train, val)
     assert cb.best_model_path.name == "step_000000003"
@@ -624,7 +627,8 @@ def test_best_without_a_monitored_metric_is_the_newest_checkpoint(tmp_path):
 
     train, _, _ = blobs()
     state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64, logging={"enable_progress_bar": False}),
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64,
+                                                      logging={"enable_progress_bar": False}),
                                callbacks=[jaxlight.callbacks.ModelCheckpoint(tmp_path)])
     trainer.fit(state, train)
     assert jaxlight.checkpoint.resolve_checkpoint(tmp_path, "best").name == "step_000000009"

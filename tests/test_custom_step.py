@@ -121,7 +121,8 @@ def test_the_trainer_runs_it_and_resumes_exactly(data, expected, tmp_path):
     assert "val_d_real" in whole.callback_metrics  # validation runs the state's loss_fn
 
     def trainer(**kw):
-        return Trainer(TrainerConfig(max_epochs=2, batch_size=B, steps_per_execution=3, **kw, logging={"enable_progress_bar": False}), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3, every_n_epochs=None)])
+        return Trainer(TrainerConfig(max_epochs=2, batch_size=B, steps_per_execution=3, **kw,
+                                     logging={"enable_progress_bar": False}), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3, every_n_epochs=None)])
 
     trainer(max_steps=5).fit(gan.new_state(), data)  # saved at step 3 and 5 (the end of that fit)
     resumed = trainer().fit(gan.new_state(), data, ckpt_path=tmp_path / "step_000000003")
@@ -157,7 +158,8 @@ def test_the_alternation_matters():
 
 def test_accumulation_is_refused_with_a_step_of_your_own(data):
     with pytest.raises(ValueError, match="gradient accumulation .* a state with its own step_fn"):
-        Trainer(TrainerConfig(max_epochs=1, batch_size=B, accumulate_grad_batches=2, logging={"enable_progress_bar": False})).fit(gan.new_state(), data)
+        Trainer(TrainerConfig(max_epochs=1, batch_size=B, accumulate_grad_batches=2,
+                              logging={"enable_progress_bar": False})).fit(gan.new_state(), data)
 
 
 def _state_with(step_fn):

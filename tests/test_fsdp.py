@@ -380,7 +380,8 @@ def test_an_fsdp_run_resumed_on_another_device_count_parts_only_where_rounding_i
 
     never_stopped = Trainer(config(max_epochs=2 * epochs, parallel={"strategy": "fsdp", "devices": 8}))
     reference = never_stopped.fit(new(), train, val)
-    first = Trainer(config(max_epochs=epochs, parallel={"strategy": "fsdp", "devices": 8}), callbacks=[ModelCheckpoint(tmp_path)])
+    first = Trainer(config(max_epochs=epochs,
+                           parallel={"strategy": "fsdp", "devices": 8}), callbacks=[ModelCheckpoint(tmp_path)])
     moved = parallel.to_host_state(first.fit(new(), train, val))
     steps_after = epochs * 8
     for strategy, devices in [("fsdp", 4), ("single", None)]:

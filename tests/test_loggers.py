@@ -69,7 +69,8 @@ def test_the_csv_holds_one_row_per_step(data, tmp_path):
     """What is logged at a step (its loss, the rate its update applied, the validation and the
     epoch's means at an epoch's last step) is one row, inside fused chunks and across flushes."""
     loggers = [CSVLogger(tmp_path / "csv")]
-    config = TrainerConfig(max_epochs=2, val_every_n_steps=3, logging={"enable_progress_bar": False})  # chunks cut at 3, 5, 6, 9
+    config = TrainerConfig(max_epochs=2, val_every_n_steps=3,
+                           logging={"enable_progress_bar": False})  # chunks cut at 3, 5, 6, 9
     Trainer(config, callbacks=[LearningRateMonitor()], loggers=loggers).fit(_state(), *data)
     rows = _csv(tmp_path)
     assert [int(r["step"]) for r in rows] == list(range(1, 11))

@@ -49,7 +49,8 @@ OPTIMIZERS = {
 
 def _fit(tmp_path, tx, k=None, **config):
     monitor = LearningRateMonitor()
-    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=k, **config, logging={"enable_progress_bar": False}), callbacks=[monitor], loggers=[CSVLogger(tmp_path)])
+    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=k, **config,
+                                    logging={"enable_progress_bar": False}), callbacks=[monitor], loggers=[CSVLogger(tmp_path)])
     trainer.fit(create_train_state(build_model("softmax", 0), tx, tasks.multiclass(), seed=0), _fit.train)
     return monitor, list(csv.DictReader(open(tmp_path / "metrics.csv")))
 

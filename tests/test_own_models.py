@@ -464,7 +464,8 @@ def test_predict_under_every_strategy_equals_one_device(data, strategy, devices)
     state, _ = loop.fit(new_state(), train, 1, B)
     host = jax.device_get(state)
     expected = Trainer(quiet(eval_batch_size=48)).predict(state, val.data)
-    got = Trainer(quiet(eval_batch_size=48, parallel={"strategy": strategy, "devices": devices})).predict(host, val.data)
+    got = Trainer(quiet(eval_batch_size=48,
+                        parallel={"strategy": strategy, "devices": devices})).predict(host, val.data)
     assert got.shape == (len(val), 3)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     # An independent reference: the eval-mode model on all rows at once.

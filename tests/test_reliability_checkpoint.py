@@ -149,7 +149,8 @@ class Signal(Callback):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_finish_the_chunk_save_and_return(tmp_path, signum):
     previous = signal.getsignal(signal.SIGINT)
-    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1, logging={"enable_progress_bar": False}),
+    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path), Signal(signum, at_step=6)])
     trainer.fit(_state(), DATA.train)
     assert trainer.interrupted and trainer.stop_signal == signum and trainer.global_step == 6
@@ -158,7 +159,8 @@ def test_sigint_and_sigterm_finish_the_chunk_save_and_return(tmp_path, signum):
 
 
 def test_a_second_sigint_raises_keyboard_interrupt_at_once(tmp_path):
-    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1, logging={"enable_progress_bar": False}),
+    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=None), Signal(signal.SIGINT, signal.SIGINT)])
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(_state(), DATA.train)
@@ -192,7 +194,7 @@ def test_an_accepted_change_is_recorded_in_the_segments(tmp_path):
     _trainer(tmp_path, run_config=RUN).fit(_state(optim.adamw(0.05)), DATA.train)
     trainer = _trainer(tmp_path, epochs=3, run_config={**RUN, "lr": 0.01}, allow_config_change=True)
     with pytest.raises(AttributeError, match=r"trainer.checkpoint.allow_config_change: build the Trainer with"):
-        trainer.checkpoint.allow_config_change = False  # (read from the config: a value set afterwards would go unseen)
+        trainer.allow_config_change = False  # (read from the config: a value set afterwards would go unseen)
     with pytest.warns(RuntimeWarning, match="lr: 0.05 in the checkpoint, 0.01 now"):
         trainer.fit(_state(optim.adamw(0.01)), DATA.train, ckpt_path="last")
     first, second = trainer.run_segments()

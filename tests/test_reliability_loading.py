@@ -34,7 +34,8 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained") / "ckpt"
     train, val, _ = blobs()
     state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64, logging={"enable_progress_bar": False}),
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64,
+                                                      logging={"enable_progress_bar": False}),
                                callbacks=[jaxlight.callbacks.ModelCheckpoint(folder, monitor="val_loss")])
     trainer.fit(state, train, val)
     return folder

@@ -40,7 +40,9 @@ def trial(data, tx, folder=None, strategy="single", epochs=2, **config):
     logger when ``folder`` is given), fit, test, predict."""
     state = create_train_state(build_model("softmax", 0), tx, tasks.multiclass(), seed=0)
     callbacks, loggers = ([ModelCheckpoint(folder / "ckpt")], [CSVLogger(folder / "logs")]) if folder else ([], [])
-    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=32, eval_batch_size=40, **config, logging={"enable_progress_bar": False}, parallel={"strategy": strategy, "devices": None if strategy == "single" else 8}),
+    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=32, eval_batch_size=40, **config,
+                                    logging={"enable_progress_bar": False},
+                                    parallel={"strategy": strategy, "devices": None if strategy == "single" else 8}),
                       callbacks=callbacks, loggers=loggers)
     state = trainer.fit(state, *data)
     trainer.test(state, data[1])
@@ -118,7 +120,8 @@ def test_a_trial_resumes_exactly_and_the_optimizer_check_holds(data, tmp_path):
                   callbacks=[ModelCheckpoint(tmp_path / "a")])
     cut.fit(create_train_state(build_model("softmax", 0), injectable(RATES[1]), tasks.multiclass(), seed=0), *data)
     trial(data, injectable(RATES[3]))  # another trial in between
-    resumed = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=40, logging={"enable_progress_bar": False}),
+    resumed = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=40,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path / "a")])
     state = resumed.fit(create_train_state(build_model("softmax", 0), injectable(RATES[1]), tasks.multiclass(),
                                            seed=0), *data, ckpt_path="last")

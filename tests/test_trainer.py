@@ -224,7 +224,8 @@ def test_nan_loss_names_the_step_and_writes_no_checkpoint(small, tmp_path):
     # overfit_batches keeps the stored order: example 130 lies in batch 3 (examples 128-191).
     data = _with_nan(small[0], 130)
     ckpt = ModelCheckpoint(tmp_path, every_n_steps=5, every_n_epochs=None)
-    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=5, numerics={"check_finite": False}), callbacks=[ckpt])
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=5,
+                              numerics={"check_finite": False}), callbacks=[ckpt])
     with pytest.raises(NonFiniteLossError, match=r"nan at step 3 \(epoch 1, batch 3\)"):
         trainer.fit(_state(), data)
     assert list_checkpoints(tmp_path) == []  # the chunk of steps 1-5 held the NaN: step 5 not saved
@@ -233,7 +234,8 @@ def test_nan_loss_names_the_step_and_writes_no_checkpoint(small, tmp_path):
 def test_nan_loss_names_the_step_in_a_later_chunk(small, tmp_path):
     data = _with_nan(small[0], 130)
     ckpt = ModelCheckpoint(tmp_path, every_n_steps=1, every_n_epochs=None, keep_last=5)
-    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=1, numerics={"check_finite": False}), callbacks=[ckpt])
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=1,
+                              numerics={"check_finite": False}), callbacks=[ckpt])
     with pytest.raises(NonFiniteLossError, match="at step 3 "):
         trainer.fit(_state(), data)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000001", "step_000000002"]
@@ -359,4 +361,5 @@ def test_bad_config_names_the_field(kw, match):
 def test_resume_with_another_batch_size_is_refused(small, tmp_path):
     Trainer(_config(max_steps=3), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3)]).fit(_state(), small[0])
     with pytest.raises(Exception, match="batch_size 64 .* batch_size 32"):
-        Trainer(TrainerConfig(batch_size=32, logging={"enable_progress_bar": False})).fit(_state(), small[0], ckpt_path=tmp_path)
+        Trainer(TrainerConfig(batch_size=32,
+                              logging={"enable_progress_bar": False})).fit(_state(), small[0], ckpt_path=tmp_path)

@@ -73,8 +73,9 @@ FAST_SWEEP = {(8, 1, "sharded")}
     for d, k in [(1, None), (2, 3), (8, None), (8, 1)] for n in ["pmap", "sharded"]])
 def test_fit_matches_single_device(name, devices, k, data, single):
     ref_state, ref = single
-    trainer = Trainer(config(val_every_n_steps=4, steps_per_execution=k, parallel={"strategy": name, "devices": devices}))
-    assert trainer.parallel.strategy.name == name and trainer.parallel.strategy.num_devices == devices
+    trainer = Trainer(config(val_every_n_steps=4, steps_per_execution=k,
+                             parallel={"strategy": name, "devices": devices}))
+    assert trainer.strategy.name == name and trainer.strategy.num_devices == devices
     state = trainer.fit(new_state(), *data)
 
     assert parallel.layout_of(state) == ("single" if devices == 1 else "replicated")
@@ -122,7 +123,8 @@ def test_checkpoint_resumes_under_another_strategy_and_device_count(first, then,
     """Stop mid-epoch 2 under one layout, resume under another: the run ends where one
     uninterrupted single-device run ends, with the same history."""
     cb = ModelCheckpoint(tmp_path, every_n_epochs=None)  # saves at fit end: step 10
-    Trainer(config(max_steps=10, parallel={"strategy": first[0], "devices": first[1]}), callbacks=[cb]).fit(new_state(), data[0])
+    Trainer(config(max_steps=10,
+                   parallel={"strategy": first[0], "devices": first[1]}), callbacks=[cb]).fit(new_state(), data[0])
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000010"]
     resumed = Trainer(config(parallel={"strategy": then[0], "devices": then[1]}),
                       callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=None)])
@@ -157,7 +159,8 @@ def test_accumulation_and_clipping_match_single_device(data, accumulated, strate
             idx, mask = batch_indices(jax.random.fold_in(data_key(0), next(epochs)), N_TRAIN, BATCH, True)
             return iter([{"x": arrays.x[i[m > 0]], "y": arrays.y[i[m > 0]]}
                          for i, m in zip(np.asarray(idx), np.asarray(mask))])
-    trainer = Trainer(config(accumulate_grad_batches=3, parallel={"strategy": strategy, "devices": devices}, numerics={"gradient_clip_norm": 0.05}))
+    trainer = Trainer(config(accumulate_grad_batches=3, parallel={"strategy": strategy, "devices": devices},
+                             numerics={"gradient_clip_norm": 0.05}))
     state = trainer.fit(new_state(), train)
     assert int(state.step) == trainer.global_step == int(accumulated[0].step) == 6
     assert_params_close(state, accumulated[0])
@@ -167,7 +170,8 @@ def test_accumulation_and_clipping_match_single_device(data, accumulated, strate
 def test_nan_loss_is_named_on_the_right_step(data):
     x = np.asarray(data[0].x[:160], np.float32) / 255.0
     x[130, 3, 3] = np.nan  # overfit_batches keeps the stored order: batch 5 (examples 128-159)
-    trainer = Trainer(config(overfit_batches=5, parallel={"strategy": "sharded", "devices": 8}, numerics={"check_finite": False}))
+    trainer = Trainer(config(overfit_batches=5, parallel={"strategy": "sharded", "devices": 8},
+                             numerics={"check_finite": False}))
     with pytest.raises(NonFiniteLossError, match=r"nan at step 5 \(epoch 1, batch 5\)"):
         trainer.fit(new_state(), ArrayDataset(x, data[0].y[:160]))
 
