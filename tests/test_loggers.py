@@ -27,7 +27,8 @@ def _state():
 
 def _fit(data, tmp_path, epochs, ckpt_path=None, **kw):
     loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
-    config = TrainerConfig(max_epochs=epochs, steps_per_execution=2, **kw, logging={"enable_progress_bar": False})
+    config = TrainerConfig(max_epochs=epochs, steps_per_execution=2,
+                           **{"logging": {"enable_progress_bar": False, **kw.pop("logging", {})}, **kw})
     trainer = Trainer(config, callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_epochs=1)], loggers=loggers)
     trainer.fit(_state(), *data, ckpt_path=ckpt_path)
     return trainer

@@ -64,7 +64,7 @@ def _params(state):
 
 @pytest.mark.parametrize("strategy, config", [
     ("single", {}),
-    ("single", {"gradient_clip_norm": 1.0, "nan_policy": "skip"}),  # jaxlight's own optimizer wrappers
+    ("single", {"numerics": {"gradient_clip_norm": 1.0, "nan_policy": "skip"}}),  # jaxlight's own optimizer wrappers
     ("sharded", {}),
 ])
 def test_an_injectable_optimizer_compiles_once_for_a_whole_sweep(data, tmp_path, strategy, config):
