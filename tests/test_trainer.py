@@ -347,14 +347,14 @@ def test_wrapping_the_optimizer_of_a_trained_state_is_refused(small):
     ({"max_steps": 0}, "max_steps"),
     ({"steps_per_execution": 0}, "steps_per_execution"),
     ({"val_every_n_steps": 1.5}, "val_every_n_steps"),
-    ({"gradient_clip_norm": 0.0}, "gradient_clip_norm"),
+    ({"numerics": {"gradient_clip_norm": 0.0}}, "numerics.gradient_clip_norm"),
     ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
-    ({"precision": "fp16"}, "precision"),
-    ({"nan_policy": "ignore"}, "nan_policy"),
+    ({"numerics": {"precision": "fp16"}}, "numerics.precision"),
+    ({"numerics": {"nan_policy": "ignore"}}, "numerics.nan_policy"),
     ({"fast_dev_run": -1}, "fast_dev_run"),
 ])
 def test_bad_config_names_the_field(kw, match):
-    with pytest.raises(ValueError, match=f"TrainerConfig.{match}"):
+    with pytest.raises(ValueError, match=f"^trainer.{match}: "):
         TrainerConfig(**kw)
 
 
