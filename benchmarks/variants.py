@@ -213,8 +213,8 @@ class JaxTrainer(_JaxEpochs):
         self.Trainer, self.TrainerConfig, self.Callback = Trainer, TrainerConfig, Callback
 
     def _config(self, **kw):
-        return self.TrainerConfig(batch_size=self.ctx.batch_size, val_every_n_epochs=None,
-                                  enable_progress_bar=False, handle_sigterm=False, **kw)
+        return self.TrainerConfig(batch_size=self.ctx.batch_size, val_every_n_epochs=None, handle_sigterm=False, **kw,
+                                  logging={"enable_progress_bar": False})
 
     def run_epoch(self) -> float:
         jax = self.jax

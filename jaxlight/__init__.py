@@ -24,7 +24,9 @@ _NAMES = {
     "BatchError": "jaxlight.step", "DonatedStateError": "jaxlight.step", "apply_eval_step": "jaxlight.step",
     "apply_train_step": "jaxlight.step", "eval_step": "jaxlight.step", "train_chunk": "jaxlight.step",
     "train_step": "jaxlight.step",
-    "Trainer": "jaxlight.trainer", "TrainerConfig": "jaxlight.trainer",
+    "Trainer": "jaxlight.trainer", "TrainerConfig": "jaxlight.trainer_config",
+    "CheckpointConfig": "jaxlight.trainer_config", "LoggingConfig": "jaxlight.trainer_config",
+    "NumericsConfig": "jaxlight.trainer_config", "ParallelConfig": "jaxlight.trainer_config",
 }
 
 
@@ -49,9 +51,13 @@ __all__ = [
     "ArrayDataset",
     "BatchError",
     "Batches",
+    "CheckpointConfig",
     "DonatedStateError",
     "EpochRunner",
+    "LoggingConfig",
     "MODELS",
+    "NumericsConfig",
+    "ParallelConfig",
     "Recipe",
     "TrainState",
     "Trainer",

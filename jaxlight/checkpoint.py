@@ -1332,7 +1332,7 @@ def load_from_checkpoint(path: str | os.PathLike, which: str = "best", *, model=
     (:func:`load_model`).
 
     Args:
-        path: a run's checkpoint folder (``trainer.ckpt_dir``), or one ``step_*`` folder.
+        path: a run's checkpoint folder (``trainer.checkpoint.dirpath``), or one ``step_*`` folder.
         which: in a folder, "best" (by the metric its ``ModelCheckpoint`` monitored) or "last"
             (the newest good checkpoint).
         model: an ``nnx.Module`` class to build with the recorded arguments.

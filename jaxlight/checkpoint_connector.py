@@ -36,6 +36,7 @@ from jaxlight.loop import EpochResult
 from jaxlight.metrics import Metric, SavedStats, from_json, to_json
 from jaxlight.report import library_versions
 from jaxlight.state import TrainState
+from jaxlight.trainer_config import compared_fields
 
 __all__ = ["CheckpointConnector"]
 
@@ -92,7 +93,7 @@ class CheckpointConnector:
     def run_record(self) -> dict:
         """The fit's configuration as a checkpoint records it (see ``jaxlight.runconfig``)."""
         trainer = self.trainer
-        return {"run": dict(trainer.run_config or {}), "trainer": runconfig.trainer_fields(trainer.config)}
+        return {"run": dict(trainer.config.run_config or {}), "trainer": compared_fields(trainer.config)}
 
     def run_segments(self) -> list[dict]:
         """One entry per fit of the run (a resumed run has several): its configuration, the steps
@@ -122,8 +123,8 @@ class CheckpointConnector:
             "history": [_plain(dataclasses.asdict(r)) for r in t.history],
             "skipped_steps": t.skipped_steps,
             "callbacks": {c.state_key: c.state_dict() for c in t.callbacks},
-            "config": dataclasses.asdict(t.config),
-            "hparams": self.hparams_record if self.hparams_record is not None else run_record(t.hparams),
+            "config": t.config.record(),
+            "hparams": self.hparams_record if self.hparams_record is not None else run_record(t.config.hparams),
             "versions": library_versions("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"),
         }
 
@@ -254,7 +255,7 @@ class CheckpointConnector:
                 warnings.warn(w.message, w.category, stacklevel=2)
             if not exc.saved_optimizer:
                 raise
-            now = (t.run_config or {}).get("optimizer", "another one")
+            now = (t.config.run_config or {}).get("optimizer", "another one")
             raise runconfig.ConfigMismatchError(
                 f"{path} was saved with optimizer {exc.saved_optimizer}, this run uses {now}: their optimizer "
                 f"states hold different arrays, so --allow-config-change cannot accept this change (the saved state "
@@ -312,14 +313,14 @@ class CheckpointConnector:
         moved = saved_batch != config.batch_size or meta["num_examples"] != t._num_examples
         what = (f"batch_size {saved_batch} on {meta['num_examples']} training examples; this fit has batch_size "
                 f"{config.batch_size} on {t._num_examples}" + (f" ({'; '.join(diffs)})" if diffs else ""))
-        if moved and not t.allow_config_change:
+        if moved and not t.config.checkpoint.allow_config_change:
             raise runconfig.ConfigMismatchError(
                 f"{path} was saved with {what}: the saved data position would not mean the same batches. Resume "
                 f"with the same settings, or accept the change at an epoch's end (--allow-config-change)")
-        if diffs and not t.allow_config_change:
+        if diffs and not t.config.checkpoint.allow_config_change:
             raise runconfig.ConfigMismatchError(
                 f"{path} was written by a run configured differently: {'; '.join(diffs)}. Resume with the "
-                f"same settings, or accept the change (--allow-config-change, Trainer.allow_config_change)")
+                f"same settings, or accept the change (--allow-config-change, trainer.checkpoint.allow_config_change)")
         if moved and meta["batch"] != 0:
             raise runconfig.ConfigMismatchError(
                 f"{path} stopped inside epoch {meta['epoch'] + 1} (batch {meta['batch']}) and was saved with {what}: "

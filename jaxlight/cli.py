@@ -44,9 +44,8 @@ from jaxlight.commands import (  # noqa: F401  (re-exported: the command lines' 
     MAX_SEED,
     Interrupted,
     UsageError,
-    _log_details,
-    _warning_line,
     install_signal_handlers,
+    log_details,
     prepare_output_dir,
     recipe_from_args,
     restore_signal_handlers,
@@ -58,15 +57,17 @@ if TYPE_CHECKING:
 
     from jaxlight.recipes import Recipe
 
-__all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "main", "train_parser", "recipe_from_args",
-           "summary_payload", "add_trainer_flags", "trainer_from_args", "fit_with_trainer", "prepare_output_dir",
-           "run_config", "run_cli", "install_signal_handlers", "restore_signal_handlers", "check_parallel_flags"]
+__all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "TRAIN_FLAGS", "UsageError", "main", "train_parser",
+           "recipe_from_args", "summary_payload", "add_trainer_flags", "train_config", "fit_with_trainer",
+           "prepare_output_dir", "prepare_outputs", "log_details", "run_config", "run_cli", "install_signal_handlers",
+           "restore_signal_handlers", "warn_batch_size"]
 
 
 def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.ArgumentParser:
     """The ``train`` flags both command lines share."""
     import argparse
 
+    from jaxlight.optim import OPTIMIZERS
     from jaxlight.recipes import RECIPES
 
     p = sub.add_parser("train", help=f"train a model with {framework} and write <out>/metrics.json",
@@ -75,7 +76,7 @@ def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.Ar
     p.add_argument("--epochs", type=int, help="default: the model's recipe (jaxlight.recipes)")
     p.add_argument("--batch-size", type=int, help="default: the model's recipe")
     p.add_argument("--lr", type=float, help="default: the model's recipe")
-    p.add_argument("--optimizer", choices=["adam", "sgd", "adamw"], help="default: the model's recipe")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="default: the model's recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="a folder holding MNIST/raw/ (default: $JAXLIGHT_DATA, then the cache)")
     p.add_argument("--out", help="output folder (default: runs/<framework>-<model>)")
@@ -86,7 +87,9 @@ def train_parser(sub: argparse._SubParsersAction, framework: str) -> argparse.Ar
 
 def parallel_flags(p: argparse.ArgumentParser) -> None:
     """``--strategy``, ``--devices``, ``--distributed`` (``jaxlight.parallel``); JAX only."""
-    p.add_argument("--strategy", choices=["single", "pmap", "sharded", "fsdp"], default="single",
+    from jaxlight.parallel import STRATEGIES
+
+    p.add_argument("--strategy", choices=STRATEGIES, default="single",
                    help="data parallelism: one device, jax.pmap, jit over a device mesh with the "
                         "state replicated (sharded), or with parameters and optimizer state split "
                         "over the devices too (fsdp)")
@@ -150,7 +153,7 @@ def _default_out(args: argparse.Namespace, framework: str) -> Path:
     return Path(args.out or f"runs/{framework}-{args.model}")
 
 
-def _prepare_outputs(args: argparse.Namespace, framework: str, lock: bool = True) -> Path:
+def prepare_outputs(args: argparse.Namespace, framework: str, lock: bool = True) -> Path:
     """Check and create the output folders; lock ``--out`` (``lock``: process 0 of a run) as a
     checkpoint folder is locked, so that two runs never write one ``metrics.json``."""
     out = prepare_output_dir(_default_out(args, framework), "--out")
@@ -167,38 +170,101 @@ def _prepare_outputs(args: argparse.Namespace, framework: str, lock: bool = True
     return out
 
 
+# ``jaxlight train``'s flags and the config keys they set: the command is ``jaxlight fit --config
+# <model>`` with these keys (``--resume`` is fit's ``--ckpt_path last``); docs/config.md.
+TRAIN_FLAGS = {
+    "epochs": ("trainer.max_epochs",), "batch_size": ("trainer.batch_size",), "lr": ("optimizer.init_args.lr",),
+    "optimizer": ("optimizer.class_path",), "seed": ("seed", "data.init_args.seed"),
+    "data_dir": ("data.init_args.data_dir",), "val_split": ("data.init_args.val_split",), "out": ("trainer.out",),
+    "ckpt_dir": ("trainer.checkpoint.dirpath",), "ckpt_every": ("trainer.checkpoint.every_n_steps",),
+    "overwrite": ("trainer.checkpoint.overwrite",), "allow_config_change": ("trainer.checkpoint.allow_config_change",),
+    "logger": ("trainer.logging.logger",), "log_dir": ("trainer.logging.log_dir",),
+    "steps_per_execution": ("trainer.steps_per_execution",), "strategy": ("trainer.parallel.strategy",),
+    "devices": ("trainer.parallel.devices",),
+}
+
+
+def train_config(args: argparse.Namespace, recipe: Recipe) -> dict:
+    """The config ``jaxlight train`` runs: the model's built-in config (``jaxlight fit --config
+    <model>``) with the recipe the flags ask for and every flag set on its key (:data:`TRAIN_FLAGS`).
+
+    Raises:
+        UsageError: ``--resume`` or ``--overwrite`` without ``--ckpt-dir``, or both together.
+    """
+    import copy
+
+    from jaxlight.config import _load_yaml
+
+    if args.resume and not args.ckpt_dir:
+        raise UsageError("--resume needs --ckpt-dir (the folder to resume from: trainer.checkpoint.dirpath)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the run or replace it")
+    config = copy.deepcopy(_load_yaml(args.model))
+    values = {**vars(args), "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
+              "seed": recipe.seed, "optimizer": f"jaxlight.optim.{recipe.optimizer}",
+              "out": str(_default_out(args, "jaxlight"))}
+    config["optimizer"] = {"init_args": recipe.optimizer_kwargs()}  # (the recipe's optimizer, whole)
+    for flag, keys in TRAIN_FLAGS.items():
+        if flag not in values:  # (torch-ref's namespace has no trainer flags)
+            continue
+        for key in keys:
+            *parents, leaf = key.split(".")
+            node = config
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = values[flag]
+    return config
+
+
+def _flag_of(key: str) -> str | None:
+    return next((f"--{flag.replace('_', '-')}" for flag, keys in TRAIN_FLAGS.items() if key in keys), None)
+
+
 def run_train(args: argparse.Namespace) -> dict:
     _fake_cpu_devices(getattr(args, "devices", None))
+    import dataclasses
+
     import jax
     import numpy as np
 
+    from jaxlight import config as config_mod
     from jaxlight import parallel, report
+    from jaxlight.config import ConfigError
+    from jaxlight.configcli import build_trainer
     from jaxlight.data import load_task_data
     from jaxlight.loop import evaluate
-    from jaxlight.models import build_model
-    from jaxlight.optim import make_optimizer
     from jaxlight.state import create_train_state
-    from jaxlight.tasks import TASKS
 
     recipe = recipe_from_args(args)
     if getattr(args, "distributed", False):
         parallel.initialize()
-    out = _prepare_outputs(args, "jaxlight", lock=jax.process_index() == 0)
-    args.log_file = _log_details(out, args.verbose)
+    try:
+        plain = config_mod.parse("fit", [], train_config(args, recipe))[2]
+        run = config_mod.build_run(plain, load_data=False)
+    except ConfigError as exc:  # (the flag that set the key, where one did)
+        flag = _flag_of(exc.key or "")
+        raise UsageError(f"{flag} ({exc})" if flag else str(exc)) from None
+    out = prepare_outputs(args, "jaxlight", lock=jax.process_index() == 0)
+    args.log_file = log_details(out, args.verbose)
     if args.ckpt_dir and jax.process_index() == 0:  # (one lock per run: process 0's)
         _claim_checkpoint_folder(args)
     # Built before minutes of data loading: it refuses impossible devices and batch sizes.
-    trainer = trainer_from_args(args, recipe)
+    config = dataclasses.replace(run.trainer_config, run_config=run_config(recipe, args), hparams=plain)
+    trainer = build_trainer(config, [*_epoch_lines(recipe), *run.callbacks], out=out,
+                            monitor="val_loss" if args.val_split else None)
     strategy = trainer.strategy
-    train, test, truth = load_task_data(recipe.dataset, args.data_dir, recipe.seed)
-    tx = make_optimizer(recipe.optimizer, recipe.lr, **recipe.optimizer_kwargs())
-    state = create_train_state(build_model(recipe.model, recipe.seed), tx, TASKS[recipe.task](), recipe.seed)
+    try:
+        train, val, test = config_mod.build_data(plain)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    truth = load_task_data(recipe.dataset, args.data_dir, recipe.seed)[2] if recipe.task == "regression" else None
+    state = create_train_state(run.model, run.tx, run.loss_fn, run.seed)
     print(f"jaxlight: {recipe.model} on {recipe.dataset}, {recipe.optimizer} lr {recipe.lr}, "
           f"batch {recipe.batch_size}, {recipe.epochs} epochs, {jax.default_backend()}, "
           f"{strategy.name} on {strategy.num_devices} device(s)"
           + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""),
           flush=True)
-    state, results = fit_with_trainer(args, recipe, trainer, state, train)
+    state, results = fit_with_trainer(args, recipe, trainer, state, train, val)
     if results is None:  # stopped by SIGTERM/SIGINT (after saving a checkpoint if it could)
         raise Interrupted(trainer.stop_signal)
     test_metrics = evaluate(state, strategy.prepare_data(test), strategy=strategy)
@@ -232,7 +298,10 @@ def _claim_checkpoint_folder(args: argparse.Namespace) -> None:
 
 
 def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``jaxlight train`` flags that ``torch-ref train`` does not share (the Trainer's)."""
+    """The ``jaxlight train`` flags that ``torch-ref train`` does not share (the Trainer's; each
+    sets a config key: :data:`TRAIN_FLAGS`)."""
+    from jaxlight.loggers import LOGGERS
+
     g = p.add_argument_group("trainer (jaxlight only)")
     g.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this fraction of the training set (seeded by --seed) and validate on it each epoch")
@@ -248,38 +317,19 @@ def add_trainer_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "optimizer's hyperparameters, adam<->adamw; --batch-size and --val-split only from an "
                         "epoch-end checkpoint (inside an epoch the saved position would mean other batches); never "
                         "an optimizer whose state holds other arrays (adam->sgd). Recorded in metrics.json's segments")
-    g.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none")
+    g.add_argument("--logger", choices=["none", *LOGGERS], default="none")
     g.add_argument("--log-dir", help="where the logger writes (default: <out>/logs)")
     g.add_argument("--steps-per-execution", type=int,
                    help="steps per compiled call (default: the whole epoch, 1 for convolutions on the CPU)")
     return p
 
 
-def check_trainer_flags(args: argparse.Namespace) -> None:
-    """Reject bad Trainer flags before any data is loaded."""
-    if args.resume and not args.ckpt_dir:
-        raise UsageError("--resume needs --ckpt-dir (the folder to resume from)")
-    if args.overwrite and not args.ckpt_dir:
-        raise UsageError("--overwrite needs --ckpt-dir (the folder whose checkpoints it replaces)")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: continue the run or replace it")
-    if not 0.0 <= args.val_split < 1.0:
-        raise UsageError(f"--val-split must be in [0, 1), got {args.val_split}")
-    for flag in ("ckpt_every", "steps_per_execution"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-
-
-def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
-    """The Trainer ``jaxlight train`` runs: config, checkpointing, logger and the epoch lines."""
+def _epoch_lines(recipe: Recipe):
+    """The report's epoch line (the format torch-ref prints too), and a resume's first line."""
     from jaxlight import report
-    from jaxlight.callbacks import Callback, ModelCheckpoint, ProgressBar
-    from jaxlight.loggers import LOGGERS
-    from jaxlight.trainer import Trainer, TrainerConfig
+    from jaxlight.callbacks import Callback, ProgressBar
 
-    check_trainer_flags(args)
-
-    class EpochLines(Callback):  # the report's epoch line, the format torch-ref prints too
+    class EpochLines(Callback):
         def on_fit_start(self, trainer, state):
             if trainer.restored_from is not None:
                 where = (f"after epoch {trainer.epoch}" if trainer.batch == 0 else
@@ -294,34 +344,16 @@ def trainer_from_args(args: argparse.Namespace, recipe: Recipe):
             r = trainer.history[-1]
             print(report.epoch_line(r.epoch, recipe.epochs, r.metrics, r.seconds), flush=True)
 
-    callbacks = [EpochLines(), ProgressBar(print_epochs=False)]
-    if args.ckpt_dir:
-        monitor = "val_loss" if args.val_split else None
-        callbacks.insert(0, ModelCheckpoint(args.ckpt_dir, monitor=monitor, every_n_steps=args.ckpt_every,
-                                            overwrite=args.overwrite))
-    loggers = []
-    if args.logger != "none":
-        out = Path(args.out or f"runs/jaxlight-{recipe.model}")
-        loggers.append(LOGGERS[args.logger](args.log_dir or out / "logs"))
-    config = TrainerConfig(max_epochs=recipe.epochs, batch_size=recipe.batch_size,
-                           steps_per_execution=args.steps_per_execution,
-                           strategy=getattr(args, "strategy", "single"), devices=getattr(args, "devices", None))
-    trainer = Trainer(config, callbacks=callbacks, loggers=loggers)
-    trainer.run_config = run_config(recipe, args)
-    trainer.allow_config_change = args.allow_config_change
-    return trainer
+    return EpochLines(), ProgressBar(print_epochs=False)
 
 
-def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, trainer, state, train):
-    """Run ``jaxlight train``'s training through ``trainer`` (from :func:`trainer_from_args`);
+def fit_with_trainer(args: argparse.Namespace, recipe: Recipe, trainer, state, train, val=None):
+    """Run ``jaxlight train``'s training through ``trainer`` (from ``jaxlight.configcli.build_trainer``);
     ``(state, epoch results)``, or ``(state, None)`` when SIGTERM or SIGINT stopped it (a
     checkpoint was saved if --ckpt-dir is set)."""
-    val = None
-    if args.val_split:
-        train, val = train.split(args.val_split, recipe.seed)
-        if not len(val) or not len(train):
-            raise UsageError(f"--val-split {args.val_split} of {len(train) + len(val)} examples leaves "
-                             f"{len(train)} for training and {len(val)} for validation: the dataset would be empty")
+    if args.val_split and (not len(val) or not len(train)):
+        raise UsageError(f"--val-split {args.val_split} of {len(train) + len(val)} examples leaves "
+                         f"{len(train)} for training and {len(val)} for validation: the dataset would be empty")
     warn_batch_size(recipe.batch_size, len(train))
     resume = args.resume and any(Path(args.ckpt_dir).glob("step_*"))
     if args.resume and not resume:
@@ -341,12 +373,6 @@ def warn_batch_size(batch_size: int, examples: int) -> None:
     if batch_size > examples:
         print(f"warning: --batch-size {batch_size} is larger than the training set ({examples} examples): "
               f"every epoch is one padded batch", file=sys.stderr, flush=True)
-
-
-def check_parallel_flags(args: argparse.Namespace) -> None:
-    """Reject bad ``--devices`` before JAX starts."""
-    if getattr(args, "devices", None) is not None and args.devices < 1:
-        raise UsageError(f"--devices must be >= 1, got {args.devices}")
 
 
 CONFIG_COMMANDS = ("fit", "validate", "test", "predict")
@@ -382,6 +408,7 @@ def _main(argv: list[str] | None) -> int:
     port_parser(sub)
     args = parser.parse_args(argv)  # (exits 2 on a malformed flag)
     from jaxlight.checkpoint import CheckpointError, CheckpointWriteError
+    from jaxlight.config import ConfigError
     from jaxlight.data import MNISTError
     from jaxlight.parallel import ParallelError
     from jaxlight.step import BatchError
@@ -389,8 +416,6 @@ def _main(argv: list[str] | None) -> int:
 
     def run(args):
         if args.command == "train":
-            check_trainer_flags(args)
-            check_parallel_flags(args)
             return run_train(args)
         if args.command == "port":
             return run_port(args)
@@ -402,7 +427,7 @@ def _main(argv: list[str] | None) -> int:
         ParityFailed: EXIT_DIVERGED,  # (port: the port does not compute what the torch module does)
         CheckpointWriteError: EXIT_FAILED,
         OSError: EXIT_FAILED,  # (metrics.json or a log could not be written)
-        UsageError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,
+        UsageError: EXIT_USAGE, ConfigError: EXIT_USAGE, MNISTError: EXIT_USAGE, BatchError: EXIT_USAGE, ParallelError: EXIT_USAGE,
         CheckpointError: EXIT_USAGE,  # (refused before training: locked, another run's, corrupt, mismatched)
         **_port_errors(args),
     })

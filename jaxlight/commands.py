@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from jaxlight.recipes import Recipe
 
 __all__ = ["EXIT_DIVERGED", "EXIT_FAILED", "EXIT_USAGE", "MAX_SEED", "Interrupted", "UsageError", "install_signal_handlers",
-           "prepare_output_dir", "recipe_from_args", "restore_signal_handlers", "run_cli", "stopped_line"]
+           "log_details", "prepare_output_dir", "recipe_from_args", "restore_signal_handlers", "run_cli",
+           "stopped_line"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 
@@ -115,7 +116,7 @@ def restore_signal_handlers(previous: dict) -> None:
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _log_details(out: Path, verbose: bool) -> Path | None:
+def log_details(out: Path, verbose: bool) -> Path | None:
     """Send library logs and background threads' tracebacks (Orbax writes its own on a full
     disk) to ``<out>/train.log``, or to stderr with --verbose, so that stderr holds the one
     error line."""

@@ -37,7 +37,7 @@ from typing import Any, Optional
 from jaxlight.hparams import import_path
 from jaxlight.recipes import MODEL_DIR, RECIPES
 
-__all__ = ["BUILTIN_CONFIGS", "ConfigError", "Run", "build_run", "builtin_config", "parse", "PARTS"]
+__all__ = ["BUILTIN_CONFIGS", "ConfigError", "Run", "build_data", "build_run", "builtin_config", "parse", "PARTS"]
 
 PARTS = ("seed", "model", "init", "loss", "data", "optimizer", "trainer")
 CALLED = ("model", "data", "optimizer")  # the parts given as {class_path, init_args}
@@ -46,29 +46,21 @@ TASK_NAMES = ("multiclass", "binary", "regression")
 CONFIG_DIR = MODEL_DIR
 BUILTIN_CONFIGS = tuple(RECIPES)
 
-# Trainer settings a config adds to TrainerConfig's fields (what the Trainer is built with).
+# Trainer settings a config file adds to TrainerConfig's: the callbacks, built from class paths.
 TRAINER_EXTRAS = {
-    "out": (Optional[str], None, "folder for config.yaml, metrics.json and predictions (default: "
-                                 "runs/<model class name>)"),
-    "ckpt_dir": (Optional[str], None, "save a checkpoint at every epoch end here (ModelCheckpoint); "
-                                      "--ckpt_path best|last reads it"),
-    "ckpt_every": (Optional[int], None, "also checkpoint every N steps"),
-    "monitor": (Optional[str], None, "the metric that decides the best checkpoint (default: val_loss "
-                                     "when there is a validation set, else loss)"),
-    "monitor_mode": (str, "min", "min or max for monitor"),
-    "overwrite": (bool, False, "start a new run in a ckpt_dir that holds checkpoints (they are replaced)"),
-    "allow_config_change": (bool, False, "resume (--ckpt_path) although the checkpoint was written with another "
-                                         "config; the change is recorded"),
-    "logger": (Optional[str], None, "csv or tensorboard (null: none)"),
-    "log_dir": (Optional[str], None, "where the logger writes (default: <out>/logs)"),
     "callbacks": (Any, [], "a list of {class_path, init_args} of jaxlight.callbacks.Callback subclasses"),
-    "freeze": (list[str], [], "parameter path patterns to freeze (fnmatch over dotted paths, "
-                              "e.g. backbone.*): no updates, no optimizer state"),
 }
 
 
 class ConfigError(ValueError):
-    """A config that cannot run; the message is one line naming the key and what was expected."""
+    """A config that cannot run; the message is one line naming the key and what was expected.
+
+    ``key``: the config key at fault (``trainer.checkpoint.every_n_steps``), where one is known.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def builtin_config(name: str) -> Path:
@@ -188,6 +180,29 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
+def refuse_moved_keys(trainer, where: str) -> None:
+    """One error naming the new key for a key of the former flat ``trainer:`` section
+    (``ckpt_dir`` is ``trainer.checkpoint.dirpath``: ``jaxlight.trainer_config.MOVED_KEYS``)."""
+    from jaxlight.trainer_config import moved_key_error, MOVED_KEYS
+
+    for key in trainer if isinstance(trainer, dict) else ():
+        if key in MOVED_KEYS:
+            raise moved_key_error(key, where)
+
+
+def nest_moved_keys(trainer: dict) -> dict:
+    """A recorded flat ``trainer:`` section (a checkpoint written before the sections) as the
+    nested one: each moved key under its section."""
+    from jaxlight.trainer_config import MOVED_KEYS
+
+    out = {k: v for k, v in trainer.items() if k not in MOVED_KEYS}
+    for key, value in trainer.items():
+        if key in MOVED_KEYS:
+            section, name = MOVED_KEYS[key].split(".")
+            out.setdefault(section, {})[name] = value
+    return out
+
+
 def _class_path_of(value, key: str) -> str | None:
     if value is None:
         return None
@@ -231,6 +246,7 @@ def prescan(argv: list[str], base: dict | None = None) -> tuple[list[str], dict]
             if value is None:
                 raise ConfigError("--config: expected a YAML file or a built-in config name")
             data = _load_yaml(value)
+            refuse_moved_keys(data.get("trainer"), f"--config {value}: trainer")
             for part in CALLED:
                 if part in data:
                     found = _class_path_of(data[part], part)
@@ -240,6 +256,11 @@ def prescan(argv: list[str], base: dict | None = None) -> tuple[list[str], dict]
             out += ["--config", str(path)]
             continue
         part = name[2:].split(".")[0] if name.startswith("--") else None
+        if part == "trainer":
+            refuse_moved_keys({name[len("--trainer."):].split(".")[0]: None}, "--trainer")
+            if name == "--trainer" and i + 1 < len(argv):
+                refuse_moved_keys(load_yaml_text(argv[i + 1], name) if "=" not in arg else
+                                  load_yaml_text(arg.split("=", 1)[1], name), "--trainer")
         if part in CALLED and name in (f"--{part}", f"--{part}.class_path"):
             value, i = _flag_value(argv, i)
             if value is None:
@@ -481,7 +502,7 @@ def make_parser(command: str, paths: dict):
     """The jsonargparse parser of ``jaxlight <command>`` for the given class paths."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from jaxlight.trainer import TrainerConfig
+    from jaxlight.trainer_config import TrainerConfig
 
     p = ArgumentParser(prog=f"jaxlight {command}", exit_on_error=False, print_config=None,
                        description=f"{command} a model from a config: seed, model, init, loss, data, optimizer, "
@@ -492,7 +513,7 @@ def make_parser(command: str, paths: dict):
                    help="print the full resolved config (re-running it reproduces the run) and exit")
     p.add_argument("--ckpt_path", type=Optional[str], default=None,
                    help="best, last or a checkpoint folder: fit resumes from it; validate, test and predict "
-                        "evaluate its weights (best/last: in trainer.ckpt_dir)")
+                        "evaluate its weights (best/last: in trainer.checkpoint.dirpath)")
     if command != "fit":
         p.add_argument("--trust_code", action="store_true",
                        help="with --ckpt_path: also import code saved with the checkpoint (searched first), and "
@@ -519,7 +540,12 @@ def make_parser(command: str, paths: dict):
             else:
                 recorded_kind(fn, part, paths[part])
             _add_function(p, fn, f"{part}.init_args")
-    p.add_class_arguments(TrainerConfig, "trainer")
+    from jaxlight.trainer_config import SECTIONS
+
+    # (each section a group of its own: trainer.checkpoint.every_n_steps, not a class_path spec)
+    p.add_class_arguments(TrainerConfig, "trainer", skip={"run_config", "hparams", *SECTIONS})
+    for name, section in SECTIONS.items():
+        p.add_class_arguments(section, f"trainer.{name}")
     for name, (typ, default, help_) in TRAINER_EXTRAS.items():
         p.add_argument(f"--trainer.{name}", type=typ, default=default, help=help_)
     return p
@@ -688,9 +714,8 @@ class Run:
     val: Any
     test: Any
     tx: Any
-    trainer_config: Any
-    trainer_extras: dict
-    callbacks: list
+    trainer_config: Any                # a jaxlight.trainer_config.TrainerConfig
+    callbacks: list                    # trainer.callbacks, built
 
 
 def _loss(value, key: str = "loss"):
@@ -812,7 +837,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     from flax import nnx
 
     from jaxlight.callbacks import Callback
-    from jaxlight.trainer import TrainerConfig
+    from jaxlight.trainer_config import TrainerConfig
 
     seed = cfg["seed"]
     # Model: its class is checked in the parser already; the arguments are jsonargparse's.
@@ -849,30 +874,17 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
 
     trainer_cfg = dict(cfg["trainer"])
     extras = {k: trainer_cfg.pop(k) for k in TRAINER_EXTRAS}
-    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
-    try:
-        trainer_config = TrainerConfig(**{k: v for k, v in trainer_cfg.items() if k in fields})
-    except ValueError as exc:
-        m = re.match(r"TrainerConfig\.(\w+) (.*)", str(exc))
-        raise ConfigError(f"trainer.{m.group(1)}: {m.group(2)}" if m else f"trainer: {exc}") from None
-    if extras["logger"] not in (None, "none", "csv", "tensorboard"):
-        raise ConfigError(f"trainer.logger: expected csv, tensorboard or null, got {extras['logger']!r}")
-    if extras["monitor_mode"] not in ("min", "max"):
-        raise ConfigError(f"trainer.monitor_mode: expected min or max, got {extras['monitor_mode']!r}")
-    if extras["ckpt_every"] is not None and extras["ckpt_every"] < 1:
-        raise ConfigError(f"trainer.ckpt_every: must be >= 1, got {extras['ckpt_every']}")
-    if extras["freeze"]:
+    trainer_config = TrainerConfig(**trainer_cfg)  # (ConfigError naming the key: the fields check themselves)
+    if trainer_config.freeze:  # (the Trainer freezes them: jaxlight.trainer.wrap_optimizer)
         from jaxlight.models.init import param_paths
         import fnmatch
 
         names = param_paths(model)
-        for pattern in extras["freeze"]:
+        for pattern in trainer_config.freeze:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ConfigError(f"trainer.freeze: pattern {pattern!r} matches no parameter of "
-                                  f"{type(model).__name__} ({', '.join(names[:6])}{'...' if len(names) > 6 else ''})")
-        from jaxlight.optim import freeze
-
-        tx = freeze(tx, extras["freeze"])
+                                  f"{type(model).__name__} ({', '.join(names[:6])}{'...' if len(names) > 6 else ''})",
+                                  key="trainer.freeze")
     callbacks = []
     raw = extras["callbacks"] or []
     if not isinstance(raw, list):
@@ -883,15 +895,19 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
             raise ConfigError(f"trainer.callbacks[{i}]: {type(cb).__name__} is not a jaxlight.callbacks.Callback")
         callbacks.append(cb)
 
-    train = val = test = None
-    if load_data:
-        data_path = cfg["data"]["class_path"]
-        data_fn = _resolve_function(data_path, "data.class_path")
-        recorded_kind(data_fn, "data", data_path)
-        data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
-        _bind(data_fn, data_args, "data", data_path)
-        train, val, test = _data(data_fn, data_args, data_path)
-    return Run(cfg, seed, model, loss_fn, train, val, test, tx, trainer_config, extras, callbacks)
+    train, val, test = build_data(cfg) if load_data else (None, None, None)
+    return Run(cfg, seed, model, loss_fn, train, val, test, tx, trainer_config, callbacks)
+
+
+def build_data(cfg: dict) -> tuple:
+    """``(train, val, test)`` of a parsed config's ``data`` part (val, test: None when the data
+    function returns none); raises :class:`ConfigError` naming the key."""
+    data_path = cfg["data"]["class_path"]
+    data_fn = _resolve_function(data_path, "data.class_path")
+    recorded_kind(data_fn, "data", data_path)
+    data_args = _resolve_args(data_fn, cfg["data"].get("init_args"), "data")
+    _bind(data_fn, data_args, "data", data_path)
+    return _data(data_fn, data_args, data_path)
 
 
 def _required_positional(fn) -> int:

@@ -7,7 +7,7 @@ The config's parts, parsing and checks are in :mod:`jaxlight.config`; this modul
 - ``validate`` / ``test`` evaluate the data's validation / test set and write
   ``<out>/<command>_metrics.json``; ``predict`` writes the model's outputs on the test set (the
   validation set when there is none) to ``<out>/predictions.npz``. With ``--ckpt_path
-  best|last|PATH`` they evaluate that checkpoint (best/last: in ``trainer.ckpt_dir``), else
+  best|last|PATH`` they evaluate that checkpoint (best/last: in ``trainer.checkpoint.dirpath``), else
   the freshly built model.
 
 Exit codes are ``jaxlight train``'s (``jaxlight.cli``): 0 done, 1 failed while running, 2 a
@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["COMMANDS", "main", "run_command"]
+__all__ = ["COMMANDS", "build_trainer", "main", "resume_fields", "run_command"]
 
 COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -42,55 +42,72 @@ def _epoch_lines(max_epochs: int):
 
 
 def _out_dir(run) -> Path:
-    out = run.trainer_extras["out"]
+    out = run.trainer_config.out
     return Path(out) if out else Path("runs") / type(run.model).__name__.lower()
 
 
-def build_trainer(run, command: str):
-    """The Trainer a config asks for: its TrainerConfig, checkpoints, logger, LR monitor and
-    callbacks. Raises ``ConfigError`` for a logger whose package is missing."""
-    from jaxlight.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+def build_trainer(config, callbacks=(), *, out: Path, monitor: str | None = None, lr_monitor: bool = False):
+    """The one builder from a :class:`~jaxlight.trainer_config.TrainerConfig` to a Trainer (what
+    ``jaxlight train`` and ``jaxlight fit`` run): ``callbacks`` plus what the config's sections
+    ask for: a :class:`~jaxlight.callbacks.ModelCheckpoint` in ``checkpoint.dirpath`` and the
+    ``logging.logger`` (writing to ``logging.log_dir``, default ``out/logs``).
+
+    Args:
+        out: the run's output folder.
+        monitor: the checkpoint's monitored metric when ``checkpoint.monitor`` is None.
+        lr_monitor: with a logger, also log the learning rate (a
+            :class:`~jaxlight.callbacks.LearningRateMonitor`, unless one is given).
+
+    Raises:
+        ConfigError: ``trainer.logging.logger`` names a logger whose package is missing.
+    """
+    from jaxlight.callbacks import LearningRateMonitor, ModelCheckpoint
     from jaxlight.config import ConfigError
     from jaxlight.loggers import LOGGERS
     from jaxlight.trainer import Trainer
 
-    ex = run.trainer_extras
+    ck, log = config.checkpoint, config.logging
+    callbacks = list(callbacks)
+    if ck.dirpath:
+        callbacks.insert(0, ModelCheckpoint(ck.dirpath, monitor=ck.monitor or monitor, mode=ck.mode,
+                                            every_n_steps=ck.every_n_steps, overwrite=ck.overwrite))
+    loggers = []
+    if log.logger not in (None, "none"):
+        try:
+            loggers.append(LOGGERS[log.logger](log.log_dir or Path(out) / "logs"))
+        except ImportError as exc:
+            raise ConfigError(f"trainer.logging.logger: {exc}", key="trainer.logging.logger") from None
+        # (the rate is read from the optimizer itself: an argument named learning_rate may not be it)
+        if lr_monitor and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor())
+    return Trainer(config, callbacks=callbacks, loggers=loggers)
+
+
+def _fit_trainer(run, command: str):
+    """``build_trainer`` for a config command: the epoch lines and progress bar when fitting,
+    the run's resolved config recorded (``hparams``) and compared on resume (``run_config``)."""
+    import dataclasses
+
+    from jaxlight.callbacks import ProgressBar
+    from jaxlight.config import ConfigError
+
     callbacks = [*run.callbacks]
     if command == "fit":
-        callbacks.append(_epoch_lines(run.trainer_config.max_epochs))
-        callbacks.append(ProgressBar(print_epochs=False))
-    if ex["ckpt_dir"]:
-        monitor = ex["monitor"] or ("val_loss" if run.val is not None else "loss")
-        callbacks.insert(0, ModelCheckpoint(ex["ckpt_dir"], monitor=monitor, mode=ex["monitor_mode"],
-                                            every_n_steps=ex["ckpt_every"], overwrite=ex["overwrite"]))
-    loggers = []
-    if ex["logger"] not in (None, "none"):
-        try:
-            loggers.append(LOGGERS[ex["logger"]](ex["log_dir"] or _out_dir(run) / "logs"))
-        except ImportError as exc:
-            raise ConfigError(f"trainer.logger: {exc}") from None
-        # (the rate is read from the optimizer itself: an argument named learning_rate may not be it)
-        if command == "fit" and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
-            callbacks.append(LearningRateMonitor())
+        callbacks += [_epoch_lines(run.trainer_config.max_epochs), ProgressBar(print_epochs=False)]
+    config = dataclasses.replace(run.trainer_config, hparams=run.config, run_config=resume_fields(run.config))
     try:
-        trainer = Trainer(run.trainer_config, callbacks=callbacks, loggers=loggers)
+        return build_trainer(config, callbacks, out=_out_dir(run), monitor="val_loss" if run.val is not None else "loss",
+                             lr_monitor=command == "fit")
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"trainer: {exc}") from None
-    trainer.hparams = run.config
-    trainer.run_config = resume_fields(run.config)
-    trainer.allow_config_change = ex["allow_config_change"]
-    return trainer
-
-
-# Config keys a resumed fit may change: where things are written, how long it runs, what it
-# prints. The TrainerConfig fields that change the numbers are compared by jaxlight.runconfig.
-_FREE = ("trainer.",)
-_COMPARED_TRAINER = ("trainer.freeze",)
 
 
 def resume_fields(config: dict) -> dict:
     """The config as dotted keys (``model.init_args.width``) that a resume must match
-    (``jaxlight.runconfig``): everything but the trainer section, plus ``trainer.freeze``."""
+    (``jaxlight.runconfig``): everything but the trainer section, whose fields that change the
+    numbers are compared by the Trainer itself (``jaxlight.trainer_config.compared_fields``)."""
     def flat(tree, prefix=""):
         if isinstance(tree, dict) and tree:
             out = {}
@@ -99,8 +116,7 @@ def resume_fields(config: dict) -> dict:
             return out
         return {prefix: tree}
 
-    fields = flat(config)
-    return {k: v for k, v in fields.items() if not k.startswith(_FREE) or k in _COMPARED_TRAINER}
+    return {k: v for k, v in flat(config).items() if not k.startswith("trainer.")}
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -115,26 +131,26 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def _ckpt_dir(argv: list[str]) -> str | None:
-    """``trainer.ckpt_dir`` as the config files and flags give it (the last wins)."""
+    """``trainer.checkpoint.dirpath`` as the config files and flags give it (the last wins)."""
     from jaxlight.config import _flag_value, _load_yaml
 
     found, i = None, 0
     while i < len(argv):
         name = argv[i].split("=", 1)[0]
-        if name in ("--config", "--trainer.ckpt_dir"):
+        if name in ("--config", "--trainer.checkpoint.dirpath"):
             value, i = _flag_value(argv, i)
-            if name == "--trainer.ckpt_dir":
+            if name == "--trainer.checkpoint.dirpath":
                 found = value
             elif value is not None:
-                trainer = _load_yaml(value).get("trainer")
-                found = trainer.get("ckpt_dir", found) if isinstance(trainer, dict) else found
+                section = (_load_yaml(value).get("trainer") or {}).get("checkpoint")
+                found = section.get("dirpath", found) if isinstance(section, dict) else found
             continue
         i += 1
     return found
 
 
 # Trainer settings a checkpoint's record does not get to choose: where this command writes.
-_NOT_FROM_A_RECORD = ("out", "log_dir", "ckpt_dir", "logger")
+_NOT_FROM_A_RECORD = {"out": None, "logging": ("log_dir", "logger"), "checkpoint": ("dirpath",)}
 
 
 def checkpoint_code(command: str, argv: list[str]):
@@ -145,12 +161,13 @@ def checkpoint_code(command: str, argv: list[str]):
       flags. Its class paths are a checkpoint's: imported from the installed environment only
       and each checked for the kind its place expects before any call
       (``jaxlight.config.recorded_kind``), unless ``--trust_code``. The record does not choose
-      where the command writes (``trainer.out``, ``log_dir``, ``ckpt_dir``, ``logger``).
+      where the command writes (``trainer.out``, ``trainer.logging.log_dir`` and ``logger``,
+      ``trainer.checkpoint.dirpath``).
     - With a config of yours, its class paths are yours; ``--trust_code`` also imports code
       saved with the checkpoint (searched first: a generated model module).
     """
     from jaxlight.checkpoint import recorded_hparams, resolve_checkpoint
-    from jaxlight.config import PARTS, CodePolicy, ConfigError
+    from jaxlight.config import PARTS, CodePolicy, ConfigError, nest_moved_keys
     from jaxlight.trust import code_folders
 
     ckpt = _flag(argv, "--ckpt_path")
@@ -177,7 +194,13 @@ def checkpoint_code(command: str, argv: list[str]):
     trainer = base.get("trainer") or {}
     if not isinstance(trainer, dict):
         raise ConfigError(f"--ckpt_path {ckpt}: {step} records trainer as a {type(trainer).__name__}, not a mapping")
-    base["trainer"] = {k: v for k, v in trainer.items() if k not in _NOT_FROM_A_RECORD}
+    trainer = nest_moved_keys(trainer)  # (a record written before the trainer sections)
+    for key, names in _NOT_FROM_A_RECORD.items():
+        if names is None:
+            trainer.pop(key, None)
+        elif isinstance(trainer.get(key), dict):
+            trainer[key] = {k: v for k, v in trainer[key].items() if k not in names}
+    base["trainer"] = trainer
     if "--print_config" not in argv:
         print(f"jaxlight {command}: the run's config recorded in {step / 'meta.json'}", flush=True)
     return policy, base
@@ -211,24 +234,25 @@ def _run_command(command: str, argv: list[str], base: dict | None, args=None) ->
         sys.stdout.write(config_mod.dump(plain))
         return None
     run = config_mod.build_run(plain)
-    trainer = build_trainer(run, command)
+    trainer = _fit_trainer(run, command)
     ckpt_path = ns.ckpt_path
-    if ckpt_path in ("best", "last") and not run.trainer_extras["ckpt_dir"]:
-        raise ConfigError(f"--ckpt_path {ckpt_path}: needs trainer.ckpt_dir (the folder it searches)")
+    if ckpt_path in ("best", "last") and not run.trainer_config.checkpoint.dirpath:
+        raise ConfigError(f"--ckpt_path {ckpt_path}: needs trainer.checkpoint.dirpath (the folder it searches)")
     if command in ("validate",) and run.val is None:
         raise ConfigError(f"data: {plain['data']['class_path']} returned no validation set; validate needs one")
     if command in ("test",) and run.test is None:
         raise ConfigError(f"data: {plain['data']['class_path']} returned no test set; test needs one")
     from jaxlight.state import create_train_state
 
-    ckpt_dir = run.trainer_extras["ckpt_dir"]
-    if command == "fit" and ckpt_dir and ckpt_path is None and not run.trainer_extras["overwrite"]:
+    ckpt_dir = run.trainer_config.checkpoint.dirpath
+    if command == "fit" and ckpt_dir and ckpt_path is None and not run.trainer_config.checkpoint.overwrite:
         from jaxlight.checkpoint import list_checkpoints
 
         found = list_checkpoints(ckpt_dir)
         if found:
-            raise ConfigError(f"trainer.ckpt_dir: {ckpt_dir} already holds checkpoints ({found[-1].name}...): add "
-                              f"--ckpt_path last to continue that run, --trainer.overwrite true to replace it, or "
+            raise ConfigError(f"trainer.checkpoint.dirpath: {ckpt_dir} already holds checkpoints ({found[-1].name}...): "
+                              f"add --ckpt_path last to continue that run, --trainer.checkpoint.overwrite true to "
+                              f"replace it, or "
                               f"choose another folder")
     state = create_train_state(run.model, run.tx, run.loss_fn, run.seed)
     # The loss on the first batch of each split, before anything is written (BatchError names
@@ -245,9 +269,9 @@ def _run_command(command: str, argv: list[str], base: dict | None, args=None) ->
 
     prepare_output_dir(out, "trainer.out")
     if args is not None:
-        from jaxlight.commands import _log_details
+        from jaxlight.commands import log_details
 
-        args.log_file = _log_details(out, args.verbose)
+        args.log_file = log_details(out, args.verbose)
     if command == "fit":
         (out / "config.yaml").write_text(config_mod.dump(plain))
         print(f"jaxlight fit: {plain['model']['class_path']}, {plain['optimizer']['class_path']}, batch "
@@ -275,7 +299,7 @@ def _run_command(command: str, argv: list[str], base: dict | None, args=None) ->
             again = [a for i, a in enumerate(argv) if not (a.startswith("--ckpt_path=") or a == "--ckpt_path" or
                                                           (i and argv[i - 1] == "--ckpt_path"))]
             print(stopped_line(trainer, f"Resume with: jaxlight fit {shlex.join(again)} --ckpt_path last",
-                               "no trainer.ckpt_dir"), file=sys.stderr, flush=True)
+                               "no trainer.checkpoint.dirpath"), file=sys.stderr, flush=True)
             raise Interrupted(trainer.stop_signal)
         return summary
     resolved = _checkpoint(trainer, run, ckpt_path)
@@ -306,7 +330,7 @@ def _checkpoint(trainer, run, ckpt_path):
     if ckpt_path is None:
         return None
     if ckpt_path in ("best", "last"):
-        return resolve_checkpoint(run.trainer_extras["ckpt_dir"], ckpt_path)
+        return resolve_checkpoint(run.trainer_config.checkpoint.dirpath, ckpt_path)
     return resolve_checkpoint(ckpt_path, "last")
 
 

@@ -15,8 +15,6 @@ nothing. It sends:
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from jaxlight.loggers import Logger
@@ -50,14 +48,14 @@ class LoggerConnector:
     def log_hyperparams(self, record: dict) -> None:
         """The run's record with the Trainer's whole config under ``trainer``."""
         for logger in self.active:
-            logger.log_hyperparams({**record, "trainer": {**dataclasses.asdict(self.trainer.config),
+            logger.log_hyperparams({**record, "trainer": {**self.trainer.config.record(),
                                                           **record.get("trainer", {})}})
 
     def log_steps(self, first: int, metrics: dict) -> None:
         """Steps ``first + 1 ...`` of a chunk, each ``log_every_n_steps``-th as ``train_<name>_step``."""
         if not self.active:
             return
-        every = self.trainer.config.log_every_n_steps
+        every = self.trainer.config.logging.log_every_n_steps
         columns = {f"train_{k}_step": v.tolist() for k, v in metrics.items()
                    if k != "count" and not isinstance(v, Metric)}  # (a Metric's value is the epoch's)
         for j in range(len(metrics["loss"])):

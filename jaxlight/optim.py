@@ -26,8 +26,8 @@ import optax
 
 from jaxlight.state import keyed_transformation
 
-__all__ = ["OPTIMIZERS", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer", "parts", "adam",
-           "adamw", "sgd", "wrap_optimizer", "wrap_state"]
+__all__ = ["OPTIMIZERS", "check_keywords", "LearningRate", "PartsState", "freeze", "learning_rate", "make_optimizer",
+           "parts", "adam", "adamw", "sgd", "wrap_optimizer", "wrap_state"]
 
 
 def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.GradientTransformation:
@@ -36,31 +36,55 @@ def _with_l2(tx: optax.GradientTransformation, weight_decay: float) -> optax.Gra
     return optax.chain(optax.add_decayed_weights(weight_decay), tx)
 
 
-def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         **_) -> optax.GradientTransformation:
+def adam(lr, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay)``."""
     return _with_l2(optax.adam(lr, b1=b1, b2=b2, eps=eps), weight_decay)
 
 
-def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          **_) -> optax.GradientTransformation:
+def adamw(lr, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8) -> optax.GradientTransformation:
     """``torch.optim.AdamW(lr, betas=(b1, b2), eps, weight_decay)``; default decay 0.01, as torch."""
     return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
 
-def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0, **_) -> optax.GradientTransformation:
+def sgd(lr, momentum: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
     """``torch.optim.SGD(lr, momentum, weight_decay)`` (no dampening, no Nesterov)."""
     return _with_l2(optax.sgd(lr, momentum=momentum or None), weight_decay)
 
 
+# The optimizers by name: the one list of names (``jaxlight train --optimizer``'s choices, the
+# recipes, and torch_ref.optim, which builds each of them in PyTorch).
 OPTIMIZERS = {"adam": adam, "adamw": adamw, "sgd": sgd}
 
 
 def make_optimizer(name: str, lr, **kwargs) -> optax.GradientTransformation:
-    """The named optimizer; ``lr`` may be a float or an Optax schedule."""
+    """The named optimizer; ``lr`` may be a float or an Optax schedule.
+
+    Raises:
+        ValueError: an unknown name. TypeError: a keyword the optimizer does not take (named).
+
+    Example:
+        >>> make_optimizer("adam", 1e-3, momentum=0.9)
+        Traceback (most recent call last):
+        ...
+        TypeError: make_optimizer('adam'): unknown keyword 'momentum' (adam takes weight_decay, b1, b2, eps)
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    check_keywords(OPTIMIZERS[name], kwargs, f"make_optimizer({name!r})")
     return OPTIMIZERS[name](lr, **kwargs)
+
+
+def check_keywords(fn, kwargs: dict, where: str, positional: int = 1) -> None:
+    """Refuse a keyword ``fn`` does not take (a misspelt ``weight_decay``), naming it and the
+    ones it takes (its parameters after the first ``positional``)."""
+    import inspect
+
+    params = list(inspect.signature(fn).parameters)[positional:]
+    for key in kwargs:
+        if key not in params:
+            raise TypeError(f"{where}: unknown keyword {key!r} ({fn.__name__} takes {', '.join(params)})")
 
 
 def _dotted(key_path) -> str:
@@ -354,9 +378,9 @@ def learning_rate(tx: optax.GradientTransformation, opt_state=None) -> LearningR
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, config) -> optax.GradientTransformation:
-    """``tx`` with a ``TrainerConfig``'s clipping and NaN skipping, through Optax.
+    """``tx`` with a ``TrainerConfig``'s freezing, clipping and NaN skipping, through Optax.
 
-    Order: ``apply_if_finite(chain(clip_by_global_norm, tx))``. Gradient accumulation is not an
+    Order: ``apply_if_finite(chain(clip_by_global_norm, freeze(tx)))``. Gradient accumulation is not an
     optimizer wrapper: the step itself averages a window's micro-batch gradients
     (``jaxlight.step.apply_accumulated_step``), so clipping sees the accumulated gradient (as
     Lightning clips before ``optimizer.step``), and a non-finite micro-batch gradient makes
@@ -369,22 +393,24 @@ def wrap_optimizer(tx: optax.GradientTransformation, config) -> optax.GradientTr
 
     Args:
         tx: the optimizer to wrap.
-        config: a ``jaxlight.trainer.TrainerConfig`` (its ``gradient_clip_norm`` and ``nan_policy``).
+        config: a ``jaxlight.trainer.TrainerConfig`` (its ``freeze`` and ``numerics`` section).
 
     Example:
-        >>> from jaxlight.trainer import TrainerConfig
+        >>> from jaxlight.trainer_config import NumericsConfig, TrainerConfig
         >>> tx = adam(1e-3)
         >>> wrap_optimizer(tx, TrainerConfig()) is tx  # nothing to add
         True
-        >>> clipped = wrap_optimizer(tx, TrainerConfig(gradient_clip_norm=1.0))
-        >>> clipped == wrap_optimizer(tx, TrainerConfig(gradient_clip_norm=1.0))  # keyed: equal wrappers
+        >>> clipped = wrap_optimizer(tx, TrainerConfig(numerics=NumericsConfig(gradient_clip_norm=1.0)))
+        >>> clipped == wrap_optimizer(tx, TrainerConfig(numerics=NumericsConfig(gradient_clip_norm=1.0)))  # keyed: equal wrappers
         True
     """
-    if config.gradient_clip_norm is None and config.nan_policy != "skip":
+    if config.freeze:  # (first: the clip inside sees only the trained parameters' gradient)
+        tx = keyed_transformation(freeze(tx, config.freeze))
+    if config.numerics.gradient_clip_norm is None and config.numerics.nan_policy != "skip":
         return tx
-    if config.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
-        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), tx))
-    if config.nan_policy == "skip":
+    if config.numerics.gradient_clip_norm is not None:  # (each layer keyed: see keyed_transformation)
+        tx = keyed_transformation(optax.chain(optax.clip_by_global_norm(config.numerics.gradient_clip_norm), tx))
+    if config.numerics.nan_policy == "skip":
         tx = keyed_transformation(optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1))
     return tx
 
@@ -404,10 +430,10 @@ def wrap_state(state, config, wrapped: tuple | None = None):
 
     Example:
         >>> from jaxlight import build_model, create_train_state, tasks
-        >>> from jaxlight.trainer import TrainerConfig
+        >>> from jaxlight.trainer_config import NumericsConfig, TrainerConfig
         >>> state = create_train_state(build_model("softmax"), sgd(0.1), tasks.multiclass())
-        >>> clipped, pair = wrap_state(state, TrainerConfig(gradient_clip_norm=1.0))
-        >>> clipped.tx is pair[1] and wrap_state(clipped, TrainerConfig(gradient_clip_norm=1.0), pair)[0] is clipped
+        >>> clipped, pair = wrap_state(state, TrainerConfig(numerics=NumericsConfig(gradient_clip_norm=1.0)))
+        >>> clipped.tx is pair[1] and wrap_state(clipped, TrainerConfig(numerics=NumericsConfig(gradient_clip_norm=1.0)), pair)[0] is clipped
         True
     """
     if wrapped is not None and state.tx is wrapped[1]:

@@ -46,7 +46,7 @@ class Recipe:
     seed: int = 0
 
     def optimizer_kwargs(self) -> dict:
-        kwargs = {"momentum": self.momentum}
+        kwargs = {"momentum": self.momentum} if self.optimizer == "sgd" else {}  # (Adam has no momentum)
         if self.weight_decay is not None:
             kwargs["weight_decay"] = self.weight_decay
         return kwargs

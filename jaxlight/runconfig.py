@@ -2,10 +2,11 @@
 
 A checkpoint's ``meta.json`` holds, besides the arrays' layout:
 
-- ``run``: the user's description of the run (``Trainer.run_config``; ``jaxlight train`` fills
+- ``run``: the user's description of the run (``TrainerConfig.run_config``; ``jaxlight train`` fills
   it with the model, task, dataset, optimizer and its hyperparameters, learning-rate schedule,
   batch size, seed and validation split);
-- ``trainer``: the Trainer settings that change what is computed (:data:`TRAINER_FIELDS`);
+- ``trainer``: the Trainer settings that change what is computed or which batches a step sees:
+  the ``TrainerConfig`` fields marked ``resume`` (``jaxlight.trainer_config.compared_fields``);
   the strategy, device count, steps per call and logging do not, so they may change freely;
 - ``optimizer_chain``: the structure of the Optax state (``jaxlight.checkpoint.optimizer_chain``),
   which tells Adam from AdamW although both hold the same arrays;
@@ -13,7 +14,7 @@ A checkpoint's ``meta.json`` holds, besides the arrays' layout:
   with its ``run``/``trainer`` config, the step it started at, and the differences it accepted.
 
 Resuming with any difference is refused (:class:`ConfigMismatchError` names every differing
-field) unless the caller accepts it (``Trainer.allow_config_change = True``, or
+field) unless the caller accepts it (``trainer.checkpoint.allow_config_change``, or
 ``--allow-config-change``); the accepted differences are then recorded in the new segment.
 
 Example:
@@ -27,20 +28,11 @@ import json
 
 from jaxlight.checkpoint import CheckpointError
 
-__all__ = ["TRAINER_FIELDS", "ConfigMismatchError", "differences", "trainer_fields"]
-
-# TrainerConfig fields that change the numbers a step computes (or which batches it sees).
-TRAINER_FIELDS = ("batch_size", "gradient_clip_norm", "accumulate_grad_batches", "precision", "nan_policy",
-                  "overfit_batches")
+__all__ = ["ConfigMismatchError", "differences"]
 
 
 class ConfigMismatchError(CheckpointError):
     """A resume was refused: the checkpoint was written by a run configured differently."""
-
-
-def trainer_fields(config) -> dict:
-    """The :data:`TRAINER_FIELDS` of a ``TrainerConfig``."""
-    return {name: getattr(config, name) for name in TRAINER_FIELDS}
 
 
 def _flat(record: dict) -> dict:

@@ -202,7 +202,7 @@ class TrainState:
         compute_dtype: None computes in the parameters' dtype (float32); ``jnp.bfloat16``
             casts the parameters and floating batch leaves to bfloat16 inside the step (mixed
             precision: the stored parameters, gradients and optimizer state stay float32).
-            Set by ``jaxlight.trainer.TrainerConfig(precision="bf16")``.
+            Set by ``TrainerConfig(numerics=NumericsConfig(precision="bf16"))``.
         step_fn: your own train step, ``step_fn(state, batch, mask, axis_name=None) -> (state,
             metrics)`` (the signature of ``jaxlight.step.apply_train_step``), run instead of
             the built-in one by every path (``jaxlight.step.apply_step``); None: the built-in.

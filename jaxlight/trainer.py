@@ -12,13 +12,13 @@ often the host gets control (K = 1: every step; K = an epoch: once per epoch, th
 dense models; the default follows ``jaxlight.step.default_steps_per_call``). Chunks also end on
 the steps that validation or checkpointing asked for, so those happen exactly where requested.
 
-Data parallelism is one config field (``strategy="pmap"|"sharded"|"fsdp"``, ``devices=n``): the chunk
-is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
+Data parallelism is one config section (``parallel=ParallelConfig(strategy="pmap"|"sharded"|"fsdp",
+devices=n)``): the chunk is then the strategy's ``train_chunk`` (``jaxlight.parallel``), with the same signature and the
 same numbers to float32 rounding; nothing else in the loop changes. Checkpoints are written
 asynchronously, each array from where it lives, and restored straight into the strategy's
 layout, so a run resumes under any strategy and device count (``jaxlight.checkpoint``).
 
-Read top to bottom: :class:`TrainerConfig`, then ``Trainer.fit`` (the loop over epochs and
+Read top to bottom: :class:`TrainerConfig` (``jaxlight.trainer_config``), then ``Trainer.fit`` (the loop over epochs and
 chunks) -> ``_end_chunk`` / ``_end_epoch``. Checkpoints, stop signals and loggers are parts beside
 the Trainer (``jaxlight.checkpoint_connector``, ``jaxlight.signal_connector``,
 ``jaxlight.logger_connector``); its optimizer wrapping is ``jaxlight.optim.wrap_state``.
@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -61,6 +60,7 @@ from jaxlight.optim import wrap_state
 from jaxlight.signal_connector import SignalConnector
 from jaxlight.state import TrainState
 from jaxlight.step import check_not_donated
+from jaxlight.trainer_config import TrainerConfig
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
 
@@ -69,100 +69,6 @@ PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step."""
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """How to train (what to train is the TrainState; where to save is ModelCheckpoint).
-
-    Attributes:
-        max_epochs: epochs to run (an epoch visits every example once, last batch padded).
-        max_steps: stop after this many steps (optimizer updates) in total; None: no limit.
-        batch_size: examples per batch (per micro-batch with ``accumulate_grad_batches``).
-        eval_batch_size: examples per validation/test step.
-        steps_per_execution: K steps (optimizer updates) per compiled call; None picks
-            ``jaxlight.step.default_steps_per_call`` (1 for convolutions on the CPU, else the
-            whole epoch). Results do not depend on it, only speed and hook frequency.
-        val_every_n_epochs: validate after every n-th epoch (None: not at epoch ends).
-        val_every_n_steps: also validate every n steps (None: not mid-epoch).
-        log_every_n_steps: send every n-th step's metrics to the loggers.
-        gradient_clip_norm: clip the (accumulated) gradient to this global norm
-            (``optax.clip_by_global_norm``); None: no clipping.
-        accumulate_grad_batches: one optimizer update per n consecutive batches, with the
-            example-weighted mean gradient over their real rows
-            (``jaxlight.step.apply_accumulated_step``): the update one batch of those rows
-            would give. A window never crosses an epoch's end; the last one takes the batches
-            left. Steps (``max_steps``, ``global_step``, logged steps, ``val_every_n_steps``,
-            K) count updates. BatchNorm computes its statistics per micro-batch (as in
-            Lightning).
-        precision: "float32", or "bf16" to compute the forward and backward pass in bfloat16
-            while parameters, gradients and optimizer state stay float32.
-        nan_policy: "raise" stops with :class:`NonFiniteLossError` naming the step; "skip"
-            drops updates whose gradients are not finite (``optax.apply_if_finite``; with
-            accumulation, the whole window's update) and keeps going.
-        fast_dev_run: n > 0 runs n training and n validation batches, then stops; no
-            checkpoints, no loggers (a smoke test of the whole pipeline).
-        overfit_batches: n > 0 trains on the first n batches only, unshuffled, and validates
-            on them too (a model that cannot overfit them has a bug).
-        handle_sigterm: on SIGTERM or SIGINT (Ctrl-C), finish the running chunk, save through the first
-            ModelCheckpoint and return cleanly (``trainer.interrupted`` is then True). In a
-            multi-process run a SIGTERM to any process stops all of them at the same step.
-        enable_progress_bar: add a :class:`~jaxlight.callbacks.ProgressBar` unless one is given.
-        strategy: "single", "pmap", "sharded" or "fsdp" (``jaxlight.parallel``): the global
-            batch of ``batch_size`` examples is split over ``devices`` devices, gradients and
-            metrics are reduced over all of them; parameters and optimizer state stay
-            replicated, except under "fsdp", which splits them over the devices (each holds
-            about 1/n). Results match one device within float32 rounding
-            (``tests/test_trainer_parallel.py``); checkpoints restore under any strategy and
-            device count.
-        devices: how many devices (default: 1 for "single", every device otherwise; a
-            multi-process run always uses every process's devices).
-        check_finite: before training, scan the floating leaves of an ``ArrayDataset`` once
-            for NaN and infinity and refuse them naming the leaf and row (one pass over the
-            data; False skips it, e.g. for NaN-policy experiments).
-    """
-
-    max_epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 64
-    eval_batch_size: int = 1000
-    steps_per_execution: int | None = None
-    val_every_n_epochs: int | None = 1
-    val_every_n_steps: int | None = None
-    log_every_n_steps: int = 1
-    gradient_clip_norm: float | None = None
-    accumulate_grad_batches: int = 1
-    precision: str = "float32"
-    nan_policy: str = "raise"
-    fast_dev_run: int = 0
-    overfit_batches: int = 0
-    handle_sigterm: bool = True
-    enable_progress_bar: bool = True
-    strategy: str = "single"
-    devices: int | None = None
-    check_finite: bool = True
-
-    def __post_init__(self):
-        positive = ["max_epochs", "batch_size", "eval_batch_size", "log_every_n_steps", "accumulate_grad_batches"]
-        optional = ["max_steps", "steps_per_execution", "val_every_n_epochs", "val_every_n_steps"]
-        for name in positive + optional:
-            value = getattr(self, name)
-            if (value is not None or name in positive) and not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"TrainerConfig.{name} must be an int >= 1{' or None' if name in optional else ''}, got {value!r}")
-        for name in ("fast_dev_run", "overfit_batches"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise ValueError(f"TrainerConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
-        if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
-            raise ValueError(f"TrainerConfig.gradient_clip_norm must be > 0 or None, got {self.gradient_clip_norm!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainerConfig.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        if self.nan_policy not in ("raise", "skip"):
-            raise ValueError(f"TrainerConfig.nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
-        if self.strategy not in parallel.STRATEGIES:
-            raise ValueError(f"TrainerConfig.strategy must be one of {list(parallel.STRATEGIES)}, got {self.strategy!r}")
-        if self.devices is not None and not (isinstance(self.devices, int) and not isinstance(self.devices, bool)
-                                             and self.devices >= 1):
-            raise ValueError(f"TrainerConfig.devices must be an int >= 1 or None, got {self.devices!r}")
 
 
 def _callback_list(callbacks: list[Callback], progress_bar: bool) -> list[Callback]:
@@ -203,7 +109,7 @@ def _fit_sources(state: TrainState, train_data, val_data, config: TrainerConfig,
     (``jaxlight.loop.prepare_source``): checked once, cut to the batches that
     ``overfit_batches`` and ``fast_dev_run`` keep, on the devices when they fit."""
     cfg, overfit, cut = config, config.overfit_batches, config.fast_dev_run
-    prepare = functools.partial(prepare_source, state, strategy=strategy, check_finite=cfg.check_finite)
+    prepare = functools.partial(prepare_source, state, strategy=strategy, check_finite=cfg.numerics.check_finite)
     train = prepare(train_data, "training set", cfg.batch_size, first_batches=overfit or cut)
     val = None
     if val_data is not None:
@@ -242,20 +148,13 @@ class Trainer:
         restored_from: the checkpoint this fit resumed (None: it started fresh).
     """
 
-    # Recorded in every checkpoint (see CheckpointConnector): ``run_config``, a JSON dict describing
-    # the run (model, optimizer, lr, seed...), checked on resume unless ``allow_config_change``;
-    # ``hparams``, the run's resolved config (``jaxlight fit`` sets it), also sent to the loggers.
-    run_config: dict | None = None
-    allow_config_change: bool = False
-    hparams: dict | None = None
-
     def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=()):
         self.config = config or TrainerConfig()
-        self.callbacks: list[Callback] = _callback_list(list(callbacks), self.config.enable_progress_bar)
+        self.callbacks: list[Callback] = _callback_list(list(callbacks), self.config.logging.enable_progress_bar)
         self.loggers: list[Logger] = list(loggers)
         self._wrapped: tuple | None = None
         # Resolved now, so that a device count that does not exist fails before any data loads.
-        self.strategy: parallel.Strategy = parallel.make_strategy(self.config.strategy, self.config.devices)
+        self.strategy: parallel.Strategy = parallel.make_strategy(self.config.parallel.strategy, self.config.parallel.devices)
         self.strategy.check_batch_size(self.config.batch_size)
         self.checkpoints = CheckpointConnector(self)
         self.signals = SignalConnector(self)
@@ -292,7 +191,7 @@ class Trainer:
         and set the compute precision. ``fit`` calls it; call it yourself to build a template for
         ``jaxlight.checkpoint.restore_checkpoint``."""
         state, self._wrapped = wrap_state(state, self.config, self._wrapped)
-        return state.replace(compute_dtype=PRECISIONS[self.config.precision])
+        return state.replace(compute_dtype=PRECISIONS[self.config.numerics.precision])
 
     def fit(self, state: TrainState, train_data, val_data=None,
             ckpt_path: str | Path | None = None) -> TrainState:
@@ -325,7 +224,7 @@ class Trainer:
         self.epoch, self.batch = divmod(self.global_step, nb) if nb else (0, 0)
         if ckpt_path is not None:
             state = self.checkpoints.restore(state, ckpt_path)
-        self.checkpoints.hparams_record = run_record(self.hparams, state)  # (read from the single-device state)
+        self.checkpoints.hparams_record = run_record(self.config.hparams, state)  # (read from the single-device state)
         state = self.strategy.prepare_state(state)
         if self.global_step == 0:
             self.logging.log_hyperparams(self.checkpoints.hparams_record)
@@ -385,7 +284,7 @@ class Trainer:
     def _end_chunk(self, state, metrics: dict) -> None:
         first = self.global_step  # steps first+1 .. first+K just ran
         self.skipped_steps.extend(_nonfinite_steps(metrics["loss"], first, self.epoch, self.batch,
-                                                   self.config.nan_policy))
+                                                   self.config.numerics.nan_policy))
         self.global_step, self.batch = first + len(metrics["loss"]), self.batch + len(metrics["loss"])
         self._epoch_steps.append(metrics)
         self.logging.log_steps(first, metrics)
@@ -465,7 +364,7 @@ class Trainer:
         if ckpt_path is not None:
             state = self.load_weights(state, ckpt_path)
         check_not_donated(state)
-        return state.replace(compute_dtype=PRECISIONS[self.config.precision])
+        return state.replace(compute_dtype=PRECISIONS[self.config.numerics.precision])
 
     def load_weights(self, state: TrainState, ckpt_path: str | Path) -> TrainState:
         """``state`` with the parameters and model statistics of a checkpoint (no optimizer

@@ -42,7 +42,7 @@ def userpkg_run(width: int, learning_rate: float, **trainer) -> str:
         "loss": "userpkg.nets.loss_fn",
         "data": {"class_path": "userpkg.data.blobs", "init_args": {}},
         "optimizer": {"class_path": "optax.adam", "init_args": {"learning_rate": learning_rate}},
-        "trainer": {"batch_size": 64, "enable_progress_bar": False, **trainer},
+        "trainer": {"batch_size": 64, "logging": {"enable_progress_bar": False}, **trainer},
     })
 
 

@@ -83,9 +83,8 @@ if args.trainer:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     ckpt = ModelCheckpoint(out / "ckpt", every_n_epochs=None)
-    trainer = Trainer(TrainerConfig(max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                                    strategy=args.strategy, enable_progress_bar=False,
-                                    steps_per_execution=1 if args.sigterm_process >= 0 else None),
+    trainer = Trainer(TrainerConfig(max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, steps_per_execution=1 if args.sigterm_process >= 0 else None,
+                                    parallel={"strategy": args.strategy}, logging={"enable_progress_bar": False}),
                       callbacks=[ckpt, SigtermOneProcess()])
     resume = "last" if list((out / "ckpt").glob("step_*")) else None
     state = trainer.fit(state, data, ckpt_path=resume)

@@ -110,7 +110,7 @@ def same_bits(a, b):
 
 
 def quiet(**kw):
-    return TrainerConfig(**{"batch_size": 16, "enable_progress_bar": False, "val_every_n_epochs": None, **kw})
+    return TrainerConfig(**{"batch_size": 16, "logging": {"enable_progress_bar": False}, "val_every_n_epochs": None, **kw})
 
 
 _SLOW = pytest.mark.slow
@@ -199,7 +199,8 @@ def test_a_non_finite_micro_batch_skips_its_window():
     x[100, 2] = np.nan
     data = ArrayDataset(x, clean.y)
     expected, _ = reference(ADAM, clean, epochs=2, skip=[100])
-    trainer = Trainer(quiet(max_epochs=2, accumulate_grad_batches=4, nan_policy="skip", check_finite=False))
+    trainer = Trainer(quiet(max_epochs=2, accumulate_grad_batches=4,
+                            numerics={"nan_policy": "skip", "check_finite": False}))
     state = trainer.fit(new_state(ADAM), data)
     windows_with_100 = [int(np.flatnonzero(np.asarray(jax.random.permutation(
         jax.random.fold_in(data_key(SEED), e), 2040)) == 100)[0]) // 64 for e in (0, 1)]

@@ -23,9 +23,11 @@ def test_a_users_loss_under_bf16_is_reduced_in_float32():
 
     train, val, test = blobs(n_train=256, n_test=512)
     state = jaxlight.create_train_state(Unrecorded(32, rngs=nnx.Rngs(0)), optax.adam(3e-2), loss_fn, seed=0)
-    state = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=30, batch_size=64, enable_progress_bar=False)).fit(
+    state = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=30, batch_size=64,
+                                                    logging={"enable_progress_bar": False})).fit(
         state, train)
-    bf16 = jaxlight.Trainer(jaxlight.TrainerConfig(precision="bf16", eval_batch_size=128, enable_progress_bar=False))
+    bf16 = jaxlight.Trainer(jaxlight.TrainerConfig(eval_batch_size=128, numerics={"precision": "bf16"},
+                                                   logging={"enable_progress_bar": False}))
     logits = bf16.predict(state, test)                     # the bf16 model's outputs, as it computed them
     assert logits.dtype == jnp.bfloat16
     labels = np.asarray(test.data["label"])

@@ -68,7 +68,8 @@ def test_model_checkpoint_keeps_best_k_and_last_and_resumes_its_bookkeeping(data
     # best, so best-k and last-k are different sets.
     cb = ModelCheckpoint(tmp_path, monitor="val_loss", mode="max", save_top_k=2, keep_last=2,
                          every_n_steps=2, every_n_epochs=None)
-    trainer = Trainer(TrainerConfig(max_epochs=2, val_every_n_steps=2, enable_progress_bar=False), callbacks=[cb])
+    trainer = Trainer(TrainerConfig(max_epochs=2, val_every_n_steps=2,
+                                    logging={"enable_progress_bar": False}), callbacks=[cb])
     trainer.fit(_state(), *data)
     kept = [p.name for p in list_checkpoints(tmp_path)]
     assert kept == ["step_000000002", "step_000000004", "step_000000008", "step_000000010"]
@@ -77,7 +78,8 @@ def test_model_checkpoint_keeps_best_k_and_last_and_resumes_its_bookkeeping(data
     # the checkpoint and pruning after the next save keeps the same best two.
     cb2 = ModelCheckpoint(tmp_path, monitor="val_loss", mode="max", save_top_k=2, keep_last=2,
                           every_n_steps=2, every_n_epochs=None)
-    trainer2 = Trainer(TrainerConfig(max_epochs=3, val_every_n_steps=2, enable_progress_bar=False), callbacks=[cb2])
+    trainer2 = Trainer(TrainerConfig(max_epochs=3, val_every_n_steps=2,
+                                     logging={"enable_progress_bar": False}), callbacks=[cb2])
     trainer2.fit(_state(), *data, ckpt_path=tmp_path / "step_000000008")
     assert cb2.saved[:2] == [2, 4] and cb2.best_model_path.name == "step_000000002"
     assert [p.name for p in list_checkpoints(tmp_path)][-2:] == ["step_000000014", "step_000000015"]  # 15: fit end
@@ -143,7 +145,8 @@ def _bytes(tree):
 def test_several_model_checkpoints_and_best_reads_the_one_that_monitors(data, tmp_path):
     periodic, best = _two_checkpoints(tmp_path)
     recorder = ValRecorder()
-    trainer = Trainer(TrainerConfig(max_epochs=3, enable_progress_bar=False), callbacks=[periodic, best, recorder])
+    trainer = Trainer(TrainerConfig(max_epochs=3,
+                                    logging={"enable_progress_bar": False}), callbacks=[periodic, best, recorder])
     state = trainer.fit(_state(), *data)
     assert periodic.state_key != best.state_key
     best_step = max(recorder.val, key=recorder.val.get)
@@ -163,7 +166,7 @@ def test_several_model_checkpoints_and_best_reads_the_one_that_monitors(data, tm
 def test_best_is_refused_when_ambiguous_naming_the_checkpoints(data, tmp_path):
     a = ModelCheckpoint(tmp_path / "a", monitor="val_loss")
     b = ModelCheckpoint(tmp_path / "b", monitor="val_accuracy", mode="max")
-    trainer = Trainer(TrainerConfig(max_epochs=1, enable_progress_bar=False), callbacks=[a, b])
+    trainer = Trainer(TrainerConfig(max_epochs=1, logging={"enable_progress_bar": False}), callbacks=[a, b])
     state = trainer.fit(_state(), *data)
     with pytest.raises(ValueError, match=r"ckpt_path='best' is ambiguous: 2 ModelCheckpoints monitor a metric "
                                          r"\(.*/a \(monitors val_loss\), .*/b \(monitors val_accuracy\)\)"):
@@ -176,7 +179,7 @@ def test_several_model_checkpoints_resume_exactly(data, tmp_path):
     """Stopped after epoch 2 (both callbacks saved at step 10, the periodic one first, so its
     checkpoint holds the best one's state from before that save) and resumed from "last":
     the parameters and both callbacks' bookkeeping are the uninterrupted run's."""
-    config = dict(enable_progress_bar=False)
+    config = dict(logging={"enable_progress_bar": False})
     whole_cbs = _two_checkpoints(tmp_path / "whole")
     whole = Trainer(TrainerConfig(max_epochs=4, **config), callbacks=list(whole_cbs))
     expected = whole.fit(_state(), *data)

@@ -327,8 +327,8 @@ def test_an_async_save_overlaps_the_next_steps_and_the_next_save_and_fit_wait_fo
                 __import__("threading").Timer(0.3, release.set).start()
 
     state = create_train_state(build_model("softmax", 0), optim.adam(1e-2), tasks.multiclass(), seed=0)
-    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=1, enable_progress_bar=False,
-                                    max_steps=6),
+    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=1, max_steps=6,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path, every_n_steps=2, every_n_epochs=None, keep_last=3), Probe()])
     final = trainer.fit(state, _digits())
     by_step = {s: (saving, m) for s, saving, m in seen}

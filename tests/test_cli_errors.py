@@ -146,7 +146,7 @@ def fit_signal_after_epoch(monkeypatch, request):
     return arm
 
 
-FIT = ["fit", "--config", "linear", "--trainer.max_epochs", "50", "--trainer.enable_progress_bar", "false"]
+FIT = ["fit", "--config", "linear", "--trainer.max_epochs", "50", "--trainer.logging.enable_progress_bar", "false"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -156,7 +156,7 @@ def test_jaxlight_fit_stopped_by_a_signal_says_what_was_saved_and_the_command_th
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     fit_signal_after_epoch(2, signum)
-    argv = [*FIT, "--trainer.ckpt_dir", str(ckpt), "--trainer.out", str(out)]
+    argv = [*FIT, "--trainer.checkpoint.dirpath", str(ckpt), "--trainer.out", str(out)]
     result = cli_main("jaxlight", *argv)
     assert result.returncode == 128 + signum and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
@@ -177,7 +177,7 @@ def test_jaxlight_fit_stopped_with_nothing_to_save_says_so(cli_main, tmp_path, f
     result = cli_main("jaxlight", *FIT, "--trainer.out", str(tmp_path / "out"))
     assert result.returncode == 143, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM at step 128; nothing was saved (no "
-                                                      "trainer.ckpt_dir)")
+                                                      "trainer.checkpoint.dirpath)")
 
 
 def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(cli_main, tmp_path, signal_after_epoch):
@@ -272,7 +272,7 @@ def test_usage_errors_exit_2(cli_main, tmp_path, program, flags, message):
 @pytest.mark.parametrize("flags, message", [
     (["--resume"], "--resume needs --ckpt-dir"),
     (["--ckpt-dir", "x", "--resume", "--overwrite"], "contradict"),
-    (["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every must be >= 1"),
+    (["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every (trainer.checkpoint.every_n_steps: must be an int >= 1"),
 ])
 def test_trainer_usage_errors_exit_2(cli_main, tmp_path, flags, message):
     result = cli_main("jaxlight", *LINEAR, "--out", str(tmp_path), *flags)

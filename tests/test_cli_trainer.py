@@ -36,8 +36,8 @@ def test_resume_continues_to_the_same_result(runner, request, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--resume"], "--resume needs --ckpt-dir"),
-    (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
-    (["--steps-per-execution", "0"], "--steps-per-execution must be >= 1"),
+    (["--val-split", "1.5"], "val_split must be in [0, 1), got 1.5"),
+    (["--steps-per-execution", "0"], "--steps-per-execution (trainer.steps_per_execution: must be an int >= 1"),
     (["--logger", "wandb"], "invalid choice: 'wandb'"),
 ])
 def test_bad_trainer_flags_are_named(cli_main, tmp_path, flags, message):

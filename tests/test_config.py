@@ -29,7 +29,7 @@ RUN = {
     "loss": "userpkg.nets.loss_fn",
     "data": {"class_path": "userpkg.data.blobs", "init_args": {}},
     "optimizer": {"class_path": "optax.adamw", "init_args": {"learning_rate": 1.0e-2, "weight_decay": 1.0e-4}},
-    "trainer": {"max_epochs": 3, "batch_size": 32, "enable_progress_bar": False},
+    "trainer": {"max_epochs": 3, "batch_size": 32, "logging": {"enable_progress_bar": False}},
 }
 
 
@@ -57,14 +57,14 @@ def run_yaml(tmp_path, monkeypatch):
 
 
 def test_fit_from_a_yaml_file_and_from_flags_alone_train_the_same_parameters(run_yaml, tmp_path, capsys):
-    code, out, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "a", "--trainer.out", "ra")
+    code, out, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "a", "--trainer.out", "ra")
     assert code == 0, err
     assert "epoch 3/3" in out and "test_accuracy" in out
     flags = ["fit", "--model", "userpkg.nets.Net", "--model.init_args.width", "16", "--model.init_args.dropout", "0.2",
              "--loss", "userpkg.nets.loss_fn", "--data", "userpkg.data.blobs", "--optimizer", "optax.adamw",
              "--optimizer.init_args.learning_rate", "0.01", "--optimizer.init_args.weight_decay", "0.0001",
-             "--trainer.max_epochs", "3", "--trainer.batch_size", "32", "--trainer.enable_progress_bar", "false",
-             "--trainer.ckpt_dir", "b", "--trainer.out", "rb"]
+             "--trainer.max_epochs", "3", "--trainer.batch_size", "32", "--trainer.logging.enable_progress_bar", "false",
+             "--trainer.checkpoint.dirpath", "b", "--trainer.out", "rb"]
     code, _, err = _run(capsys, *flags)
     assert code == 0, err
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
@@ -78,7 +78,8 @@ def test_fit_from_a_yaml_file_and_from_flags_alone_train_the_same_parameters(run
     train, val, _ = blobs()
     state = jaxlight.create_train_state(Net(16, dropout=0.2, rngs=nnx.Rngs(0)),
                                         optax.adamw(1e-2, weight_decay=1e-4), loss_fn, seed=0)
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=32, enable_progress_bar=False))
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=32,
+                                                      logging={"enable_progress_bar": False}))
     state = trainer.fit(state, train, val)
     python = {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(state.params)}
     for k in a:
@@ -91,7 +92,7 @@ def test_fit_from_a_yaml_file_and_from_flags_alone_train_the_same_parameters(run
 
 
 def test_print_config_spells_out_every_default_and_writes_nothing(run_yaml, tmp_path, capsys):
-    overrides = ["--model.init_args.width", "12", "--trainer.max_epochs", "2", "--trainer.ckpt_dir", "a"]
+    overrides = ["--model.init_args.width", "12", "--trainer.max_epochs", "2", "--trainer.checkpoint.dirpath", "a"]
     code, printed, err = _run(capsys, "fit", "--config", str(run_yaml), *overrides, "--print_config")
     assert code == 0 and err == ""
     assert not (tmp_path / "a").exists() and not (tmp_path / "runs").exists()  # printing writes nothing
@@ -104,13 +105,13 @@ def test_print_config_spells_out_every_default_and_writes_nothing(run_yaml, tmp_
 
 @pytest.mark.slow  # fast counterparts: the test above (what is printed) and the yaml/flags/Python test (same parameters)
 def test_print_config_output_rerun_gives_bitwise_the_same_parameters(run_yaml, tmp_path, capsys):
-    overrides = ["--model.init_args.width", "12", "--trainer.max_epochs", "2", "--trainer.ckpt_dir", "a"]
+    overrides = ["--model.init_args.width", "12", "--trainer.max_epochs", "2", "--trainer.checkpoint.dirpath", "a"]
     code, printed, err = _run(capsys, "fit", "--config", str(run_yaml), *overrides, "--print_config")
     assert code == 0 and err == ""
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), *overrides)
     assert code == 0, err
     (tmp_path / "printed.yaml").write_text(printed)
-    code, _, err = _run(capsys, "fit", "--config", "printed.yaml", "--trainer.ckpt_dir", "b")
+    code, _, err = _run(capsys, "fit", "--config", "printed.yaml", "--trainer.checkpoint.dirpath", "b")
     assert code == 0, err
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
     assert a["backbone/kernel"].shape == (8, 12)
@@ -132,8 +133,8 @@ print(json.dumps({"class": type(model).__name__, "deterministic": model.drop.det
 
 @pytest.mark.integration
 def test_the_best_checkpoint_reloads_in_a_fresh_process_and_predicts_as_in_training(run_yaml, tmp_path, capsys):
-    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt",
-                        "--trainer.monitor", "val_accuracy", "--trainer.monitor_mode", "max")
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt",
+                        "--trainer.checkpoint.monitor", "val_accuracy", "--trainer.checkpoint.mode", "max")
     assert code == 0, err
     meta = json.loads((list_checkpoints(tmp_path / "ckpt")[-1] / "meta.json").read_text())
     scores = {int(k): v for k, v in meta["callbacks"]["ModelCheckpoint"]["scores"].items()}
@@ -152,8 +153,8 @@ def test_the_best_checkpoint_reloads_in_a_fresh_process_and_predicts_as_in_train
                     "model": {"class_path": "userpkg.nets.Net",
                               "init_args": {"dropout": 0.2, "in_features": 8, "num_classes": 3, "width": 16}}}
     # In training, the same best checkpoint through Trainer.predict (jitted, padded batches).
-    code, _, err = _run(capsys, "predict", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt",
-                        "--trainer.monitor", "val_accuracy", "--trainer.monitor_mode", "max", "--ckpt_path", "best")
+    code, _, err = _run(capsys, "predict", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt",
+                        "--trainer.checkpoint.monitor", "val_accuracy", "--trainer.checkpoint.mode", "max", "--ckpt_path", "best")
     assert code == 0, err
     predicted = np.load(tmp_path / "runs" / "net" / "predictions.npz")["outputs"]
     fresh = np.load(tmp_path / "fresh.npy")
@@ -167,10 +168,10 @@ def test_the_best_checkpoint_reloads_in_a_fresh_process_and_predicts_as_in_train
 
 
 def test_validate_test_predict_take_best_last_and_a_path(run_yaml, tmp_path, capsys):
-    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt")[0] == 0
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt")[0] == 0
     results = {}
     for ckpt in ("best", "last", str(list_checkpoints(tmp_path / "ckpt")[0])):
-        code, out, err = _run(capsys, "test", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt",
+        code, out, err = _run(capsys, "test", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt",
                               "--ckpt_path", ckpt)
         assert code == 0, err
         results[ckpt] = json.loads((tmp_path / "runs" / "net" / "test_metrics.json").read_text())
@@ -178,7 +179,7 @@ def test_validate_test_predict_take_best_last_and_a_path(run_yaml, tmp_path, cap
     # The best by val_loss is one of the kept checkpoints; the path given is evaluated as given.
     assert results[str(list_checkpoints(tmp_path / "ckpt")[0])]["ckpt_path"].endswith(
         list_checkpoints(tmp_path / "ckpt")[0].name)
-    code, out, err = _run(capsys, "validate", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt",
+    code, out, err = _run(capsys, "validate", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt",
                           "--ckpt_path", "last")
     assert code == 0 and "val_loss" in out, err
 
@@ -227,7 +228,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_a_bad_config_gets_one_line_naming_the_key_and_exit_code_2(run_yaml, tmp_path, capsys, argv, expected):
-    config = dict(RUN, trainer={**RUN["trainer"], "ckpt_dir": "ckpt", "logger": "csv"})
+    config = dict(RUN, trainer={**RUN["trainer"], "checkpoint": {"dirpath": "ckpt"}, "logging": {"logger": "csv"}})
     if argv and isinstance(argv[0], dict):  # a change to the config file itself
         config.update(argv[0])
         argv = []
@@ -343,9 +344,9 @@ def test_a_logger_whose_package_is_missing_fails_when_built_naming_the_extra(run
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX -> ImportError
     with pytest.raises(ImportError, match=r'pip install "jaxlight\[tensorboard\]"'):
         jaxlight.loggers.TensorBoardLogger(tmp_path / "tb")
-    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.logger", "tensorboard")
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.logging.logger", "tensorboard")
     assert code == 2 and err.strip().splitlines() == [
-        'jaxlight: error: trainer.logger: TensorBoardLogger needs the tensorboardX package: '
+        'jaxlight: error: trainer.logging.logger: TensorBoardLogger needs the tensorboardX package: '
         'pip install "jaxlight[tensorboard]"']
     assert not (tmp_path / "runs").exists()
 
@@ -383,7 +384,7 @@ def test_a_builtin_config_trains_as_jaxlight_train(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--model", "linear", "--epochs", "3", "--out", "t", "--ckpt-dir", "tc"]) == 0
     code, _, err = _run(capsys, "fit", "--config", "linear", "--trainer.max_epochs", "3", "--trainer.out", "f",
-                        "--trainer.ckpt_dir", "fc")
+                        "--trainer.checkpoint.dirpath", "fc")
     assert code == 0, err
     trained = json.loads((tmp_path / "t" / "metrics.json").read_text())
     fitted = json.loads((tmp_path / "f" / "metrics.json").read_text())
@@ -415,7 +416,8 @@ def test_a_python_run_records_the_model_and_reloads_without_model_code(tmp_path)
     train, val, test = blobs()
     for model, folder in ((Net(8, rngs=nnx.Rngs(1)), tmp_path / "rec"), (Unrecorded(rngs=nnx.Rngs(1)), tmp_path / "unrec")):
         state = jaxlight.create_train_state(model, optax.adam(1e-2), loss_fn, seed=0)
-        trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64, enable_progress_bar=False),
+        trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64,
+                                                          logging={"enable_progress_bar": False}),
                                    callbacks=[jaxlight.callbacks.ModelCheckpoint(folder, monitor="val_loss")])
         state = trainer.fit(state, train, val)
     loaded, config = jaxlight.load_from_checkpoint(tmp_path / "rec", which="last")
@@ -440,7 +442,8 @@ def test_load_model_returns_eval_mode_and_takes_which(tmp_path):
     state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
     # mode "max" on val_loss: the first checkpoint is the best, the newest is not.
     cb = jaxlight.callbacks.ModelCheckpoint(tmp_path, monitor="val_loss", mode="max")
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64, enable_progress_bar=False),
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64,
+                                                      logging={"enable_progress_bar": False}),
                                callbacks=[cb])
     trainer.fit(state, train, val)
     assert cb.best_model_path.name == "step_000000003"
@@ -460,7 +463,7 @@ def test_init_patterns_from_a_config_and_from_python(run_yaml, tmp_path, capsys)
                              "head.bias": {"class_path": "jax.nn.initializers.constant", "init_args": {"value": 0.5}}})
     _write(run_yaml, config)
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.max_steps", "1",
-                        "--trainer.ckpt_dir", "ckpt", "--optimizer.init_args.learning_rate", "1e-30",
+                        "--trainer.checkpoint.dirpath", "ckpt", "--optimizer.init_args.learning_rate", "1e-30",
                         "--optimizer.init_args.weight_decay", "0")
     assert code == 0, err
     model, _ = jaxlight.load_from_checkpoint(tmp_path / "ckpt", which="last")
@@ -476,7 +479,7 @@ def test_init_patterns_from_a_config_and_from_python(run_yaml, tmp_path, capsys)
 
 def test_freeze_gives_frozen_parameters_no_updates_and_no_optimizer_state(run_yaml, tmp_path, capsys):
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.freeze", "[backbone.*, bn.*]",
-                        "--trainer.ckpt_dir", "ckpt", "--optimizer.init_args.weight_decay", "0.1")
+                        "--trainer.checkpoint.dirpath", "ckpt", "--optimizer.init_args.weight_decay", "0.1")
     assert code == 0, err
     trained, _ = jaxlight.load_from_checkpoint(tmp_path / "ckpt", which="last")
     from userpkg.nets import Net
@@ -500,7 +503,8 @@ def test_the_learning_rate_is_logged_per_update_labelled_with_its_step(run_yaml,
     schedule = {"class_path": "optax.linear_schedule",
                 "init_args": {"init_value": 0.0, "end_value": 0.02, "transition_steps": 10}}
     config = dict(RUN, optimizer={"class_path": "optax.adamw", "init_args": {"learning_rate": schedule}})
-    config["trainer"] = {**RUN["trainer"], "max_epochs": 2, "logger": "csv", "steps_per_execution": steps_per_execution}
+    config["trainer"] = {**RUN["trainer"], "max_epochs": 2, "logging": {"logger": "csv"},
+                         "steps_per_execution": steps_per_execution}
     _write(run_yaml, config)
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml))
     assert code == 0, err
@@ -527,7 +531,7 @@ def test_the_rate_of_a_users_own_optimizer_function_is_read_from_the_optimizer(r
     import math
 
     config = dict(RUN, optimizer={"class_path": "userpkg.opt.warmup_cosine_adamw", "init_args": {"peak": 3e-3}})
-    config["trainer"] = {**RUN["trainer"], "max_epochs": 2, "logger": "csv"}
+    config["trainer"] = {**RUN["trainer"], "max_epochs": 2, "logging": {"logger": "csv"}}
     _write(run_yaml, config)
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml))
     assert code == 0, err
@@ -553,8 +557,8 @@ def test_epoch_level_metrics_from_a_config(run_yaml, tmp_path, capsys):
     from sklearn.metrics import confusion_matrix, f1_score
 
     config = dict(RUN, loss="userpkg.nets.loss_with_f1")
-    config["trainer"] = {**RUN["trainer"], "logger": "csv", "ckpt_dir": "ckpt", "monitor": "val_f1",
-                         "monitor_mode": "max"}
+    config["trainer"] = {**RUN["trainer"], "logging": {"logger": "csv"},
+                         "checkpoint": {"dirpath": "ckpt", "monitor": "val_f1", "mode": "max"}}
     _write(run_yaml, config)
     code, out, err = _run(capsys, "fit", "--config", str(run_yaml))
     assert code == 0, err
@@ -573,25 +577,25 @@ def test_epoch_level_metrics_from_a_config(run_yaml, tmp_path, capsys):
 
 
 def test_fit_resumes_from_last_bit_for_bit_and_refuses_a_changed_config(run_yaml, tmp_path, capsys):
-    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "a")[0] == 0
-    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--trainer.max_epochs", "2")[0] == 0
-    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--ckpt_path", "last")
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "a")[0] == 0
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "b", "--trainer.max_epochs", "2")[0] == 0
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "b", "--ckpt_path", "last")
     assert code == 0, err
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b", "--ckpt_path", "last",
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "b", "--ckpt_path", "last",
                         "--trainer.max_epochs", "4", "--model.init_args.dropout", "0.3")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "configured differently: model.init_args.dropout: 0.2 in the checkpoint, 0.3 now" in err
-    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "b")
-    assert code == 2 and err.startswith("jaxlight: error: trainer.ckpt_dir: b already holds checkpoints")
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "b")
+    assert code == 2 and err.startswith("jaxlight: error: trainer.checkpoint.dirpath: b already holds checkpoints")
 
 
-@pytest.mark.parametrize("allow", [[], ["--trainer.allow_config_change", "true"]], ids=["strict", "allowed"])
+@pytest.mark.parametrize("allow", [[], ["--trainer.checkpoint.allow_config_change", "true"]], ids=["strict", "allowed"])
 def test_a_resume_with_another_width_names_the_changed_field(run_yaml, tmp_path, capsys, allow):
-    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt", "--trainer.max_epochs", "1")[0] == 0
-    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.ckpt_dir", "ckpt", "--ckpt_path", "last",
+    assert _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt", "--trainer.max_epochs", "1")[0] == 0
+    code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.checkpoint.dirpath", "ckpt", "--ckpt_path", "last",
                         "--model.init_args.width", "32", *allow)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1, err  # (no warning per skipped checkpoint before it)
@@ -604,7 +608,7 @@ def test_tensorboard_gets_the_resolved_config_as_hparams(run_yaml, tmp_path, cap
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     code, _, err = _run(capsys, "fit", "--config", str(run_yaml), "--trainer.max_epochs", "1",
-                        "--trainer.logger", "tensorboard", "--model.init_args.width", "12")
+                        "--trainer.logging.logger", "tensorboard", "--model.init_args.width", "12")
     assert code == 0, err
     acc = EventAccumulator(str(tmp_path / "runs" / "net" / "logs"))
     acc.Reload()
@@ -623,7 +627,8 @@ def test_best_without_a_monitored_metric_is_the_newest_checkpoint(tmp_path):
 
     train, _, _ = blobs()
     state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64, enable_progress_bar=False),
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=3, batch_size=64,
+                                                      logging={"enable_progress_bar": False}),
                                callbacks=[jaxlight.callbacks.ModelCheckpoint(tmp_path)])
     trainer.fit(state, train)
     assert jaxlight.checkpoint.resolve_checkpoint(tmp_path, "best").name == "step_000000009"

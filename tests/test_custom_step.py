@@ -117,14 +117,14 @@ def test_the_functional_loop_runs_it_fused_and_streamed(data, expected, k, on_de
 
 
 def test_the_trainer_runs_it_and_resumes_exactly(data, expected, tmp_path):
-    whole = Trainer(TrainerConfig(max_epochs=2, batch_size=B, enable_progress_bar=False))
+    whole = Trainer(TrainerConfig(max_epochs=2, batch_size=B, logging={"enable_progress_bar": False}))
     full = whole.fit(gan.new_state(), data, data)
     assert_close(full, expected)
     assert "val_d_real" in whole.callback_metrics  # validation runs the state's loss_fn
 
     def trainer(**kw):
-        return Trainer(TrainerConfig(max_epochs=2, batch_size=B, steps_per_execution=3, enable_progress_bar=False,
-                                     **kw), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3, every_n_epochs=None)])
+        return Trainer(TrainerConfig(max_epochs=2, batch_size=B, steps_per_execution=3, **kw,
+                                     logging={"enable_progress_bar": False}), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3, every_n_epochs=None)])
 
     trainer(max_steps=5).fit(gan.new_state(), data)  # saved at step 3 and 5 (the end of that fit)
     resumed = trainer().fit(gan.new_state(), data, ckpt_path=tmp_path / "step_000000003")
@@ -161,7 +161,7 @@ def test_the_alternation_matters():
 def test_accumulation_is_refused_with_a_step_of_your_own(data):
     with pytest.raises(ValueError, match="gradient accumulation .* a state with its own step_fn"):
         Trainer(TrainerConfig(max_epochs=1, batch_size=B, accumulate_grad_batches=2,
-                              enable_progress_bar=False)).fit(gan.new_state(), data)
+                              logging={"enable_progress_bar": False})).fit(gan.new_state(), data)
 
 
 def _state_with(step_fn):

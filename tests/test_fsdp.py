@@ -376,15 +376,16 @@ def test_an_fsdp_run_resumed_on_another_device_count_parts_only_where_rounding_i
         return create_train_state(BiasBeforeNorm(rngs=nnx.Rngs(0)), optim.adam(lr), loss_fn, seed=0)
 
     def config(**kw):
-        return TrainerConfig(batch_size=64, enable_progress_bar=False, **kw)
+        return TrainerConfig(batch_size=64, **kw, logging={"enable_progress_bar": False})
 
-    never_stopped = Trainer(config(max_epochs=2 * epochs, strategy="fsdp", devices=8))
+    never_stopped = Trainer(config(max_epochs=2 * epochs, parallel={"strategy": "fsdp", "devices": 8}))
     reference = never_stopped.fit(new(), train, val)
-    first = Trainer(config(max_epochs=epochs, strategy="fsdp", devices=8), callbacks=[ModelCheckpoint(tmp_path)])
+    first = Trainer(config(max_epochs=epochs,
+                           parallel={"strategy": "fsdp", "devices": 8}), callbacks=[ModelCheckpoint(tmp_path)])
     moved = parallel.to_host_state(first.fit(new(), train, val))
     steps_after = epochs * 8
     for strategy, devices in [("fsdp", 4), ("single", None)]:
-        trainer = Trainer(config(max_epochs=2 * epochs, strategy=strategy, devices=devices))
+        trainer = Trainer(config(max_epochs=2 * epochs, parallel={"strategy": strategy, "devices": devices}))
         resumed = trainer.fit(new(), train, val, ckpt_path=tmp_path)
         copy = jax.tree.map(lambda x: jax.numpy.copy(x) if isinstance(x, jax.Array) else x, moved)  # (fit donates)
         in_memory = loop.fit(parallel.shard_state(copy, strategy, devices), train, epochs, 64,
@@ -403,7 +404,7 @@ def test_an_fsdp_run_resumed_on_another_device_count_parts_only_where_rounding_i
 
 
 def trainer_config(**kw):
-    return TrainerConfig(**{"batch_size": BATCH, "max_epochs": 2, "enable_progress_bar": False, **kw})
+    return TrainerConfig(**{"batch_size": BATCH, "max_epochs": 2, "logging": {"enable_progress_bar": False}, **kw})
 
 
 @pytest.mark.slow  # fast counterpart: test_cli_trains_under_fsdp_and_resumes_under_other_layouts (the Trainer through main)
@@ -411,12 +412,12 @@ def test_trainer_resumes_an_fsdp_checkpoint_under_other_layouts(subsets, tmp_pat
     """``strategy="fsdp"`` in the Trainer: stopped at step 10 on 8 devices, resumed on 8
     (bitwise the uninterrupted fsdp run), on 2 and on one device (to the tolerance)."""
     train, _ = subsets["mlp"]
-    full = Trainer(trainer_config(strategy="fsdp", devices=8)).fit(new_state("mlp"), train)
+    full = Trainer(trainer_config(parallel={"strategy": "fsdp", "devices": 8})).fit(new_state("mlp"), train)
     single = Trainer(trainer_config()).fit(new_state("mlp"), train)
-    Trainer(trainer_config(max_steps=10, strategy="fsdp", devices=8),
+    Trainer(trainer_config(max_steps=10, parallel={"strategy": "fsdp", "devices": 8}),
             callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=None)]).fit(new_state("mlp"), train)
     for strategy, devices in [("fsdp", 8), ("fsdp", 2), ("single", None)]:
-        resumed = Trainer(trainer_config(strategy=strategy, devices=devices))
+        resumed = Trainer(trainer_config(parallel={"strategy": strategy, "devices": devices}))
         state = resumed.fit(new_state("mlp"), train, ckpt_path=tmp_path / "step_000000010")
         assert resumed.restored_from.name == "step_000000010" and int(state.step) == 14
         assert parallel.layout_of(state) == ("fsdp" if strategy == "fsdp" else "single")
@@ -431,9 +432,9 @@ def test_fsdp_is_a_strategy_name_everywhere():
     assert "fsdp" in parallel.STRATEGIES
     assert isinstance(parallel.make_strategy("fsdp", 2), parallel.Fsdp)
     assert parallel.make_strategy("fsdp").num_devices == 8
-    assert Trainer(trainer_config(strategy="fsdp", devices=4)).strategy.name == "fsdp"
+    assert Trainer(trainer_config(parallel={"strategy": "fsdp", "devices": 4})).strategy.name == "fsdp"
     with pytest.raises(parallel.ParallelError, match="global batch size 30 does not divide over 4 devices"):
-        Trainer(trainer_config(strategy="fsdp", devices=4, batch_size=30))
+        Trainer(trainer_config(batch_size=30, parallel={"strategy": "fsdp", "devices": 4}))
 
 
 @pytest.mark.slow  # fast counterparts: test_fsdp_resume_is_bitwise_the_uninterrupted_run (Trainer) and

@@ -27,7 +27,8 @@ def _state():
 
 def _fit(data, tmp_path, epochs, ckpt_path=None, **kw):
     loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
-    config = TrainerConfig(max_epochs=epochs, steps_per_execution=2, enable_progress_bar=False, **kw)
+    config = TrainerConfig(max_epochs=epochs, steps_per_execution=2,
+                           **{"logging": {"enable_progress_bar": False, **kw.pop("logging", {})}, **kw})
     trainer = Trainer(config, callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_epochs=1)], loggers=loggers)
     trainer.fit(_state(), *data, ckpt_path=ckpt_path)
     return trainer
@@ -69,7 +70,8 @@ def test_the_csv_holds_one_row_per_step(data, tmp_path):
     """What is logged at a step (its loss, the rate its update applied, the validation and the
     epoch's means at an epoch's last step) is one row, inside fused chunks and across flushes."""
     loggers = [CSVLogger(tmp_path / "csv")]
-    config = TrainerConfig(max_epochs=2, val_every_n_steps=3, enable_progress_bar=False)  # chunks cut at 3, 5, 6, 9
+    config = TrainerConfig(max_epochs=2, val_every_n_steps=3,
+                           logging={"enable_progress_bar": False})  # chunks cut at 3, 5, 6, 9
     Trainer(config, callbacks=[LearningRateMonitor()], loggers=loggers).fit(_state(), *data)
     rows = _csv(tmp_path)
     assert [int(r["step"]) for r in rows] == list(range(1, 11))
@@ -117,7 +119,7 @@ def test_tensorboard_hparams_text_and_a_resume_without_later_points(tmp_path):
 
 
 def test_log_every_n_steps(data, tmp_path):
-    _fit(data, tmp_path, epochs=2, log_every_n_steps=3)
+    _fit(data, tmp_path, epochs=2, logging={"log_every_n_steps": 3})
     assert [int(r["step"]) for r in _csv(tmp_path) if r["train_loss_step"]] == [3, 6, 9]
 
 

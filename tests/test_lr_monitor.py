@@ -49,8 +49,8 @@ OPTIMIZERS = {
 
 def _fit(tmp_path, tx, k=None, **config):
     monitor = LearningRateMonitor()
-    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=k, enable_progress_bar=False,
-                                    **config), callbacks=[monitor], loggers=[CSVLogger(tmp_path)])
+    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, steps_per_execution=k, **config,
+                                    logging={"enable_progress_bar": False}), callbacks=[monitor], loggers=[CSVLogger(tmp_path)])
     trainer.fit(create_train_state(build_model("softmax", 0), tx, tasks.multiclass(), seed=0), _fit.train)
     return monitor, list(csv.DictReader(open(tmp_path / "metrics.csv")))
 
@@ -84,7 +84,7 @@ def test_a_constant_rate_is_read_from_the_optimizer(tmp_path, tx, rate):
 
 
 def test_clipping_and_nan_skipping_wrappers_keep_the_rate_readable(tmp_path):
-    monitor, _ = _fit(tmp_path, optax.adam(schedule()), gradient_clip_norm=0.5, nan_policy="skip")
+    monitor, _ = _fit(tmp_path, optax.adam(schedule()), numerics={"gradient_clip_norm": 0.5, "nan_policy": "skip"})
     assert [lr for _, lr in monitor.history] == pytest.approx([by_hand(s - 1) for s in range(1, 11)], rel=1e-5)
 
 

@@ -146,9 +146,9 @@ class RecordParams(Callback):
 def test_the_trainer_logs_train_val_and_test_values_of_the_whole_split(tmp_path, data, strategy, k, accumulate):
     train, val = _data(150, seed=1), data
     recorder = RecordParams()
-    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=48, steps_per_execution=k,
-                                    strategy=strategy, devices=None if strategy == "single" else 8,
-                                    accumulate_grad_batches=accumulate, enable_progress_bar=False),
+    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=48, steps_per_execution=k, accumulate_grad_batches=accumulate,
+                                    parallel={"strategy": strategy, "devices": None if strategy == "single" else 8},
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[recorder], loggers=[CSVLogger(tmp_path)])
     # lr 0: the parameters stay put, so the epoch's training predictions are those of the
     # initial model, which numpy computes
@@ -183,7 +183,8 @@ def test_callbacks_monitor_the_split_value(tmp_path):
     recorder = RecordParams()
     best = ModelCheckpoint(tmp_path, monitor="val_f1", mode="max")
     stopper = EarlyStopping("val_f1", mode="max", patience=10)
-    trainer = Trainer(TrainerConfig(max_epochs=4, batch_size=16, eval_batch_size=40, enable_progress_bar=False),
+    trainer = Trainer(TrainerConfig(max_epochs=4, batch_size=16, eval_batch_size=40,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[recorder, best, stopper])
     state = jaxlight.create_train_state(Linear(nnx.Rngs(5)), optax.sgd(0.05), f1_loss, seed=0)
     trainer.fit(state, train, val)
@@ -199,7 +200,7 @@ def test_a_resumed_epoch_keeps_its_statistics(tmp_path):
     """Saved inside an epoch, the steps run so far keep their F1 statistics: the resumed
     run's epoch value is the uninterrupted run's, bit for bit."""
     train = _data(160, seed=4)
-    config = dict(batch_size=16, enable_progress_bar=False, steps_per_execution=1)
+    config = dict(batch_size=16, logging={"enable_progress_bar": False}, steps_per_execution=1)
 
     def fit(max_epochs, ckpt_path=None, **kw):
         trainer = Trainer(TrainerConfig(max_epochs=max_epochs, **config, **kw),

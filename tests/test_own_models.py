@@ -68,7 +68,7 @@ def assert_same(a, b):
 
 
 def quiet(**kw):
-    return TrainerConfig(batch_size=B, enable_progress_bar=False, **kw)
+    return TrainerConfig(batch_size=B, **kw, logging={"enable_progress_bar": False})
 
 
 # --- training, modes, randomness ------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_predict_does_not_depend_on_the_batch_size(data, batch_size):
 def test_a_trained_state_evaluates_under_a_trainer_that_wraps_the_optimizer(data):
     train, val = data
     state = Trainer(quiet(max_epochs=1)).fit(new_state(), train)
-    wrapping = Trainer(quiet(gradient_clip_norm=1.0, accumulate_grad_batches=2))
+    wrapping = Trainer(quiet(accumulate_grad_batches=2, numerics={"gradient_clip_norm": 1.0}))
     assert wrapping.test(state, val) == pytest.approx(Trainer(quiet()).test(state, val))
     assert wrapping.validate(state, val)["val_acc"] == pytest.approx(Trainer(quiet()).test(state, val)["test_acc"])
     np.testing.assert_array_equal(wrapping.predict(state, val), Trainer(quiet()).predict(state, val))
@@ -345,7 +345,7 @@ def test_a_loss_that_handles_padding_itself_may_return_a_scalar(data):
 @pytest.mark.slow  # fast counterpart: test_trainer.py::test_bf16_computes_in_bf16_and_keeps_float32_params
 def test_bf16_with_a_users_loss(data):
     train, val = data
-    trainer = Trainer(quiet(max_epochs=2, precision="bf16"))
+    trainer = Trainer(quiet(max_epochs=2, numerics={"precision": "bf16"}))
     state = trainer.fit(new_state(), train, val)
     assert trainer.callback_metrics["val_acc"] > 0.8
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.params))
@@ -464,7 +464,8 @@ def test_predict_under_every_strategy_equals_one_device(data, strategy, devices)
     state, _ = loop.fit(new_state(), train, 1, B)
     host = jax.device_get(state)
     expected = Trainer(quiet(eval_batch_size=48)).predict(state, val.data)
-    got = Trainer(quiet(eval_batch_size=48, strategy=strategy, devices=devices)).predict(host, val.data)
+    got = Trainer(quiet(eval_batch_size=48,
+                        parallel={"strategy": strategy, "devices": devices})).predict(host, val.data)
     assert got.shape == (len(val), 3)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     # An independent reference: the eval-mode model on all rows at once.

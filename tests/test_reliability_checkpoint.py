@@ -43,11 +43,11 @@ def _state(tx=None, model="linear", task=None):
     return create_train_state(build_model(model, 0), tx or optim.sgd(0.05), task or tasks.regression(), seed=0)
 
 
-def _trainer(folder, epochs=2, run_config=None, extra=(), **kw):
-    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=64, enable_progress_bar=False),
-                      callbacks=[ModelCheckpoint(folder, **kw), *extra])
-    trainer.run_config = run_config
-    return trainer
+def _trainer(folder, epochs=2, run_config=None, extra=(), allow_config_change=False, **kw):
+    config = TrainerConfig(max_epochs=epochs, batch_size=64, run_config=run_config,
+                           checkpoint={"allow_config_change": allow_config_change},
+                           logging={"enable_progress_bar": False})
+    return Trainer(config, callbacks=[ModelCheckpoint(folder, **kw), *extra])
 
 
 def _steps(folder):
@@ -150,7 +150,8 @@ class Signal(Callback):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_finish_the_chunk_save_and_return(tmp_path, signum):
     previous = signal.getsignal(signal.SIGINT)
-    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1, enable_progress_bar=False),
+    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path), Signal(signum, at_step=6)])
     trainer.fit(_state(), DATA.train)
     assert trainer.interrupted and trainer.stop_signal == signum and trainer.global_step == 6
@@ -159,7 +160,8 @@ def test_sigint_and_sigterm_finish_the_chunk_save_and_return(tmp_path, signum):
 
 
 def test_a_second_sigint_raises_keyboard_interrupt_at_once(tmp_path):
-    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1, enable_progress_bar=False),
+    trainer = Trainer(TrainerConfig(max_epochs=5, batch_size=64, steps_per_execution=1,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=None), Signal(signal.SIGINT, signal.SIGINT)])
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(_state(), DATA.train)
@@ -191,8 +193,9 @@ def test_the_optimizer_chain_alone_tells_adam_from_adamw(tmp_path):
 
 def test_an_accepted_change_is_recorded_in_the_segments(tmp_path):
     _trainer(tmp_path, run_config=RUN).fit(_state(optim.adamw(0.05)), DATA.train)
-    trainer = _trainer(tmp_path, epochs=3, run_config={**RUN, "lr": 0.01})
-    trainer.allow_config_change = True
+    trainer = _trainer(tmp_path, epochs=3, run_config={**RUN, "lr": 0.01}, allow_config_change=True)
+    with pytest.raises(AttributeError, match=r"trainer.checkpoint.allow_config_change: build the Trainer with"):
+        trainer.allow_config_change = False  # (read from the config: a value set afterwards would go unseen)
     with pytest.warns(RuntimeWarning, match="lr: 0.05 in the checkpoint, 0.01 now"):
         trainer.fit(_state(optim.adamw(0.01)), DATA.train, ckpt_path="last")
     first, second = trainer.run_segments()
@@ -448,8 +451,8 @@ def test_kill_9_where_an_epoch_end_would_replace_a_step_save_then_ckpt_path_last
 
     (tmp_path / "run.yaml").write_text(userpkg_run(8, 1e-2))
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    flags = ["--config", str(tmp_path / "run.yaml"), "--trainer.ckpt_dir", str(ckpt), "--trainer.out", str(out),
-             "--trainer.ckpt_every", "3"]  # 192 examples in batches of 64: the epoch ends on step 3
+    flags = ["--config", str(tmp_path / "run.yaml"), "--trainer.checkpoint.dirpath", str(ckpt), "--trainer.out", str(out),
+             "--trainer.checkpoint.every_n_steps", "3"]  # 192 examples in batches of 64: the epoch ends on step 3
     first = _job("disappear", str(ckpt), "fit", "--", *flags, "--trainer.max_epochs", "1")
     assert first.returncode in (0, -signal.SIGKILL), first.stderr[-3000:]
     assert [p.name for p in list_checkpoints(ckpt)] == ["step_000000003"]

@@ -261,7 +261,7 @@ def test_usage_errors_exit_2(tmp_path, program, flags, message):
 @pytest.mark.parametrize("flags, message", [
     (["--resume"], "--resume needs --ckpt-dir"),
     (["--ckpt-dir", "x", "--resume", "--overwrite"], "contradict"),
-    (["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every must be >= 1"),
+    (["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every (trainer.checkpoint.every_n_steps: must be an int >= 1"),
 ])
 def test_trainer_usage_errors_exit_2(tmp_path, flags, message):
     result = run("jaxlight", *LINEAR, "--out", str(tmp_path), *flags)
@@ -314,7 +314,7 @@ def test_a_failed_async_save_of_jaxlight_fit_is_one_line_with_the_details_in_tra
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     env = _env(JAX_ENABLE_COMPILATION_CACHE="false", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     result = subprocess.run([sys.executable, "-c", FIT_FULL_DISK, "fit", "--config", str(tmp_path / "run.yaml"),
-                             "--trainer.out", str(out), "--trainer.ckpt_dir", str(ckpt),
+                             "--trainer.out", str(out), "--trainer.checkpoint.dirpath", str(ckpt),
                              *(["--verbose"] if verbose else [])],
                             capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]

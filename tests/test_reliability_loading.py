@@ -34,7 +34,8 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained") / "ckpt"
     train, val, _ = blobs()
     state = jaxlight.create_train_state(Net(8, rngs=nnx.Rngs(1)), optax.adam(1e-2), loss_fn, seed=0)
-    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64, enable_progress_bar=False),
+    trainer = jaxlight.Trainer(jaxlight.TrainerConfig(max_epochs=2, batch_size=64,
+                                                      logging={"enable_progress_bar": False}),
                                callbacks=[jaxlight.callbacks.ModelCheckpoint(folder, monitor="val_loss")])
     trainer.fit(state, train, val)
     return folder
@@ -228,7 +229,7 @@ RUN = {
     "loss": "userpkg.nets.loss_fn",
     "data": {"class_path": "userpkg.data.blobs", "init_args": {}},
     "optimizer": {"class_path": "optax.adam", "init_args": {"learning_rate": 1.0e-2}},
-    "trainer": {"max_epochs": 2, "batch_size": 64, "enable_progress_bar": False},
+    "trainer": {"max_epochs": 2, "batch_size": 64, "logging": {"enable_progress_bar": False}},
 }
 
 
@@ -249,7 +250,7 @@ def fitted(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("fitted")
     (home / "run.yaml").write_text(yaml.safe_dump(RUN))
-    assert main(["fit", "--config", str(home / "run.yaml"), "--trainer.ckpt_dir", str(home / "ckpt"),
+    assert main(["fit", "--config", str(home / "run.yaml"), "--trainer.checkpoint.dirpath", str(home / "ckpt"),
                  "--trainer.out", str(home / "out")]) == 0
     return home
 
@@ -413,7 +414,7 @@ from jaxlight.trainer import Trainer, TrainerConfig
 data = make_regression(n_train=256, n_test=64)
 state = create_train_state(build_model("linear", 0), optim.sgd(0.05), tasks.regression(), seed=0)
 print("fitting", flush=True)
-Trainer(TrainerConfig(max_epochs=100000, batch_size=64, enable_progress_bar=False, steps_per_execution=1),
+Trainer(TrainerConfig(max_epochs=100000, batch_size=64, logging={"enable_progress_bar": False}, steps_per_execution=1),
         callbacks=[ModelCheckpoint(sys.argv[1], every_n_steps=1, monitor="loss")]).fit(state, data.train)
 """
 

@@ -40,7 +40,7 @@ def _state(tx=None, model="linear", task=None, step=None):
 
 
 def _trainer(folder, epochs=2, **kw):
-    return Trainer(TrainerConfig(max_epochs=epochs, batch_size=64, enable_progress_bar=False),
+    return Trainer(TrainerConfig(max_epochs=epochs, batch_size=64, logging={"enable_progress_bar": False}),
                    callbacks=[ModelCheckpoint(folder, **kw)])
 
 
@@ -338,7 +338,7 @@ def test_resuming_a_finished_run_does_not_announce_an_epoch_past_its_end(tmp_pat
 def test_devices_0_is_a_usage_error(tmp_path, capsys):
     code, _, err = _cli(capsys, *LINEAR, "--devices", "0", "--out", str(tmp_path))
     assert code == 2
-    _one_line(err, "--devices must be >= 1, got 0")
+    _one_line(err, "--devices (trainer.parallel.devices: must be an int >= 1 or None, got 0)")
 
 
 def test_an_empty_dataset_says_so(tmp_path, capsys):
@@ -347,7 +347,7 @@ def test_an_empty_dataset_says_so(tmp_path, capsys):
 
     empty = ArrayDataset({"x": np.zeros((0, 8), np.float32), "y": np.zeros((0, 1), np.float32)})
     with pytest.raises(BatchError, match=r"training set is empty \(0 examples\)"):
-        Trainer(TrainerConfig(max_epochs=1, enable_progress_bar=False)).fit(_state(), empty)
+        Trainer(TrainerConfig(max_epochs=1, logging={"enable_progress_bar": False})).fit(_state(), empty)
     code, _, err = _cli(capsys, *LINEAR, "--val-split", "0.00001", "--out", str(tmp_path))
     assert code == 2
     _one_line(err, "--val-split 1e-05 of 8192 examples leaves 8192 for training and 0 for validation")
@@ -460,7 +460,7 @@ def compilations():
 
 def _fit(lr, epochs=1):
     state = create_train_state(build_model("linear", 0), optax.adam(lr), tasks.regression(), seed=0)
-    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=64, enable_progress_bar=False))
+    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=64, logging={"enable_progress_bar": False}))
     return trainer.fit(state, DATA.train)
 
 
@@ -512,7 +512,7 @@ def _fit_with_checkpoint_and_logger(folder: Path, trial: int):
 
     state = create_train_state(build_model("linear", 0), optax.adam(1e-3), tasks.regression(), seed=0)
     callback, logger = ModelCheckpoint(folder / f"ckpt{trial}"), CSVLogger(folder / f"logs{trial}")
-    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, enable_progress_bar=False),
+    trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=64, logging={"enable_progress_bar": False}),
                       callbacks=[callback], loggers=[logger])
     trainer.fit(state, DATA.train)
     return trainer, callback, logger

@@ -40,8 +40,9 @@ def trial(data, tx, folder=None, strategy="single", epochs=2, **config):
     logger when ``folder`` is given), fit, test, predict."""
     state = create_train_state(build_model("softmax", 0), tx, tasks.multiclass(), seed=0)
     callbacks, loggers = ([ModelCheckpoint(folder / "ckpt")], [CSVLogger(folder / "logs")]) if folder else ([], [])
-    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=32, eval_batch_size=40, enable_progress_bar=False,
-                                    strategy=strategy, devices=None if strategy == "single" else 8, **config),
+    trainer = Trainer(TrainerConfig(max_epochs=epochs, batch_size=32, eval_batch_size=40, **config,
+                                    logging={"enable_progress_bar": False},
+                                    parallel={"strategy": strategy, "devices": None if strategy == "single" else 8}),
                       callbacks=callbacks, loggers=loggers)
     state = trainer.fit(state, *data)
     trainer.test(state, data[1])
@@ -65,7 +66,7 @@ def _params(state):
     # (the bare injectable optimizer: the slow tier; the fast tier runs it inside jaxlight's own
     # wrappers, the case below, and bare under the sharded strategy)
     pytest.param("single", {}, marks=pytest.mark.slow),
-    ("single", {"gradient_clip_norm": 1.0, "nan_policy": "skip"}),  # jaxlight's own optimizer wrappers
+    ("single", {"numerics": {"gradient_clip_norm": 1.0, "nan_policy": "skip"}}),  # jaxlight's own optimizer wrappers
     ("sharded", {}),
 ])
 def test_an_injectable_optimizer_compiles_once_for_a_whole_sweep(data, tmp_path, strategy, config):
@@ -117,18 +118,19 @@ def test_a_trial_resumes_exactly_and_the_optimizer_check_holds(data, tmp_path):
     """A trial's checkpoint, resumed after other trials ran on the same programs, continues
     bit for bit; resuming it with another optimizer is refused as ever."""
     whole, _ = trial(data, injectable(RATES[1]))
-    cut = Trainer(TrainerConfig(max_epochs=2, max_steps=7, batch_size=32, enable_progress_bar=False),
+    cut = Trainer(TrainerConfig(max_epochs=2, max_steps=7, batch_size=32, logging={"enable_progress_bar": False}),
                   callbacks=[ModelCheckpoint(tmp_path / "a")])
     cut.fit(create_train_state(build_model("softmax", 0), injectable(RATES[1]), tasks.multiclass(), seed=0), *data)
     trial(data, injectable(RATES[3]))  # another trial in between
-    resumed = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=40, enable_progress_bar=False),
+    resumed = Trainer(TrainerConfig(max_epochs=2, batch_size=32, eval_batch_size=40,
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(tmp_path / "a")])
     state = resumed.fit(create_train_state(build_model("softmax", 0), injectable(RATES[1]), tasks.multiclass(),
                                            seed=0), *data, ckpt_path="last")
     assert resumed.restored_from.name == "step_000000007"
     assert [a.tobytes() for a in _params(state)] == [a.tobytes() for a in _params(whole)]
     with pytest.raises(ConfigMismatchError, match="saved with optimizer"), pytest.warns(CheckpointWarning):
-        Trainer(TrainerConfig(max_epochs=2, batch_size=32, enable_progress_bar=False),
+        Trainer(TrainerConfig(max_epochs=2, batch_size=32, logging={"enable_progress_bar": False}),
                 callbacks=[ModelCheckpoint(tmp_path / "a")]).fit(
             create_train_state(build_model("softmax", 0), optax.adam(RATES[1]), tasks.multiclass(), seed=0), *data,
             ckpt_path="last")

@@ -39,7 +39,7 @@ def _state(model="softmax", tx=None):
 
 
 def _config(**kw):
-    return TrainerConfig(**{"batch_size": B, "enable_progress_bar": False, **kw})
+    return TrainerConfig(**{"batch_size": B, "logging": {"enable_progress_bar": False}, **kw})
 
 
 def hand_loop(state, data, epochs):
@@ -161,8 +161,8 @@ def test_limits_and_validation_schedule(small, kw, final_step, val_steps, epochs
 
 
 @pytest.mark.parametrize("kw", [
-    {"gradient_clip_norm": 0.05},
-    pytest.param({"nan_policy": "skip"}, marks=pytest.mark.slow),  # fast counterpart: test_nan_skip_policy_drops_those_updates_and_carries_on
+    {"numerics": {"gradient_clip_norm": 0.05}},
+    pytest.param({"numerics": {"nan_policy": "skip"}}, marks=pytest.mark.slow),  # fast counterpart: test_nan_skip_policy_drops_those_updates_and_carries_on
 ])
 def test_optax_wrappers_are_the_same_chain_as_by_hand(small, kw):
     train, _ = small
@@ -171,9 +171,9 @@ def test_optax_wrappers_are_the_same_chain_as_by_hand(small, kw):
     by_hand = {  # the chain the config stands for, written out with Optax
         "gradient_clip_norm": optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(1.0)),
         "nan_policy": optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=10),  # (finite data: a no-op)
-    }[next(iter(kw))]
+    }[next(iter(kw["numerics"]))]
     assert_matches_reference(state, reference_fit(_state(tx=SGD), train, 2, by_hand))
-    if "gradient_clip_norm" in kw:  # the clipping did bind: unclipped SGD ends elsewhere
+    if "gradient_clip_norm" in kw["numerics"]:  # the clipping did bind: unclipped SGD ends elsewhere
         unclipped = reference_fit(_state(tx=SGD), train, 2, optax.sgd(1.0))
         assert np.abs(unclipped["kernel"] - np.asarray(state.params["linear"]["kernel"][...])).max() > 1e-3
 
@@ -182,7 +182,7 @@ def test_clipping_bounds_the_update(small):
     train, _ = small
     start = _state(tx=SGD)
     before = [np.asarray(x) for x in jax.tree.leaves(start.params)]
-    clipped = Trainer(_config(max_steps=1, gradient_clip_norm=1e-3)).fit(_state(tx=SGD), train)
+    clipped = Trainer(_config(max_steps=1, numerics={"gradient_clip_norm": 1e-3})).fit(_state(tx=SGD), train)
     delta = np.sqrt(sum(((np.asarray(a) - b) ** 2).sum() for a, b in zip(jax.tree.leaves(clipped.params), before)))
     assert 0 < delta <= 1e-3 * (1 + 1e-4)
 
@@ -202,7 +202,7 @@ def test_lr_schedule_is_followed_and_logged(small, accumulate):
 def test_bf16_computes_in_bf16_and_keeps_float32_params(small):
     train, val = small
     f32 = Trainer(_config(max_epochs=2)).fit(_state("mlp"), train, val)
-    t16 = Trainer(_config(max_epochs=2, precision="bf16"))
+    t16 = Trainer(_config(max_epochs=2, numerics={"precision": "bf16"}))
     b16 = t16.fit(_state("mlp"), train, val)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(b16.opt_state) if jnp.issubdtype(x.dtype, jnp.floating))
@@ -224,7 +224,8 @@ def test_nan_loss_names_the_step_and_writes_no_checkpoint(small, tmp_path):
     # overfit_batches keeps the stored order: example 130 lies in batch 3 (examples 128-191).
     data = _with_nan(small[0], 130)
     ckpt = ModelCheckpoint(tmp_path, every_n_steps=5, every_n_epochs=None)
-    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=5, check_finite=False), callbacks=[ckpt])
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=5,
+                              numerics={"check_finite": False}), callbacks=[ckpt])
     with pytest.raises(NonFiniteLossError, match=r"nan at step 3 \(epoch 1, batch 3\)"):
         trainer.fit(_state(), data)
     assert list_checkpoints(tmp_path) == []  # the chunk of steps 1-5 held the NaN: step 5 not saved
@@ -233,7 +234,8 @@ def test_nan_loss_names_the_step_and_writes_no_checkpoint(small, tmp_path):
 def test_nan_loss_names_the_step_in_a_later_chunk(small, tmp_path):
     data = _with_nan(small[0], 130)
     ckpt = ModelCheckpoint(tmp_path, every_n_steps=1, every_n_epochs=None, keep_last=5)
-    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=1, check_finite=False), callbacks=[ckpt])
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, steps_per_execution=1,
+                              numerics={"check_finite": False}), callbacks=[ckpt])
     with pytest.raises(NonFiniteLossError, match="at step 3 "):
         trainer.fit(_state(), data)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000001", "step_000000002"]
@@ -241,7 +243,7 @@ def test_nan_loss_names_the_step_in_a_later_chunk(small, tmp_path):
 
 def test_nan_skip_policy_drops_those_updates_and_carries_on(small):
     data = _with_nan(small[0], 130)
-    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, nan_policy="skip", check_finite=False))
+    trainer = Trainer(_config(max_epochs=2, overfit_batches=5, numerics={"nan_policy": "skip", "check_finite": False}))
     state = trainer.fit(_state(), data)
     assert trainer.skipped_steps == [3, 8]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -353,7 +355,7 @@ def test_wrap_state_clips_as_the_formula_says_and_never_wraps_twice():
 def test_wrapping_the_optimizer_of_a_trained_state_is_refused(small):
     trained = Trainer(_config(max_steps=2)).fit(_state(), small[0])
     with pytest.raises(ValueError, match="has taken 2 steps"):
-        Trainer(_config(max_steps=4, gradient_clip_norm=1.0)).fit(trained, small[0])
+        Trainer(_config(max_steps=4, numerics={"gradient_clip_norm": 1.0})).fit(trained, small[0])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -362,18 +364,19 @@ def test_wrapping_the_optimizer_of_a_trained_state_is_refused(small):
     ({"max_steps": 0}, "max_steps"),
     ({"steps_per_execution": 0}, "steps_per_execution"),
     ({"val_every_n_steps": 1.5}, "val_every_n_steps"),
-    ({"gradient_clip_norm": 0.0}, "gradient_clip_norm"),
+    ({"numerics": {"gradient_clip_norm": 0.0}}, "numerics.gradient_clip_norm"),
     ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
-    ({"precision": "fp16"}, "precision"),
-    ({"nan_policy": "ignore"}, "nan_policy"),
+    ({"numerics": {"precision": "fp16"}}, "numerics.precision"),
+    ({"numerics": {"nan_policy": "ignore"}}, "numerics.nan_policy"),
     ({"fast_dev_run": -1}, "fast_dev_run"),
 ])
 def test_bad_config_names_the_field(kw, match):
-    with pytest.raises(ValueError, match=f"TrainerConfig.{match}"):
+    with pytest.raises(ValueError, match=f"^trainer.{match}: "):
         TrainerConfig(**kw)
 
 
 def test_resume_with_another_batch_size_is_refused(small, tmp_path):
     Trainer(_config(max_steps=3), callbacks=[ModelCheckpoint(tmp_path, every_n_steps=3)]).fit(_state(), small[0])
     with pytest.raises(Exception, match="batch_size 64 .* batch_size 32"):
-        Trainer(TrainerConfig(batch_size=32, enable_progress_bar=False)).fit(_state(), small[0], ckpt_path=tmp_path)
+        Trainer(TrainerConfig(batch_size=32,
+                              logging={"enable_progress_bar": False})).fit(_state(), small[0], ckpt_path=tmp_path)

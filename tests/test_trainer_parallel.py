@@ -35,7 +35,7 @@ def new_state(model="mlp", tx=TX):
 
 def config(**kw):
     return TrainerConfig(**{"batch_size": BATCH, "eval_batch_size": 50, "max_epochs": 2,
-                            "enable_progress_bar": False, **kw})
+                            "logging": {"enable_progress_bar": False}, **kw})
 
 
 def assert_history_close(actual, expected):
@@ -73,7 +73,8 @@ FAST_SWEEP = {(8, 1, "sharded")}
     for d, k in [(1, None), (2, 3), (8, None), (8, 1)] for n in ["pmap", "sharded"]])
 def test_fit_matches_single_device(name, devices, k, data, single):
     ref_state, ref = single
-    trainer = Trainer(config(val_every_n_steps=4, strategy=name, devices=devices, steps_per_execution=k))
+    trainer = Trainer(config(val_every_n_steps=4, steps_per_execution=k,
+                             parallel={"strategy": name, "devices": devices}))
     assert trainer.strategy.name == name and trainer.strategy.num_devices == devices
     state = trainer.fit(new_state(), *data)
 
@@ -96,7 +97,7 @@ def test_cnn_fit_matches_single_device(mnist):
     train, _ = mnist
     small = ArrayDataset(train.images[:80], train.labels[:80].astype(np.int32))
     expected = Trainer(config(max_epochs=1)).fit(new_state("cnn"), small)
-    trainer = Trainer(config(max_epochs=1, strategy="sharded", devices=2))
+    trainer = Trainer(config(max_epochs=1, parallel={"strategy": "sharded", "devices": 2}))
     assert_params_close(trainer.fit(new_state("cnn"), small), expected)
 
 
@@ -104,7 +105,7 @@ def test_cnn_fit_matches_single_device(mnist):
 def test_host_streamed_batches_match_single_device(name, data, single, monkeypatch):
     """Data too big for the devices goes through the strategy's ``train_step`` batch by batch."""
     monkeypatch.setattr(ArrayDataset, "fits_on_device", lambda self, *a, **k: False)
-    trainer = Trainer(config(val_every_n_steps=4, strategy=name, devices=4))
+    trainer = Trainer(config(val_every_n_steps=4, parallel={"strategy": name, "devices": 4}))
     state = trainer.fit(new_state(), *data)
     assert not isinstance(trainer._train.data.x, jax.Array)  # it really streamed
     assert_params_close(state, single[0])
@@ -122,9 +123,10 @@ def test_checkpoint_resumes_under_another_strategy_and_device_count(first, then,
     """Stop mid-epoch 2 under one layout, resume under another: the run ends where one
     uninterrupted single-device run ends, with the same history."""
     cb = ModelCheckpoint(tmp_path, every_n_epochs=None)  # saves at fit end: step 10
-    Trainer(config(max_steps=10, strategy=first[0], devices=first[1]), callbacks=[cb]).fit(new_state(), data[0])
+    Trainer(config(max_steps=10,
+                   parallel={"strategy": first[0], "devices": first[1]}), callbacks=[cb]).fit(new_state(), data[0])
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000010"]
-    resumed = Trainer(config(strategy=then[0], devices=then[1]),
+    resumed = Trainer(config(parallel={"strategy": then[0], "devices": then[1]}),
                       callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=None)])
     state = resumed.fit(new_state(), data[0], ckpt_path="last")
     assert resumed.restored_from.name == "step_000000010"
@@ -138,7 +140,7 @@ def test_checkpoint_resumes_under_another_strategy_and_device_count(first, then,
 @pytest.fixture(scope="module")
 def accumulated(data):
     """One device, 3 batches per update: 7 batches an epoch make windows of 3, 3 and 1."""
-    trainer = Trainer(config(accumulate_grad_batches=3, gradient_clip_norm=0.05))
+    trainer = Trainer(config(accumulate_grad_batches=3, numerics={"gradient_clip_norm": 0.05}))
     return trainer.fit(new_state(), data[0]), trainer
 
 
@@ -157,7 +159,8 @@ def test_accumulation_and_clipping_match_single_device(data, accumulated, strate
             idx, mask = batch_indices(jax.random.fold_in(data_key(0), next(epochs)), N_TRAIN, BATCH, True)
             return iter([{"x": arrays.x[i[m > 0]], "y": arrays.y[i[m > 0]]}
                          for i, m in zip(np.asarray(idx), np.asarray(mask))])
-    trainer = Trainer(config(strategy=strategy, devices=devices, accumulate_grad_batches=3, gradient_clip_norm=0.05))
+    trainer = Trainer(config(accumulate_grad_batches=3, parallel={"strategy": strategy, "devices": devices},
+                             numerics={"gradient_clip_norm": 0.05}))
     state = trainer.fit(new_state(), train)
     assert int(state.step) == trainer.global_step == int(accumulated[0].step) == 6
     assert_params_close(state, accumulated[0])
@@ -167,17 +170,18 @@ def test_accumulation_and_clipping_match_single_device(data, accumulated, strate
 def test_nan_loss_is_named_on_the_right_step(data):
     x = np.asarray(data[0].x[:160], np.float32) / 255.0
     x[130, 3, 3] = np.nan  # overfit_batches keeps the stored order: batch 5 (examples 128-159)
-    trainer = Trainer(config(overfit_batches=5, strategy="sharded", devices=8, check_finite=False))
+    trainer = Trainer(config(overfit_batches=5, parallel={"strategy": "sharded", "devices": 8},
+                             numerics={"check_finite": False}))
     with pytest.raises(NonFiniteLossError, match=r"nan at step 5 \(epoch 1, batch 5\)"):
         trainer.fit(new_state(), ArrayDataset(x, data[0].y[:160]))
 
 
 @pytest.mark.parametrize("kw, error, match", [
-    ({"strategy": "ddp"}, ValueError, "TrainerConfig.strategy must be one of"),
-    ({"strategy": "pmap", "devices": 0}, ValueError, "TrainerConfig.devices"),
-    ({"strategy": "sharded", "devices": 16}, ParallelError, "asked for 16 devices but only 8"),
-    ({"strategy": "single", "devices": 2}, ParallelError, "single strategy runs on 1 device"),
-    ({"strategy": "pmap", "devices": 8, "batch_size": 60}, ParallelError,
+    ({"parallel": {"strategy": "ddp"}}, ValueError, "trainer.parallel.strategy: expected one of single, pmap"),
+    ({"parallel": {"strategy": "pmap", "devices": 0}}, ValueError, "trainer.parallel.devices: must be an int >= 1"),
+    ({"parallel": {"strategy": "sharded", "devices": 16}}, ParallelError, "asked for 16 devices but only 8"),
+    ({"parallel": {"strategy": "single", "devices": 2}}, ParallelError, "single strategy runs on 1 device"),
+    ({"parallel": {"strategy": "pmap", "devices": 8}, "batch_size": 60}, ParallelError,
      "global batch size 60 does not divide over 8 devices"),
 ])
 def test_impossible_strategies_are_refused_before_training(kw, error, match):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from jaxlight.cli import (EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, _log_details, _prepare_outputs,
-                          install_signal_handlers, recipe_from_args, restore_signal_handlers, run_cli,
+from jaxlight.cli import (EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, UsageError, install_signal_handlers, log_details,
+                          prepare_outputs, recipe_from_args, restore_signal_handlers, run_cli,
                           summary_payload, train_parser, warn_batch_size)
 
 if TYPE_CHECKING:
@@ -26,8 +26,8 @@ def run_train(args: argparse.Namespace) -> dict:
     if args.torch_threads is not None and args.torch_threads < 1:
         raise UsageError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     recipe = recipe_from_args(args)
-    out = _prepare_outputs(args, "torch")  # before any data loads: a bad --out fails in a second
-    args.log_file = _log_details(out, args.verbose)
+    out = prepare_outputs(args, "torch")  # before any data loads: a bad --out fails in a second
+    args.log_file = log_details(out, args.verbose)
     import torch
 
     from jaxlight import report

@@ -118,7 +118,8 @@ def main(argv=None):
     ckpt = Path(args.out) / "ckpt"
 
     def trainer(**kw):
-        config = jaxlight.TrainerConfig(max_epochs=args.epochs, batch_size=64, enable_progress_bar=False, **kw)
+        config = jaxlight.TrainerConfig(max_epochs=args.epochs, batch_size=64, **kw,
+                                        logging={"enable_progress_bar": False})
         return jaxlight.Trainer(config, callbacks=[ModelCheckpoint(ckpt, every_n_epochs=1)])
 
     half = args.epochs // 2 * -(-len(train) // 64)

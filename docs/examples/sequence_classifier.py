@@ -68,7 +68,8 @@ def main(argv=None):
         return jaxlight.create_train_state(BagOfEmbeddings(nnx.Rngs(0)), optax.adam(3e-3), loss_fn, seed=0)
 
     def trainer(**kw):
-        config = jaxlight.TrainerConfig(max_epochs=args.epochs, batch_size=64, enable_progress_bar=False, **kw)
+        config = jaxlight.TrainerConfig(max_epochs=args.epochs, batch_size=64, **kw,
+                                        logging={"enable_progress_bar": False})
         return jaxlight.Trainer(config, callbacks=[ModelCheckpoint(ckpt, every_n_epochs=1)])
 
     half = args.epochs // 2 * -(-len(train) // 64)

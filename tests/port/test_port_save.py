@@ -122,7 +122,7 @@ def test_jaxlight_fit_fine_tunes_from_the_ported_weights(saved, tmp_path):
     from _support import run_module
 
     proc = run_module("jaxlight.cli", "fit", "--config", str(folder / "config.yaml"), "--trainer.out",
-                      str(tmp_path / "out"), "--trainer.ckpt_dir", str(tmp_path / "ckpt"), env=env, timeout=600)
+                      str(tmp_path / "out"), "--trainer.checkpoint.dirpath", str(tmp_path / "ckpt"), env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     labels = torch.from_numpy(np.asarray(p.targets)).long()

@@ -61,8 +61,8 @@ train, _ = load_mnist(args.data, download=False)
 data = ArrayDataset(train.images[:256], train.labels[:256].astype(np.int32))
 state = create_train_state(build_model("mlp", 0), optim.adam(1e-3), tasks.multiclass(), 0)
 checkpoints = ModelCheckpoint(ckpt_dir, every_n_steps=3, every_n_epochs=None, keep_last=3)
-trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=32, strategy=args.strategy, steps_per_execution=1,
-                                enable_progress_bar=False),
+trainer = Trainer(TrainerConfig(max_epochs=2, batch_size=32, steps_per_execution=1,
+                                parallel={"strategy": args.strategy}, logging={"enable_progress_bar": False}),
                   callbacks=[checkpoints, Killer()])
 state = trainer.fit(state, data, ckpt_path="last" if args.resume else None)
 

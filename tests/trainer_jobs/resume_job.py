@@ -97,7 +97,7 @@ def main():
     data = ArrayDataset(train.images[:640], train.labels[:640])
     state = create_train_state(build_model("softmax", 0), optim.adam(1e-2), tasks.multiclass(), seed=0)
     trainer = Trainer(TrainerConfig(max_epochs=3, batch_size=64, steps_per_execution=args.steps_per_execution,
-                                    enable_progress_bar=False),
+                                    logging={"enable_progress_bar": False}),
                       callbacks=[ModelCheckpoint(args.ckpt, every_n_steps=3, keep_last=2), Killer(args)])
     state = trainer.fit(state, data, ckpt_path="last" if args.resume else None)
     leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
