@@ -60,7 +60,7 @@ from jaxlight.optim import wrap_state
 from jaxlight.signal_connector import SignalConnector
 from jaxlight.state import TrainState
 from jaxlight.step import check_not_donated
-from jaxlight.trainer_config import TrainerConfig
+from jaxlight.trainer_config import InConfig, TrainerConfig
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
 
@@ -147,6 +147,12 @@ class Trainer:
         interrupted: True when fit returned early because of SIGTERM or SIGINT.
         restored_from: the checkpoint this fit resumed (None: it started fresh).
     """
+
+    # What a checkpoint records about the run and a resume compares (``jaxlight.runconfig``), and the
+    # run's resolved config kept in every checkpoint and sent to the loggers: read from the config.
+    run_config = InConfig("run_config")
+    allow_config_change = InConfig("checkpoint.allow_config_change")
+    hparams = InConfig("hparams")
 
     def __init__(self, config: TrainerConfig | None = None, callbacks=(), loggers=()):
         self.config = config or TrainerConfig()

@@ -348,3 +348,23 @@ def compared_fields(config: TrainerConfig) -> dict:
                 value = getattr(obj, f.name)
                 out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+class InConfig:
+    """A Trainer attribute read from its config (``path`` in :class:`TrainerConfig`); setting it
+    is refused, naming the config key, since a value set after construction would go unseen."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, trainer, owner=None):
+        if trainer is None:
+            return self
+        return functools.reduce(getattr, self.path.split("."), trainer.config)
+
+    def __set__(self, trainer, value):
+        raise AttributeError(f"Trainer.{self.name} is the config's trainer.{self.path}: build the Trainer with "
+                             f"TrainerConfig({self.path.split('.')[0]}=...)")

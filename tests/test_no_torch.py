@@ -94,17 +94,11 @@ def _private(module: str, name: str | None) -> bool:
     return any(part.startswith("_") for part in module.split(".")) or (name or "").startswith("_")
 
 
-# torch_ref/cli.py shares the command-line plumbing of jaxlight/cli.py and is checked with it.
-SHARED_CLI = ("cli.py",)
-
-
 def test_torch_ref_imports_only_public_jaxlight_names():
     """torch_ref depends on jaxlight through its public surface only: no ``_private`` name and
     no ``_private`` module, at any level."""
     offenders = []
     for path in sorted((ROOT / "torch_ref").rglob("*.py")):
-        if path.name in SHARED_CLI and path.parent == ROOT / "torch_ref":
-            continue
         for module, name in _all_imports(ast.parse(path.read_text(), str(path))):
             if module.split(".")[0] == "jaxlight" and _private(module, name):
                 offenders.append(f"{path.relative_to(ROOT)}: from {module} import {name}")

@@ -337,7 +337,7 @@ def test_predict_and_test(small):
 
 def test_wrap_state_clips_as_the_formula_says_and_never_wraps_twice():
     state = _state(tx=optim.sgd(1.0))
-    config = TrainerConfig(gradient_clip_norm=0.5)
+    config = TrainerConfig(numerics={"gradient_clip_norm": 0.5})
     wrapped, pair = optim.wrap_state(state, config)
     again, same_pair = optim.wrap_state(wrapped, config, pair)
     assert again is wrapped and same_pair is pair  # a state already wrapped is left as it is

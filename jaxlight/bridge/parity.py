@@ -56,6 +56,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxlight.layers import StandIn
 from jaxlight.interop import (Layout, batch_stats_from_torch, batch_stats_to_torch, layout_for, params_from_torch,
                               params_to_torch)
 
@@ -844,22 +845,20 @@ def _forward(state, batch, mask, train: bool):
     return [np.asarray(a) for a in out], [(p, [np.asarray(a) for a in leaves]) for p, leaves in zip(paths, layer_leaves)]
 
 
-class _Recorder:
+class _Recorder(StandIn):
     """Stands in for one submodule while the parity forward is traced: calls it and records its
     output leaves under its path (NNX has no forward hooks)."""
 
     def __init__(self, layer, path: tuple, calls: list):
-        self.layer, self.path, self.calls = layer, path, calls
+        super().__init__(layer)
+        self.path, self.calls = path, calls
 
     def __call__(self, *args, **kwargs):
         import jax
 
-        out = self.layer(*args, **kwargs)
+        out = self.wrapped(*args, **kwargs)
         self.calls.append((self.path, list(jax.tree.leaves(out))))
         return out
-
-    def __getattr__(self, name):
-        return getattr(self.layer, name)
 
 
 # ----------------------------------------------------------------------------------------- #
