@@ -56,9 +56,9 @@ from typing import Callable
 
 import numpy as np
 
-from jaxlight.layers import StandIn
 from jaxlight.interop import (Layout, batch_stats_from_torch, batch_stats_to_torch, layout_for, params_from_torch,
                               params_to_torch)
+from jaxlight.layers import StandIn
 
 __all__ = ["Tolerance", "DEFAULT_TOLERANCES", "LEVELS", "Comparison", "Divergence", "ParityReport", "check_parity",
            "compare_arrays"]
