@@ -8,7 +8,7 @@
     loss: multiclass                # a built-in task, or mypkg.nets.loss_fn
     data: {class_path: mypkg.data.digits, init_args: {}}            # -> train[, val[, test]]
     optimizer: {class_path: optax.adamw, init_args: {learning_rate: 1.0e-3}}
-    trainer: {max_epochs: 5, batch_size: 64, ckpt_dir: ckpt, logger: csv, callbacks: [], freeze: []}
+    trainer: {max_epochs: 5, batch_size: 64, checkpoint: {dirpath: ckpt}, logging: {logger: csv}, callbacks: [], freeze: []}
 
 Parsing, overrides, ``--print_config`` and ``--help`` are jsonargparse's (what LightningCLI is
 built on): the classes and functions named are read for their parameters, types, defaults and

@@ -45,6 +45,7 @@ def test_train_step_compiles_once_across_steps_epochs_and_the_partial_batch(smal
 
     before = _train_step_jit._cache_size()
     x, y = np.asarray(train.x), np.asarray(train.y)
+    after_first = None
     for epoch in range(2):
         for start in range(0, 1000, 64):  # last batch has 40 rows, padded below to 64
             xb, yb = x[start:start + 64], y[start:start + 64]
@@ -53,7 +54,9 @@ def test_train_step_compiles_once_across_steps_epochs_and_the_partial_batch(smal
             pad = 64 - len(yb)
             state, _ = train_step(state, {"x": np.pad(xb, ((0, pad), (0, 0), (0, 0))),
                                           "y": np.pad(yb, (0, pad)), "mask": mask})
-    assert _train_step_jit._cache_size() == before + 1
+            after_first = after_first or _train_step_jit._cache_size()
+    # (at most one program: another test in this process may have compiled the same one already)
+    assert after_first <= before + 1 and _train_step_jit._cache_size() == after_first
     assert int(state.step) == 2 * 16
 
 
