@@ -403,6 +403,8 @@ def plot_curves(payload: dict, path: str | Path) -> Path:
 
 def compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``compare`` subcommand: ``train``'s flags plus ``--seeds``."""
+    from jaxlight.optim import OPTIMIZERS
+
     p = sub.add_parser("compare", help="train jaxlight and torch_ref over several seeds; compare accuracy and speed",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=sorted(RECIPES), default="mlp")
@@ -410,7 +412,7 @@ def compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="default: the model's recipe (jaxlight.recipes)")
     p.add_argument("--batch-size", type=int, help="default: the model's recipe")
     p.add_argument("--lr", type=float, help="default: the model's recipe")
-    p.add_argument("--optimizer", choices=["adam", "sgd", "adamw"], help="default: the model's recipe")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="default: the model's recipe")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--data-dir", help="a folder holding MNIST/raw/ (default: $JAXLIGHT_DATA, then the cache)")
     p.add_argument("--out", help="output folder (default: runs/compare-<model>)")
