@@ -141,7 +141,8 @@ class RecordParams(Callback):
 
 
 @pytest.mark.parametrize("strategy, k, accumulate", [
-    ("single", None, 1), ("single", 2, 1), ("sharded", 1, 1), ("pmap", None, 2),  # (2 micro-batches an update)
+    ("single", None, 1), ("pmap", None, 2),  # (2 micro-batches an update)
+    pytest.param("single", 2, 1, marks=pytest.mark.slow), pytest.param("sharded", 1, 1, marks=pytest.mark.slow),
 ])
 def test_the_trainer_logs_train_val_and_test_values_of_the_whole_split(tmp_path, data, strategy, k, accumulate):
     train, val = _data(150, seed=1), data

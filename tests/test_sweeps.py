@@ -157,6 +157,7 @@ def _growth_per_fit(data, tmp_path, make_tx, warmup, fits):
     return (rss_mb() - start) / fits
 
 
+@pytest.mark.slow  # (fast: test_reliability_trust's ..._leaves_no_object_behind)
 def test_memory_stays_flat_over_a_sweep(data, tmp_path):
     """Injectable optimizer, a new rate and a new Trainer with a ModelCheckpoint and a
     CSVLogger per fit: at most 1 MB per fit (the slow tier runs 100 fits)."""

@@ -154,6 +154,7 @@ class SequenceFirst(nn.Module):
         return self.head(out)
 
 
+@pytest.mark.slow  # (9 s: an LSTM fine-tuned from its saved config; batch-first saves stay fast)
 def test_inputs_that_are_not_batch_first_are_one_row(tmp_path):
     """Not cut into rows: the saved examples are one row of a batch of one, and the config's loss
     takes that row whole; its value is torch's mean squared error on the examples."""

@@ -33,7 +33,12 @@ def ported(name):
     return model, inputs, translate(model, inputs)
 
 
-ALL = sorted(ZOO) + [pytest.param(name, marks=pytest.mark.slow) for name in sorted(SLOW)]
+# The fast tier ports one model of each kind (convolution + batch norm, recurrent, attention with
+# dropout and a padding mask, sequence-first attention, embeddings); the slow tier runs the whole
+# zoo (each entry's ops are also checked one by one in test_translate_ops.py).
+FAST = {"small_cnn", "gru_tagger", "encoder_block", "attention_seq_first", "bag_classifier"}
+ALL = [pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in sorted(ZOO)] + [
+    pytest.param(name, marks=pytest.mark.slow) for name in sorted(SLOW)]
 
 # Gradient atol, as a fraction of the largest gradient. resnet18: 20 layers of train-mode batch
 # norm whose last ones see 8 values per channel (batch 2, 2x2 maps) amplify float32 rounding:
