@@ -875,7 +875,7 @@ def build_run(cfg: dict, load_data: bool = True) -> Run:
     trainer_cfg = dict(cfg["trainer"])
     extras = {k: trainer_cfg.pop(k) for k in TRAINER_EXTRAS}
     trainer_config = TrainerConfig(**trainer_cfg)  # (ConfigError naming the key: the fields check themselves)
-    if trainer_config.freeze:  # (the Trainer freezes them: jaxlight.trainer.wrap_optimizer)
+    if trainer_config.freeze:  # (the Trainer freezes them: jaxlight.optim.wrap_optimizer)
         from jaxlight.models.init import param_paths
         import fnmatch
 
