@@ -68,7 +68,7 @@ def port_config(port, folder: Path, *, loss=None, data=None, optimizer=None, max
         "optimizer": _spec(optimizer, "optimizer") if optimizer is not None else {
             "class_path": "optax.adam", "init_args": {"learning_rate": 1.0e-3}},
         "trainer": {"max_epochs": int(max_epochs), "batch_size": int(batch_size or batch),
-                    "out": str(folder / "finetune"), "ckpt_dir": str(folder / "finetune" / "ckpt")},
+                    "out": str(folder / "finetune"), "checkpoint": {"dirpath": str(folder / "finetune" / "ckpt")}},
     }
 
 
