@@ -442,7 +442,7 @@ def wrap_state(state, config, wrapped: tuple | None = None):
     if tx is not state.tx and tx != state.tx:
         if int(state.step) != 0:
             raise ValueError(
-                "gradient_clip_norm / nan_policy='skip' wrap the optimizer, "
+                "freeze / numerics.gradient_clip_norm / numerics.nan_policy='skip' wrap the optimizer, "
                 f"which resets its state, but this state has taken {int(state.step)} steps; pass a fresh "
                 "state (and ckpt_path to resume), or build the optimizer with jaxlight.optim.wrap_optimizer")
         return state.replace(tx=tx, opt_state=tx.init(state.params)), (state.tx, tx)

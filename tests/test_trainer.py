@@ -350,6 +350,9 @@ def test_wrap_state_clips_as_the_formula_says_and_never_wraps_twice():
     assert unchanged is state and no_pair is None  # nothing to wrap
     with pytest.raises(ValueError, match="has taken 3 steps"):
         optim.wrap_state(state.replace(step=jnp.asarray(3)), config)
+    # Freezing wraps the optimizer too, and the refusal names it.
+    with pytest.raises(ValueError, match=r"^freeze / numerics\.gradient_clip_norm .* has taken 3 steps"):
+        optim.wrap_state(state.replace(step=jnp.asarray(3)), TrainerConfig(freeze=["*"]))
 
 
 def test_wrapping_the_optimizer_of_a_trained_state_is_refused(small):
