@@ -60,11 +60,15 @@ from jaxlight.optim import wrap_state
 from jaxlight.signal_connector import SignalConnector
 from jaxlight.state import TrainState
 from jaxlight.step import check_not_donated
-from jaxlight.trainer_config import InConfig, TrainerConfig
+from jaxlight.trainer_config import PRECISIONS, InConfig, TrainerConfig
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainerConfig"]
 
-PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
+
+def _compute_dtype(precision: str):
+    """The compute dtype a ``numerics.precision`` names (``trainer_config.PRECISIONS``)."""
+    name = PRECISIONS[precision]
+    return None if name is None else getattr(jnp, name)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -197,7 +201,7 @@ class Trainer:
         and set the compute precision. ``fit`` calls it; call it yourself to build a template for
         ``jaxlight.checkpoint.restore_checkpoint``."""
         state, self._wrapped = wrap_state(state, self.config, self._wrapped)
-        return state.replace(compute_dtype=PRECISIONS[self.config.numerics.precision])
+        return state.replace(compute_dtype=_compute_dtype(self.config.numerics.precision))
 
     def fit(self, state: TrainState, train_data, val_data=None,
             ckpt_path: str | Path | None = None) -> TrainState:
@@ -370,7 +374,7 @@ class Trainer:
         if ckpt_path is not None:
             state = self.load_weights(state, ckpt_path)
         check_not_donated(state)
-        return state.replace(compute_dtype=PRECISIONS[self.config.numerics.precision])
+        return state.replace(compute_dtype=_compute_dtype(self.config.numerics.precision))
 
     def load_weights(self, state: TrainState, ckpt_path: str | Path) -> TrainState:
         """``state`` with the parameters and model statistics of a checkpoint (no optimizer

@@ -42,8 +42,9 @@ from jaxlight.config import ConfigError
 __all__ = ["CheckpointConfig", "LoggingConfig", "MOVED_KEYS", "MovedKeyError", "NumericsConfig", "PRECISIONS",
            "ParallelConfig", "TrainerConfig", "compared_fields"]
 
-# Compute dtypes by name (the bfloat16 dtype is looked up by the step: no JAX import here).
-PRECISIONS = ("float32", "bf16")
+# Precision name -> the ``jax.numpy`` compute dtype it names (None: the parameters' own float32);
+# the Trainer looks the dtype up, so nothing here imports JAX.
+PRECISIONS = {"float32": None, "bf16": "bfloat16"}
 
 
 class MovedKeyError(ConfigError, TypeError):
